@@ -1,0 +1,262 @@
+"""Record protection: keys, the CBC chain, the MAC, and the streaming sealer and opener.
+
+Theory (docs/protocol.md, "Message transfer"): each direction has its own keys and its own CBC chain.
+The chain starts from a zero IV when the link is authenticated and continues across every block of
+every message and across the MAC blocks (the LEADTOOLS SDK's behaviour). Data blocks go through the
+chain when encryption is DES-CBC; the MAC always does, so even with encryption "none" the MD5 digest
+is "MD5 encrypted with DES" (DICOM PS3.15 B.2). The MAC covers an 8-byte prefix, the message's
+sequence number in its direction and its length, then the message: replayed, reordered, dropped or
+truncated messages fail it.
+
+Blocks are sealed and opened one communication block at a time, so that a sender and a receiver on
+two cores work in parallel on one message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+
+from .. import wire
+from ..errors import ErrorCode, RemoteProtocolError
+from ..keyholder.base import KeyHolder, RecordKey
+from ..wire import Encryption, Mac
+
+ZERO_IV = bytes(8)
+_PREFIX = struct.Struct(">II")
+
+
+def xor8(*blocks: bytes) -> bytes:
+    """XOR of 8-byte blocks."""
+    acc = 0
+    for b in blocks:
+        acc ^= int.from_bytes(b, "big")
+    return acc.to_bytes(8, "big")
+
+
+def pad_zero(data: bytes | memoryview) -> bytes:
+    """ISO/IEC 9797-1 padding method 1: zero bytes up to a multiple of 8 (nothing if aligned)."""
+    n = -len(data) % 8
+    return bytes(data) + bytes(n) if n else bytes(data)
+
+
+def cbc_mac(key: RecordKey, data: bytes) -> bytes:
+    """ISO/IEC 9797-1 MAC algorithm 1 (DES-MAC, ANSI X9.9): last block of CBC from a zero IV."""
+    padded = pad_zero(data) if data else bytes(8)
+    return key.encrypt_cbc(ZERO_IV, padded)[-8:]
+
+
+@dataclass(frozen=True, slots=True)
+class Suite:
+    """How one message is protected, as named in MESSAGE_TRANSMISSION_RQ."""
+
+    encryption: Encryption
+    key_id: int
+    mac: Mac
+
+    def wire_length(self, length: int) -> int:
+        """Bytes of data blocks on the wire for a message of ``length`` bytes."""
+        return length + (-length % 8) if self.encryption is Encryption.DES_CBC else length
+
+    @property
+    def needs_keys(self) -> bool:
+        return self.encryption is not Encryption.NONE or self.mac is not Mac.NONE
+
+
+@dataclass(slots=True)
+class MessageKeys:
+    """The keys for one message in one direction (the MAC key only for DES-MAC)."""
+
+    cipher: RecordKey
+    mac: RecordKey | None
+
+
+class KeySchedule:
+    """Derives the keys of one authenticated link from the two challenges.
+
+    A key is parity(E_KE(RS ^ RC ^ R ^ LABEL)) under encryption key KE, computed by the key holder
+    (INTERNAL AUTHENTICATE on a card, CKM_DES_ECB_ENCRYPT_DATA on a token). Connection keys (key id
+    1..8, R = 0) are derived once and cached; unique session keys (0x10) use encryption key number
+    ``pair_id`` (the key pair chosen for authentication) and the sender's random number R.
+    """
+
+    def __init__(self, holder: KeyHolder, pair_id: int, rs: bytes, rc: bytes, client: bool) -> None:
+        self._holder = holder
+        self._pair_id = pair_id
+        self._base = xor8(rs, rc)
+        self._client = client
+        self._cache: dict[tuple[bool, int], MessageKeys] = {}
+
+    def finished_key(self) -> RecordKey:
+        """The key of the handshake MACs that bind the transcript (CHOICE, docs/protocol.md)."""
+        return self._holder.derive_key(self._pair_id, xor8(self._base, wire.LABEL_FINISHED))
+
+    def keys(self, outbound: bool, suite: Suite, random: bytes | None) -> MessageKeys:
+        """Keys for one message; ``random`` is R for unique session keys, else None."""
+        client_to_server = outbound == self._client
+        if suite.key_id == wire.SESSION_KEYS:
+            assert random is not None
+            return self._derive(self._pair_id, client_to_server, suite.mac, random)
+        cache_key = (client_to_server, suite.key_id)
+        keys = self._cache.get(cache_key)
+        if keys is None or (suite.mac is Mac.DES_MAC and keys.mac is None):
+            keys = self._derive(suite.key_id, client_to_server, Mac.DES_MAC, ZERO_IV)
+            self._cache[cache_key] = keys
+        return keys
+
+    def _derive(self, key_id: int, c2s: bool, mac: Mac, random: bytes) -> MessageKeys:
+        seed = xor8(self._base, random)
+        enc_label, mac_label = (
+            (wire.LABEL_ENC_C2S, wire.LABEL_MAC_C2S) if c2s else (wire.LABEL_ENC_S2C, wire.LABEL_MAC_S2C)
+        )
+        cipher = self._holder.derive_key(key_id, xor8(seed, enc_label))
+        mac_key = self._holder.derive_key(key_id, xor8(seed, mac_label)) if mac is Mac.DES_MAC else None
+        return MessageKeys(cipher, mac_key)
+
+
+class Chain:
+    """One direction's CBC chain: the IV carries over from message to message."""
+
+    def __init__(self) -> None:
+        self.iv = ZERO_IV
+        self.sequence = 0
+
+    def encrypt(self, key: RecordKey, data: bytes) -> bytes:
+        out = key.encrypt_cbc(self.iv, data)
+        if out:
+            self.iv = out[-8:]
+        return out
+
+    def decrypt(self, key: RecordKey, data: bytes) -> bytes:
+        out = key.decrypt_cbc(self.iv, data)
+        if data:
+            self.iv = bytes(data[-8:])
+        return out
+
+
+class _MacState:
+    """Streaming MAC over prefix || message: MD5, or DES-MAC kept as a running CBC value."""
+
+    def __init__(self, mac: Mac, key: RecordKey | None, prefix: bytes) -> None:
+        self._mac = mac
+        self._key = key
+        self._md5 = hashlib.md5(prefix) if mac is Mac.MD5 else None
+        self._cbc = key.encrypt_cbc(ZERO_IV, prefix)[-8:] if key is not None else ZERO_IV
+
+    def update(self, chunk: bytes) -> None:
+        """Add a chunk; every chunk but the last is a multiple of 8 bytes."""
+        if self._md5 is not None:
+            self._md5.update(chunk)
+        elif self._key is not None and chunk:
+            self._cbc = self._key.encrypt_cbc(self._cbc, pad_zero(chunk))[-8:]
+
+    def digest(self) -> bytes:
+        if self._md5 is not None:
+            return self._md5.digest()
+        return self._cbc if self._key is not None else b""
+
+
+def _prefix(sequence: int, length: int) -> bytes:
+    return _PREFIX.pack(sequence & 0xFFFFFFFF, length)
+
+
+class Sealer:
+    """Turns one outbound message into data blocks and a MAC block, one block per call."""
+
+    def __init__(
+        self, suite: Suite, keys: MessageKeys | None, chain: Chain, data: bytes, block: int
+    ) -> None:
+        self._suite = suite
+        self._keys = keys
+        self._chain = chain
+        self._data = memoryview(data)
+        self._block = block
+        self._offset = 0
+        self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, len(data)))
+        self.done = False
+
+    def next_frame(self) -> bytes:
+        """The next MESSAGE_TRANSMISSION_NOTIF, or the MAC_TRANSMISSION_NOTIF that ends the message."""
+        if self._offset < len(self._data):
+            chunk = bytes(self._data[self._offset : self._offset + self._block])
+            self._offset += len(chunk)
+            self._mac.update(chunk)
+            if self._suite.encryption is Encryption.DES_CBC:
+                assert self._keys is not None
+                chunk = self._chain.encrypt(self._keys.cipher, pad_zero(chunk))
+            return wire.frame(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, chunk)
+        mac = self._mac.digest()
+        if mac:
+            assert self._keys is not None
+            mac = self._chain.encrypt(self._keys.cipher, mac)
+        self._chain.sequence += 1
+        self.done = True
+        return wire.frame(wire.MessageId.MAC_TRANSMISSION_NOTIF, mac)
+
+
+class Opener:
+    """Receives one inbound message block by block; releases it only when its MAC verifies."""
+
+    def __init__(
+        self, suite: Suite, keys: MessageKeys | None, chain: Chain, length: int, block: int
+    ) -> None:
+        self._suite = suite
+        self._keys = keys
+        self._chain = chain
+        self.length = length
+        self.remaining = suite.wire_length(length)
+        self._block = block
+        self._plain = bytearray()
+        self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, length))
+        self._padding = b""
+
+    @property
+    def complete(self) -> bool:
+        return self.remaining == 0
+
+    def add_block(self, payload: bytes) -> None:
+        n = len(payload)
+        if n == 0 or n > self.remaining or (n != self.remaining and n != self._block):
+            raise RemoteProtocolError(
+                ErrorCode.BAD_BLOCK_LENGTH,
+                f"the peer sent a data block of {n} bytes where {min(self._block, self.remaining)}"
+                " were expected",
+            )
+        self.remaining -= n
+        if self._suite.encryption is Encryption.DES_CBC:
+            assert self._keys is not None
+            payload = self._chain.decrypt(self._keys.cipher, payload)
+        if self.remaining == 0:
+            keep = self.length - len(self._plain)
+            self._padding = payload[keep:]
+            payload = payload[:keep]
+        self._plain += payload
+        self._mac.update(payload)
+
+    def finish(self, encrypted_mac: bytes) -> bytes:
+        """Check the MAC block and return the whole message; any failure is one uniform error."""
+        expected = self._mac.digest()
+        if len(encrypted_mac) != len(expected):
+            raise _integrity_failure()
+        received = b""
+        if expected:
+            assert self._keys is not None
+            received = self._chain.decrypt(self._keys.cipher, encrypted_mac)
+        self._chain.sequence += 1
+        if not hmac.compare_digest(received, expected):
+            raise _integrity_failure()
+        if any(self._padding):
+            raise RemoteProtocolError(
+                ErrorCode.DECRYPT, "the padding of a message could not be cleared; the link was dropped"
+            )
+        return bytes(self._plain)
+
+
+def _integrity_failure() -> RemoteProtocolError:
+    return RemoteProtocolError(
+        ErrorCode.BAD_MAC,
+        "a message failed its integrity check (tampered, replayed, reordered or sent under another"
+        " key); the link was dropped and nothing of the message was delivered",
+    )

@@ -1,0 +1,66 @@
+"""The key-holder interface: the only door between the protocol engine and the keys.
+
+A key holder is a PKCS#11 token, an IC card or (for unit tests) process memory. Every keyed
+computation of the ISCL handshake is defined as something an ISO 7816-4 card can do, so that a card
+at one end and a token at the other compute identical bytes:
+
+* ``get_challenge``          GET CHALLENGE (INS 84): eight random bytes, remembered as outstanding.
+* ``internal_authenticate``  INTERNAL AUTHENTICATE (INS 88): ECB encryption of one host-built block
+                             under authentication key *n*.
+* ``external_authenticate``  EXTERNAL AUTHENTICATE (INS 82): check a peer's cryptogram against one of
+                             our own outstanding challenges, once only.
+* ``derive_key``             INTERNAL AUTHENTICATE under encryption key *n* of a host-built block, the
+                             result parity-adjusted into a single-DES record key.
+
+Implementations must be safe to call from several threads (one link per thread).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+KEY_INDEXES = range(1, 9)
+"""Key ids 1..8, from the public record (SetMutualAuthKeyISCL / SetEncryptKeyISCL)."""
+
+
+class RecordKey(Protocol):
+    """A single-DES key that protects records; it may live in host memory or inside a token."""
+
+    def encrypt_cbc(self, iv: bytes, data: bytes) -> bytes:
+        """DES-CBC encrypt ``data`` (a multiple of 8 bytes) from ``iv``; no padding."""
+        ...
+
+    def decrypt_cbc(self, iv: bytes, data: bytes) -> bytes:
+        """DES-CBC decrypt ``data`` (a multiple of 8 bytes) from ``iv``; no padding."""
+        ...
+
+
+class KeyHolder(ABC):
+    """Challenges, responses and key derivation for one set of keys (indexes 1..8)."""
+
+    #: Short human description used in error messages, e.g. ``SoftHSM2 token 'iscl-demo'``.
+    description: str = "key holder"
+
+    @abstractmethod
+    def get_challenge(self, key_id: int) -> bytes:
+        """Return 8 fresh random bytes and remember them as an outstanding challenge for ``key_id``."""
+
+    @abstractmethod
+    def internal_authenticate(self, key_id: int, block: bytes) -> bytes:
+        """Return E_K(block) under authentication key ``key_id`` (8 bytes in, 8 bytes out)."""
+
+    @abstractmethod
+    def external_authenticate(self, key_id: int, challenge: bytes, cryptogram: bytes) -> bool:
+        """Check ``cryptogram == E_K(challenge)`` under authentication key ``key_id``.
+
+        ``challenge`` must be one this holder issued and has not yet consumed; it is consumed by the
+        call whatever the outcome, so a replayed cryptogram fails. The comparison is constant-time.
+        """
+
+    @abstractmethod
+    def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
+        """Return the DES key parity(E_KE(block)) under encryption key ``enc_key_id``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions, card connections and the like."""
