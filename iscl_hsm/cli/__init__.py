@@ -1,0 +1,1 @@
+"""The `iscl` command line."""

@@ -1,0 +1,117 @@
+"""`iscl server` and `iscl client`: an ISCL link joined to stdin and stdout, like openssl s_server/s_client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .. import wire
+from ..keyholder.base import KeyHolder
+from ..transport import aio
+from .options import add_link_options, build_config, describe, open_key_holder
+
+CHUNK = 64 * 1024
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    server = sub.add_parser(
+        "server",
+        help="accept one ISCL link and join it to stdin/stdout",
+        description="Listen for one ISCL client, authenticate it, then send stdin as secured messages"
+        " and write what arrives to stdout. The link's parameters go to stderr. Example:\n"
+        "  iscl server --listen 127.0.0.1:2761 > received.bin",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    server.add_argument("--listen", metavar="HOST:PORT", default=f"0.0.0.0:{wire.DEFAULT_PORT}",
+                        help="address to listen on (default: %(default)s)")
+    add_link_options(server)
+    server.set_defaults(run=run_server)
+
+    client = sub.add_parser(
+        "client",
+        help="open an ISCL link and join it to stdin/stdout",
+        description="Connect to an ISCL server, authenticate, then send stdin as secured messages and"
+        " write what arrives to stdout. Example:\n  echo hello | iscl client 127.0.0.1 2761",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    client.add_argument("host")
+    client.add_argument("port", type=int, nargs="?", default=wire.DEFAULT_PORT)
+    add_link_options(client)
+    client.set_defaults(run=run_client)
+
+
+def split_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"iscl: --listen wants HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+async def relay(stream: aio.IsclStream) -> None:
+    """Copy stdin to the link and the link to stdout until both sides are done."""
+    print(describe(stream.parameters), file=sys.stderr, flush=True)
+
+    async def upstream() -> None:
+        while chunk := await asyncio.to_thread(sys.stdin.buffer.read1, CHUNK):
+            await stream.send(chunk)
+        await stream.close()
+
+    async def downstream() -> None:
+        while (data := await stream.recv()) is not None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+    down = asyncio.create_task(downstream())
+    up = asyncio.create_task(upstream())
+    done, pending = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        task.result()
+    if down in done:
+        up.cancel()  # the peer disconnected; stdin no longer matters
+    else:
+        await down
+
+
+def run_server(args: argparse.Namespace) -> int:
+    holder = open_key_holder(args)
+    host, port = split_address(args.listen)
+    return asyncio.run(_serve_one(holder, host, port, args))
+
+
+async def _serve_one(holder: KeyHolder, host: str, port: int, args: argparse.Namespace) -> int:
+    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    failures: list[BaseException] = []
+
+    async def handle(stream: aio.IsclStream) -> None:
+        try:
+            await relay(stream)
+        except BaseException as exc:  # handed to the main task, which reports it
+            failures.append(exc)
+        finally:
+            if not finished.done():
+                finished.set_result(None)
+
+    def on_error(peer: object, exc: BaseException) -> None:
+        print(f"iscl server: link from {peer} failed during the handshake: {exc}", file=sys.stderr)
+
+    server = await aio.start_server(handle, host, port, key_holder=holder, config=build_config(args),
+                                    on_error=on_error)
+    bound = server.sockets[0].getsockname()
+    print(f"iscl server: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+    async with server:
+        await finished
+    if failures:
+        raise failures[0]
+    return 0
+
+
+def run_client(args: argparse.Namespace) -> int:
+    holder = open_key_holder(args)
+
+    async def main() -> int:
+        stream = await aio.open_connection(args.host, args.port, key_holder=holder, config=build_config(args))
+        await relay(stream)
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,46 @@
+"""`iscl`: the command line. One module per command group; this one only dispatches and reports."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import __version__
+from ..errors import IsclError
+from . import demo, link
+
+EXIT_FAILURE = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iscl",
+        description="ISCL V1.00 (MEDIS-DC) secure links for DICOM, with keys in a PKCS#11 token.\n\n"
+        "Start with `iscl demo`: it creates a SoftHSM2 token with demo keys and runs a secured\n"
+        "exchange on this machine. Then try `iscl server` and `iscl client` in two terminals.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"iscl-hsm {__version__} (MEDIS-ISCL V1.00)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (twice: debug)")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    demo.add_commands(sub)
+    link.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.run(args))
+    except IsclError as exc:
+        print(f"iscl: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The option group every command shares: which key holder, which keys, which algorithms."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from pathlib import Path
+
+from .. import wire
+from ..engine import Config
+from ..errors import KeyHolderError
+from ..keyholder.base import KeyHolder
+from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
+from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token
+from ..wire import Encryption, Mac
+
+ENCRYPTIONS = {"none": Encryption.NONE, "des-cbc": Encryption.DES_CBC}
+MACS = {"none": Mac.NONE, "md5": Mac.MD5, "des-mac": Mac.DES_MAC}
+ENCRYPTION_NAMES = {v: k for k, v in ENCRYPTIONS.items()}
+MAC_NAMES = {v: k for k, v in MACS.items()}
+
+
+def _key_index(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"{text} is not a key index 1..8")
+    return value
+
+
+def _enc_key(text: str) -> int:
+    return wire.SESSION_KEYS if text == "session" else _key_index(text)
+
+
+def _block(text: str) -> int:
+    value = int(text)
+    if not (wire.MIN_BLOCK <= value <= wire.MAX_BLOCK and value % 8 == 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a multiple of 8 between 8 and {wire.MAX_BLOCK}")
+    return value
+
+
+def add_key_holder_options(parser: argparse.ArgumentParser) -> None:
+    """--pkcs11-module, --token, --pin-file, --record-keys."""
+    group = parser.add_argument_group(
+        "key holder",
+        "Where the keys live. Without --token, the demo SoftHSM2 token under"
+        f" {default_data_dir()} is used (created on first use).",
+    )
+    group.add_argument("--pkcs11-module", metavar="PATH", default=DEFAULT_MODULE,
+                       help="PKCS#11 module (default: %(default)s)")
+    group.add_argument("--token", metavar="LABEL", help="token label (default: the demo token)")
+    group.add_argument("--pin-file", metavar="FILE", type=Path,
+                       help="file holding the user PIN; else $ISCL_PIN; else a prompt")
+    group.add_argument("--record-keys", choices=("host", "token"), default="host",
+                       help="where the derived per-link DES keys live: 'host' (OpenSSL, fast) or"
+                       " 'token' (never leave the token, slower) (default: %(default)s)")
+
+
+def add_link_options(parser: argparse.ArgumentParser) -> None:
+    """The key-holder options plus key ids, algorithms and limits."""
+    add_key_holder_options(parser)
+    group = parser.add_argument_group("link", "Both ends must use the same algorithms and key ids.")
+    group.add_argument("--auth-key-id", metavar="N", type=_key_index, default=1,
+                       help="authentication key pair 1..8 (default: %(default)s)")
+    group.add_argument("--enc-key-id", metavar="N|session", type=_enc_key, default=1,
+                       help="encryption key 1..8, or 'session' for a fresh key per message (default: 1)")
+    group.add_argument("--encryption", choices=ENCRYPTIONS, default="des-cbc",
+                       help="data encryption (default: %(default)s)")
+    group.add_argument("--mac", choices=MACS, default="des-mac", help="message MAC (default: %(default)s)")
+    group.add_argument("--max-block", metavar="BYTES", type=_block, default=wire.MAX_BLOCK,
+                       help="largest communication block (default: %(default)s)")
+    group.add_argument("--max-message", metavar="BYTES", type=int, default=wire.DEFAULT_MAX_MESSAGE,
+                       help="largest message accepted or sent (default: %(default)s)")
+    group.add_argument("--auth-data", metavar="TEXT", default="iscl-hsm",
+                       help="1..128 bytes shown to the peer during authentication (default: %(default)s)")
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    return Config(
+        auth_key_id=args.auth_key_id,
+        enc_key_id=args.enc_key_id,
+        encryption=ENCRYPTIONS[args.encryption],
+        mac=MACS[args.mac],
+        max_block=args.max_block,
+        max_message=args.max_message,
+        auth_data=args.auth_data.encode(),
+    )
+
+
+def read_pin(pin_file: Path | None, token: str) -> str:
+    """The PIN from a file, $ISCL_PIN or a prompt; never echoed, never logged."""
+    if pin_file is not None:
+        try:
+            return pin_file.read_text().strip()
+        except OSError as exc:
+            raise KeyHolderError(f"cannot read the PIN file {pin_file}: {exc.strerror}") from None
+    if pin := os.environ.get("ISCL_PIN"):
+        return pin
+    if not sys.stdin.isatty():
+        raise KeyHolderError(
+            f"no PIN for token '{token}': pass --pin-file FILE or set ISCL_PIN (stdin is not a terminal)"
+        )
+    return getpass.getpass(f"PIN for token '{token}': ")
+
+
+def open_key_holder(args: argparse.Namespace) -> KeyHolder:
+    """The PKCS#11 key holder the options name; the demo token when none is named."""
+    if args.token is None:
+        label, pin_path = ensure_demo_token()
+        pin_file = args.pin_file or pin_path
+    else:
+        label, pin_file = args.token, args.pin_file
+    pin = read_pin(pin_file, label)
+    return Pkcs11KeyHolder(label, pin, args.pkcs11_module, record_keys=args.record_keys)
+
+
+def describe(parameters: object) -> str:
+    """One line for stderr: the link's parameters."""
+    from ..engine import LinkParameters
+
+    assert isinstance(parameters, LinkParameters)
+    key = "session keys" if parameters.enc_key_id == wire.SESSION_KEYS else f"key {parameters.enc_key_id}"
+    peer = parameters.peer_auth_data.decode("utf-8", "replace")
+    return (
+        f"ISCL link up: {parameters.version}, block {parameters.block_length} bytes,"
+        f" auth key {parameters.auth_key_id}, {ENCRYPTION_NAMES[parameters.encryption]} +"
+        f" {MAC_NAMES[parameters.mac]} with {key}, peer auth data {peer!r}"
+    )
+
+
+__all__ = ["DEMO_LABEL", "add_key_holder_options", "add_link_options", "build_config", "describe",
+           "open_key_holder", "read_pin"]

@@ -1,0 +1,1 @@
+"""Transports: the engine driven over a blocking socket or asyncio streams."""

@@ -1,0 +1,221 @@
+"""An asyncio ISCL link over reader/writer streams.
+
+Engine calls may wait on a token or a card (and bulk DES takes CPU), so every one runs in a worker
+thread; the event loop only moves bytes. One lock per link keeps engine calls and the writes of
+their output in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from .. import wire
+from ..engine import (
+    Closed,
+    CloseRefused,
+    Config,
+    Connection,
+    LinkParameters,
+    LinkReady,
+    MessageReceived,
+    MessageRefused,
+    MessageSent,
+    NonSecureReceived,
+    Role,
+)
+from ..errors import ErrorCode, IsclError, RemoteProtocolError
+from ..keyholder.base import KeyHolder
+from .common import READ_SIZE, MessageRefusedError, refused_error
+
+T = TypeVar("T")
+
+
+class IsclStream:
+    """One secured link. Create it with :func:`open_connection` or through :func:`start_server`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._conn = conn
+        self._lock = asyncio.Lock()
+        self._received: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._outcome: asyncio.Queue[MessageSent | MessageRefused | Closed | CloseRefused] = asyncio.Queue()
+        self._ready: asyncio.Future[LinkParameters] = asyncio.get_running_loop().create_future()
+        self._failure: BaseException | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self.parameters: LinkParameters | None = None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    @property
+    def peer(self) -> Any:
+        return self._writer.get_extra_info("peername")
+
+    async def handshake(self) -> LinkParameters:
+        """Authenticate; afterwards a background task reads and verifies incoming messages."""
+        if self._conn.role is Role.SERVER:
+            await self._call(self._conn.initiate)
+        self._pump_task = asyncio.create_task(self._pump())
+        self.parameters = await asyncio.shield(self._ready)
+        return self.parameters
+
+    async def send(self, data: bytes) -> None:
+        """Send one secured message; raises :class:`MessageRefusedError` on NAK."""
+        await self._call(self._conn.send_message, data)
+        outcome = await self._next_outcome()
+        if isinstance(outcome, MessageRefused):
+            raise refused_error(outcome)
+        await self._flush_all()
+
+    async def send_non_secure(self, data: bytes) -> None:
+        await self._call(self._conn.send_non_secure, data)
+
+    async def recv(self) -> bytes | None:
+        """The next verified message; None after the peer disconnected cleanly.
+
+        Raises the link's error if it failed.
+        """
+        data = await self._received.get()
+        if data is None:
+            self._received.put_nowait(None)
+            self._raise_failure()
+        return data
+
+    async def close(self) -> None:
+        """Line disconnection protocol, then close the socket."""
+        await self._call(self._conn.close)
+        outcome = await self._next_outcome()
+        if isinstance(outcome, CloseRefused):
+            raise RemoteProtocolError(ErrorCode.PEER_REFUSED_CLOSE, "the peer refused to disconnect the line")
+        await self._shutdown()
+
+    async def abort(self) -> None:
+        """Drop the link at once (CloseForced in the SDK)."""
+        await self._shutdown()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an engine call in a worker thread, then write its output, in order."""
+        self._raise_failure()
+        async with self._lock:
+            result = await asyncio.to_thread(fn, *args)
+            out = await asyncio.to_thread(self._conn.data_to_send)
+            if out:
+                self._writer.write(out)
+        await self._writer.drain()
+        return result
+
+    async def _flush_all(self) -> None:
+        """Write the rest of an outgoing message, a batch of blocks at a time."""
+        while True:
+            async with self._lock:
+                out = await asyncio.to_thread(self._conn.data_to_send)
+                if not out:
+                    return
+                self._writer.write(out)
+            await self._writer.drain()
+
+    async def _next_outcome(self) -> MessageSent | MessageRefused | Closed | CloseRefused:
+        getter = asyncio.ensure_future(self._outcome.get())
+        assert self._pump_task is not None
+        done, _ = await asyncio.wait({getter, self._pump_task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        self._raise_failure()
+        raise RemoteProtocolError(ErrorCode.CONNECTION_LOST, "the link ended before the peer answered")
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(READ_SIZE)
+                events = await self._call(self._conn.receive_data, data)
+                for event in events:
+                    if isinstance(event, LinkReady):
+                        self._ready.set_result(event.parameters)
+                    elif isinstance(event, MessageReceived | NonSecureReceived):
+                        self._received.put_nowait(event.data)
+                    elif isinstance(event, Closed) and event.by_peer:
+                        await self._shutdown()
+                        self._received.put_nowait(None)
+                        return
+                    else:
+                        self._outcome.put_nowait(event)  # type: ignore[arg-type]
+                    if isinstance(event, Closed):
+                        return
+        except (IsclError, OSError) as exc:
+            self._failure = exc
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            self._received.put_nowait(None)
+            async with self._lock:
+                out = self._conn.data_to_send()  # a NAK that says why, if any
+                if out:
+                    self._writer.write(out)
+            await self._shutdown()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _shutdown(self) -> None:
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def open_connection(
+    host: str,
+    port: int = wire.DEFAULT_PORT,
+    *,
+    key_holder: KeyHolder,
+    config: Config | None = None,
+) -> IsclStream:
+    """Connect as the ISCL client and authenticate."""
+    reader, writer = await asyncio.open_connection(host, port)
+    stream = IsclStream(reader, writer, Connection(Role.CLIENT, key_holder, config))
+    try:
+        await stream.handshake()
+    except BaseException:
+        await stream.abort()
+        raise
+    return stream
+
+
+async def start_server(
+    handler: Callable[[IsclStream], Awaitable[None]],
+    host: str | None,
+    port: int,
+    *,
+    key_holder: KeyHolder,
+    config: Config | None = None,
+    on_error: Callable[[tuple[Any, ...] | None, BaseException], None] | None = None,
+) -> asyncio.Server:
+    """Accept ISCL links; ``handler`` gets each authenticated stream. Failed handshakes go to ``on_error``."""
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config))
+        try:
+            await stream.handshake()
+        except (IsclError, OSError) as exc:
+            if on_error is not None:
+                on_error(stream.peer, exc)
+            await stream.abort()
+            return
+        await handler(stream)
+
+    return await asyncio.start_server(accept, host, port)
+
+
+__all__ = ["IsclStream", "MessageRefusedError", "open_connection", "start_server"]

@@ -1,0 +1,181 @@
+"""A blocking ISCL link over a connected TCP socket: the engine plus a socket, nothing more.
+
+Messages the peer sends while we are sending are kept and returned by later :meth:`IsclSocket.recv`
+calls, so one thread can both send and receive.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+
+from .. import wire
+from ..engine import (
+    Closed,
+    CloseRefused,
+    Config,
+    Connection,
+    Event,
+    LinkParameters,
+    LinkReady,
+    MessageReceived,
+    MessageRefused,
+    MessageSent,
+    NonSecureReceived,
+    Role,
+)
+from ..errors import ErrorCode, IsclError, RemoteProtocolError
+from ..keyholder.base import KeyHolder
+from .common import READ_SIZE, MessageRefusedError, refused_error
+
+
+class IsclSocket:
+    """One secured link. Create it with :meth:`connect` or :meth:`accept`."""
+
+    def __init__(self, sock: socket.socket, conn: Connection) -> None:
+        self._sock = sock
+        self._conn = conn
+        self._inbox: deque[Event] = deque()
+        self.parameters: LinkParameters | None = None
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int = wire.DEFAULT_PORT,
+        *,
+        key_holder: KeyHolder,
+        config: Config | None = None,
+        timeout: float | None = 30.0,
+    ) -> IsclSocket:
+        """Connect as the ISCL client and authenticate."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        return cls._handshake(sock, Connection(Role.CLIENT, key_holder, config))
+
+    @classmethod
+    def accept(
+        cls, sock: socket.socket, *, key_holder: KeyHolder, config: Config | None = None
+    ) -> IsclSocket:
+        """Run the server side of the handshake on an accepted socket."""
+        conn = Connection(Role.SERVER, key_holder, config)
+        conn.initiate()
+        return cls._handshake(sock, conn)
+
+    @classmethod
+    def _handshake(cls, sock: socket.socket, conn: Connection) -> IsclSocket:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = cls(sock, conn)
+        try:
+            while link.parameters is None:
+                link._flush()
+                link._read_events()
+            link._flush()
+        except BaseException:
+            link._abort()
+            raise
+        return link
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    def send(self, data: bytes) -> None:
+        """Send one secured message; returns once every block is on the wire.
+
+        Raises :class:`MessageRefusedError` if the peer answers NAK (the link stays up).
+        """
+        self._guard(self._conn.send_message, data)
+        while True:
+            self._flush()
+            for event in self._take(MessageSent, MessageRefused):
+                if isinstance(event, MessageRefused):
+                    raise refused_error(event)
+                self._flush()
+                return
+            self._read_events()
+
+    def send_non_secure(self, data: bytes) -> None:
+        """Send through-mode (unprotected) data; both ends must have enabled through mode."""
+        self._guard(self._conn.send_non_secure, data)
+        self._flush()
+
+    def recv(self) -> bytes | None:
+        """The next verified message (or through-mode data); None once the peer has disconnected."""
+        while True:
+            for event in self._take(MessageReceived, NonSecureReceived, Closed):
+                if isinstance(event, Closed):
+                    self._flush()
+                    self._sock.close()
+                    return None
+                return event.data  # type: ignore[attr-defined, no-any-return]
+            self._read_events()
+
+    def close(self) -> None:
+        """Run the line disconnection protocol, then close the socket.
+
+        Raises :class:`RemoteProtocolError` with code PEER_REFUSED_CLOSE if the peer refuses.
+        """
+        self._guard(self._conn.close)
+        while True:
+            self._flush()
+            for event in self._take(Closed, CloseRefused):
+                if isinstance(event, CloseRefused):
+                    raise RemoteProtocolError(
+                        ErrorCode.PEER_REFUSED_CLOSE, "the peer refused to disconnect the line"
+                    )
+                self._sock.close()
+                return
+            self._read_events()
+
+    def abort(self) -> None:
+        """Drop the link without the disconnection protocol (CloseForced in the SDK)."""
+        self._abort()
+
+    def __enter__(self) -> IsclSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sock.fileno() != -1:
+            self._abort()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _read_events(self) -> None:
+        data = self._sock.recv(READ_SIZE)
+        events = self._guard(self._conn.receive_data, data)
+        self._flush()  # answers (RP, RNDNO_RP) go out at once
+        for event in events:
+            if isinstance(event, LinkReady):
+                self.parameters = event.parameters
+            else:
+                self._inbox.append(event)
+
+    def _take(self, *kinds: type) -> list[Event]:
+        found = [e for e in self._inbox if isinstance(e, kinds)]
+        for event in found:
+            self._inbox.remove(event)
+        return found
+
+    def _flush(self) -> None:
+        while out := self._conn.data_to_send():
+            self._sock.sendall(out)
+
+    def _guard(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Run an engine call; on any ISCL error tell the peer what we can, then drop the socket."""
+        try:
+            return fn(*args)
+        except IsclError:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        try:
+            out = self._conn.data_to_send()
+            if out:
+                self._sock.sendall(out)
+        except (OSError, IsclError):
+            pass
+        self._sock.close()
+
+
+__all__ = ["IsclSocket", "MessageRefusedError"]

@@ -1,0 +1,27 @@
+"""What the blocking and asyncio transports share."""
+
+from __future__ import annotations
+
+from ..engine import MessageRefused
+from ..errors import ErrorCode, IsclError
+
+READ_SIZE = 256 * 1024
+"""Bytes read from the socket at a time: several communication blocks per engine call."""
+
+
+class MessageRefusedError(IsclError):
+    """The peer answered NAK to a message; the link stays up. ``peer_max_length`` is its limit."""
+
+    def __init__(self, code: ErrorCode, length: int, peer_max_length: int) -> None:
+        super().__init__(
+            code,
+            f"the peer refused a message of {length} bytes ({code.name}; its maximum is"
+            f" {peer_max_length} bytes and the algorithms must match on both ends)",
+        )
+        self.length = length
+        self.peer_max_length = peer_max_length
+
+
+def refused_error(event: MessageRefused) -> MessageRefusedError:
+    code = ErrorCode(event.code) if event.code in ErrorCode._value2member_map_ else ErrorCode.RECEIVED_NAK
+    return MessageRefusedError(code, event.length, event.peer_max_length)
