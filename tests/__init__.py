@@ -1,0 +1,1 @@
+"""Tests for iscl_hsm."""

@@ -1,0 +1,1 @@
+"""Unit tests: no token, card or network needed."""
