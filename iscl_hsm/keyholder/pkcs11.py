@@ -1,0 +1,862 @@
+"""Key holder on a PKCS#11 token (SoftHSM2 or a hardware HSM): the long-term keys never leave it.
+
+Key convention (the contract with security officers)
+====================================================
+
+Every ISCL key is a token object (CKA_TOKEN true) of class CKO_SECRET_KEY, found by its label::
+
+    purpose     number  CKA_LABEL          CKA_ID (3 bytes)        CKA_KEY_TYPE        capabilities
+    auth        1       "iscl-auth-N"      01 N version            DES (or DES2/DES3)  ENCRYPT only
+    enc         2       "iscl-enc-N"       02 N version            DES (or DES2/DES3)  DERIVE only
+    transport   3       "iscl-transport-N" 03 N version            (reserved for key ceremonies)
+
+N is the ISCL key id 1..8; version is 1 for now (when several objects share a label, the one with the
+highest version is used). All keys are CKA_PRIVATE, CKA_SENSITIVE, not CKA_EXTRACTABLE, and created
+with CKA_MODIFIABLE and CKA_COPYABLE false, so their capabilities cannot be widened later; every
+capability not listed above (DECRYPT, SIGN, VERIFY, WRAP, UNWRAP, and DERIVE or ENCRYPT) is false.
+A key that breaks this policy but has the one capability it needs is used, with a logged warning.
+
+What the token computes (identical bytes to an ISO 7816-4 card holding the same keys):
+
+* INTERNAL AUTHENTICATE under auth key N: C_Encrypt of the 8-byte block with CKM_DES_ECB
+  (CKM_DES3_ECB for a DES2/DES3 key).
+* EXTERNAL AUTHENTICATE: the same encryption of our own outstanding challenge, compared in constant
+  time with the peer's cryptogram; each challenge is consumed by its first check.
+* Record key from enc key N: C_DeriveKey with CKM_DES_ECB_ENCRYPT_DATA (CKM_DES3_ECB_ENCRYPT_DATA for
+  a DES2/DES3 key) of the 8-byte block into a session (CKA_TOKEN false) single-DES key, which the
+  token parity-adjusts: the record key is parity(E_KE(block)). With ``record_keys="host"`` (the
+  default) the derived key is created readable, read once, destroyed at once, and records are
+  protected by OpenSSL on the host; with ``record_keys="token"`` it stays sensitive and
+  non-extractable in the token and every record goes through CKM_DES_CBC there (:class:`TokenDesKey`).
+
+Sessions and threads
+====================
+
+PKCS#11 login is per process and token, so one logged-in R/W session per (module file, token) is
+opened and shared by every :class:`Pkcs11KeyHolder` of the process on that token (reference counted;
+the last ``close()`` closes it; a second holder must give the same PIN). A session runs one operation
+at a time, so every token call holds that session's lock. On SoftHSM2 a handshake call takes about
+50-100 microseconds (a derivation 100-300) and record protection defaults to the host, so the lock
+costs little; it also keeps key handles, derived session objects and the login state in
+one place, with no per-thread sessions to track and close. After ``fork()`` the child re-initialises
+the module on its next open, and holders inherited from the parent refuse to work.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import functools
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Final, TypeVar
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.constants import DEFAULT
+
+from iscl_hsm.crypto.des import DesKey, enable_legacy_in_default_context, fix_parity
+from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.keyholder.base import KEY_INDEXES, KeyHolder
+
+__all__ = [
+    "DEFAULT_MODULE",
+    "KEY_VERSION",
+    "MAX_OUTSTANDING_CHALLENGES",
+    "PURPOSES",
+    "Pkcs11KeyHolder",
+    "TokenDesKey",
+    "is_module_loaded",
+    "key_id",
+    "key_label",
+    "key_policy",
+    "refresh_token_list",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
+PURPOSES: Final = {"auth": 1, "enc": 2, "transport": 3}
+"""Key purpose name -> first byte of CKA_ID."""
+KEY_VERSION: Final = 1
+"""Third byte of CKA_ID of the keys this version creates."""
+MAX_OUTSTANDING_CHALLENGES: Final = 4096
+"""Challenges remembered per key id; beyond that the oldest is forgotten (and then fails)."""
+
+_PURPOSE_NAMES: Final = {"auth": "authentication key", "enc": "encryption key", "transport": "transport key"}
+_NEEDED_CAPABILITY: Final = {"auth": Attribute.ENCRYPT, "enc": Attribute.DERIVE}
+_CAPABILITIES: Final = {"auth": MechanismFlag.ENCRYPT, "enc": MechanismFlag.DERIVE}
+_ALL_CAPABILITY_ATTRIBUTES: Final = (
+    Attribute.ENCRYPT,
+    Attribute.DECRYPT,
+    Attribute.SIGN,
+    Attribute.VERIFY,
+    Attribute.WRAP,
+    Attribute.UNWRAP,
+    Attribute.DERIVE,
+)
+_DES_TYPES: Final = (KeyType._DES, KeyType.DES2, KeyType.DES3)
+_ECB: Final = {
+    KeyType._DES: Mechanism._DES_ECB,
+    KeyType.DES2: Mechanism.DES3_ECB,
+    KeyType.DES3: Mechanism.DES3_ECB,
+}
+_ECB_ENCRYPT_DATA: Final = {
+    KeyType._DES: Mechanism.DES_ECB_ENCRYPT_DATA,
+    KeyType.DES2: Mechanism.DES3_ECB_ENCRYPT_DATA,
+    KeyType.DES3: Mechanism.DES3_ECB_ENCRYPT_DATA,
+}
+_RECORD_KEY_MODES: Final = ("host", "token")
+
+# Known answers (FIPS 81): DES key 0123456789ABCDEF.
+_KAT_KEY: Final = bytes.fromhex("0123456789ABCDEF")
+_KAT_PLAIN: Final = b"Now is t"
+_KAT_ECB: Final = bytes.fromhex("3FA40E8A984D4815")
+_KAT_CBC_IV: Final = bytes.fromhex("1234567890ABCDEF")
+_KAT_CBC_PLAIN: Final = b"Now is the time for all "
+_KAT_CBC: Final = bytes.fromhex("E5C7CDDE872BF27C43E934008C389C0F683788499A7C05F6")
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------
+# The key convention
+
+
+def key_label(purpose: str, index: int) -> str:
+    """CKA_LABEL of key ``index`` (1..8) for ``purpose`` ("auth", "enc" or "transport")."""
+    _check_purpose(purpose)
+    return f"iscl-{purpose}-{index}"
+
+
+def key_id(purpose: str, index: int, version: int = KEY_VERSION) -> bytes:
+    """CKA_ID of key ``index`` for ``purpose``: purpose number, index, version (one byte each)."""
+    _check_purpose(purpose)
+    return bytes([PURPOSES[purpose], index, version])
+
+
+def key_policy(purpose: str) -> dict[Attribute, Any]:
+    """The attributes (besides class, type, label, id, value) an ISCL key of ``purpose`` carries."""
+    if purpose not in _NEEDED_CAPABILITY:
+        raise KeyHolderError(
+            f"key purpose {purpose!r} has no policy yet; use 'auth' or 'enc'", ErrorCode.BAD_OPTION
+        )
+    policy: dict[Attribute, Any] = {attribute: False for attribute in _ALL_CAPABILITY_ATTRIBUTES}
+    policy[_NEEDED_CAPABILITY[purpose]] = True
+    policy.update(
+        {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.MODIFIABLE: False,
+            Attribute.COPYABLE: False,
+        }
+    )
+    return policy
+
+
+def _check_purpose(purpose: str) -> None:
+    if purpose not in PURPOSES:
+        raise KeyHolderError(
+            f"unknown key purpose {purpose!r}; use one of {', '.join(PURPOSES)}", ErrorCode.BAD_OPTION
+        )
+
+
+def _check_index(index: int) -> None:
+    if not isinstance(index, int) or index not in KEY_INDEXES:
+        raise KeyHolderError(f"key id {index!r} is outside 1..8", ErrorCode.KEY_NOT_FOUND)
+
+
+def _check_block(block: bytes, what: str) -> bytes:
+    block = bytes(block)
+    if len(block) != 8:
+        raise KeyHolderError(f"{what} must be 8 bytes long, not {len(block)}", ErrorCode.BAD_LENGTH)
+    return block
+
+
+class _KeyDerivationStringData(ctypes.Structure):
+    """CK_KEY_DERIVATION_STRING_DATA, which python-pkcs11 marshals only for AES_ECB_ENCRYPT_DATA."""
+
+    _fields_ = [("pData", ctypes.c_void_p), ("ulLen", ctypes.c_ulong)]
+
+
+def _derivation_param(block: bytes) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
+    """Return the packed parameter and the buffer it points to (keep both alive during the call)."""
+    buffer = ctypes.create_string_buffer(block, len(block))
+    param = _KeyDerivationStringData(ctypes.addressof(buffer), len(block))
+    return bytes(param), buffer
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading modules, one logged-in session per (module, token)
+
+
+_registry_lock = threading.Lock()
+_sessions: dict[tuple[str, str], _TokenSession] = {}
+_stale_modules: set[str] = set()
+"""Modules loaded before a fork(): the child re-initialises them before use."""
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _stale_modules.update(module for module, _ in _sessions)
+    _stale_modules.update(pkcs11._loaded)
+    for entry in _sessions.values():
+        entry.lock = threading.RLock()
+    _sessions.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _softhsm_conf_hint() -> str:
+    conf = os.environ.get("SOFTHSM2_CONF")
+    if conf is None:
+        return (
+            "SOFTHSM2_CONF is not set, so SoftHSM2 reads /etc/softhsm/softhsm2.conf; check that file,"
+            " or set SOFTHSM2_CONF before starting the process"
+        )
+    missing = "" if os.path.isfile(conf) else ", which does not exist"
+    return (
+        f"check the SoftHSM2 configuration named by SOFTHSM2_CONF={conf}{missing}: it must exist and its"
+        " directories.tokendir must be an existing directory this user can write"
+    )
+
+
+def _load_module(module: str) -> Any:
+    """Load and initialise ``module`` once per process; translate failures into KeyHolderError."""
+    if not os.path.isfile(module):
+        raise KeyHolderError(
+            f"PKCS#11 module {module} could not be loaded: no such file. Install softhsm2 or pass"
+            " --pkcs11-module with the path of your token's PKCS#11 library"
+        )
+    enable_legacy_in_default_context()
+    try:
+        lib = pkcs11.lib(os.path.realpath(module))  # one load (one C_Initialize) per file, whatever its name
+        if os.path.realpath(module) in _stale_modules:
+            lib.reinitialize()
+            _stale_modules.discard(os.path.realpath(module))
+    except p11.GeneralError as exc:
+        hint = (
+            _softhsm_conf_hint()
+            if "softhsm" in os.path.basename(module).lower()
+            else "check its configuration"
+        )
+        raise KeyHolderError(
+            f"PKCS#11 module {module} failed to initialise (CKR_GENERAL_ERROR); {hint}"
+        ) from exc
+    except p11.PKCS11Error as exc:
+        detail = str(exc) or type(exc).__name__
+        raise KeyHolderError(
+            f"PKCS#11 module {module} could not be loaded: {detail}. Install softhsm2 or pass"
+            " --pkcs11-module with the path of your token's PKCS#11 library"
+        ) from exc
+    return lib
+
+
+def _token_labels(lib: Any) -> list[str]:
+    try:
+        return sorted(token.label for token in lib.get_tokens() if token.label)
+    except p11.PKCS11Error:
+        return []
+
+
+def is_module_loaded(module: str = DEFAULT_MODULE) -> bool:
+    """Tell whether this process has loaded (and so initialised) ``module`` already."""
+    lib = pkcs11._loaded.get(os.path.realpath(module))
+    return lib is not None and bool(lib.initialized)
+
+
+def refresh_token_list(module: str = DEFAULT_MODULE) -> None:
+    """Make tokens created since ``module`` was loaded in this process visible (SoftHSM2 scans once).
+
+    This re-initialises the module, which would end every session, so it refuses while a key holder
+    of this process is open on the module. Nothing happens if the module is not loaded yet.
+    """
+    canonical = os.path.realpath(module)
+    with _registry_lock:
+        lib = pkcs11._loaded.get(canonical)
+        if lib is None:
+            return
+        if any(entry_module == canonical for entry_module, _ in _sessions):
+            raise KeyHolderError(
+                f"PKCS#11 module {module} cannot rescan its tokens while key holders of this process are"
+                " open on it; close them first, or create tokens before opening any key holder"
+            )
+        lib.reinitialize()
+        _stale_modules.discard(canonical)
+
+
+class _TokenSession:
+    """The one logged-in session of this process on one token, shared by its key holders."""
+
+    def __init__(self, module: str, label: str, session: Any, pin: str) -> None:
+        self.module = module
+        self.label = label
+        self.registry_key = (os.path.realpath(module), label)
+        self.description = f"PKCS#11 token '{label}' (module {module})"
+        self.session = session
+        self.lock = threading.RLock()
+        self.users = 0
+        self.closed = False
+        self.pid = os.getpid()
+        self._pin_salt = secrets.token_bytes(16)
+        self._pin_digest = self._digest(pin)
+        self.keys: dict[tuple[str, int], tuple[Any, KeyType]] = {}
+        self._doomed: collections.deque[Any] = collections.deque()
+
+    def _digest(self, pin: str) -> bytes:
+        return hashlib.sha256(self._pin_salt + pin.encode("utf-8")).digest()
+
+    def pin_matches(self, pin: str) -> bool:
+        return hmac.compare_digest(self._digest(pin), self._pin_digest)
+
+    def check_usable(self) -> None:
+        if self.pid != os.getpid():
+            raise KeyHolderError(
+                f"{self.description} was opened before this process forked; open a new key holder in the"
+                " child process"
+            )
+        if self.closed:
+            raise KeyHolderError(f"{self.description} is closed; open the key holder again")
+
+    def doom(self, key: Any) -> None:
+        """Queue a session object for destruction at the next token call (called from finalizers)."""
+        self._doomed.append(key)
+
+    def run(self, operation: Callable[[Any], T]) -> T:
+        """Run ``operation(session)`` alone on the session, destroying queued objects first."""
+        with self.lock:
+            self.check_usable()
+            while self._doomed:
+                _destroy_quietly(self._doomed.popleft())
+            return operation(self.session)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.keys.clear()
+            self._doomed.clear()  # session objects die with the session
+            if self.pid == os.getpid():
+                try:
+                    self.session.close()
+                except p11.PKCS11Error as exc:
+                    log.warning("closing the session on %s failed: %s", self.description, type(exc).__name__)
+
+
+def _call_with_key(operation: Callable[[Any, KeyType], T], key: Any, key_type: KeyType, session: Any) -> T:
+    return operation(key, key_type)
+
+
+def _destroy_quietly(key: Any) -> None:
+    try:
+        key.destroy()
+    except p11.PKCS11Error as exc:  # already gone with its session, or the token was removed
+        log.debug("destroying a session key failed: %s", type(exc).__name__)
+
+
+def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
+    """Find the token by exact label, log in once, run the DES self-test; caller holds _registry_lock."""
+    lib = _load_module(module)
+    try:
+        token = lib.get_token(token_label=label)
+    except p11.NoSuchToken:
+        labels = _token_labels(lib)
+        present = ", ".join(f"'{name}'" for name in labels) if labels else "none"
+        raise KeyHolderError(
+            f"PKCS#11 token '{label}' not found in module {module} (tokens present: {present}); check the"
+            " label, or create the token (softhsm/setup-token.sh). Tokens created after this process loaded"
+            " the module are seen only after a restart"
+        ) from None
+    except p11.MultipleTokensReturned:
+        raise KeyHolderError(
+            f"several PKCS#11 tokens in module {module} carry the label '{label}';"
+            " give each token its own label"
+        ) from None
+    except p11.PKCS11Error as exc:
+        raise KeyHolderError(
+            f"PKCS#11 module {module} could not list its tokens ({type(exc).__name__}); check the module"
+        ) from exc
+    description = f"PKCS#11 token '{label}' (module {module})"
+    try:
+        session = token.open(user_pin=pin, rw=True)
+    except p11.UserAlreadyLoggedIn:
+        # Someone else in this process logged in to the token (not through this module's cache).
+        session = _translate(lambda: token.open(rw=True), description, "open a session")
+    except p11.PinIncorrect:
+        raise KeyHolderError(
+            f"wrong PIN for {description}; check the PIN or PIN file. The token may allow only a few"
+            " wrong tries before it locks the PIN"
+        ) from None
+    except p11.PinLocked:
+        raise KeyHolderError(
+            f"the user PIN of {description} is locked; the security officer must unlock it"
+        ) from None
+    except (p11.PinLenRange, p11.PinInvalid):
+        raise KeyHolderError(
+            f"the PIN given for {description} has a length or characters the token does not accept;"
+            " check the PIN or PIN file"
+        ) from None
+    except p11.PinExpired:
+        raise KeyHolderError(f"the user PIN of {description} has expired; set a new one") from None
+    except p11.UserPinNotInitialized:
+        raise KeyHolderError(
+            f"{description} has no user PIN yet; the security officer must set one (softhsm2-util or"
+            " pkcs11-tool --init-pin)"
+        ) from None
+    except p11.PKCS11Error as exc:
+        raise KeyHolderError(
+            f"{description} refused to open a session ({type(exc).__name__}); check the token"
+        ) from None
+    entry = _TokenSession(module, label, session, pin)
+    try:
+        _self_test(entry)
+    except BaseException:
+        entry.close()
+        raise
+    return entry
+
+
+def _self_test(entry: _TokenSession) -> None:
+    """Check single DES (ECB, CBC, ECB_ENCRYPT_DATA derivation) against FIPS 81 inside the token."""
+    failure = (
+        f"single DES does not work in PKCS#11 module {entry.module} (self-test on {entry.description}"
+        " failed: {what}); the module needs OpenSSL's legacy provider (ossl-modules/legacy.so from libssl3)"
+        " to be available"
+    )
+
+    def test(session: Any) -> str | None:
+        template: dict[Attribute, Any] = {attribute: False for attribute in _ALL_CAPABILITY_ATTRIBUTES}
+        template.update(
+            {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType._DES,
+                Attribute.VALUE: _KAT_KEY,
+                Attribute.TOKEN: False,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.ENCRYPT: True,
+                Attribute.DERIVE: True,
+                Attribute.LABEL: "iscl-self-test",
+            }
+        )
+        key = session.create_object(template)
+        try:
+            if key.encrypt(_KAT_PLAIN, mechanism=Mechanism._DES_ECB) != _KAT_ECB:
+                return "DES-ECB gave a wrong answer"
+            if (
+                key.encrypt(_KAT_CBC_PLAIN, mechanism=Mechanism._DES_CBC, mechanism_param=_KAT_CBC_IV)
+                != _KAT_CBC
+            ):
+                return "DES-CBC gave a wrong answer"
+            param, buffer = _derivation_param(_KAT_PLAIN)
+            derived = key.derive_key(
+                KeyType._DES,
+                64,
+                mechanism=Mechanism.DES_ECB_ENCRYPT_DATA,
+                mechanism_param=param,
+                store=False,
+                capabilities=MechanismFlag(0),
+                template={
+                    Attribute.VALUE_LEN: DEFAULT,
+                    Attribute.SENSITIVE: False,
+                    Attribute.EXTRACTABLE: True,
+                },
+            )
+            del buffer
+            try:
+                if derived[Attribute.VALUE] != fix_parity(_KAT_ECB):
+                    return "DES_ECB_ENCRYPT_DATA derivation gave a wrong key"
+            finally:
+                _destroy_quietly(derived)
+            return None
+        finally:
+            _destroy_quietly(key)
+
+    try:
+        problem = entry.run(test)
+    except (
+        p11.MechanismInvalid,
+        p11.KeyTypeInconsistent,
+        p11.TemplateInconsistent,
+        p11.FunctionFailed,
+    ) as exc:
+        raise KeyHolderError(failure.format(what=type(exc).__name__)) from None
+    except p11.PKCS11Error as exc:
+        raise KeyHolderError(
+            f"the DES self-test on {entry.description} failed ({type(exc).__name__}); check the token"
+        ) from None
+    if problem is not None:
+        raise KeyHolderError(failure.format(what=problem))
+
+
+def _translate(call: Callable[[], T], description: str, what: str) -> T:
+    try:
+        return call()
+    except p11.PKCS11Error as exc:
+        raise _operation_error(exc, description, what) from None
+
+
+def _operation_error(exc: BaseException, description: str, what: str) -> KeyHolderError:
+    name = type(exc).__name__
+    if isinstance(exc, (p11.DeviceRemoved, p11.TokenNotPresent, p11.SessionClosed, p11.SessionHandleInvalid)):
+        return KeyHolderError(
+            f"{description} could not {what}: the token was removed or its session ended ({name});"
+            " open the key holder again"
+        )
+    if isinstance(exc, p11.UserNotLoggedIn):
+        return KeyHolderError(
+            f"{description} could not {what}: the session is no longer logged in; open the key holder again"
+        )
+    if isinstance(exc, p11.MechanismInvalid):
+        return KeyHolderError(
+            f"{description} could not {what}: the module does not offer the mechanism needed ({name})"
+        )
+    return KeyHolderError(f"{description} could not {what} ({name}); check the token and its keys")
+
+
+# --------------------------------------------------------------------------------------------------
+# Record keys that stay in the token
+
+
+class TokenDesKey:
+    """A single-DES record key living (sensitive, non-extractable) inside the token.
+
+    Implements the RecordKey protocol through CKM_DES_CBC in the token. ``close()`` destroys the
+    token object; a key dropped without ``close()`` is destroyed at the token's next call.
+    """
+
+    __slots__ = ("__weakref__", "_entry", "_finalizer", "_key")
+
+    def __init__(self, entry: _TokenSession, key: Any) -> None:
+        self._entry = entry
+        self._key = key
+        self._finalizer = weakref.finalize(self, entry.doom, key)
+
+    def __repr__(self) -> str:
+        state = "closed" if not self._finalizer.alive else "open"
+        return f"<TokenDesKey single-DES in {self._entry.description}, {state}>"
+
+    def encrypt_cbc(self, iv: bytes, data: bytes) -> bytes:
+        """DES-CBC encrypt ``data`` (a multiple of 8 bytes) from ``iv`` inside the token; no padding."""
+        return self._cbc(iv, data, encrypt=True)
+
+    def decrypt_cbc(self, iv: bytes, data: bytes) -> bytes:
+        """DES-CBC decrypt ``data`` (a multiple of 8 bytes) from ``iv`` inside the token; no padding."""
+        return self._cbc(iv, data, encrypt=False)
+
+    def _cbc(self, iv: bytes, data: bytes, *, encrypt: bool) -> bytes:
+        iv = bytes(iv)
+        data = bytes(data)
+        if len(iv) != 8:
+            raise ValueError(f"a DES IV is 8 bytes long, not {len(iv)}")
+        if len(data) % 8:
+            raise ValueError(f"DES data must be a multiple of 8 bytes long, not {len(data)}")
+        if not self._finalizer.alive:
+            raise KeyHolderError(f"this record key in {self._entry.description} was closed")
+        if not data:
+            return b""
+        key = self._key
+
+        def operation(session: Any) -> bytes:
+            if encrypt:
+                return bytes(key.encrypt(data, mechanism=Mechanism._DES_CBC, mechanism_param=iv))
+            return bytes(key.decrypt(data, mechanism=Mechanism._DES_CBC, mechanism_param=iv))
+
+        what = "encrypt a record" if encrypt else "decrypt a record"
+        try:
+            return self._entry.run(operation)
+        except p11.PKCS11Error as exc:
+            raise _operation_error(exc, self._entry.description, what) from None
+
+    def close(self) -> None:
+        """Destroy the key in the token now (idempotent)."""
+        if self._finalizer.detach() is None:
+            return
+        entry = self._entry
+        with entry.lock:
+            if not entry.closed and entry.pid == os.getpid():
+                _destroy_quietly(self._key)
+
+    def __enter__(self) -> TokenDesKey:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The key holder
+
+
+class Pkcs11KeyHolder(KeyHolder):
+    """ISCL keys on a PKCS#11 token, found by label (see the module docstring for the convention)."""
+
+    def __init__(
+        self,
+        token_label: str,
+        pin: str,
+        module: str = DEFAULT_MODULE,
+        record_keys: str = "host",
+    ) -> None:
+        if record_keys not in _RECORD_KEY_MODES:
+            raise KeyHolderError(
+                f"record_keys must be 'host' or 'token', not {record_keys!r}", ErrorCode.BAD_OPTION
+            )
+        self.module = module
+        self.token_label = token_label
+        self.record_keys = record_keys
+        self.description = f"PKCS#11 token '{token_label}' (module {module})"
+        self._challenge_lock = threading.Lock()
+        self._challenges: dict[int, collections.OrderedDict[bytes, None]] = {}
+        self._closed = False
+        registry_key = (os.path.realpath(module), token_label)
+        with _registry_lock:
+            entry = _sessions.get(registry_key)
+            if entry is not None and entry.pid != os.getpid():
+                entry = None
+            if entry is None:
+                entry = _open_token_session(module, token_label, pin)
+                _sessions[registry_key] = entry
+            elif not entry.pin_matches(pin):
+                raise KeyHolderError(
+                    f"the PIN given for {self.description} differs from the one this process logged in"
+                    " with; check the PIN or PIN file"
+                )
+            entry.users += 1
+        self._entry = entry
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pkcs11KeyHolder token={self.token_label!r} module={self.module!r}"
+            f" record_keys={self.record_keys!r}{' closed' if self._closed else ''}>"
+        )
+
+    def __enter__(self) -> Pkcs11KeyHolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the KeyHolder interface --------------------------------------------------------------------
+
+    def get_challenge(self, key_id: int) -> bytes:
+        self._key("auth", key_id)  # a challenge for a key we do not hold is an error now, not later
+        challenge = bytes(
+            self._run(lambda session: session.generate_random(64), "generate a random challenge")
+        )
+        with self._challenge_lock:
+            outstanding = self._challenges.setdefault(key_id, collections.OrderedDict())
+            outstanding[challenge] = None
+            while len(outstanding) > MAX_OUTSTANDING_CHALLENGES:
+                outstanding.popitem(last=False)
+        return challenge
+
+    def internal_authenticate(self, key_id: int, block: bytes) -> bytes:
+        block = _check_block(block, "the block to authenticate")
+        return self._encrypt_block(key_id, block)
+
+    def external_authenticate(self, key_id: int, challenge: bytes, cryptogram: bytes) -> bool:
+        _check_index(key_id)
+        challenge = bytes(challenge)
+        with self._challenge_lock:
+            outstanding = self._challenges.get(key_id)
+            if outstanding is None or challenge not in outstanding:
+                return False
+            del outstanding[challenge]
+        expected = self._encrypt_block(key_id, challenge)
+        return hmac.compare_digest(expected, bytes(cryptogram))
+
+    def derive_key(self, enc_key_id: int, block: bytes) -> DesKey | TokenDesKey:
+        block = _check_block(block, "the key derivation block")
+        host = self.record_keys == "host"
+        if host:
+            capabilities = MechanismFlag(0)
+            template = {Attribute.VALUE_LEN: DEFAULT, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True}
+        else:
+            capabilities = MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
+            template = {Attribute.VALUE_LEN: DEFAULT, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+
+        def derive(key: Any, key_type: KeyType) -> Any:
+            param, buffer = _derivation_param(block)
+            derived = key.derive_key(
+                KeyType._DES,
+                64,
+                mechanism=_ECB_ENCRYPT_DATA[key_type],
+                mechanism_param=param,
+                store=False,
+                capabilities=capabilities,
+                template=template,
+            )
+            del buffer  # the token has read the block through the raw pointer by now
+            if not host:
+                return derived
+            try:
+                return bytes(derived[Attribute.VALUE])
+            finally:
+                _destroy_quietly(derived)
+
+        result = self._with_key(
+            "enc", enc_key_id, derive, f"derive a record key from {key_label('enc', enc_key_id)}"
+        )
+        if host:
+            return DesKey(result)
+        return TokenDesKey(self._entry, result)
+
+    def close(self) -> None:
+        with _registry_lock:
+            if self._closed:
+                return
+            self._closed = True
+            entry = self._entry
+            entry.users -= 1
+            if entry.users <= 0:
+                if _sessions.get(entry.registry_key) is entry:
+                    del _sessions[entry.registry_key]
+                entry.close()
+        with self._challenge_lock:
+            self._challenges.clear()
+
+    # -- provisioning access ------------------------------------------------------------------------
+
+    @contextmanager
+    def session(self) -> Iterator[Any]:
+        """Yield the logged-in R/W python-pkcs11 session, alone on it (for provisioning tools).
+
+        The cached key handles are forgotten afterwards, since keys may have been added or destroyed.
+        """
+        self._check_open()
+        with self._entry.lock:
+            self._entry.check_usable()
+            try:
+                yield self._entry.session
+            finally:
+                self._entry.keys.clear()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KeyHolderError(f"{self.description}: this key holder is closed; open it again")
+
+    def _run(self, operation: Callable[[Any], T], what: str) -> T:
+        """Run ``operation(session)`` alone on the shared session, translating token errors."""
+        self._check_open()
+        try:
+            return self._entry.run(operation)
+        except p11.PKCS11Error as exc:
+            raise _operation_error(exc, self.description, what) from None
+
+    def _with_key(self, purpose: str, index: int, operation: Callable[[Any, KeyType], T], what: str) -> T:
+        """Run ``operation(key, key_type)`` alone on the session; look the key up again if stale."""
+        for attempt in (1, 2):
+            key, key_type = self._key(purpose, index)
+            self._check_open()
+            try:
+                return self._entry.run(functools.partial(_call_with_key, operation, key, key_type))
+            except (p11.KeyHandleInvalid, p11.ObjectHandleInvalid) as exc:
+                self._entry.keys.pop((purpose, index), None)
+                if attempt == 2:
+                    raise _operation_error(exc, self.description, what) from None
+            except p11.PKCS11Error as exc:
+                raise _operation_error(exc, self.description, what) from None
+        raise AssertionError("unreachable")
+
+    def _encrypt_block(self, key_id: int, block: bytes) -> bytes:
+        return self._with_key(
+            "auth",
+            key_id,
+            lambda key, key_type: bytes(key.encrypt(block, mechanism=_ECB[key_type])),
+            f"encrypt with {key_label('auth', key_id)}",
+        )
+
+    def _key(self, purpose: str, index: int) -> tuple[Any, KeyType]:
+        """Return (key object, key type) of ``purpose`` key ``index``, looked up once and then cached."""
+        _check_index(index)
+        cached = self._entry.keys.get((purpose, index))
+        if cached is not None:
+            return cached
+        found = self._run(
+            lambda session: self._lookup(session, purpose, index), f"look up {key_label(purpose, index)}"
+        )
+        self._entry.keys[(purpose, index)] = found
+        return found
+
+    def _lookup(self, session: Any, purpose: str, index: int) -> tuple[Any, KeyType]:
+        label = key_label(purpose, index)
+        what = f"{_PURPOSE_NAMES[purpose]} {index} (label '{label}')"
+        prefix = key_id(purpose, index)[:2]
+        candidates = []
+        other_ids = []
+        for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}):
+            ident = bytes(obj[Attribute.ID])
+            if len(ident) == 3 and ident[:2] == prefix:
+                candidates.append((ident[2], obj))
+            else:
+                other_ids.append(ident.hex())
+        if not candidates:
+            if other_ids:
+                raise KeyHolderError(
+                    f"{what} on {self.description} has CKA_ID {', '.join(other_ids)} instead of"
+                    f" {prefix.hex()}<version>; the security officer must recreate it under the ISCL key"
+                    " convention (python3 -m iscl_hsm.keyholder.provision)",
+                    ErrorCode.KEY_NOT_FOUND,
+                )
+            raise KeyHolderError(
+                f"{what} is not on {self.description}; the security officer must create it"
+                " (softhsm/setup-token.sh or python3 -m iscl_hsm.keyholder.provision), or choose a key id"
+                " that exists",
+                ErrorCode.KEY_NOT_FOUND,
+            )
+        candidates.sort(key=lambda pair: pair[0])
+        if len(candidates) > 1 and candidates[-1][0] == candidates[-2][0]:
+            raise KeyHolderError(
+                f"{what} exists twice with version {candidates[-1][0]} on {self.description}; the security"
+                " officer must destroy one of them",
+                ErrorCode.KEY_NOT_FOUND,
+            )
+        obj = candidates[-1][1]
+        needed = _NEEDED_CAPABILITY[purpose]
+        attributes = obj.get_attributes(
+            [Attribute.KEY_TYPE, needed, Attribute.SENSITIVE, Attribute.EXTRACTABLE]
+            + [attribute for attribute in _ALL_CAPABILITY_ATTRIBUTES if attribute != needed]
+        )
+        key_type = attributes.get(Attribute.KEY_TYPE)
+        if key_type not in _DES_TYPES:
+            raise KeyHolderError(
+                f"{what} on {self.description} is not a DES, DES2 or DES3 key; ISCL needs a DES key there",
+                ErrorCode.KEY_NOT_FOUND,
+            )
+        if not attributes.get(needed):
+            raise KeyHolderError(
+                f"{what} on {self.description} lacks the {needed.name} capability it needs; the security"
+                " officer must recreate it under the ISCL key convention",
+                ErrorCode.KEY_NOT_FOUND,
+            )
+        extra = [a.name for a in _ALL_CAPABILITY_ATTRIBUTES if a != needed and attributes.get(a)]
+        if extra or not attributes.get(Attribute.SENSITIVE) or attributes.get(Attribute.EXTRACTABLE):
+            log.warning(
+                "%s on %s breaks the ISCL key policy (extra capabilities: %s; sensitive: %s;"
+                " extractable: %s);"
+                " ask the security officer to recreate it",
+                what,
+                self.description,
+                ", ".join(extra) or "none",
+                bool(attributes.get(Attribute.SENSITIVE)),
+                bool(attributes.get(Attribute.EXTRACTABLE)),
+            )
+        return obj, KeyType(key_type)
