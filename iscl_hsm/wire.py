@@ -101,6 +101,10 @@ class Header:
 
     @classmethod
     def decode(cls, raw: bytes | memoryview) -> Header:
+        if len(raw) != HEADER_SIZE:
+            raise RemoteProtocolError(
+                ErrorCode.BAD_LENGTH, f"a message header is {HEADER_SIZE} bytes, not {len(raw)}"
+            )
         _ind, mid, length, option, _ts, err_no, _p1, _p2 = _HEADER.unpack(raw)
         return cls(mid, length, option, err_no)
 

@@ -215,7 +215,7 @@ class Connection:
                 header, payload = message
                 events.extend(self._dispatch(header, payload))
         except IsclError:
-            self._state = State.ERROR
+            self._fail()
             raise
 
     def data_to_send(self) -> bytes:
@@ -267,7 +267,17 @@ class Connection:
     @property
     def idle(self) -> bool:
         """True when nothing is queued, in flight or half received."""
-        return not (self._queue or self._pending or self._sealer or self._incoming or self._opener)
+        return not (
+            self._queue or self._pending is not None or self._sealer or self._incoming or self._opener
+        )
+
+    def _fail(self) -> None:
+        """The link is dead: forget the challenge we issued, so the guard does not grow without bound."""
+        self._state = State.ERROR
+        if self._rs and self.role is Role.SERVER:
+            self._guard.release(Role.SERVER, self._rs)
+        if self._rc and self.role is Role.CLIENT:
+            self._guard.release(Role.CLIENT, self._rc)
 
     # --- framing ------------------------------------------------------------------------------
 
@@ -302,6 +312,11 @@ class Connection:
         if header.option not in (wire.ACK, wire.NAK):
             raise RemoteProtocolError(
                 ErrorCode.BAD_OPTION, f"the peer sent option 0x{header.option:08X} in {mid.name}"
+            )
+        if mid is MessageId.THROUGH_MODE_TRANSMISSION_NOTIF and not self.config.through_mode:
+            raise RemoteProtocolError(
+                ErrorCode.THROUGH_MODE_DISABLED,
+                "the peer sent unprotected (through-mode) data, which this end does not accept",
             )
         limit = self._payload_limit(mid)
         if header.data_length > limit:
@@ -431,6 +446,8 @@ class Connection:
             self._send_handshake(
                 MessageId.MUTUAL_AUTH_PASS2_NOTIF,
                 wire.Pass2(ErrorCode.REMOTE_KEY_HOLDER, bytes(8), bytes(8)).encode(),
+                option=wire.NAK,
+                err=ErrorCode.REMOTE_KEY_HOLDER,
             )
             raise exc
         self._guard.issue(Role.CLIENT, self._rc)
@@ -441,7 +458,7 @@ class Connection:
     def _on_pass2(self, header: wire.Header, payload: bytes) -> list[Event]:
         p2 = wire.Pass2.decode(payload)
         self._guard.release(Role.SERVER, self._rs)
-        if p2.status != 0:
+        if header.option == wire.NAK or p2.status != 0:
             raise RemoteProtocolError(
                 ErrorCode.REMOTE_KEY_HOLDER,
                 f"the client's key holder failed to answer our challenge (status {p2.status})",
@@ -450,6 +467,8 @@ class Connection:
             self._send_handshake(
                 MessageId.MUTUAL_AUTH_PASS3_NOTIF,
                 wire.Pass3(ErrorCode.AUTHENTICATION_FAILED, bytes(8), 0, bytes(8)).encode(),
+                option=wire.NAK,
+                err=ErrorCode.AUTHENTICATION_FAILED,
             )
             raise RemoteProtocolError(
                 ErrorCode.AUTHENTICATION_FAILED,
@@ -472,11 +491,12 @@ class Connection:
         # The transcript already holds PASS3; the server's MAC covers what came before it.
         p3 = wire.Pass3.decode(payload)
         self._guard.release(Role.CLIENT, self._rc)
-        if p3.status != 0:
+        if header.option == wire.NAK or p3.status != 0:
+            code = header.err_no or p3.status
             raise RemoteProtocolError(
-                ErrorCode(p3.status) if p3.status in ErrorCode._value2member_map_ else ErrorCode.REMOTE_KEY_HOLDER,
+                ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.REMOTE_KEY_HOLDER,
                 f"the server rejected our response to its challenge: the two ends hold different"
-                f" keys at authentication index {self._pair_id} (status {p3.status})",
+                f" keys at authentication index {self._pair_id} (status {code})",
             )
         if not self._holder.external_authenticate(self._pair_id, self._rc, p3.response):
             raise RemoteProtocolError(
@@ -666,7 +686,13 @@ class Connection:
     # --- line disconnection -------------------------------------------------------------------
 
     def _maybe_send_close(self) -> None:
-        if self._close_wanted and self._state is State.READY and not self._queue and self._pending is None:
+        if (
+            self._close_wanted
+            and self._state is State.READY
+            and not self._queue
+            and self._pending is None
+            and self._sealer is None  # the request must not overtake the last blocks of a message
+        ):
             self._out += wire.frame(MessageId.LINE_DISCONNECTION_RQ)
             self._state = State.CLOSING
 
@@ -674,7 +700,8 @@ class Connection:
         if payload:
             raise RemoteProtocolError(ErrorCode.BAD_LENGTH, "a line disconnection request carries no data")
         busy = self._state is State.READY and (not self.idle or self._close_wanted)
-        if busy or not self.config.accept_close:
+        # accept_close refuses a close the peer starts, not one we asked for ourselves (CLOSING).
+        if busy or (not self.config.accept_close and self._state is not State.CLOSING):
             code = ErrorCode.PEER_REFUSED_CLOSE
             self._out += wire.frame(
                 MessageId.LINE_DISCONNECTION_RP, wire.encode_status(code), option=wire.NAK, err_no=code
@@ -701,7 +728,7 @@ class Connection:
         if self._state is State.CLOSED:
             return []
         was = self._state
-        self._state = State.ERROR
+        self._fail()
         if was in (State.READY, State.CLOSING):
             where = "in the middle of a message" if not self.idle or self._inbuf else "without disconnecting"
         else:

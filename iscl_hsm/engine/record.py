@@ -141,7 +141,7 @@ class _MacState:
 
     def __init__(self, mac: Mac, key: RecordKey | None, prefix: bytes) -> None:
         self._mac = mac
-        self._key = key
+        self._key = key if mac is Mac.DES_MAC else None  # connection keys always carry a MAC key
         self._md5 = hashlib.md5(prefix) if mac is Mac.MD5 else None
         self._cbc = key.encrypt_cbc(ZERO_IV, prefix)[-8:] if key is not None else ZERO_IV
 

@@ -1,0 +1,559 @@
+"""The engine on well-behaved links: every suite, size, block length, close and through-mode path."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from iscl_hsm import wire
+from iscl_hsm.engine import (
+    Closed,
+    CloseRefused,
+    Config,
+    LinkReady,
+    MessageReceived,
+    MessageRefused,
+    MessageSent,
+    NonSecureReceived,
+    Role,
+    State,
+)
+from iscl_hsm.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from iscl_hsm.wire import Encryption, Mac, MessageId
+from tests.helpers import (
+    ENC_KEYS,
+    OTHER_KEY,
+    ConnectionPair,
+    assert_no_secrets,
+    make_holder,
+    other,
+    split_frames,
+)
+
+ENCRYPTIONS = [Encryption.NONE, Encryption.DES_CBC]
+MACS = [Mac.NONE, Mac.MD5, Mac.DES_MAC]
+KEY_IDS = [*range(1, 9), wire.SESSION_KEYS]
+ROLES = [Role.CLIENT, Role.SERVER]
+
+
+def payload(n: int, seed: int = 0) -> bytes:
+    """Recognisable, non-repeating message data of ``n`` bytes."""
+    return bytes((i * 7 + seed * 13 + (i >> 8)) & 0xFF for i in range(n))
+
+
+def received(events: list[object]) -> list[bytes]:
+    return [e.data for e in events if isinstance(e, MessageReceived)]
+
+
+def sent_lengths(events: list[object]) -> list[int]:
+    return [e.length for e in events if isinstance(e, MessageSent)]
+
+
+def transfer(p: ConnectionPair, sender: Role, *messages: bytes) -> list[bytes]:
+    """Send messages from ``sender``, pump, check the sender's MessageSent events; return what arrived."""
+    for m in messages:
+        p.conn(sender).send_message(m)
+    got = p.pump()
+    assert sent_lengths(got.of(sender)) == [len(m) for m in messages]
+    assert received(got.of(sender)) == []
+    return received(got.of(other(sender)))
+
+
+# --- every suite, both directions ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sender", ROLES, ids=lambda r: r.value)
+@pytest.mark.parametrize("key_id", KEY_IDS, ids=lambda k: f"key{k:#x}")
+@pytest.mark.parametrize("mac", MACS, ids=lambda m: m.name)
+@pytest.mark.parametrize("encryption", ENCRYPTIONS, ids=lambda e: e.name)
+def test_every_suite_both_directions(make_ready, encryption: Encryption, mac: Mac, key_id: int, sender: Role) -> None:
+    config = Config(encryption=encryption, mac=mac, enc_key_id=key_id, max_block=64)
+    p = make_ready(config)
+    for role in ROLES:
+        params = p.conn(role).parameters
+        assert params is not None
+        assert (params.encryption, params.mac, params.enc_key_id, params.block_length) == (encryption, mac, key_id, 64)
+    messages = [payload(200, 1), payload(77, 2), payload(64, 3)]
+    assert transfer(p, sender, *messages) == messages
+    # The other direction still works on the same link afterwards (independent chains).
+    assert transfer(p, other(sender), payload(130, 4)) == [payload(130, 4)]
+
+    blocks = p.sent_by(sender, MessageId.MESSAGE_TRANSMISSION_NOTIF)
+    wire_data = b"".join(f.payload for f in blocks)
+    if encryption is Encryption.DES_CBC:
+        assert payload(200, 1)[:64] not in wire_data  # the data does not travel in the clear
+        assert all(len(f.payload) % 8 == 0 for f in blocks)
+    else:
+        assert wire_data == b"".join(messages)
+    macs = p.sent_by(sender, MessageId.MAC_TRANSMISSION_NOTIF)
+    assert [len(f.payload) for f in macs] == [wire.MAC_SIZE[mac]] * 3
+    session_rqs = p.sent_by(sender, MessageId.RNDNO_FOR_SESSION_KEY_RQ)
+    assert len(session_rqs) == (3 if key_id == wire.SESSION_KEYS else 0)
+    assert len({f.payload for f in session_rqs}) == len(session_rqs)  # a fresh random number per message
+
+
+@pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
+@pytest.mark.parametrize(("encryption", "mac"), list(itertools.product(ENCRYPTIONS, MACS)), ids=str)
+def test_same_message_twice_looks_different_on_the_wire(
+    make_ready, encryption: Encryption, mac: Mac, key_id: int
+) -> None:
+    """The CBC chain (and the MAC sequence number) carry over, so a repeat is not visible."""
+    p = make_ready(Config(encryption=encryption, mac=mac, enc_key_id=key_id))
+    m = payload(40)
+    assert transfer(p, Role.CLIENT, m, m) == [m, m]
+    macs = [f.payload for f in p.sent_by(Role.CLIENT, MessageId.MAC_TRANSMISSION_NOTIF)]
+    blocks = [f.payload for f in p.sent_by(Role.CLIENT, MessageId.MESSAGE_TRANSMISSION_NOTIF)]
+    if mac is not Mac.NONE:
+        assert macs[0] != macs[1]
+    if encryption is Encryption.DES_CBC:
+        assert blocks[0] != blocks[1]
+
+
+@pytest.mark.parametrize(("key_id", "works"), [(4, True), (5, False)])
+def test_key_id_selects_that_encryption_key(key_id: int, works: bool) -> None:
+    """The two holders differ only in encryption key 5: key id 4 works, key id 5 fails its MAC."""
+    config = Config(enc_key_id=key_id)
+    p = ConnectionPair(config, config, client_holder=make_holder(enc={**ENC_KEYS, 5: OTHER_KEY}))
+    p.handshake()
+    p.client.send_message(payload(24))
+    p.pump(raise_errors=False)
+    if works:
+        assert received(p.events[Role.SERVER]) == [payload(24)]
+        assert p.errors == {}
+    else:
+        assert received(p.events[Role.SERVER]) == []
+        assert p.errors[Role.SERVER].code is ErrorCode.BAD_MAC
+
+
+# --- sizes ---------------------------------------------------------------------------------------
+
+BLOCK = 64
+MAX_MESSAGE = 1000
+SIZES = {"empty": 0, "one": 1, "block": BLOCK, "block+1": BLOCK + 1, "many": 7 * BLOCK + 3, "max": MAX_MESSAGE}
+
+
+@pytest.mark.parametrize("sender", ROLES, ids=lambda r: r.value)
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+@pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
+@pytest.mark.parametrize(("encryption", "mac"), list(itertools.product(ENCRYPTIONS, MACS)), ids=str)
+def test_message_sizes(make_ready, encryption: Encryption, mac: Mac, key_id: int, size: int, sender: Role) -> None:
+    config = Config(encryption=encryption, mac=mac, enc_key_id=key_id, max_block=BLOCK, max_message=MAX_MESSAGE)
+    p = make_ready(config)
+    m = payload(size, size)
+    assert transfer(p, sender, m) == [m]
+    blocks = p.sent_by(sender, MessageId.MESSAGE_TRANSMISSION_NOTIF)
+    assert len(blocks) == -(-size // BLOCK)
+    if encryption is Encryption.NONE:
+        assert [len(f.payload) for f in blocks] == [min(BLOCK, size - i) for i in range(0, size, BLOCK)]
+    else:
+        assert sum(len(f.payload) for f in blocks) == size + (-size % 8)
+    assert p.conn(sender).idle and p.conn(other(sender)).idle
+
+
+def test_default_max_message_exactly(make_ready) -> None:
+    p = make_ready(Config())
+    m = payload(wire.DEFAULT_MAX_MESSAGE)
+    assert transfer(p, Role.CLIENT, m) == [m]
+    with pytest.raises(LocalProtocolError) as info:
+        p.client.send_message(m + b"x")
+    assert info.value.code is ErrorCode.LOCAL_LENGTH_TOO_SMALL
+    assert_no_secrets(info.value, m[:64])
+
+
+def test_byte_at_a_time_delivery() -> None:
+    """Frames split anywhere (down to single bytes) are reassembled."""
+    p = ConnectionPair(Config(max_block=16), Config(max_block=16))
+    p.server.initiate()
+    got = p.pump(chunk=1)
+    assert [type(e) for e in got.server] == [LinkReady]
+    assert [type(e) for e in got.client] == [LinkReady]
+    p.client.send_message(payload(50))
+    p.server.send_message(payload(3))
+    got = p.pump(chunk=3)
+    assert received(got.server) == [payload(50)]
+    assert received(got.client) == [payload(3)]
+
+
+def test_whole_stream_in_one_call() -> None:
+    """Several frames in one receive_data call: every event comes back, in order."""
+    p = ConnectionPair()
+    p.handshake()
+    p.client.send_message(b"first")
+    p.server.receive_data(p.client.data_to_send())
+    p.client.receive_data(p.server.data_to_send())
+    p.client.send_message(b"second")
+    stream = p.client.data_to_send()  # blocks + MAC of "first", then the request of "second"
+    events = p.server.receive_data(stream)
+    assert received(events) == [b"first"]
+    p.client.receive_data(p.server.data_to_send())
+    assert received(p.server.receive_data(p.client.data_to_send())) == [b"second"]
+
+
+# --- block lengths -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server_max", "client_max", "agreed"),
+    [(8, 8, 8), (16, 16, 16), (8160, 8160, 8160), (8, 8160, 8), (8160, 8, 8), (64, 16, 16), (16, 64, 16),
+     (4096, 8160, 4096), (8160, 4096, 4096)],
+)
+def test_block_length_is_the_minimum(server_max: int, client_max: int, agreed: int) -> None:
+    p = ConnectionPair(Config(max_block=server_max), Config(max_block=client_max, encryption=Encryption.DES_CBC))
+    assert p.server.block_length == p.client.block_length == 0
+    p.handshake()
+    assert p.server.block_length == p.client.block_length == agreed
+    assert p.server.parameters.block_length == p.client.parameters.block_length == agreed  # type: ignore[union-attr]
+    rp = p.sent_by(Role.CLIENT, MessageId.LINE_CONNECTION_CHECK_RP)[0]
+    assert wire.LineConnectionRp.decode(rp.payload) == wire.LineConnectionRp(0, agreed)
+    rq = p.sent_by(Role.SERVER, MessageId.LINE_CONNECTION_CHECK_RQ)[0]
+    assert wire.LineConnectionRq.decode(rq.payload) == wire.LineConnectionRq(server_max, wire.VERSION)
+    for sender in ROLES:
+        m = payload(2 * agreed + 1, agreed)
+        assert transfer(p, sender, m) == [m]
+        sizes = [len(f.payload) for f in p.sent_by(sender, MessageId.MESSAGE_TRANSMISSION_NOTIF)]
+        assert sizes == [agreed, agreed, 8]
+
+
+# --- authentication data -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 128])
+def test_auth_data_reaches_the_peer(size: int) -> None:
+    server_data, client_data = b"S" * (size - 1) + b"s", b"C" * (size - 1) + b"c"
+    p = ConnectionPair(Config(auth_data=server_data), Config(auth_data=client_data))
+    got = p.handshake()
+    (server_ready,) = got.server
+    (client_ready,) = got.client
+    assert server_ready.parameters.peer_auth_data == client_data
+    assert client_ready.parameters.peer_auth_data == server_data
+    assert p.server.parameters == server_ready.parameters
+    if size > 1:
+        assert client_data not in repr(server_ready).encode()  # repr=False on the field
+
+
+def test_link_parameters_name_what_was_agreed() -> None:
+    p = ConnectionPair(Config(auth_key_id=3, enc_key_id=5), Config(auth_key_id=3, enc_key_id=5))
+    got = p.handshake()
+    for events in (got.server, got.client):
+        params = events[0].parameters
+        assert params.version == "MEDIS-ISCL V1.00"
+        assert (params.auth_key_id, params.enc_key_id) == (3, 5)
+        assert (params.encryption, params.mac) == (Encryption.DES_CBC, Mac.DES_MAC)
+
+
+def test_server_uses_the_key_pair_the_client_chose() -> None:
+    p = ConnectionPair(Config(auth_key_id=1), Config(auth_key_id=6))
+    p.handshake()
+    assert p.server.parameters.auth_key_id == 6  # type: ignore[union-attr]
+    rq = wire.MutualAuthRq.decode(p.sent_by(Role.CLIENT, MessageId.MUTUAL_AUTH_RQ)[0].payload)
+    assert rq.key_id == 6
+
+
+# --- line disconnection --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("closer", ROLES, ids=lambda r: r.value)
+def test_line_disconnection(ready_pair: ConnectionPair, closer: Role) -> None:
+    p = ready_pair
+    p.conn(closer).close()
+    assert p.conn(closer).state is State.CLOSING
+    with pytest.raises(LocalProtocolError) as info:
+        p.conn(closer).send_message(b"too late")
+    assert info.value.code is ErrorCode.BAD_STATE
+    got = p.pump()
+    assert got.of(closer) == [Closed(by_peer=False)]
+    assert got.of(other(closer)) == [Closed(by_peer=True)]
+    assert p.server.state is State.CLOSED and p.client.state is State.CLOSED
+    for role in ROLES:
+        assert p.conn(role).receive_data(b"") == []  # EOF after a clean close is no error
+        with pytest.raises(LocalProtocolError) as info:
+            p.conn(role).send_message(b"x")
+        assert info.value.code is ErrorCode.BAD_STATE
+    assert len(p.sent_by(closer, MessageId.LINE_DISCONNECTION_RQ)) == 1
+    (rp,) = p.sent_by(other(closer), MessageId.LINE_DISCONNECTION_RP)
+    assert (rp.option, wire.decode_status(rp.payload, "rp")) == (wire.ACK, 0)
+
+
+@pytest.mark.parametrize("closer", ROLES, ids=lambda r: r.value)
+def test_refused_close_keeps_the_link(closer: Role) -> None:
+    refuser = Config(accept_close=False)
+    configs = {closer: Config(), other(closer): refuser}
+    p = ConnectionPair(configs[Role.SERVER], configs[Role.CLIENT])
+    p.handshake()
+    p.conn(closer).close()
+    got = p.pump()
+    assert got.of(closer) == [CloseRefused(115)]
+    assert got.of(other(closer)) == []
+    (rp,) = p.sent_by(other(closer), MessageId.LINE_DISCONNECTION_RP)
+    assert (rp.option, rp.err_no) == (wire.NAK, ErrorCode.PEER_REFUSED_CLOSE)
+    assert p.server.state is State.READY and p.client.state is State.READY
+    for sender in ROLES:
+        assert transfer(p, sender, b"still here") == [b"still here"]
+    p.conn(closer).close()  # may ask again
+    assert p.pump().of(closer) == [CloseRefused(115)]
+
+
+def test_simultaneous_close(ready_pair: ConnectionPair) -> None:
+    p = ready_pair
+    p.server.close()
+    p.client.close()
+    got = p.pump()
+    assert got.server == [Closed(by_peer=False)]
+    assert got.client == [Closed(by_peer=False)]
+    assert p.server.state is State.CLOSED and p.client.state is State.CLOSED
+
+
+@pytest.mark.parametrize("refuser", ROLES, ids=lambda r: r.value)
+def test_simultaneous_close_with_a_refusing_end(refuser: Role) -> None:
+    """accept_close=False refuses a close the peer starts; when both ask, both end up closed."""
+    configs = {refuser: Config(accept_close=False), other(refuser): Config()}
+    p = ConnectionPair(configs[Role.SERVER], configs[Role.CLIENT])
+    p.handshake()
+    p.server.close()
+    p.client.close()
+    got = p.pump()
+    assert got.server == [Closed(by_peer=False)]
+    assert got.client == [Closed(by_peer=False)]
+    assert p.server.state is State.CLOSED and p.client.state is State.CLOSED
+
+
+def test_close_waits_for_queued_messages(ready_pair: ConnectionPair) -> None:
+    p = ready_pair
+    big = payload(3 * wire.MAX_BLOCK + 9)
+    p.client.send_message(big)
+    p.client.send_message(b"second")
+    p.client.close()
+    got = p.pump()
+    assert received(got.server) == [big, b"second"]
+    assert got.server[-1] == Closed(by_peer=True)
+    assert got.client[-1] == Closed(by_peer=False)
+
+
+def test_close_while_a_long_message_is_still_streaming() -> None:
+    """close() after the request was accepted but before every block is out still closes cleanly."""
+    p = ConnectionPair(Config(max_block=8), Config(max_block=8))
+    p.handshake()
+    m = payload(40 * 8)  # 40 blocks: more than one data_to_send() batch
+    p.client.send_message(m)
+    p.server.receive_data(p.client.data_to_send())  # the request
+    p.client.receive_data(p.server.data_to_send())  # the ACK: the sealer starts
+    first = p.client.data_to_send()  # some of the blocks
+    assert p.server.receive_data(first) == []
+    p.client.close()
+    got = p.pump()
+    assert received(got.server) == [m]
+    assert got.server[-1] == Closed(by_peer=True)
+    assert got.client == [Closed(by_peer=False)]
+
+
+@pytest.mark.parametrize("size", [0, 5])
+def test_close_racing_a_message_is_refused(size: int) -> None:
+    """The peer asks to close while our request is in flight: we refuse, the message still arrives."""
+    p = ConnectionPair()
+    p.handshake()
+    p.client.send_message(payload(size))  # the request goes out, unanswered yet
+    p.server.close()
+    got = p.pump()
+    assert received(got.server) == [payload(size)]
+    assert CloseRefused(115) in got.server
+    assert p.server.state is State.READY and p.client.state is State.READY
+    p.server.close()
+    got = p.pump()
+    assert got.server == [Closed(by_peer=False)] and got.client == [Closed(by_peer=True)]
+
+
+# --- through mode --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sender", ROLES, ids=lambda r: r.value)
+def test_through_mode(sender: Role) -> None:
+    on = Config(through_mode=True)
+    p = ConnectionPair(on, on)
+    p.handshake()
+    p.conn(sender).send_non_secure(b"plain text, as agreed")
+    p.conn(sender).send_non_secure(b"")
+    got = p.pump()
+    assert got.of(other(sender)) == [NonSecureReceived(b"plain text, as agreed"), NonSecureReceived(b"")]
+    assert got.of(sender) == []
+    frames = p.sent_by(sender, MessageId.THROUGH_MODE_TRANSMISSION_NOTIF)
+    assert frames[0].payload == b"plain text, as agreed"  # unprotected by definition
+
+
+def test_through_mode_alongside_secure_messages() -> None:
+    on = Config(through_mode=True, max_block=8)
+    p = ConnectionPair(on, on)
+    p.handshake()
+    m = payload(200)
+    p.client.send_message(m)
+    p.client.send_non_secure(b"side note")
+    got = p.pump()
+    assert received(got.server) == [m]
+    assert [e.data for e in got.server if isinstance(e, NonSecureReceived)] == [b"side note"]
+
+
+def test_through_mode_off_on_the_receiver() -> None:
+    p = ConnectionPair(Config(through_mode=False), Config(through_mode=True))
+    p.handshake()
+    p.client.send_non_secure(b"PLAINTEXT-7f3a")
+    p.pump(raise_errors=False)
+    err = p.errors[Role.SERVER]
+    assert isinstance(err, RemoteProtocolError)
+    assert err.code is ErrorCode.THROUGH_MODE_DISABLED
+    assert p.server.state is State.ERROR
+    assert p.events[Role.SERVER][1:] == []
+    assert_no_secrets(err, b"PLAINTEXT-7f3a")
+
+
+def test_through_mode_off_locally() -> None:
+    p = ConnectionPair(Config(through_mode=True), Config(through_mode=False))
+    p.handshake()
+    with pytest.raises(LocalProtocolError) as info:
+        p.client.send_non_secure(b"nope")
+    assert info.value.code is ErrorCode.THROUGH_MODE_DISABLED
+    assert p.client.data_to_send() == b""
+    assert p.client.state is State.READY
+
+
+def test_through_mode_respects_the_local_maximum() -> None:
+    on = Config(through_mode=True, max_message=10)
+    p = ConnectionPair(on, on)
+    p.handshake()
+    with pytest.raises(LocalProtocolError) as info:
+        p.client.send_non_secure(bytes(11))
+    assert info.value.code is ErrorCode.LOCAL_LENGTH_TOO_SMALL
+    p.client.send_non_secure(bytes(10))
+    assert p.pump().server == [NonSecureReceived(bytes(10))]
+
+
+# --- queueing and full duplex --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
+def test_queued_messages_arrive_in_order(make_ready, key_id: int) -> None:
+    p = make_ready(Config(enc_key_id=key_id, max_block=16))
+    messages = [payload(33, 1), b"", payload(5, 3)]
+    for m in messages:
+        p.client.send_message(m)
+    assert not p.client.idle
+    # One request at a time: the second goes out only after the first message's MAC.
+    first = p.client.data_to_send()
+    assert [f.message_id for f in split_frames(first)] == [MessageId.MESSAGE_TRANSMISSION_RQ]
+    p.server.receive_data(first)
+    got = p.pump()
+    assert received(got.server) == messages
+    assert sent_lengths(got.client) == [33, 0, 5]
+    assert p.client.idle and p.server.idle
+
+
+@pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
+def test_full_duplex(make_ready, key_id: int) -> None:
+    p = make_ready(Config(enc_key_id=key_id, max_block=8))
+    from_client = [payload(100, i) for i in range(3)]
+    from_server = [payload(90, 10 + i) for i in range(3)]
+    for a, b in zip(from_client, from_server):
+        p.client.send_message(a)
+        p.server.send_message(b)
+    got = p.pump()
+    assert received(got.server) == from_client
+    assert received(got.client) == from_server
+    # The two directions really overlapped: data blocks of both were in flight in the same stretch.
+    order = [r for r, f in p.sent if f.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF)]
+    first_server = order.index(Role.SERVER)
+    assert Role.CLIENT in order[first_server:]
+    assert Role.SERVER in order[: len(order) - 1 - order[::-1].index(Role.CLIENT)]
+
+
+def test_message_refused_then_the_queue_continues() -> None:
+    p = ConnectionPair(Config(max_message=10), Config(max_message=100))
+    p.handshake()
+    p.client.send_message(bytes(50))
+    p.client.send_message(b"short")
+    got = p.pump()
+    assert got.client == [MessageRefused(110, 50, 10), MessageSent(5)]
+    assert received(got.server) == [b"short"]
+
+
+# --- states --------------------------------------------------------------------------------------
+
+
+def step(p: ConnectionPair, sender: Role) -> None:
+    data = p.conn(sender).data_to_send()
+    assert data
+    p.conn(other(sender)).receive_data(data)
+
+
+def test_state_walk() -> None:
+    p = ConnectionPair()
+    s, c = p.server, p.client
+    assert (s.state, c.state) == (State.SERVER_START, State.CLIENT_WAIT_LINE_RQ)
+    s.initiate()
+    assert s.state is State.SERVER_WAIT_LINE_RP
+    with pytest.raises(LocalProtocolError) as info:
+        s.initiate()
+    assert info.value.code is ErrorCode.BAD_STATE
+    with pytest.raises(LocalProtocolError) as info:
+        c.initiate()
+    assert info.value.code is ErrorCode.BAD_STATE
+    for conn in (s, c):
+        with pytest.raises(LocalProtocolError) as info:
+            conn.send_message(b"x")
+        assert info.value.code is ErrorCode.BAD_STATE
+        with pytest.raises(LocalProtocolError) as info:
+            conn.close()
+        assert info.value.code is ErrorCode.BAD_STATE
+    step(p, Role.SERVER)  # line RQ
+    assert c.state is State.CLIENT_WAIT_AUTH_RP
+    step(p, Role.CLIENT)  # line RP + auth RQ
+    assert s.state is State.SERVER_WAIT_PASS2
+    step(p, Role.SERVER)  # auth RP + pass 1
+    assert c.state is State.CLIENT_WAIT_PASS3
+    step(p, Role.CLIENT)  # pass 2
+    assert s.state is State.SERVER_WAIT_COMPLETION
+    step(p, Role.SERVER)  # pass 3 -> the client is ready, completion out
+    assert c.state is State.READY
+    step(p, Role.CLIENT)
+    assert s.state is State.READY
+    assert s.idle and c.idle
+    c.close()
+    assert c.state is State.CLOSING
+    step(p, Role.CLIENT)
+    assert s.state is State.CLOSED
+    step(p, Role.SERVER)
+    assert c.state is State.CLOSED
+
+
+def test_intermediate_states_by_one_frame() -> None:
+    """Each handshake frame delivered alone moves the receiver exactly one state."""
+    p = ConnectionPair()
+    seen = {Role.SERVER: [p.server.state], Role.CLIENT: [p.client.state]}
+    p.server.initiate()
+    seen[Role.SERVER].append(p.server.state)
+    for _ in range(20):
+        moved = False
+        for sender in ROLES:
+            data = p.conn(sender).data_to_send()
+            for f in split_frames(data):
+                moved = True
+                p.conn(other(sender)).receive_data(f.raw)
+                seen[other(sender)].append(p.conn(other(sender)).state)
+        if not moved:
+            break
+    assert seen[Role.CLIENT] == [
+        State.CLIENT_WAIT_LINE_RQ, State.CLIENT_WAIT_AUTH_RP, State.CLIENT_WAIT_PASS1, State.CLIENT_WAIT_PASS3,
+        State.READY,
+    ]
+    assert seen[Role.SERVER] == [
+        State.SERVER_START, State.SERVER_WAIT_LINE_RP, State.SERVER_WAIT_AUTH_RQ, State.SERVER_WAIT_PASS2,
+        State.SERVER_WAIT_COMPLETION, State.READY,
+    ]
+
+
+def test_events_never_show_message_data(ready_pair: ConnectionPair) -> None:
+    secret = b"PATIENT NAME^SECRET"
+    ready_pair.client.send_message(secret)
+    got = ready_pair.pump()
+    assert received(got.server) == [secret]
+    for event in got.server + got.client:
+        assert_no_secrets(event, secret)
+    assert_no_secrets(ready_pair.server.parameters)
