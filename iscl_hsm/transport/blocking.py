@@ -50,6 +50,13 @@ class IsclSocket:
     ) -> IsclSocket:
         """Connect as the ISCL client and authenticate."""
         sock = socket.create_connection((host, port), timeout=timeout)
+        return cls.client(sock, key_holder=key_holder, config=config)
+
+    @classmethod
+    def client(
+        cls, sock: socket.socket, *, key_holder: KeyHolder, config: Config | None = None
+    ) -> IsclSocket:
+        """Run the client side of the handshake on a connected socket."""
         return cls._handshake(sock, Connection(Role.CLIENT, key_holder, config))
 
     @classmethod
@@ -87,9 +94,10 @@ class IsclSocket:
         self._guard(self._conn.send_message, data)
         while True:
             self._flush()
-            for event in self._take(MessageSent, MessageRefused):
-                if isinstance(event, MessageRefused):
-                    raise refused_error(event)
+            event = self._take(MessageSent, MessageRefused)
+            if isinstance(event, MessageRefused):
+                raise refused_error(event)
+            if event is not None:
                 self._flush()
                 return
             self._read_events()
@@ -102,12 +110,13 @@ class IsclSocket:
     def recv(self) -> bytes | None:
         """The next verified message (or through-mode data); None once the peer has disconnected."""
         while True:
-            for event in self._take(MessageReceived, NonSecureReceived, Closed):
-                if isinstance(event, Closed):
-                    self._flush()
-                    self._sock.close()
-                    return None
-                return event.data  # type: ignore[attr-defined, no-any-return]
+            event = self._take(MessageReceived, NonSecureReceived, Closed)
+            if isinstance(event, MessageReceived | NonSecureReceived):
+                return event.data
+            if event is not None:
+                self._flush()
+                self._sock.close()
+                return None
             self._read_events()
 
     def close(self) -> None:
@@ -118,11 +127,10 @@ class IsclSocket:
         self._guard(self._conn.close)
         while True:
             self._flush()
-            for event in self._take(Closed, CloseRefused):
-                if isinstance(event, CloseRefused):
-                    raise RemoteProtocolError(
-                        ErrorCode.PEER_REFUSED_CLOSE, "the peer refused to disconnect the line"
-                    )
+            event = self._take(Closed, CloseRefused)
+            if isinstance(event, CloseRefused):
+                raise RemoteProtocolError(ErrorCode.PEER_REFUSED_CLOSE, "the peer refused to disconnect the line")
+            if event is not None:
                 self._sock.close()
                 return
             self._read_events()
@@ -150,11 +158,13 @@ class IsclSocket:
             else:
                 self._inbox.append(event)
 
-    def _take(self, *kinds: type) -> list[Event]:
-        found = [e for e in self._inbox if isinstance(e, kinds)]
-        for event in found:
-            self._inbox.remove(event)
-        return found
+    def _take(self, *kinds: type) -> Event | None:
+        """Remove and return the oldest queued event of one of ``kinds``."""
+        for event in self._inbox:
+            if isinstance(event, kinds):
+                self._inbox.remove(event)
+                return event
+        return None
 
     def _flush(self) -> None:
         while out := self._conn.data_to_send():

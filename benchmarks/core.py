@@ -1,0 +1,122 @@
+"""Handshake latency and protected payload rate on SoftHSM2 over loopback, beside `openssl speed`.
+
+Run: python3 benchmarks/core.py [--seconds S] [--handshakes N]
+
+The server runs in its own process (as it would on another machine), so sender and receiver each
+have a core. Ratios are what to compare: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from iscl_hsm.engine import Config  # noqa: E402
+from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder  # noqa: E402
+from iscl_hsm.keyholder.provision import ensure_token, softhsm_environment  # noqa: E402
+from iscl_hsm.transport.blocking import IsclSocket  # noqa: E402
+from iscl_hsm.wire import Encryption, Mac  # noqa: E402
+
+SUITES = [
+    ("none/none", Encryption.NONE, Mac.NONE),
+    ("none/md5", Encryption.NONE, Mac.MD5),
+    ("none/des-mac", Encryption.NONE, Mac.DES_MAC),
+    ("des-cbc/md5", Encryption.DES_CBC, Mac.MD5),
+    ("des-cbc/des-mac", Encryption.DES_CBC, Mac.DES_MAC),
+]
+MESSAGE = 1 << 20
+
+
+def openssl_speed(algorithm: str, seconds: int) -> float:
+    """Bytes per second of `openssl speed -evp ALG` on 8192-byte buffers (legacy provider on)."""
+    conf = Path(__file__).resolve().parents[1] / "softhsm" / "openssl-legacy.cnf"
+    out = subprocess.run(
+        ["openssl", "speed", "-seconds", str(seconds), "-bytes", "8192", "-evp", algorithm],
+        capture_output=True, text=True, env={**os.environ, "OPENSSL_CONF": str(conf)}, check=True,
+    ).stdout
+    match = re.search(rf"^{re.escape(algorithm.upper())}\s+([\d.]+)k", out, re.M | re.I)
+    if not match:
+        raise RuntimeError(f"cannot read openssl speed output:\n{out}")
+    return float(match.group(1)) * 1000
+
+
+def serve(listener: socket.socket, data_dir: str, label: str, pin: str) -> None:
+    """Server process: accept links forever, read every message, report bytes on close."""
+    os.environ["SOFTHSM2_CONF"] = softhsm_environment(Path(data_dir))["SOFTHSM2_CONF"]
+    holder = Pkcs11KeyHolder(label, pin)
+    while True:
+        sock, _ = listener.accept()
+        suite = sock.recv(8)
+        enc, mac = int.from_bytes(suite[:4], "big"), int.from_bytes(suite[4:], "big")
+        link = IsclSocket.accept(sock, key_holder=holder, config=Config(encryption=Encryption(enc), mac=Mac(mac)))
+        while link.recv() is not None:
+            pass
+
+
+def main() -> None:
+    import faulthandler, signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput figure")
+    parser.add_argument("--handshakes", type=int, default=200)
+    args = parser.parse_args()
+
+    data_dir = tempfile.mkdtemp(prefix="iscl-bench-")
+    label, pin_path, _ = ensure_token(Path(data_dir), "bench")
+    pin = pin_path.read_text().strip()
+    holder = Pkcs11KeyHolder(label, pin)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    server = ctx.Process(target=serve, args=(listener, data_dir, label, pin), daemon=True)
+    server.start()
+
+    def link(enc: Encryption, mac: Mac) -> IsclSocket:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(int(enc).to_bytes(4, "big") + int(mac).to_bytes(4, "big"))
+        return IsclSocket.client(sock, key_holder=holder, config=Config(encryption=enc, mac=mac))
+
+    print(f"# iscl-hsm core benchmark  ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores,"
+          f" python {sys.version.split()[0]})")
+    times = []
+    for _ in range(args.handshakes):
+        started = time.perf_counter()
+        s = link(Encryption.DES_CBC, Mac.DES_MAC)
+        times.append(time.perf_counter() - started)
+        s.close()
+    print(f"handshake on SoftHSM2 over loopback: median {statistics.median(times) * 1000:.2f} ms,"
+          f" p90 {sorted(times)[int(len(times) * 0.9)] * 1000:.2f} ms ({len(times)} links)")
+
+    des = openssl_speed("des-cbc", 2)
+    md5 = openssl_speed("md5", 2)
+    print(f"openssl speed -evp des-cbc: {des / 1e6:.1f} MB/s;  md5: {md5 / 1e6:.1f} MB/s")
+    payload = os.urandom(MESSAGE)
+    print("| suite | MB/s | ratio to openssl des-cbc |")
+    print("|---|---|---|")
+    for name, enc, mac in SUITES:
+        s = link(enc, mac)
+        sent = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < args.seconds:
+            s.send(payload)
+            sent += len(payload)
+        s.close()  # returns once the server has verified every message
+        rate = sent / (time.perf_counter() - started)
+        print(f"| {name} | {rate / 1e6:.1f} | {rate / des:.2f} |")
+    server.kill()
+
+
+if __name__ == "__main__":
+    main()
