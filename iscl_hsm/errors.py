@@ -47,6 +47,9 @@ class IsclError(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+        #: Events the engine produced in the same call before the failure (verified messages are
+        #: among them and may still be delivered).
+        self.events: list[object] = []
 
     def __str__(self) -> str:
         return f"{super().__str__()} [ISCL {int(self.code)} {self.code.name}]"

@@ -39,7 +39,7 @@ from enum import Enum, auto
 
 from .. import wire
 from ..errors import ErrorCode, IsclError, KeyHolderError, LocalProtocolError, RemoteProtocolError
-from ..keyholder.base import KEY_INDEXES, KeyHolder
+from ..keyholder.base import KEY_INDEXES, KeyHolder, RecordKey
 from ..wire import Encryption, Mac, MessageId
 from .config import Config, Role
 from .events import (
@@ -53,7 +53,7 @@ from .events import (
     MessageSent,
     NonSecureReceived,
 )
-from .record import Chain, KeySchedule, MessageKeys, Opener, Sealer, Suite, cbc_mac
+from .record import Chain, KeySchedule, derive_finished_key, MessageKeys, Opener, Sealer, Suite, cbc_mac
 
 
 class State(Enum):
@@ -133,7 +133,11 @@ class ChallengeGuard:
 DEFAULT_GUARD = ChallengeGuard()
 
 _OUTBOUND_BATCH = 8
-"""Data blocks generated per :meth:`Connection.data_to_send` call: small enough to stream."""
+"""Data blocks sealed per :meth:`Connection.data_to_send` call: few enough that the receiver starts
+deciphering while the sender still enciphers, enough to keep per-call overhead small."""
+
+_DECIPHER_BATCH = 64 * 1024
+"""Received ciphertext deciphered in one call once this much has accumulated."""
 
 
 class Connection:
@@ -164,6 +168,8 @@ class Connection:
         self._rs = b""
         self._rc = b""
         self._schedule: KeySchedule | None = None
+        self._deferred: Callable[[], object] | None = None  # see prepare()
+        self._fin_key: RecordKey | None = None
         self.parameters: LinkParameters | None = None
         # Message transfer, one state per direction.
         self._send_chain = Chain()
@@ -214,16 +220,20 @@ class Connection:
                     return events
                 header, payload = message
                 events.extend(self._dispatch(header, payload))
-        except IsclError:
+                if self._opener is not None and self._opener.backlog >= _DECIPHER_BATCH:
+                    self._opener.process()
+        except IsclError as exc:
             self._fail()
+            exc.events = events  # what happened before the failure, e.g. messages already verified
             raise
+        finally:
+            if self._opener is not None and self._state is not State.ERROR:
+                self._opener.process()
 
     def data_to_send(self) -> bytes:
         """Bytes for the peer: control messages first, then the next blocks of an outgoing message."""
-        for _ in range(_OUTBOUND_BATCH):
-            if self._sealer is None:
-                break
-            self._out += self._sealer.next_frame()
+        if self._sealer is not None and self._state is not State.ERROR:
+            self._out += self._sealer.next_frames(_OUTBOUND_BATCH)
             if self._sealer.done:
                 self._sealer = None
                 self._start_next_message()
@@ -263,6 +273,22 @@ class Connection:
         self._require_ready("close the line")
         self._close_wanted = True
         self._maybe_send_close()
+
+    def prepare(self) -> None:
+        """Do work that can wait until the output is on its way: key derivation ahead of need.
+
+        Transports call this after sending :meth:`data_to_send`, before waiting for the peer, so a
+        key holder's slow derivation overlaps with the peer's own work. Never required: whatever
+        it does would otherwise happen when first needed.
+        """
+        work, self._deferred = self._deferred, None
+        if work is None or self._state is State.ERROR:
+            return
+        try:
+            work()
+        except IsclError:
+            self._fail()
+            raise
 
     @property
     def idle(self) -> bool:
@@ -411,6 +437,7 @@ class Connection:
         self._guard.issue(Role.SERVER, self._rs)
         self._send_handshake(MessageId.MUTUAL_AUTH_RP, wire.MutualAuthRp(0, self.config.auth_data).encode())
         self._send_handshake(MessageId.MUTUAL_AUTH_PASS1_NOTIF, wire.Pass1(0, self._rs).encode())
+        self._deferred = self._finished_key  # while the client works on pass 1
         self._state = State.SERVER_WAIT_PASS2
         return []
 
@@ -452,6 +479,7 @@ class Connection:
             raise exc
         self._guard.issue(Role.CLIENT, self._rc)
         self._send_handshake(MessageId.MUTUAL_AUTH_PASS2_NOTIF, wire.Pass2(0, response, self._rc).encode())
+        self._deferred = self._finished_key  # while the server works on pass 2
         self._state = State.CLIENT_WAIT_PASS3
         return []
 
@@ -527,11 +555,15 @@ class Connection:
             )
         return [self._ready()]
 
+    def _finished_key(self) -> RecordKey:
+        if self._fin_key is None:
+            self._fin_key = derive_finished_key(self._holder, self._pair_id, self._rs)
+        return self._fin_key
+
     def _finished(self, label: bytes, transcript: hashlib._Hash | None = None) -> bytes:
         """The handshake MAC: DES-MAC under the finished key of label || MD5(transcript)."""
-        assert self._schedule is not None
         digest = (transcript or self._transcript).digest()
-        return cbc_mac(self._schedule.finished_key(), label + digest)
+        return cbc_mac(self._finished_key(), label + digest)
 
     def _ready(self) -> LinkReady:
         self._state = State.READY

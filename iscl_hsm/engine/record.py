@@ -36,10 +36,10 @@ def xor8(*blocks: bytes) -> bytes:
     return acc.to_bytes(8, "big")
 
 
-def pad_zero(data: bytes | memoryview) -> bytes:
+def pad_zero(data: bytes | memoryview) -> bytes | memoryview:
     """ISO/IEC 9797-1 padding method 1: zero bytes up to a multiple of 8 (nothing if aligned)."""
     n = -len(data) % 8
-    return bytes(data) + bytes(n) if n else bytes(data)
+    return bytes(data) + bytes(n) if n else data
 
 
 def cbc_mac(key: RecordKey, data: bytes) -> bytes:
@@ -73,6 +73,15 @@ class MessageKeys:
     mac: RecordKey | None
 
 
+def derive_finished_key(holder: KeyHolder, pair_id: int, rs: bytes) -> RecordKey:
+    """The key of the handshake MACs that bind the transcript: parity(E_KE(RS ^ "ISCLfini")).
+
+    It depends on the server's challenge only, so each end can derive it while the other is busy
+    (the server after pass 1, the client after pass 2); the MACs cover both challenges anyway.
+    """
+    return holder.derive_key(pair_id, xor8(rs, wire.LABEL_FINISHED))
+
+
 class KeySchedule:
     """Derives the keys of one authenticated link from the two challenges.
 
@@ -88,10 +97,6 @@ class KeySchedule:
         self._base = xor8(rs, rc)
         self._client = client
         self._cache: dict[tuple[bool, int], MessageKeys] = {}
-
-    def finished_key(self) -> RecordKey:
-        """The key of the handshake MACs that bind the transcript (CHOICE, docs/protocol.md)."""
-        return self._holder.derive_key(self._pair_id, xor8(self._base, wire.LABEL_FINISHED))
 
     def keys(self, outbound: bool, suite: Suite, random: bytes | None) -> MessageKeys:
         """Keys for one message; ``random`` is R for unique session keys, else None."""
@@ -163,7 +168,11 @@ def _prefix(sequence: int, length: int) -> bytes:
 
 
 class Sealer:
-    """Turns one outbound message into data blocks and a MAC block, one block per call."""
+    """Turns one outbound message into data blocks and a MAC block, a batch of blocks per call.
+
+    A batch is one cipher call and one MAC call over several blocks (CBC over contiguous blocks is
+    the same as block by block), which keeps per-call overhead off the hot path.
+    """
 
     def __init__(
         self, suite: Suite, keys: MessageKeys | None, chain: Chain, data: bytes, block: int
@@ -177,16 +186,26 @@ class Sealer:
         self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, len(data)))
         self.done = False
 
-    def next_frame(self) -> bytes:
-        """The next MESSAGE_TRANSMISSION_NOTIF, or the MAC_TRANSMISSION_NOTIF that ends the message."""
+    def next_frames(self, max_blocks: int) -> bytes:
+        """Up to ``max_blocks`` MESSAGE_TRANSMISSION_NOTIFs; after the last, the MAC_TRANSMISSION_NOTIF."""
+        parts: list[bytes | memoryview] = []
         if self._offset < len(self._data):
-            chunk = bytes(self._data[self._offset : self._offset + self._block])
-            self._offset += len(chunk)
+            end = min(len(self._data), self._offset + max_blocks * self._block)
+            chunk = self._data[self._offset : end]
+            self._offset = end
             self._mac.update(chunk)
+            wire_bytes: bytes | memoryview = chunk
             if self._suite.encryption is Encryption.DES_CBC:
                 assert self._keys is not None
-                chunk = self._chain.encrypt(self._keys.cipher, pad_zero(chunk))
-            return wire.frame(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, chunk)
+                wire_bytes = self._chain.encrypt(self._keys.cipher, pad_zero(chunk))
+            for i in range(0, len(wire_bytes), self._block):
+                piece = wire_bytes[i : i + self._block]
+                parts += (wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, len(piece)).encode(), piece)
+        if self._offset >= len(self._data):
+            parts.append(self._mac_frame())
+        return b"".join(parts)
+
+    def _mac_frame(self) -> bytes:
         mac = self._mac.digest()
         if mac:
             assert self._keys is not None
@@ -197,7 +216,11 @@ class Sealer:
 
 
 class Opener:
-    """Receives one inbound message block by block; releases it only when its MAC verifies."""
+    """Receives one inbound message; releases it only when its MAC verifies.
+
+    Blocks are checked for length as they arrive and deciphered in batches (:meth:`process`), one
+    cipher call and one MAC call per batch.
+    """
 
     def __init__(
         self, suite: Suite, keys: MessageKeys | None, chain: Chain, length: int, block: int
@@ -209,6 +232,8 @@ class Opener:
         self.remaining = suite.wire_length(length)
         self._block = block
         self._plain = bytearray()
+        self._pending: list[bytes] = []
+        self.backlog = 0  # bytes received but not yet deciphered
         self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, length))
         self._padding = b""
 
@@ -225,18 +250,29 @@ class Opener:
                 " were expected",
             )
         self.remaining -= n
+        self._pending.append(payload)
+        self.backlog += n
+
+    def process(self) -> None:
+        """Decipher and MAC the blocks received so far."""
+        if not self._pending:
+            return
+        batch = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        self.backlog = 0
         if self._suite.encryption is Encryption.DES_CBC:
             assert self._keys is not None
-            payload = self._chain.decrypt(self._keys.cipher, payload)
+            batch = self._chain.decrypt(self._keys.cipher, batch)
         if self.remaining == 0:
             keep = self.length - len(self._plain)
-            self._padding = payload[keep:]
-            payload = payload[:keep]
-        self._plain += payload
-        self._mac.update(payload)
+            self._padding = batch[keep:]
+            batch = batch[:keep]
+        self._plain += batch
+        self._mac.update(batch)
 
     def finish(self, encrypted_mac: bytes) -> bytes:
         """Check the MAC block and return the whole message; any failure is one uniform error."""
+        self.process()
         expected = self._mac.digest()
         if len(encrypted_mac) != len(expected):
             raise _integrity_failure()

@@ -107,12 +107,16 @@ class IsclStream:
         """Run an engine call in a worker thread, then write its output, in order."""
         self._raise_failure()
         async with self._lock:
-            result = await asyncio.to_thread(fn, *args)
-            out = await asyncio.to_thread(self._conn.data_to_send)
+            result, out = await asyncio.to_thread(self._step, fn, *args)
             if out:
                 self._writer.write(out)
+                await asyncio.to_thread(self._conn.prepare)
         await self._writer.drain()
         return result
+
+    def _step(self, fn: Callable[..., T], *args: Any) -> tuple[T, bytes]:
+        """One engine call and the output it produced, in one trip to the worker thread."""
+        return fn(*args), self._conn.data_to_send()
 
     async def _flush_all(self) -> None:
         """Write the rest of an outgoing message, a batch of blocks at a time."""

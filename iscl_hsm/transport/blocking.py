@@ -169,6 +169,7 @@ class IsclSocket:
     def _flush(self) -> None:
         while out := self._conn.data_to_send():
             self._sock.sendall(out)
+        self._guard(self._conn.prepare)
 
     def _guard(self, fn, *args):  # type: ignore[no-untyped-def]
         """Run an engine call; on any ISCL error tell the peer what we can, then drop the socket."""
