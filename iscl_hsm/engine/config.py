@@ -46,5 +46,6 @@ class Config:
             raise ValueError("maximum message length must fit in 32 bits")
         if not 1 <= len(self.auth_data) <= wire.MAX_AUTH_DATA:
             raise ValueError(f"authentication data must be 1..{wire.MAX_AUTH_DATA} bytes")
-        Encryption(self.encryption)
-        Mac(self.mac)
+        object.__setattr__(self, "encryption", Encryption(self.encryption))
+        object.__setattr__(self, "mac", Mac(self.mac))
+        object.__setattr__(self, "allowed_auth_key_ids", frozenset(self.allowed_auth_key_ids))

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import struct
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum, auto
 
 from .. import wire
@@ -132,11 +134,14 @@ class ChallengeGuard:
 
 DEFAULT_GUARD = ChallengeGuard()
 
-_OUTBOUND_BATCH = 8
+_OUTBOUND_BATCH = 4
 """Data blocks sealed per :meth:`Connection.data_to_send` call: few enough that the receiver starts
 deciphering while the sender still enciphers, enough to keep per-call overhead small."""
 
-_DECIPHER_BATCH = 64 * 1024
+_BLOCK_HEAD = struct.Struct(">4xIII")
+"""MessageId, DataLength and Option of a header, for the data-block fast path."""
+
+_DECIPHER_BATCH = 4 * 8 * 1024
 """Received ciphertext deciphered in one call once this much has accumulated."""
 
 
@@ -215,6 +220,8 @@ class Connection:
         events: list[Event] = []
         try:
             while True:
+                if self._opener is not None and not self._opener.complete:
+                    self._take_blocks(self._opener)
                 message = self._next_message()
                 if message is None:
                     return events
@@ -315,12 +322,33 @@ class Connection:
         end = wire.HEADER_SIZE + header.data_length
         if len(self._inbuf) < end:
             return None
-        payload = bytes(self._inbuf[wire.HEADER_SIZE : end])
-        if mid not in _LINK_MESSAGES:
-            self._before_last = self._transcript.copy()
-            self._transcript.update(self._inbuf[:end])
+        with memoryview(self._inbuf) as view:
+            payload = bytes(view[wire.HEADER_SIZE : end])
+            if mid not in _LINK_MESSAGES:
+                self._before_last = self._transcript.copy()
+                self._transcript.update(view[:end])
         del self._inbuf[:end]
         return wire.Header(mid, header.data_length, header.option, header.err_no), payload
+
+    def _take_blocks(self, opener: Opener) -> None:
+        """Fast path for the bulk of all traffic: consecutive data blocks of an accepted message.
+
+        Only well-formed MESSAGE_TRANSMISSION_NOTIFs are taken here, without building Header
+        objects; anything else is left to _next_message and its full checks.
+        """
+        buf, pos, limit = self._inbuf, 0, self._block_length
+        with memoryview(buf) as view:
+            while len(buf) - pos >= wire.HEADER_SIZE and not opener.complete:
+                mid, length, option = _BLOCK_HEAD.unpack_from(buf, pos)
+                end = pos + wire.HEADER_SIZE + length
+                if mid != MessageId.MESSAGE_TRANSMISSION_NOTIF or option != wire.ACK or length > limit:
+                    break
+                if len(buf) < end:
+                    break
+                opener.add_block(view[pos + wire.HEADER_SIZE : end])
+                pos = end
+            opener.process()  # copies out of the views before the buffer moves
+        del buf[:pos]
 
     def _check_header(self, header: wire.Header) -> MessageId:
         try:
@@ -426,20 +454,25 @@ class Connection:
             self._refuse_auth(ErrorCode.BAD_LENGTH, f"the client sent {len(rq.auth_data)} bytes of authentication data")
         self._pair_id = rq.key_id
         self._peer_auth_data = rq.auth_data
-        try:
+        failed = wire.MutualAuthRp(ErrorCode.REMOTE_KEY_HOLDER, b"")
+        with self._telling_peer(MessageId.MUTUAL_AUTH_RP, failed.encode()):
             self._rs = self._holder.get_challenge(self._pair_id)
-        except KeyHolderError:
-            self._send_handshake(
-                MessageId.MUTUAL_AUTH_RP, wire.MutualAuthRp(ErrorCode.REMOTE_KEY_HOLDER, b"").encode(),
-                option=wire.NAK, err=ErrorCode.REMOTE_KEY_HOLDER,
-            )
-            raise
         self._guard.issue(Role.SERVER, self._rs)
         self._send_handshake(MessageId.MUTUAL_AUTH_RP, wire.MutualAuthRp(0, self.config.auth_data).encode())
         self._send_handshake(MessageId.MUTUAL_AUTH_PASS1_NOTIF, wire.Pass1(0, self._rs).encode())
         self._deferred = self._finished_key  # while the client works on pass 1
         self._state = State.SERVER_WAIT_PASS2
         return []
+
+    @contextmanager
+    def _telling_peer(self, mid: MessageId, nak_payload: bytes) -> Iterator[None]:
+        """If the key holder fails inside, NAK ``mid`` with code 103 before the error propagates."""
+        try:
+            yield
+        except KeyHolderError:
+            code = ErrorCode.REMOTE_KEY_HOLDER
+            self._send_handshake(mid, nak_payload, option=wire.NAK, err=code)
+            raise
 
     def _refuse_auth(self, code: ErrorCode, why: str) -> None:
         self._send_handshake(
@@ -466,17 +499,10 @@ class Connection:
                 " attack; the link was dropped",
             )
         self._rs = p1.challenge
-        try:
+        failed = wire.Pass2(ErrorCode.REMOTE_KEY_HOLDER, bytes(8), bytes(8))
+        with self._telling_peer(MessageId.MUTUAL_AUTH_PASS2_NOTIF, failed.encode()):
             response = self._holder.internal_authenticate(self._pair_id, self._rs)
             self._rc = self._holder.get_challenge(self._pair_id)
-        except KeyHolderError as exc:
-            self._send_handshake(
-                MessageId.MUTUAL_AUTH_PASS2_NOTIF,
-                wire.Pass2(ErrorCode.REMOTE_KEY_HOLDER, bytes(8), bytes(8)).encode(),
-                option=wire.NAK,
-                err=ErrorCode.REMOTE_KEY_HOLDER,
-            )
-            raise exc
         self._guard.issue(Role.CLIENT, self._rc)
         self._send_handshake(MessageId.MUTUAL_AUTH_PASS2_NOTIF, wire.Pass2(0, response, self._rc).encode())
         self._deferred = self._finished_key  # while the server works on pass 2
@@ -491,7 +517,10 @@ class Connection:
                 ErrorCode.REMOTE_KEY_HOLDER,
                 f"the client's key holder failed to answer our challenge (status {p2.status})",
             )
-        if not self._holder.external_authenticate(self._pair_id, self._rs, p2.response):
+        failed = wire.Pass3(ErrorCode.REMOTE_KEY_HOLDER, bytes(8), 0, bytes(8))
+        with self._telling_peer(MessageId.MUTUAL_AUTH_PASS3_NOTIF, failed.encode()):
+            verified = self._holder.external_authenticate(self._pair_id, self._rs, p2.response)
+        if not verified:
             self._send_handshake(
                 MessageId.MUTUAL_AUTH_PASS3_NOTIF,
                 wire.Pass3(ErrorCode.AUTHENTICATION_FAILED, bytes(8), 0, bytes(8)).encode(),
@@ -509,8 +538,9 @@ class Connection:
             )
         self._rc = p2.challenge
         self._schedule = KeySchedule(self._holder, self._pair_id, self._rs, self._rc, client=False)
-        response = self._holder.internal_authenticate(self._pair_id, self._rc)
-        finished = self._finished(b"server\0\0")
+        with self._telling_peer(MessageId.MUTUAL_AUTH_PASS3_NOTIF, failed.encode()):
+            response = self._holder.internal_authenticate(self._pair_id, self._rc)
+            finished = self._finished(b"server\0\0")
         self._send_handshake(MessageId.MUTUAL_AUTH_PASS3_NOTIF, wire.Pass3(0, response, 0, finished).encode())
         self._state = State.SERVER_WAIT_COMPLETION
         return []
@@ -522,17 +552,23 @@ class Connection:
         if header.option == wire.NAK or p3.status != 0:
             code = header.err_no or p3.status
             raise RemoteProtocolError(
-                ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.REMOTE_KEY_HOLDER,
-                f"the server rejected our response to its challenge: the two ends hold different"
+                ErrorCode.REMOTE_KEY_HOLDER if code == ErrorCode.REMOTE_KEY_HOLDER else ErrorCode.AUTHENTICATION_FAILED,
+                "the server's key holder failed (see the server's log)"
+                if code == ErrorCode.REMOTE_KEY_HOLDER
+                else "the server rejected our response to its challenge: the two ends hold different"
                 f" keys at authentication index {self._pair_id} (status {code})",
             )
-        if not self._holder.external_authenticate(self._pair_id, self._rc, p3.response):
+        failed = wire.Completion(ErrorCode.REMOTE_KEY_HOLDER, bytes(8))
+        with self._telling_peer(MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, failed.encode()):
+            verified = self._holder.external_authenticate(self._pair_id, self._rc, p3.response)
+            self._schedule = KeySchedule(self._holder, self._pair_id, self._rs, self._rc, client=True)
+            expected = self._finished(b"server\0\0", self._before_last)
+        if not verified:
             raise RemoteProtocolError(
                 ErrorCode.AUTHENTICATION_FAILED,
                 f"the server's response does not match authentication key {self._pair_id}",
             )
-        self._schedule = KeySchedule(self._holder, self._pair_id, self._rs, self._rc, client=True)
-        if not secrets.compare_digest(self._finished(b"server\0\0", self._before_last), p3.finished):
+        if not secrets.compare_digest(expected, p3.finished):
             raise RemoteProtocolError(
                 ErrorCode.AUTHENTICATION_FAILED,
                 "the server's handshake MAC does not match: the handshake was altered in transit",
@@ -544,7 +580,9 @@ class Connection:
 
     def _on_completion(self, header: wire.Header, payload: bytes) -> list[Event]:
         done = wire.Completion.decode(payload)
-        if done.result != 0:
+        if header.option == wire.NAK or done.result != 0:
+            if done.result == ErrorCode.REMOTE_KEY_HOLDER:
+                raise RemoteProtocolError(ErrorCode.REMOTE_KEY_HOLDER, "the client's key holder failed")
             raise RemoteProtocolError(
                 ErrorCode.AUTHENTICATION_FAILED, f"the client reported authentication result {done.result}"
             )

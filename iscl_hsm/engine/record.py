@@ -106,9 +106,8 @@ class KeySchedule:
             return self._derive(self._pair_id, client_to_server, suite.mac, random)
         cache_key = (client_to_server, suite.key_id)
         keys = self._cache.get(cache_key)
-        if keys is None or (suite.mac is Mac.DES_MAC and keys.mac is None):
-            keys = self._derive(suite.key_id, client_to_server, Mac.DES_MAC, ZERO_IV)
-            self._cache[cache_key] = keys
+        if keys is None:  # a link's suite never changes, so neither does what it needs derived
+            keys = self._cache[cache_key] = self._derive(suite.key_id, client_to_server, suite.mac, ZERO_IV)
         return keys
 
     def _derive(self, key_id: int, c2s: bool, mac: Mac, random: bytes) -> MessageKeys:
@@ -145,10 +144,9 @@ class _MacState:
     """Streaming MAC over prefix || message: MD5, or DES-MAC kept as a running CBC value."""
 
     def __init__(self, mac: Mac, key: RecordKey | None, prefix: bytes) -> None:
-        self._mac = mac
-        self._key = key if mac is Mac.DES_MAC else None  # connection keys always carry a MAC key
+        self._key = key if mac is Mac.DES_MAC else None
         self._md5 = hashlib.md5(prefix) if mac is Mac.MD5 else None
-        self._cbc = key.encrypt_cbc(ZERO_IV, prefix)[-8:] if key is not None else ZERO_IV
+        self._cbc = self._key.encrypt_cbc(ZERO_IV, prefix)[-8:] if self._key is not None else ZERO_IV
 
     def update(self, chunk: bytes) -> None:
         """Add a chunk; every chunk but the last is a multiple of 8 bytes."""
@@ -232,7 +230,7 @@ class Opener:
         self.remaining = suite.wire_length(length)
         self._block = block
         self._plain = bytearray()
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self.backlog = 0  # bytes received but not yet deciphered
         self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, length))
         self._padding = b""
@@ -241,7 +239,8 @@ class Opener:
     def complete(self) -> bool:
         return self.remaining == 0
 
-    def add_block(self, payload: bytes) -> None:
+    def add_block(self, payload: bytes | memoryview) -> None:
+        """Check a block's length and keep it; a view must be followed by :meth:`process`."""
         n = len(payload)
         if n == 0 or n > self.remaining or (n != self.remaining and n != self._block):
             raise RemoteProtocolError(
@@ -257,7 +256,7 @@ class Opener:
         """Decipher and MAC the blocks received so far."""
         if not self._pending:
             return
-        batch = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        batch = b"".join(self._pending)
         self._pending.clear()
         self.backlog = 0
         if self._suite.encryption is Encryption.DES_CBC:

@@ -11,7 +11,7 @@ import secrets
 import threading
 from collections import OrderedDict
 
-from ..crypto.des import DesKey, fix_parity
+from ..crypto.des import DesKey, fix_parity, self_test_once
 from ..errors import ErrorCode, KeyHolderError
 from .base import KEY_INDEXES, KeyHolder, RecordKey
 
@@ -23,6 +23,7 @@ class MemoryKeyHolder(KeyHolder):
     """Keys given as bytes: ``auth`` and ``enc`` map an index 1..8 to an 8/16/24-byte key."""
 
     def __init__(self, auth: dict[int, bytes], enc: dict[int, bytes], name: str = "memory") -> None:
+        self_test_once()
         for index in (*auth, *enc):
             if index not in KEY_INDEXES:
                 raise ValueError(f"key index {index} is not in 1..8")

@@ -63,7 +63,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 
-from iscl_hsm.crypto.des import DesKey, enable_legacy_in_default_context, fix_parity
+from ..crypto.des import DesKey, enable_legacy_in_default_context, fix_parity, self_test_once
 from iscl_hsm.errors import ErrorCode, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES, KeyHolder
 
@@ -617,6 +617,8 @@ class Pkcs11KeyHolder(KeyHolder):
             raise KeyHolderError(
                 f"record_keys must be 'host' or 'token', not {record_keys!r}", ErrorCode.BAD_OPTION
             )
+        if record_keys == "host":
+            self_test_once()
         self.module = module
         self.token_label = token_label
         self.record_keys = record_keys

@@ -1113,3 +1113,39 @@ def test_one_mutated_frame_in_a_live_session(index: int, mutation: str, position
             assert sent, f"{role.value} received data that was never sent"
             sent = sent[1:]
         assert skipped <= len(refused)
+
+
+def _failing_holder(operation: str):  # type: ignore[no-untyped-def]
+    """A key holder whose ``operation`` fails, as when a card is pulled out."""
+    holder = make_holder()
+
+    def fail(*args: object) -> object:
+        raise KeyHolderError("the card was removed")
+
+    setattr(holder, operation, fail)
+    return holder
+
+
+def _handshake_until_failure(pair: ConnectionPair) -> None:
+    pair.server.initiate()
+    with pytest.raises(KeyHolderError):
+        for _ in range(4):
+            pair.step(Role.SERVER)
+            pair.step(Role.CLIENT)
+
+
+@pytest.mark.parametrize("operation", ["external_authenticate", "internal_authenticate", "derive_key"])
+def test_server_key_holder_failure_in_pass2_is_told_to_the_client(operation: str) -> None:
+    pair = ConnectionPair(server_holder=_failing_holder(operation))
+    _handshake_until_failure(pair)
+    with pytest.raises(RemoteProtocolError) as err:
+        pair.deliver(Role.CLIENT, pair.server.data_to_send())
+    assert err.value.code is ErrorCode.REMOTE_KEY_HOLDER
+
+
+def test_client_key_holder_failure_in_pass3_is_told_to_the_server() -> None:
+    pair = ConnectionPair(client_holder=_failing_holder("external_authenticate"))
+    _handshake_until_failure(pair)
+    with pytest.raises(RemoteProtocolError) as err:
+        pair.deliver(Role.SERVER, pair.client.data_to_send())
+    assert err.value.code is ErrorCode.REMOTE_KEY_HOLDER
