@@ -10,6 +10,7 @@ to do about it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
 
 
@@ -49,7 +50,7 @@ class IsclError(Exception):
         self.code = code
         #: Events the engine produced in the same call before the failure (verified messages are
         #: among them and may still be delivered).
-        self.events: list[object] = []
+        self.events: Sequence[object] = ()
 
     def __str__(self) -> str:
         return f"{super().__str__()} [ISCL {int(self.code)} {self.code.name}]"

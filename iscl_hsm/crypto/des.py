@@ -9,8 +9,8 @@ depend on OPENSSL_CONF and changes nothing for the ``ssl`` module or anything el
 from __future__ import annotations
 
 import ctypes
-import functools
 import ctypes.util
+import functools
 import threading
 from typing import Final
 

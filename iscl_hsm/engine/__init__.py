@@ -15,7 +15,19 @@ from .events import (
 )
 
 __all__ = [
-    "DEFAULT_GUARD", "ChallengeGuard", "Closed", "CloseRefused", "Config", "Connection", "Event",
-    "LinkParameters", "LinkReady", "MessageReceived", "MessageRefused", "MessageSent",
-    "NonSecureReceived", "Role", "State",
+    "DEFAULT_GUARD",
+    "ChallengeGuard",
+    "CloseRefused",
+    "Closed",
+    "Config",
+    "Connection",
+    "Event",
+    "LinkParameters",
+    "LinkReady",
+    "MessageReceived",
+    "MessageRefused",
+    "MessageSent",
+    "NonSecureReceived",
+    "Role",
+    "State",
 ]

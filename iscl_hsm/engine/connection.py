@@ -55,7 +55,7 @@ from .events import (
     MessageSent,
     NonSecureReceived,
 )
-from .record import Chain, KeySchedule, derive_finished_key, MessageKeys, Opener, Sealer, Suite, cbc_mac
+from .record import Chain, KeySchedule, MessageKeys, Opener, Sealer, Suite, cbc_mac, derive_finished_key
 
 
 class State(Enum):
@@ -233,9 +233,6 @@ class Connection:
             self._fail()
             exc.events = events  # what happened before the failure, e.g. messages already verified
             raise
-        finally:
-            if self._opener is not None and self._state is not State.ERROR:
-                self._opener.process()
 
     def data_to_send(self) -> bytes:
         """Bytes for the peer: control messages first, then the next blocks of an outgoing message."""

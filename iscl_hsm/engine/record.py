@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .. import wire
 from ..errors import ErrorCode, RemoteProtocolError
-from ..keyholder.base import KeyHolder, RecordKey
+from ..keyholder.base import Buffer, KeyHolder, RecordKey
 from ..wire import Encryption, Mac
 
 ZERO_IV = bytes(8)
@@ -36,13 +36,13 @@ def xor8(*blocks: bytes) -> bytes:
     return acc.to_bytes(8, "big")
 
 
-def pad_zero(data: bytes | memoryview) -> bytes | memoryview:
+def pad_zero(data: Buffer) -> Buffer:
     """ISO/IEC 9797-1 padding method 1: zero bytes up to a multiple of 8 (nothing if aligned)."""
     n = -len(data) % 8
     return bytes(data) + bytes(n) if n else data
 
 
-def cbc_mac(key: RecordKey, data: bytes) -> bytes:
+def cbc_mac(key: RecordKey, data: Buffer) -> bytes:
     """ISO/IEC 9797-1 MAC algorithm 1 (DES-MAC, ANSI X9.9): last block of CBC from a zero IV."""
     padded = pad_zero(data) if data else bytes(8)
     return key.encrypt_cbc(ZERO_IV, padded)[-8:]
@@ -127,13 +127,13 @@ class Chain:
         self.iv = ZERO_IV
         self.sequence = 0
 
-    def encrypt(self, key: RecordKey, data: bytes) -> bytes:
+    def encrypt(self, key: RecordKey, data: Buffer) -> bytes:
         out = key.encrypt_cbc(self.iv, data)
         if out:
             self.iv = out[-8:]
         return out
 
-    def decrypt(self, key: RecordKey, data: bytes) -> bytes:
+    def decrypt(self, key: RecordKey, data: Buffer) -> bytes:
         out = key.decrypt_cbc(self.iv, data)
         if data:
             self.iv = bytes(data[-8:])
@@ -148,7 +148,7 @@ class _MacState:
         self._md5 = hashlib.md5(prefix) if mac is Mac.MD5 else None
         self._cbc = self._key.encrypt_cbc(ZERO_IV, prefix)[-8:] if self._key is not None else ZERO_IV
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: Buffer) -> None:
         """Add a chunk; every chunk but the last is a multiple of 8 bytes."""
         if self._md5 is not None:
             self._md5.update(chunk)

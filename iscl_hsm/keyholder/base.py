@@ -20,6 +20,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Protocol
 
+Buffer = bytes | bytearray | memoryview
+"""What record keys accept as data: the engine passes views to avoid copies."""
+
 KEY_INDEXES = range(1, 9)
 """Key ids 1..8, from the public record (SetMutualAuthKeyISCL / SetEncryptKeyISCL)."""
 
@@ -27,11 +30,11 @@ KEY_INDEXES = range(1, 9)
 class RecordKey(Protocol):
     """A single-DES key that protects records; it may live in host memory or inside a token."""
 
-    def encrypt_cbc(self, iv: bytes, data: bytes) -> bytes:
+    def encrypt_cbc(self, iv: bytes, data: Buffer) -> bytes:
         """DES-CBC encrypt ``data`` (a multiple of 8 bytes) from ``iv``; no padding."""
         ...
 
-    def decrypt_cbc(self, iv: bytes, data: bytes) -> bytes:
+    def decrypt_cbc(self, iv: bytes, data: Buffer) -> bytes:
         """DES-CBC decrypt ``data`` (a multiple of 8 bytes) from ``iv``; no padding."""
         ...
 
@@ -62,5 +65,5 @@ class KeyHolder(ABC):
     def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
         """Return the DES key parity(E_KE(block)) under encryption key ``enc_key_id``."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release sessions, card connections and the like."""
