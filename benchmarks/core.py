@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,17 +52,23 @@ def openssl_speed(algorithm: str, seconds: int) -> float:
     return float(match.group(1)) * 1000
 
 
-def serve(listener: socket.socket, data_dir: str, label: str, pin: str, record_keys: str) -> None:
-    """Server process: accept links forever and read every message (the suite comes first, in clear)."""
+def serve(listeners: list[tuple[socket.socket, int, int]], data_dir: str, label: str, pin: str,
+          record_keys: str) -> None:
+    """Server process: one listener per suite; accept links forever and read every message."""
     os.environ["SOFTHSM2_CONF"] = softhsm_environment(Path(data_dir))["SOFTHSM2_CONF"]
     holder = Pkcs11KeyHolder(label, pin, record_keys=record_keys)
-    while True:
-        sock, _ = listener.accept()
-        suite = sock.recv(8)
-        enc, mac = int.from_bytes(suite[:4], "big"), int.from_bytes(suite[4:], "big")
-        link = IsclSocket.accept(sock, key_holder=holder, config=Config(encryption=Encryption(enc), mac=Mac(mac)))
-        while link.recv() is not None:
-            pass
+
+    def accept_loop(listener: socket.socket, config: Config) -> None:
+        while True:
+            sock, _ = listener.accept()
+            link = IsclSocket.accept(sock, key_holder=holder, config=config)
+            while link.recv() is not None:
+                pass
+
+    for listener, enc, mac in listeners:
+        config = Config(encryption=Encryption(enc), mac=Mac(mac))
+        threading.Thread(target=accept_loop, args=(listener, config), daemon=True).start()
+    threading.Event().wait()
 
 
 def measure_rate(link: IsclSocket, payload: bytes, seconds: float) -> float:
@@ -88,16 +95,20 @@ def main() -> None:
     pin = pin_path.read_text().strip()
     holder = Pkcs11KeyHolder(label, pin, record_keys=args.record_keys)
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
+    suites = {(enc, mac) for _, enc, mac in SUITES} | {(Encryption.DES_CBC, Mac.DES_MAC)}
+    listeners = {suite: socket.create_server(("127.0.0.1", 0)) for suite in suites}
     ctx = multiprocessing.get_context("spawn")
-    server = ctx.Process(target=serve, args=(listener, data_dir, label, pin, args.record_keys), daemon=True)
+    server = ctx.Process(
+        target=serve,
+        args=([(sock, int(enc), int(mac)) for (enc, mac), sock in listeners.items()], data_dir, label, pin,
+              args.record_keys),
+        daemon=True,
+    )
     server.start()
 
     def link(enc: Encryption, mac: Mac) -> IsclSocket:
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(int(enc).to_bytes(4, "big") + int(mac).to_bytes(4, "big"))
-        return IsclSocket.client(sock, key_holder=holder, config=Config(encryption=enc, mac=mac))
+        port = listeners[(enc, mac)].getsockname()[1]
+        return IsclSocket.connect("127.0.0.1", port, key_holder=holder, config=Config(encryption=enc, mac=mac))
 
     print(f"# iscl-hsm core benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores,"
           f" Python {sys.version.split()[0]}, record keys in {args.record_keys})")
