@@ -12,8 +12,9 @@ most one variable-length byte string at the end, preceded by its length.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
+from typing import ClassVar, Self
 
 from .errors import ErrorCode, RemoteProtocolError
 
@@ -117,37 +118,39 @@ def frame(message_id: MessageId, payload: bytes = b"", *, option: int = ACK, err
 # --- CHOICE: payload layouts ------------------------------------------------------------------
 
 
+class _Fixed:
+    """A payload of fixed layout: its fields in declaration order, packed by ``_fmt``."""
+
+    __slots__ = ()
+    _fmt: ClassVar[struct.Struct]
+    _what: ClassVar[str]
+
+    def encode(self) -> bytes:
+        return self._fmt.pack(*(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+
+    @classmethod
+    def decode(cls, p: bytes) -> Self:
+        return cls(*_unpack(cls._fmt, p, cls._what))
+
+
 @dataclass(frozen=True, slots=True)
-class LineConnectionRq:
+class LineConnectionRq(_Fixed):
     """Server -> client: its maximum block length and its version."""
 
     max_block: int
     version: bytes = VERSION
-    _fmt = struct.Struct(">I16s")
-
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.max_block, self.version)
-
-    @classmethod
-    def decode(cls, p: bytes) -> LineConnectionRq:
-        max_block, version = _unpack(cls._fmt, p, "line connection check request")
-        return cls(max_block, version)
+    _fmt: ClassVar[struct.Struct] = struct.Struct(">I16s")
+    _what: ClassVar[str] = "line connection check request"
 
 
 @dataclass(frozen=True, slots=True)
-class LineConnectionRp:
+class LineConnectionRp(_Fixed):
     """Client -> server: status and the agreed block length min(client, server)."""
 
     status: int
     block_length: int
-    _fmt = struct.Struct(">II")
-
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.status, self.block_length)
-
-    @classmethod
-    def decode(cls, p: bytes) -> LineConnectionRp:
-        return cls(*_unpack(cls._fmt, p, "line connection check response"))
+    _fmt: ClassVar[struct.Struct] = struct.Struct(">II")
+    _what: ClassVar[str] = "line connection check response"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,122 +189,80 @@ class MutualAuthRp:
 
 
 @dataclass(frozen=True, slots=True)
-class Pass1:
+class Pass1(_Fixed):
     """Server -> client: the server's challenge RS (GET CHALLENGE)."""
 
     status: int
     challenge: bytes
     result: int = 0
-    _fmt = struct.Struct(">I8sI")
-
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.status, self.challenge, self.result)
-
-    @classmethod
-    def decode(cls, p: bytes) -> Pass1:
-        return cls(*_unpack(cls._fmt, p, "authentication pass 1"))
+    _fmt: ClassVar[struct.Struct] = struct.Struct(">I8sI")
+    _what: ClassVar[str] = "authentication pass 1"
 
 
 @dataclass(frozen=True, slots=True)
-class Pass2:
+class Pass2(_Fixed):
     """Client -> server: E_K(RS) and the client's challenge RC."""
 
     status: int
     response: bytes
     challenge: bytes
     option: int = 0
-    _fmt = struct.Struct(">I8s8sI")
-
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.status, self.response, self.challenge, self.option)
-
-    @classmethod
-    def decode(cls, p: bytes) -> Pass2:
-        return cls(*_unpack(cls._fmt, p, "authentication pass 2"))
+    _fmt: ClassVar[struct.Struct] = struct.Struct(">I8s8sI")
+    _what: ClassVar[str] = "authentication pass 2"
 
 
 @dataclass(frozen=True, slots=True)
-class Pass3:
+class Pass3(_Fixed):
     """Server -> client: E_K(RC) and (CHOICE) the server's handshake MAC."""
 
     status: int
     response: bytes
     option: int
     finished: bytes
-    _fmt = struct.Struct(">I8sI8s")
-
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.status, self.response, self.option, self.finished)
-
-    @classmethod
-    def decode(cls, p: bytes) -> Pass3:
-        return cls(*_unpack(cls._fmt, p, "authentication pass 3"))
+    _fmt: ClassVar[struct.Struct] = struct.Struct(">I8sI8s")
+    _what: ClassVar[str] = "authentication pass 3"
 
 
 @dataclass(frozen=True, slots=True)
-class Completion:
+class Completion(_Fixed):
     """Client -> server: the result and (CHOICE) the client's handshake MAC."""
 
     result: int
     finished: bytes
-    _fmt = struct.Struct(">I8s")
-
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.result, self.finished)
-
-    @classmethod
-    def decode(cls, p: bytes) -> Completion:
-        return cls(*_unpack(cls._fmt, p, "authentication completion"))
+    _fmt: ClassVar[struct.Struct] = struct.Struct(">I8s")
+    _what: ClassVar[str] = "authentication completion"
 
 
 @dataclass(frozen=True, slots=True)
-class TransmissionRq:
+class TransmissionRq(_Fixed):
     """Sender -> receiver: how the next message is protected, and its length."""
 
     encryption: int
     key_id: int
     mac: int
     length: int
-    _fmt = struct.Struct(">IIII")
-
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.encryption, self.key_id, self.mac, self.length)
-
-    @classmethod
-    def decode(cls, p: bytes) -> TransmissionRq:
-        return cls(*_unpack(cls._fmt, p, "message transmission request"))
+    _fmt: ClassVar[struct.Struct] = struct.Struct(">IIII")
+    _what: ClassVar[str] = "message transmission request"
 
 
 @dataclass(frozen=True, slots=True)
-class TransmissionRp:
+class TransmissionRp(_Fixed):
     """Receiver -> sender: the result code (0 on ACK) and the longest message it accepts."""
 
     result: int
     max_length: int
-    _fmt = struct.Struct(">II")
-
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.result, self.max_length)
-
-    @classmethod
-    def decode(cls, p: bytes) -> TransmissionRp:
-        return cls(*_unpack(cls._fmt, p, "message transmission response"))
+    _fmt: ClassVar[struct.Struct] = struct.Struct(">II")
+    _what: ClassVar[str] = "message transmission response"
 
 
 @dataclass(frozen=True, slots=True)
-class RandomNumberRq:
+class RandomNumberRq(_Fixed):
     """Sender -> receiver: the random number R for this message's session keys."""
 
     random: bytes
     result: int = 0
-    _fmt = struct.Struct(">8sI")
-
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.random, self.result)
-
-    @classmethod
-    def decode(cls, p: bytes) -> RandomNumberRq:
-        return cls(*_unpack(cls._fmt, p, "session-key random number request"))
+    _fmt: ClassVar[struct.Struct] = struct.Struct(">8sI")
+    _what: ClassVar[str] = "session-key random number request"
 
 
 STATUS = struct.Struct(">I")
