@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from ..errors import IsclError
-from . import demo, link
+from . import demo, keys, link
 
 EXIT_FAILURE = 1
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     demo.add_commands(sub)
     link.add_commands(sub)
+    keys.add_commands(sub)
     return parser
 
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except IsclError as exc:
+        print(f"iscl: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # connection refused, address in use, connection reset, ...
         print(f"iscl: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -8,13 +8,16 @@ Every ISCL key is a token object (CKA_TOKEN true) of class CKO_SECRET_KEY, found
     purpose     number  CKA_LABEL          CKA_ID (3 bytes)        CKA_KEY_TYPE        capabilities
     auth        1       "iscl-auth-N"      01 N version            DES (or DES2/DES3)  ENCRYPT only
     enc         2       "iscl-enc-N"       02 N version            DES (or DES2/DES3)  DERIVE only
-    transport   3       "iscl-transport-N" 03 N version            (reserved for key ceremonies)
+    transport   3       "iscl-transport-N" 03 N version            AES                 WRAP and UNWRAP
 
-N is the ISCL key id 1..8; version is 1 for now (when several objects share a label, the one with the
-highest version is used). All keys are CKA_PRIVATE, CKA_SENSITIVE, not CKA_EXTRACTABLE, and created
-with CKA_MODIFIABLE and CKA_COPYABLE false, so their capabilities cannot be widened later; every
-capability not listed above (DECRYPT, SIGN, VERIFY, WRAP, UNWRAP, and DERIVE or ENCRYPT) is false.
-A key that breaks this policy but has the one capability it needs is used, with a logged warning.
+N is the ISCL key id 1..8; version starts at 1 and ``iscl keys rotate`` adds version+1 under the same
+label (when several objects share a label, the one with the highest version is used). All keys are
+CKA_PRIVATE, CKA_SENSITIVE, not CKA_EXTRACTABLE, and created with CKA_MODIFIABLE and CKA_COPYABLE
+false, so their capabilities cannot be widened later; every capability not listed above (DECRYPT,
+SIGN, VERIFY, WRAP, UNWRAP, and DERIVE or ENCRYPT) is false. An auth or enc key created *exportable*
+is CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED (still sensitive): only a transport key the security
+officer marked CKA_TRUSTED can wrap it (see :mod:`iscl_hsm.keys`). A key that breaks this policy but
+has the one capability it needs is used, with a logged warning.
 
 What the token computes (identical bytes to an ISO 7816-4 card holding the same keys):
 
@@ -78,6 +81,7 @@ __all__ = [
     "key_id",
     "key_label",
     "key_policy",
+    "pin_tries_hint",
     "refresh_token_list",
 ]
 
@@ -93,6 +97,11 @@ MAX_OUTSTANDING_CHALLENGES: Final = 4096
 
 _PURPOSE_NAMES: Final = {"auth": "authentication key", "enc": "encryption key", "transport": "transport key"}
 _NEEDED_CAPABILITY: Final = {"auth": Attribute.ENCRYPT, "enc": Attribute.DERIVE}
+_POLICY_CAPABILITIES: Final = {
+    "auth": (Attribute.ENCRYPT,),
+    "enc": (Attribute.DERIVE,),
+    "transport": (Attribute.WRAP, Attribute.UNWRAP),
+}
 _CAPABILITIES: Final = {"auth": MechanismFlag.ENCRYPT, "enc": MechanismFlag.DERIVE}
 _ALL_CAPABILITY_ATTRIBUTES: Final = (
     Attribute.ENCRYPT,
@@ -143,14 +152,19 @@ def key_id(purpose: str, index: int, version: int = KEY_VERSION) -> bytes:
     return bytes([PURPOSES[purpose], index, version])
 
 
-def key_policy(purpose: str) -> dict[Attribute, Any]:
-    """The attributes (besides class, type, label, id, value) an ISCL key of ``purpose`` carries."""
-    if purpose not in _NEEDED_CAPABILITY:
+def key_policy(purpose: str, *, exportable: bool = False) -> dict[Attribute, Any]:
+    """The attributes (besides class, type, label, id, value) an ISCL key of ``purpose`` carries.
+
+    ``exportable`` (auth and enc keys only) makes the key extractable, but only under a trusted
+    wrapping key (CKA_WRAP_WITH_TRUSTED); it stays sensitive.
+    """
+    if purpose not in _POLICY_CAPABILITIES:
         raise KeyHolderError(
-            f"key purpose {purpose!r} has no policy yet; use 'auth' or 'enc'", ErrorCode.BAD_OPTION
+            f"key purpose {purpose!r} has no policy; use 'auth', 'enc' or 'transport'", ErrorCode.BAD_OPTION
         )
     policy: dict[Attribute, Any] = {attribute: False for attribute in _ALL_CAPABILITY_ATTRIBUTES}
-    policy[_NEEDED_CAPABILITY[purpose]] = True
+    for capability in _POLICY_CAPABILITIES[purpose]:
+        policy[capability] = True
     policy.update(
         {
             Attribute.TOKEN: True,
@@ -161,6 +175,11 @@ def key_policy(purpose: str) -> dict[Attribute, Any]:
             Attribute.COPYABLE: False,
         }
     )
+    if exportable:
+        if purpose == "transport":
+            raise KeyHolderError("a transport key cannot be made exportable", ErrorCode.BAD_OPTION)
+        policy[Attribute.EXTRACTABLE] = True
+        policy[Attribute.WRAP_WITH_TRUSTED] = True
     return policy
 
 
@@ -368,6 +387,22 @@ def _destroy_quietly(key: Any) -> None:
         log.debug("destroying a session key failed: %s", type(exc).__name__)
 
 
+def pin_tries_hint(lib: Any, label: str, *, so: bool = False) -> str:
+    """One sentence on the PIN's remaining tries, from the token's flags when it reports them."""
+    prefix = "SO_PIN" if so else "USER_PIN"
+    try:
+        flags = pkcs11.TokenFlag(lib.get_token(token_label=label).flags)
+    except (p11.PKCS11Error, ValueError):
+        flags = pkcs11.TokenFlag(0)
+    if flags & getattr(pkcs11.TokenFlag, f"{prefix}_LOCKED"):
+        return "The token reports the PIN is now locked; the security officer must unlock it"
+    if flags & getattr(pkcs11.TokenFlag, f"{prefix}_FINAL_TRY"):
+        return "The token reports one try left before it locks the PIN"
+    if flags & getattr(pkcs11.TokenFlag, f"{prefix}_COUNT_LOW"):
+        return "The token reports that few tries are left before it locks the PIN"
+    return "The token may allow only a few wrong tries before it locks the PIN"
+
+
 def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
     """Find the token by exact label, log in once, run the DES self-test; caller holds _registry_lock."""
     lib = _load_module(module)
@@ -398,8 +433,7 @@ def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
         session = _translate(lambda: token.open(rw=True), description, "open a session")
     except p11.PinIncorrect:
         raise KeyHolderError(
-            f"wrong PIN for {description}; check the PIN or PIN file. The token may allow only a few"
-            " wrong tries before it locks the PIN"
+            f"wrong PIN for {description}; check the PIN or PIN file. {pin_tries_hint(lib, label)}"
         ) from None
     except p11.PinLocked:
         raise KeyHolderError(
@@ -835,6 +869,7 @@ class Pkcs11KeyHolder(KeyHolder):
         needed = _NEEDED_CAPABILITY[purpose]
         attributes = obj.get_attributes(
             [Attribute.KEY_TYPE, needed, Attribute.SENSITIVE, Attribute.EXTRACTABLE]
+            + [Attribute.WRAP_WITH_TRUSTED]
             + [attribute for attribute in _ALL_CAPABILITY_ATTRIBUTES if attribute != needed]
         )
         key_type = attributes.get(Attribute.KEY_TYPE)
@@ -850,7 +885,11 @@ class Pkcs11KeyHolder(KeyHolder):
                 ErrorCode.KEY_NOT_FOUND,
             )
         extra = [a.name for a in _ALL_CAPABILITY_ATTRIBUTES if a != needed and attributes.get(a)]
-        if extra or not attributes.get(Attribute.SENSITIVE) or attributes.get(Attribute.EXTRACTABLE):
+        # Extractable is within policy only under trusted wrapping keys (iscl keys ... --exportable).
+        loosely_extractable = attributes.get(Attribute.EXTRACTABLE) and not attributes.get(
+            Attribute.WRAP_WITH_TRUSTED
+        )
+        if extra or not attributes.get(Attribute.SENSITIVE) or loosely_extractable:
             log.warning(
                 "%s on %s breaks the ISCL key policy (extra capabilities: %s; sensitive: %s;"
                 " extractable: %s);"

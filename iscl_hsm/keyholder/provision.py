@@ -54,6 +54,7 @@ __all__ = [
 DEMO_LABEL = "iscl-demo"
 _KEY_TYPES = {8: KeyType._DES, 16: KeyType.DES2, 24: KeyType.DES3}
 _CAPABILITY = {"auth": MechanismFlag.ENCRYPT, "enc": MechanismFlag.DERIVE}
+_GENERATED_TYPES = {8: (KeyType._DES, Mechanism._DES_KEY_GEN), 24: (KeyType.DES3, Mechanism.DES3_KEY_GEN)}
 
 
 def _softhsm_dir() -> Path:
@@ -158,13 +159,16 @@ def init_token(
     user_pin: str,
     module: str = DEFAULT_MODULE,
     env: Mapping[str, str] | None = None,
+    *,
+    replace: bool = False,
 ) -> None:
     """Initialise a free SoftHSM2 slot as token ``label`` with the given SO and user PINs.
 
     Runs softhsm2-util with SOFTHSM2_CONF from ``env`` or the process environment. The PINs are on
     its command line for the moment it runs (softhsm2-util reads them from a terminal otherwise),
-    and never in an error message. Refuses an existing label. If this process has the module
-    loaded already, its token list is refreshed so the new token can be opened.
+    and never in an error message. Refuses an existing label, unless ``replace``: then that token
+    is erased and initialised again, which needs its current SO PIN. If this process has the
+    module loaded already, its token list is refreshed so the new token can be opened.
     """
     if "softhsm" not in os.path.basename(module).lower():
         raise KeyHolderError(
@@ -176,14 +180,15 @@ def init_token(
     for name, pin in (("SO PIN", so_pin), ("user PIN", user_pin)):
         if not 4 <= len(pin) <= 255:
             raise KeyHolderError(f"the {name} must be 4 to 255 characters long", ErrorCode.BAD_OPTION)
-    if label in softhsm_token_labels(env):
+    exists = label in softhsm_token_labels(env)
+    if exists and not replace:
         raise KeyHolderError(
             f"a SoftHSM2 token labelled '{label}' already exists; choose another label or delete that token"
             " (softhsm2-util --delete-token --token LABEL)"
         )
     args = [
         "--init-token",
-        "--free",
+        *(["--token", label] if exists else ["--free"]),
         "--label",
         label,
         "--so-pin",
@@ -193,7 +198,15 @@ def init_token(
         "--module",
         module,
     ]
-    _run_softhsm_util(args, env, so_pin, user_pin)
+    try:
+        _run_softhsm_util(args, env, so_pin, user_pin)
+    except KeyHolderError as exc:
+        if "CKR_PIN_INCORRECT" in str(exc):
+            raise KeyHolderError(
+                f"wrong SO PIN for SoftHSM2 token '{label}': initialising it again needs its current SO PIN;"
+                " the token was left as it was"
+            ) from None
+        raise
     if is_module_loaded(module):
         refresh_token_list(module)
 
@@ -214,16 +227,27 @@ def store_key(
     value: bytes | None = None,
     *,
     version: int = KEY_VERSION,
+    exportable: bool = False,
+    key_length: int = 8,
 ) -> bytes:
     """Create auth or enc key ``index`` (1..8) on the token and return its 3-byte KCV.
 
     ``target`` is a :class:`Pkcs11KeyHolder` or a logged-in R/W python-pkcs11 session. ``value``
-    None generates a single-DES key inside the token (CKM_DES_KEY_GEN); 8, 16 or 24 bytes import a
-    DES, DES2 or DES3 key (parity fixed first; weak keys refused). Refuses a label already present.
+    None generates a single-DES key (``key_length`` 8, CKM_DES_KEY_GEN) or a three-key triple-DES
+    key (24, CKM_DES3_KEY_GEN) inside the token; 8, 16 or 24 bytes import a DES, DES2 or DES3 key
+    (parity fixed first; weak keys refused). Refuses a label already present, unless every version
+    present is lower than ``version`` (a rotation: the new version becomes the current one).
+    ``exportable`` creates the key extractable under trusted wrapping keys only (see key_policy).
     """
-    policy = key_policy(purpose)
+    policy = key_policy(purpose, exportable=exportable)
     if index not in KEY_INDEXES:
         raise KeyHolderError(f"key id {index!r} is outside 1..8", ErrorCode.BAD_OPTION)
+    if not 1 <= version <= 255:
+        raise KeyHolderError(f"key version {version!r} is outside 1..255", ErrorCode.BAD_OPTION)
+    if value is None and key_length not in _GENERATED_TYPES:
+        raise KeyHolderError(
+            f"a generated DES key is 8 or 24 bytes long, not {key_length}", ErrorCode.BAD_LENGTH
+        )
     label = key_label(purpose, index)
     ident = key_id(purpose, index, version)
     fixed = None
@@ -240,19 +264,23 @@ def store_key(
             existing = list(
                 session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
             )
-            if existing:
+            newest = max((_version_of(obj, ident) for obj in existing), default=0)
+            if newest >= version:
                 raise KeyHolderError(
-                    f"a key labelled '{label}' already exists on the token; destroy it first to replace it"
+                    f"a key labelled '{label}' already exists on the token"
+                    + (f" (version {newest})" if version != KEY_VERSION else "")
+                    + "; destroy it first to replace it, or rotate it to a new version"
                 )
             if fixed is None:
+                key_type, mechanism = _GENERATED_TYPES[key_length]
                 key = session.generate_key(
-                    KeyType._DES,
-                    64,
+                    key_type,
+                    key_length * 8,
                     id=ident,
                     label=label,
                     store=True,
                     capabilities=_CAPABILITY[purpose],
-                    mechanism=Mechanism._DES_KEY_GEN,
+                    mechanism=mechanism,
                     template={Attribute.VALUE_LEN: DEFAULT, **policy},
                 )
             else:
@@ -288,6 +316,12 @@ def store_key(
                 " (OpenSSL's legacy provider is missing)"
             )
         return check
+
+
+def _version_of(obj: Any, ident: bytes) -> int:
+    """Version byte of a key sharing ``ident``'s label; 255 for an object off the convention."""
+    found = bytes(obj[Attribute.ID])
+    return found[2] if len(found) == 3 and found[:2] == ident[:2] else 255
 
 
 def _destroy(key: Any) -> None:

@@ -1,0 +1,910 @@
+"""`iscl keys`: key management for security officers (see docs/security-officer.md).
+
+This module parses options, prompts, prints and writes the audit log; the work is done by
+:mod:`iscl_hsm.keys`. Secrets (PINs, components) are read without echo, each typed twice, or from
+files / a file descriptor for scripted use (tests and automation). Components are shown only on a
+terminal (cleared between custodians) or written to files given with --component-file; a key or
+PIN is never printed, logged or written to the audit log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import getpass
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import ErrorCode, IsclError, KeyHolderError
+from ..keyholder.pkcs11 import PURPOSES, Pkcs11KeyHolder
+from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token, init_token
+from ..keys import audit as audit_log
+from ..keys.components import (
+    Algorithm,
+    ComponentError,
+    algorithm_for,
+    combine,
+    format_hex,
+    kcv_of,
+    parse_component,
+    parse_kcv,
+    split,
+)
+from ..keys.store import (
+    NEW,
+    REPLACE,
+    ROTATE,
+    KeyInfo,
+    KeyStore,
+    parse_wrapped,
+    trusted_transport_value,
+    verify_so_pin,
+)
+from .options import add_key_holder_options, open_key_holder, read_pin
+
+CLEAR_SCREEN = "\x1b[2J\x1b[H"
+MUTATING = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    keys = sub.add_parser(
+        "keys",
+        help="key management for security officers: ceremonies, rotation, moving keys, audit",
+        description="Create, check, rotate, move and delete the ISCL keys of a PKCS#11 token, with key"
+        " check values and an audit log. The step-by-step ceremony is in docs/security-officer.md.",
+    )
+    actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
+
+    p = _action(actions, "init-token", "initialise a SoftHSM2 token (SO PIN and user PIN)", _init_token)
+    p.add_argument("--label", required=True, help="label of the new token (1..32 bytes)")
+    p.add_argument(
+        "--so-pin-file", metavar="FILE", type=Path, help="read the new SO PIN from FILE (else prompt twice)"
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="erase and initialise again a token of that label (needs its SO PIN)",
+    )
+    p.add_argument(
+        "--input-fd",
+        metavar="FD",
+        type=int,
+        help="tests and automation: read the PINs, each twice, line by line from this descriptor",
+    )
+
+    p = _action(actions, "list", "list the keys (never their values)", _list, mutating=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _action(actions, "generate", "generate a key inside the token", _generate)
+    _key_arguments(p)
+    _creation_arguments(p)
+
+    p = _action(
+        actions, "import-components", "enter a key as 2 or 3 custodian components", _import_components
+    )
+    _key_arguments(p)
+    _creation_arguments(p)
+    _component_arguments(p, reading=True)
+
+    p = _action(
+        actions,
+        "generate-components",
+        "make a random key, show its components, store it",
+        _generate_components,
+    )
+    _key_arguments(p)
+    _creation_arguments(p)
+    _component_arguments(p, reading=False)
+
+    p = _action(actions, "export", "wrap an exportable key under a transport key, for another token", _export)
+    _key_arguments(p)
+    p.add_argument(
+        "--wrap-with",
+        metavar="TRANSPORT",
+        required=True,
+        help="transport key: its label iscl-transport-N, or N",
+    )
+    p.add_argument("--out", metavar="FILE", type=Path, help="write the wrapped key here (default: stdout)")
+
+    p = _action(actions, "import-wrapped", "unwrap a key exported by another token", _import_wrapped)
+    p.add_argument("file", type=Path, help="the file written by 'iscl keys export'")
+    p.add_argument("--replace", action="store_true", help="replace a key already at that index")
+    p.add_argument(
+        "--grace", metavar="DURATION", help="rotate: keep the older versions for DURATION (e.g. 7d)"
+    )
+    p.add_argument(
+        "--exportable", action="store_true", help="let the key be exported again (trusted wrap only)"
+    )
+
+    p = _action(actions, "check", "does this token hold the key with this KCV?", _check, mutating=False)
+    _key_arguments(p)
+    p.add_argument("--kcv", required=True, help="the key check value the other site reports (6 hex digits)")
+
+    p = _action(actions, "rotate", "make a new version current; keep the old one for a grace period", _rotate)
+    _key_arguments(p)
+    _creation_arguments(p, replace=False)
+    p.add_argument(
+        "--grace",
+        metavar="DURATION",
+        required=True,
+        help="how long the previous version stays on the token: 30m, 12h, 7d, or 0",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--generate-components",
+        metavar="K",
+        type=int,
+        dest="gen_components",
+        help="the new version is made here and shown as K components",
+    )
+    source.add_argument(
+        "--import-components",
+        metavar="K",
+        type=int,
+        dest="imp_components",
+        help="the new version is entered as K components",
+    )
+    _component_arguments(p, reading=None)
+
+    p = _action(actions, "retire", "remove previous versions whose grace period has passed", _retire)
+    p.add_argument("--purpose", help="auth, enc or transport (default: every key)")
+    p.add_argument("--index", type=int, help="key index 1..8 (with --purpose)")
+    p.add_argument("--now", action="store_true", help="remove every previous version, grace period or not")
+
+    p = _action(actions, "delete", "destroy a key (every version, or one)", _delete)
+    _key_arguments(p)
+    p.add_argument("--version", type=int, help="only this version")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--input-fd", metavar="FD", type=int, help="read the confirmation from this descriptor")
+
+    audit = actions.add_parser("audit", help="the audit log", description="Check the audit log's hash chain.")
+    audit_actions = audit.add_subparsers(title="audit actions", metavar="ACTION", required=True)
+    p = audit_actions.add_parser(
+        "verify",
+        help="check that no line was edited, removed or reordered",
+        description="Recompute the audit log's hash chain. Record the head it prints;"
+        " pass it as --head next time to detect lines cut off the end.",
+    )
+    p.add_argument(
+        "--audit-log", metavar="FILE", type=Path, help=f"default: {default_data_dir() / 'audit.log'}"
+    )
+    p.add_argument("--head", metavar="HASH", help="a head recorded earlier, which must still be in the log")
+    p.set_defaults(run=_audit_verify)
+
+
+def _action(actions: Any, name: str, text: str, run: Callable[..., int], *, mutating: bool = MUTATING) -> Any:
+    parser = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+    if name != "init-token":
+        add_key_holder_options(parser)
+    else:
+        group = parser.add_argument_group("token")
+        from ..keyholder.pkcs11 import DEFAULT_MODULE
+
+        group.add_argument(
+            "--pkcs11-module", metavar="PATH", default=DEFAULT_MODULE, help="default: %(default)s"
+        )
+        group.add_argument(
+            "--pin-file",
+            metavar="FILE",
+            type=Path,
+            help="read the new user PIN from FILE (else prompt twice)",
+        )
+    group = parser.add_argument_group("audit")
+    group.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        type=Path,
+        help=f"append the audit entry here (default: {default_data_dir() / 'audit.log'})",
+    )
+    group.add_argument(
+        "--officer",
+        metavar="NAME",
+        help="who is doing this, for the audit log (default: $ISCL_OFFICER)"
+        + ("; required" if mutating else ""),
+    )
+    parser.set_defaults(run=_audited(name, run, mutating))
+    return parser
+
+
+def _key_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--purpose", required=True, help="auth, enc or transport")
+    parser.add_argument("--index", type=int, required=True, help="key index 1..8")
+
+
+def _creation_arguments(parser: argparse.ArgumentParser, *, replace: bool = True) -> None:
+    parser.add_argument(
+        "--algorithm",
+        help="des (default), des2 or des3 for auth/enc; aes256 (default) or aes128 for transport",
+    )
+    parser.add_argument(
+        "--exportable",
+        action="store_true",
+        help="the key may later be exported, wrapped under a trusted transport key only",
+    )
+    if replace:
+        parser.add_argument("--replace", action="store_true", help="replace a key already at that index")
+    parser.add_argument(
+        "--so-pin-file",
+        metavar="FILE",
+        type=Path,
+        help="SO PIN, needed to mark a transport key trusted (else a prompt)",
+    )
+
+
+def _component_arguments(parser: argparse.ArgumentParser, *, reading: bool | None) -> None:
+    """reading True: import-components; False: generate-components; None: rotate (either)."""
+    if reading is not None:
+        parser.add_argument("--components", type=int, required=True, help="number of components: 2 or 3")
+    group = parser.add_argument_group(
+        "scripted use (tests and automation only: in a ceremony, custodians type and read at the terminal)"
+    )
+    group.add_argument(
+        "--component-file",
+        metavar="FILE",
+        type=Path,
+        action="append",
+        default=[],
+        help="once per component: read it from FILE (import) / write it to FILE, mode 0600 (generate)",
+    )
+    group.add_argument(
+        "--input-fd",
+        metavar="FD",
+        type=int,
+        help="read the answers to the prompts (components, confirmations, Enter) line by line"
+        " from this file descriptor instead of the terminal",
+    )
+    group.add_argument("--yes", action="store_true", help="confirm every KCV without asking")
+    if reading is not False:
+        parser.add_argument(
+            "--fix-parity",
+            action="store_true",
+            help="adjust a DES component with wrong parity instead of refusing it",
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Audit, errors, prompts
+
+
+class Action:
+    """One command's audit entry, filled in as the command learns what it did."""
+
+    def __init__(self, args: argparse.Namespace, name: str, mutating: bool) -> None:
+        self.name = name
+        self.log = audit_log.AuditLog(args.audit_log or default_data_dir() / "audit.log")
+        officer = (args.officer or os.environ.get("ISCL_OFFICER") or "").strip() or None
+        label = getattr(args, "label", None) if name == "init-token" else (args.token or DEMO_LABEL)
+        self.fields: dict[str, Any] = {
+            "officer": officer,
+            "token": label,
+            "serial": None,
+            "action": name,
+            "purpose": getattr(args, "purpose", None),
+            "index": getattr(args, "index", None),
+            "version": getattr(args, "version", None) if name == "delete" else None,
+            "kcv": None,
+            "detail": None,
+        }
+        if mutating and officer is None:
+            raise KeyHolderError(
+                f"'iscl keys {name}' changes the token, so the audit log needs your name: pass --officer NAME"
+                " or set ISCL_OFFICER",
+                ErrorCode.BAD_OPTION,
+            )
+
+    def key(self, info: KeyInfo, store: KeyStore | None = None) -> None:
+        self.fields.update(purpose=info.purpose, index=info.index, version=info.version, kcv=info.kcv)
+        if store is not None:
+            self.fields["serial"] = store.serial
+
+    def write(self, result: str) -> dict[str, Any]:
+        return self.log.append(result=result, **self.fields)
+
+
+def _audited(
+    name: str, run: Callable[[argparse.Namespace, Action], int], mutating: bool
+) -> Callable[..., int]:
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            action = Action(args, name, mutating)
+        except IsclError as exc:  # no officer: still leave a trace of the attempt
+            with contextlib.suppress(IsclError, OSError):  # best effort: the refusal is what matters
+                audit_log.AuditLog(args.audit_log or default_data_dir() / "audit.log").append(
+                    action=name, token=getattr(args, "token", None), result=f"refused: {exc.args[0]}"
+                )
+            raise
+        try:
+            status = run(args, action)
+        except IsclError as exc:
+            action.write(f"failed: {exc.args[0]}")
+            raise
+        except KeyboardInterrupt:
+            action.write("failed: interrupted")
+            raise
+        action.write("ok" if status == 0 else f"failed: exit status {status}")
+        return status
+
+    return wrapper
+
+
+class Console:
+    """Prompts and screens: a terminal, or (scripted) a file descriptor, never echoing secrets."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.assume_yes = bool(getattr(args, "yes", False))
+        fd = getattr(args, "input_fd", None)
+        self.stream: IO[str] | None = None
+        if fd is not None:
+            try:
+                self.stream = os.fdopen(fd, "r", closefd=False)
+            except OSError as exc:
+                raise KeyHolderError(
+                    f"cannot read --input-fd {fd}: {exc.strerror}", ErrorCode.BAD_OPTION
+                ) from None
+        self.terminal = self.stream is None and sys.stdin.isatty()
+
+    def _line(self, prompt: str, *, secret: bool) -> str:
+        if self.stream is not None:
+            print(prompt, file=sys.stderr, flush=True)
+            line = self.stream.readline()
+            if not line:
+                raise KeyHolderError(
+                    f"the input ended before the answer to {prompt.strip()!r}", ErrorCode.BAD_OPTION
+                )
+            return line.rstrip("\r\n")
+        if not self.terminal:
+            raise KeyHolderError(
+                f"cannot ask {prompt.strip().rstrip(':')!r}: stdin is not a terminal;"
+                " run this at a terminal, or"
+                " for automation give the answers with --input-fd, --component-file, the PIN files or --yes",
+                ErrorCode.BAD_OPTION,
+            )
+        return getpass.getpass(prompt) if secret else input(prompt)
+
+    def secret(self, prompt: str) -> str:
+        return self._line(prompt, secret=True)
+
+    def secret_twice(self, what: str) -> str:
+        first = self.secret(f"{what}: ")
+        if first != self.secret(f"{what} again: "):
+            raise KeyHolderError(
+                f"the two entries of the {what} differ; nothing was changed", ErrorCode.BAD_OPTION
+            )
+        return first
+
+    def confirm(self, question: str) -> bool:
+        if self.assume_yes:
+            print(f"{question} yes (--yes)", flush=True)
+            return True
+        return self._line(f"{question} [y/N] ", secret=False).strip().lower() in ("y", "yes")
+
+    def pause(self, prompt: str) -> None:
+        self._line(f"{prompt} ", secret=False)
+
+    def clear(self) -> None:
+        if sys.stdout.isatty():
+            sys.stdout.write(CLEAR_SCREEN)
+            sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _purpose_index(args: argparse.Namespace, allowed: tuple[str, ...] = tuple(PURPOSES)) -> tuple[str, int]:
+    purpose, index = args.purpose, args.index
+    if purpose not in PURPOSES:
+        raise KeyHolderError(
+            f"unknown key purpose {purpose!r}; use auth, enc or transport", ErrorCode.BAD_OPTION
+        )
+    if purpose not in allowed:
+        raise KeyHolderError(
+            f"'{purpose}' keys cannot be used here; use {' or '.join(allowed)}", ErrorCode.BAD_OPTION
+        )
+    if not 1 <= index <= 8:
+        raise KeyHolderError(f"key index {index} is outside 1..8", ErrorCode.BAD_OPTION)
+    return purpose, index
+
+
+def _component_count(count: int | None) -> int:
+    if count not in (2, 3):
+        raise KeyHolderError(f"a key is entered as 2 or 3 components, not {count}", ErrorCode.BAD_OPTION)
+    return count
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+    """'0', '45s', '30m', '12h' or '7d'."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text or "")
+    if match is None or (match.group(2) == "" and int(match.group(1)) != 0):
+        raise KeyHolderError(
+            f"grace period {text!r} is not a duration like 30m, 12h or 7d (or 0)", ErrorCode.BAD_OPTION
+        )
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return datetime.timedelta(seconds=int(match.group(1)) * unit)
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except OSError as exc:
+        raise KeyHolderError(
+            f"cannot read the {what} file {path}: {exc.strerror}", ErrorCode.BAD_OPTION
+        ) from None
+    text = " ".join(line for line in lines if line and not line.startswith("#"))
+    if not text:
+        raise KeyHolderError(f"the {what} file {path} is empty", ErrorCode.BAD_OPTION)
+    return text
+
+
+def _label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
+    """Token label and user PIN as the shared options give them (the demo token by default)."""
+    if args.token is None:
+        label, pin_path = ensure_demo_token()
+        return label, read_pin(args.pin_file or pin_path, label)
+    return args.token, read_pin(args.pin_file, args.token)
+
+
+@contextlib.contextmanager
+def _opened(args: argparse.Namespace) -> Iterator[KeyStore]:
+    """The key store of the token the shared options name (open_key_holder), closed afterwards."""
+    holder = open_key_holder(args)
+    try:
+        if not isinstance(holder, Pkcs11KeyHolder):
+            raise KeyHolderError("'iscl keys' manages keys on PKCS#11 tokens only", ErrorCode.BAD_OPTION)
+        yield KeyStore(holder)
+    finally:
+        holder.close()
+
+
+def _so_pin(args: argparse.Namespace, console: Console, label: str) -> str:
+    if args.so_pin_file is not None:
+        return _read_secret_file(args.so_pin_file, "SO PIN")
+    return console.secret(f"SO PIN of token '{label}' (to mark the transport key trusted): ")
+
+
+def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
+    kind = "exportable (trusted wrap only)" if info.extractable else "non-extractable"
+    if info.purpose == "transport":
+        kind += ", trusted" if info.trusted else ", NOT trusted"
+    print(
+        f"{prefix} {info.label} version {info.version} on token '{store.token_label}': {info.algorithm},"
+        f" {kind}, KCV {info.kcv}",
+        flush=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _init_token(args: argparse.Namespace, action: Action) -> int:
+    console = Console(args)
+    if args.so_pin_file is not None:
+        so_pin = _read_secret_file(args.so_pin_file, "SO PIN")
+    else:
+        so_pin = console.secret_twice(f"new SO PIN for token '{args.label}'")
+    if args.pin_file is not None:
+        user_pin = _read_secret_file(args.pin_file, "user PIN")
+    else:
+        user_pin = console.secret_twice(f"new user PIN for token '{args.label}'")
+    if so_pin == user_pin:
+        raise KeyHolderError("the SO PIN and the user PIN must differ", ErrorCode.BAD_OPTION)
+    init_token(args.label, so_pin, user_pin, args.pkcs11_module, replace=args.replace)
+    action.fields["detail"] = "initialised again (erased)" if args.replace else "initialised"
+    with contextlib.suppress(Exception):  # the serial is only a nicety of the audit entry
+        from ..keyholder.pkcs11 import _load_module
+
+        token = _load_module(args.pkcs11_module).get_token(token_label=args.label)
+        action.fields["serial"] = bytes(token.serial).decode("ascii", "replace").strip()
+    print(
+        f"token '{args.label}' initialised"
+        + (f", serial {action.fields['serial']}" if action.fields["serial"] else "")
+    )
+    return 0
+
+
+def _list(args: argparse.Namespace, action: Action) -> int:
+    with _opened(args) as store:
+        infos = store.list_keys()
+        action.fields.update(serial=store.serial, detail=f"{len(infos)} key versions")
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "token": store.token_label,
+                        "serial": store.serial,
+                        "keys": [info.as_dict() for info in infos],
+                    },
+                    indent=2,
+                )
+            )
+            return 0
+        print(f"token '{store.token_label}' (serial {store.serial}): {len(infos)} key versions")
+        if infos:
+            print(
+                f"{'PURPOSE':9} {'INDEX':5} {'VERSION':7} {'ALGORITHM':9} {'KCV':6}  {'CREATED':20}"
+                f" {'EXTRACTABLE':11} STATE"
+            )
+        for info in infos:
+            state = "current" if info.current else "previous"
+            if info.retire_after:
+                state += f", retire after {info.retire_after}"
+            if info.purpose == "transport":
+                state += ", trusted" if info.trusted else ", not trusted"
+            extractable = "wrap-only" if info.extractable else "no"
+            print(
+                f"{info.purpose:9} {info.index:<5} {info.version:<7} {info.algorithm:9} {info.kcv or '-':6}"
+                f"  {info.created or '-':20} {extractable:11} {state}"
+            )
+    return 0
+
+
+def _mode(args: argparse.Namespace) -> str:
+    return REPLACE if getattr(args, "replace", False) else NEW
+
+
+def _generate(args: argparse.Namespace, action: Action) -> int:
+    purpose, index = _purpose_index(args, ("auth", "enc", "transport"))
+    if purpose == "transport":
+        raise KeyHolderError(
+            "a transport key must be the same on both tokens: create it with generate-components on one site"
+            " and import-components on the other",
+            ErrorCode.BAD_OPTION,
+        )
+    algorithm = algorithm_for(purpose, args.algorithm)
+    return _create(args, action, purpose, index, algorithm, _mode(args), None, "generate")
+
+
+def _import_components(args: argparse.Namespace, action: Action) -> int:
+    purpose, index = _purpose_index(args)
+    algorithm = algorithm_for(purpose, args.algorithm)
+    return _create(args, action, purpose, index, algorithm, _mode(args), None, "import-components")
+
+
+def _generate_components(args: argparse.Namespace, action: Action) -> int:
+    purpose, index = _purpose_index(args)
+    algorithm = algorithm_for(purpose, args.algorithm)
+    return _create(args, action, purpose, index, algorithm, _mode(args), None, "generate-components")
+
+
+def _rotate(args: argparse.Namespace, action: Action) -> int:
+    purpose, index = _purpose_index(args)
+    algorithm = algorithm_for(purpose, args.algorithm)
+    grace = parse_duration(args.grace)
+    if args.gen_components is not None:
+        args.components, source = args.gen_components, "generate-components"
+    elif args.imp_components is not None:
+        args.components, source = args.imp_components, "import-components"
+    elif purpose == "transport":
+        raise KeyHolderError(
+            "a new transport key must reach both tokens: rotate it with --generate-components K here and"
+            " --import-components K at the other site",
+            ErrorCode.BAD_OPTION,
+        )
+    else:
+        source = "generate"
+    action.fields["detail"] = f"grace {args.grace}"
+    return _create(args, action, purpose, index, algorithm, ROTATE, grace, source)
+
+
+def _create(
+    args: argparse.Namespace,
+    action: Action,
+    purpose: str,
+    index: int,
+    algorithm: Algorithm,
+    mode: str,
+    grace: datetime.timedelta | None,
+    source: str,
+) -> int:
+    """Every way of putting a key on the token: check first, then collect, then store at once."""
+    if args.exportable and purpose == "transport":
+        raise KeyHolderError("a transport key cannot be made exportable", ErrorCode.BAD_OPTION)
+    console = Console(args)
+    count = _component_count(args.components) if source != "generate" else 0
+    files: list[Path] = getattr(args, "component_file", [])
+    if files and len(files) != count:
+        raise KeyHolderError(
+            f"give --component-file once per component: {count} times, not {len(files)}", ErrorCode.BAD_OPTION
+        )
+    label, pin = _label_and_pin(args)
+    action.fields["token"] = label
+    trusted_needed = purpose == "transport"
+    so_pin = None
+    holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
+    try:
+        store = KeyStore(holder)
+        action.fields["serial"] = store.serial
+        store.ensure_free(purpose, index, mode)  # before custodians type or read anything
+        if trusted_needed:
+            holder.close()  # the SO cannot log in while this process is logged in as user
+            so_pin = _so_pin(args, console, label)
+            verify_so_pin(args.pkcs11_module, label, so_pin)  # a wrong SO PIN fails before the ceremony
+        value = None
+        origin = "generated"
+        if source == "generate-components":
+            value, components = split(algorithm, count)
+            _show_components(console, files, store, purpose, index, algorithm, components)
+            origin = "components"
+        elif source == "import-components":
+            value = _collect_components(console, files, args.fix_parity, purpose, index, algorithm, count)
+            origin = "components"
+        if value is not None:
+            print(f"key KCV: {kcv_of(algorithm, value).hex().upper()}", flush=True)
+        if trusted_needed:
+            assert so_pin is not None and value is not None
+            with trusted_transport_value(args.pkcs11_module, label, so_pin, value) as temporary:
+                holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
+                store = KeyStore(holder)
+                info = store.create(
+                    purpose, index, algorithm, value, mode=mode, grace=grace, origin=origin, trusted=temporary
+                )
+        else:
+            info = store.create(
+                purpose,
+                index,
+                algorithm,
+                value,
+                exportable=args.exportable,
+                mode=mode,
+                grace=grace,
+                origin=origin,
+            )
+        del value
+    finally:
+        holder.close()
+    action.key(info, store)
+    if source != "generate":
+        action.fields["detail"] = ", ".join(
+            filter(None, [action.fields["detail"], f"{count} components ({source})"])
+        )
+    _print_key("stored", info, store)
+    if mode == ROTATE:
+        assert grace is not None
+        until = datetime.datetime.now(datetime.UTC) + grace
+        print(
+            f"previous versions stay until {until.isoformat(timespec='seconds').replace('+00:00', 'Z')}"
+            " (roll back meanwhile with 'iscl keys delete --version' of the new one); then 'iscl keys retire'"
+        )
+    return 0
+
+
+def _collect_components(
+    console: Console, files: list[Path], fix: bool, purpose: str, index: int, algorithm: Algorithm, count: int
+) -> bytes:
+    values = []
+    for number in range(1, count + 1):
+        console.clear()
+        print(
+            f"Custodian {number} of {count}: component {number} of iscl-{purpose}-{index}"
+            f" ({algorithm.name}, {algorithm.hex_digits} hex digits)",
+            flush=True,
+        )
+        if files:
+            text = _read_secret_file(files[number - 1], f"component {number}")
+        else:
+            text = console.secret(f"component {number} (hidden): ")
+            if (
+                "".join(console.secret(f"component {number} again: ").split()).upper()
+                != "".join(text.split()).upper()
+            ):
+                raise ComponentError(
+                    f"the two entries of component {number} differ; nothing was stored, start again"
+                )
+        value, note = parse_component(text, algorithm, number, fix=fix)
+        if note:
+            print(note, flush=True)
+        check = kcv_of(algorithm, value).hex().upper()
+        print(f"component {number} KCV: {check}", flush=True)
+        if not console.confirm(f"Custodian {number}: does KCV {check} match your component form?"):
+            raise ComponentError(
+                f"custodian {number} did not confirm the KCV of component {number}; nothing was stored"
+            )
+        values.append(value)
+        if number < count and not files:
+            console.clear()
+            console.pause(f"Press Enter when custodian {number + 1} is ready.")
+    console.clear()
+    return combine(algorithm, values)
+
+
+def _show_components(
+    console: Console,
+    files: list[Path],
+    store: KeyStore,
+    purpose: str,
+    index: int,
+    algorithm: Algorithm,
+    components: list[bytes],
+) -> None:
+    count = len(components)
+    name = f"iscl-{purpose}-{index}"
+    if files:
+        for path in files:
+            if path.exists():
+                raise KeyHolderError(
+                    f"the component file {path} exists already; name a new file", ErrorCode.BAD_OPTION
+                )
+        for number, (path, component) in enumerate(zip(files, components), 1):
+            check = kcv_of(algorithm, component).hex().upper()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(
+                    f"# component {number} of {count} of {name} ({algorithm.name}) for token"
+                    f" '{store.token_label}'\n# KCV {check}\n{format_hex(component)}\n"
+                )
+            print(f"component {number} written to {path}, KCV {check}", flush=True)
+        return
+    if not sys.stdout.isatty():
+        raise KeyHolderError(
+            "components are shown only on a terminal (stdout is not one); run this at a terminal, or for"
+            " automation pass --component-file once per component",
+            ErrorCode.BAD_OPTION,
+        )
+    for number, component in enumerate(components, 1):
+        console.clear()
+        console.pause(
+            f"Only custodian {number} of {count} may look at the screen now. Press Enter to show"
+            f" component {number}."
+        )
+        check = kcv_of(algorithm, component).hex().upper()
+        print(
+            f"\n  {name} ({algorithm.name}) on token '{store.token_label}'\n"
+            f"  component {number} of {count}:  {format_hex(component)}\n"
+            f"  component KCV:        {check}\n"
+        )
+        console.pause(f"Custodian {number}: copy the component and its KCV onto your form, then press Enter.")
+        console.clear()
+    print(f"{count} components shown for {name}", flush=True)
+
+
+def _transport_index(text: str) -> int:
+    match = re.fullmatch(r"(?:iscl-transport-)?([1-8])", text.strip())
+    if match is None:
+        raise KeyHolderError(
+            f"--wrap-with {text!r} is not a transport key: give iscl-transport-N or N (1..8)",
+            ErrorCode.BAD_OPTION,
+        )
+    return int(match.group(1))
+
+
+def _export(args: argparse.Namespace, action: Action) -> int:
+    purpose, index = _purpose_index(args, ("auth", "enc"))
+    transport = _transport_index(args.wrap_with)
+    if args.out is not None and args.out.exists():
+        raise KeyHolderError(f"{args.out} exists already; name a new file", ErrorCode.BAD_OPTION)
+    with _opened(args) as store:
+        document = store.export(purpose, index, transport)
+        info = store.current(purpose, index)
+    action.key(info, store)
+    action.fields["detail"] = (
+        f"wrapped under iscl-transport-{transport} KCV {document['wrapping']['transport_kcv']}"
+    )
+    text = json.dumps(document, indent=2) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+    print(
+        f"exported {info.label} version {info.version}, KCV {info.kcv},"
+        f" wrapped under iscl-transport-{transport}"
+        f" (KCV {document['wrapping']['transport_kcv']})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _import_wrapped(args: argparse.Namespace, action: Action) -> int:
+    try:
+        text = args.file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyHolderError(
+            f"cannot read the wrapped-key file {args.file}: {getattr(exc, 'strerror', None) or exc}",
+            ErrorCode.BAD_OPTION,
+        ) from None
+    document = parse_wrapped(text, str(args.file))
+    action.fields.update(purpose=document["purpose"], index=document["index"], kcv=document["kcv"])
+    grace = parse_duration(args.grace) if args.grace is not None else None
+    mode = ROTATE if grace is not None else _mode(args)
+    with _opened(args) as store:
+        action.fields["serial"] = store.serial
+        info = store.import_wrapped(document, mode=mode, grace=grace, exportable=args.exportable)
+    action.key(info, store)
+    action.fields["detail"] = (
+        f"from token {document['source'].get('token')} serial {document['source'].get('serial')}"
+    )
+    _print_key("imported", info, store)
+    return 0
+
+
+def _check(args: argparse.Namespace, action: Action) -> int:
+    purpose, index = _purpose_index(args)
+    wanted = parse_kcv(args.kcv)
+    with _opened(args) as store:
+        current, matching = store.check(purpose, index, wanted)
+    action.key(current, store)
+    action.fields["detail"] = f"asked for KCV {wanted.hex().upper()}"
+    if matching is not None and matching.current:
+        print(
+            f"match: token '{store.token_label}' holds {current.label} version {current.version} with KCV"
+            f" {current.kcv}"
+        )
+        return 0
+    if matching is not None:
+        raise KeyHolderError(
+            f"KCV {wanted.hex().upper()} is that of {matching.name}, which is no longer current on token"
+            f" '{store.token_label}' (current: version {current.version}, KCV {current.kcv}); the other site"
+            " has not rotated yet, or this one rotated too early",
+            ErrorCode.KEY_NOT_FOUND,
+        )
+    raise KeyHolderError(
+        f"no match: token '{store.token_label}' holds {current.label} version {current.version} with KCV"
+        f" {current.kcv}, not {wanted.hex().upper()}; the two sites hold different keys",
+        ErrorCode.KEY_NOT_FOUND,
+    )
+
+
+def _retire(args: argparse.Namespace, action: Action) -> int:
+    if args.purpose is not None or args.index is not None:
+        if args.purpose is None or args.index is None:
+            raise KeyHolderError("give both --purpose and --index, or neither", ErrorCode.BAD_OPTION)
+        _purpose_index(args)
+    with _opened(args) as store:
+        action.fields["serial"] = store.serial
+        removed = store.retire(args.purpose, args.index, now=args.now)
+    action.fields["detail"] = (
+        ("removed " + ", ".join(f"{i.name} KCV {i.kcv}" for i in removed)) if removed else "nothing due"
+    )
+    for info in removed:
+        print(f"retired {info.name} (KCV {info.kcv})")
+    if not removed:
+        print("no previous key version is due for retirement")
+    return 0
+
+
+def _delete(args: argparse.Namespace, action: Action) -> int:
+    purpose, index = _purpose_index(args)
+    console = Console(args)
+    with _opened(args) as store:
+        action.fields["serial"] = store.serial
+        targets = [
+            i
+            for i in store.list_keys()
+            if i.purpose == purpose
+            and i.index == index
+            and (args.version is None or i.version == args.version)
+        ]
+        if targets:
+            which = ", ".join(f"version {i.version} (KCV {i.kcv})" for i in targets)
+            if not console.confirm(
+                f"Destroy {targets[0].label} {which} on token '{store.token_label}'? This cannot be undone."
+            ):
+                raise KeyHolderError("not confirmed; nothing was deleted", ErrorCode.BAD_OPTION)
+        removed = store.delete(purpose, index, args.version)
+    if len(removed) == 1:
+        action.key(removed[0], store)
+    action.fields["detail"] = "deleted " + ", ".join(f"version {i.version} KCV {i.kcv}" for i in removed)
+    for info in removed:
+        print(f"deleted {info.name} (KCV {info.kcv})")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    path = args.audit_log or default_data_dir() / "audit.log"
+    report = audit_log.verify(path, args.head)
+    print(f"audit log {report.path}: {report.entries} entries, chain intact; head {report.head}")
+    return 0

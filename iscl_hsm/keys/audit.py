@@ -1,0 +1,199 @@
+"""The key-management audit log: one JSON object per line, each line chained to the one before.
+
+Every line carries ``seq`` (1, 2, ...), ``prev`` (the previous line's ``hash``; 64 zeros for the
+first) and ``hash`` = SHA-256 over ``prev`` and the line's canonical JSON without ``hash`` (keys
+sorted, no spaces, UTF-8). :func:`verify` recomputes the chain and names the first line that was
+edited (its hash does not match its content), removed (a gap in ``seq``) or moved (``seq`` goes
+back, or ``prev`` names another line).
+
+A hash chain has no secret: it proves the lines have not changed *since the head was written down
+somewhere else*. Cutting lines off the end, or rewriting the whole file, leaves a valid chain, so
+the officer records the head hash that :func:`verify` reports (in the paper log book, or the
+conformance statement) and passes it as ``head`` to later checks.
+
+The log records what was done, by whom, on which token, to which key (purpose, index, version, KCV)
+and the result; never a key, a component or a PIN.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from iscl_hsm.errors import ErrorCode, KeyHolderError
+
+__all__ = ["GENESIS", "AuditError", "AuditLog", "AuditReport", "entry_hash", "verify"]
+
+GENESIS: Final = "0" * 64
+FIELDS: Final = (
+    "time",
+    "officer",
+    "token",
+    "serial",
+    "action",
+    "purpose",
+    "index",
+    "version",
+    "kcv",
+    "result",
+    "detail",
+)
+"""What a caller may record; ``seq``, ``prev`` and ``hash`` are added by :meth:`AuditLog.append`."""
+
+
+class AuditError(KeyHolderError):
+    """The audit log cannot be written, or its chain is broken (the message names the line)."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message, ErrorCode.LOCAL_KEY_HOLDER)
+        self.line = line
+
+
+def _canonical(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """The hash of one entry: SHA-256 of ``prev`` and the canonical JSON of the rest (less ``hash``)."""
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(str(entry.get("prev", "")).encode("ascii") + b"\n" + _canonical(body)).hexdigest()
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class AuditLog:
+    """Appends chained entries to ``path`` (created 0600 with its directory 0700 if missing)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def append(self, **fields: Any) -> dict[str, Any]:
+        """Append one entry made of ``fields`` (see FIELDS); return it with seq, prev and hash."""
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown audit fields: {', '.join(sorted(unknown))}")
+        entry: dict[str, Any] = {name: fields.get(name) for name in FIELDS}
+        entry["time"] = entry["time"] or now_utc()
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            raise AuditError(
+                f"cannot open the audit log {self.path}: {exc.strerror};"
+                " pass --audit-log with a writable file"
+            ) from None
+        with os.fdopen(fd, "r+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # one writer at a time; released when the file closes
+            last = _last_line(handle)
+            if last is None:
+                entry["seq"], entry["prev"] = 1, GENESIS
+            else:
+                try:
+                    previous = json.loads(last)
+                    entry["seq"], entry["prev"] = int(previous["seq"]) + 1, str(previous["hash"])
+                except (ValueError, KeyError, TypeError):
+                    raise AuditError(
+                        f"the last line of the audit log {self.path} is not an audit entry; run"
+                        " 'iscl keys audit verify' and keep the log as it is for the auditor"
+                    ) from None
+            entry["hash"] = entry_hash(entry)
+            handle.seek(0, os.SEEK_END)
+            handle.write(_canonical(entry) + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return entry
+
+
+def _last_line(handle: Any) -> bytes | None:
+    """The last non-empty line of the open file, read backwards from its end."""
+    handle.seek(0, os.SEEK_END)
+    end = handle.tell()
+    if end == 0:
+        return None
+    size = min(end, 64 * 1024)
+    while True:
+        handle.seek(end - size)
+        chunk = handle.read(size).rstrip(b"\n")
+        if b"\n" in chunk or size == end:
+            line = chunk.rsplit(b"\n", 1)[-1]
+            return line or None
+        size = min(end, size * 2)
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """A verified log: how many entries, and the head hash to write down."""
+
+    path: Path
+    entries: int
+    head: str
+
+
+def verify(path: Path, head: str | None = None) -> AuditReport:
+    """Check every line of the log at ``path``; raise :class:`AuditError` naming the first bad line.
+
+    ``head``, when given, must be the hash of an entry of the log (the head recorded earlier): a
+    log cut short before that entry fails. The report's ``head`` is the hash of the last entry.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        raise AuditError(f"cannot read the audit log {path}: {exc.strerror}") from None
+    if lines and lines[-1] == b"":
+        lines.pop()
+
+    def later_seqs(number: int) -> set[int]:
+        found = set()
+        for raw in lines[number:]:
+            try:
+                found.add(int(json.loads(raw)["seq"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+        return found
+
+    previous_hash, previous_seq = GENESIS, 0
+    seen_head = head is None
+    for number, raw in enumerate(lines, 1):
+        where = f"line {number} of the audit log {path}"
+        try:
+            entry = json.loads(raw)
+            seq, prev, stated = int(entry["seq"]), str(entry["prev"]), str(entry["hash"])
+        except (ValueError, KeyError, TypeError):
+            raise AuditError(f"{where} is not an audit entry: it was edited or damaged", number) from None
+        if entry_hash(entry) != stated:
+            raise AuditError(f"{where} (entry {seq}) was edited: its hash does not match its content", number)
+        if seq > previous_seq + 1 and (previous_seq + 1) in later_seqs(number):
+            raise AuditError(
+                f"{where} is entry {seq} but entry {previous_seq + 1} should come next, and it comes later:"
+                " lines were reordered",
+                number,
+            )
+        if seq > previous_seq + 1:
+            raise AuditError(
+                f"{where} is entry {seq} but entry {previous_seq + 1} should come next:"
+                f" {'an entry was' if seq == previous_seq + 2 else 'entries were'} removed before it",
+                number,
+            )
+        if seq <= previous_seq or prev != previous_hash:
+            raise AuditError(
+                f"{where} (entry {seq}) does not follow the line before it: lines were reordered,"
+                " or one was replaced",
+                number,
+            )
+        previous_hash, previous_seq = stated, seq
+        seen_head = seen_head or stated == head
+    if not seen_head:
+        raise AuditError(
+            f"the audit log {path} does not contain the recorded head {head}: entries were removed from"
+            " its end, or the log was replaced"
+        )
+    return AuditReport(path, len(lines), previous_hash)
