@@ -186,7 +186,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _action(actions: Any, name: str, text: str, run: Callable[..., int], *, mutating: bool = MUTATING) -> Any:
     parser = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
     if name != "init-token":
-        add_key_holder_options(parser)
+        add_key_holder_options(parser, record_keys=False)
     else:
         group = parser.add_argument_group("token")
         from ..keyholder.pkcs11 import DEFAULT_MODULE

@@ -40,8 +40,8 @@ def _block(text: str) -> int:
     return value
 
 
-def add_key_holder_options(parser: argparse.ArgumentParser) -> None:
-    """--pkcs11-module, --token, --pin-file, --record-keys."""
+def add_key_holder_options(parser: argparse.ArgumentParser, *, record_keys: bool = True) -> None:
+    """--pkcs11-module, --token, --pin-file and, for commands that run links, --record-keys."""
     group = parser.add_argument_group(
         "key holder",
         "Where the keys live. Without --token, the demo SoftHSM2 token under"
@@ -52,6 +52,8 @@ def add_key_holder_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--token", metavar="LABEL", help="token label (default: the demo token)")
     group.add_argument("--pin-file", metavar="FILE", type=Path,
                        help="file holding the user PIN; else $ISCL_PIN; else a prompt")
+    if not record_keys:
+        return
     group.add_argument("--record-keys", choices=("host", "token"), default="host",
                        help="where the derived per-link DES keys live: 'host' (OpenSSL, fast) or"
                        " 'token' (never leave the token, slower) (default: %(default)s)")
@@ -112,7 +114,7 @@ def open_key_holder(args: argparse.Namespace) -> KeyHolder:
     else:
         label, pin_file = args.token, args.pin_file
     pin = read_pin(pin_file, label)
-    return Pkcs11KeyHolder(label, pin, args.pkcs11_module, record_keys=args.record_keys)
+    return Pkcs11KeyHolder(label, pin, args.pkcs11_module, record_keys=getattr(args, "record_keys", "host"))
 
 
 def describe(parameters: object) -> str:
