@@ -221,6 +221,10 @@ def _derivation_param(block: bytes) -> tuple[bytes, ctypes.Array[ctypes.c_char]]
 
 _registry_lock = threading.Lock()
 _sessions: dict[tuple[str, str], _TokenSession] = {}
+_module_locks: dict[str, threading.RLock] = {}
+"""One lock per module: python-pkcs11 runs C_Initialize(NULL), which tells the module (SoftHSM2
+among them) that the application serialises its calls, so two tokens of one module used from two
+threads must not call it at once."""
 _stale_modules: set[str] = set()
 """Modules loaded before a fork(): the child re-initialises them before use."""
 
@@ -230,6 +234,7 @@ def _after_fork_in_child() -> None:
     _registry_lock = threading.Lock()
     _stale_modules.update(module for module, _ in _sessions)
     _stale_modules.update(pkcs11._loaded)
+    _module_locks.clear()
     for entry in _sessions.values():
         entry.lock = threading.RLock()
     _sessions.clear()
@@ -326,7 +331,7 @@ class _TokenSession:
         self.registry_key = (os.path.realpath(module), label)
         self.description = f"PKCS#11 token '{label}' (module {module})"
         self.session = session
-        self.lock = threading.RLock()
+        self.lock = _module_locks.setdefault(self.registry_key[0], threading.RLock())
         self.users = 0
         self.closed = False
         self.pid = os.getpid()
