@@ -205,7 +205,7 @@ class Connection:
         """Server only: start the line connection protocol."""
         if self._state is not State.SERVER_START:
             raise LocalProtocolError(ErrorCode.BAD_STATE, "initiate() is for a new server connection")
-        self._send_handshake(
+        self._send(
             MessageId.LINE_CONNECTION_CHECK_RQ, wire.LineConnectionRq(self.config.max_block).encode()
         )
         self._state = State.SERVER_WAIT_LINE_RP
@@ -388,9 +388,11 @@ class Connection:
         handler = _HANDLERS[header.message_id]
         return handler(self, header, payload)
 
-    def _send_handshake(self, mid: MessageId, payload: bytes, *, option: int = wire.ACK, err: int = 0) -> None:
+    def _send(self, mid: MessageId, payload: bytes, *, option: int = wire.ACK, err: int = 0) -> None:
+        """Queue a message; handshake messages also go into the transcript the finished MACs cover."""
         frame = wire.frame(mid, payload, option=option, err_no=err)
-        self._transcript.update(frame)
+        if mid not in _LINK_MESSAGES:
+            self._transcript.update(frame)
         self._out += frame
 
     # --- line connection ----------------------------------------------------------------------
@@ -398,7 +400,7 @@ class Connection:
     def _on_line_rq(self, header: wire.Header, payload: bytes) -> list[Event]:
         rq = wire.LineConnectionRq.decode(payload)
         if rq.version != wire.VERSION:
-            self._send_handshake(
+            self._send(
                 MessageId.LINE_CONNECTION_CHECK_RP,
                 wire.LineConnectionRp(ErrorCode.BAD_VERSION, 0).encode(),
                 option=wire.NAK,
@@ -414,8 +416,8 @@ class Connection:
                 ErrorCode.BAD_BLOCK_LENGTH, f"the server offered a block length of {rq.max_block} bytes"
             )
         self._block_length = block
-        self._send_handshake(MessageId.LINE_CONNECTION_CHECK_RP, wire.LineConnectionRp(0, block).encode())
-        self._send_handshake(
+        self._send(MessageId.LINE_CONNECTION_CHECK_RP, wire.LineConnectionRp(0, block).encode())
+        self._send(
             MessageId.MUTUAL_AUTH_RQ,
             wire.MutualAuthRq(
                 wire.AuthMethod.THREE_PASS_FOUR_WAY, self._pair_id, self.config.auth_data
@@ -455,24 +457,24 @@ class Connection:
         with self._telling_peer(MessageId.MUTUAL_AUTH_RP, failed.encode()):
             self._rs = self._holder.get_challenge(self._pair_id)
         self._guard.issue(Role.SERVER, self._rs)
-        self._send_handshake(MessageId.MUTUAL_AUTH_RP, wire.MutualAuthRp(0, self.config.auth_data).encode())
-        self._send_handshake(MessageId.MUTUAL_AUTH_PASS1_NOTIF, wire.Pass1(0, self._rs).encode())
+        self._send(MessageId.MUTUAL_AUTH_RP, wire.MutualAuthRp(0, self.config.auth_data).encode())
+        self._send(MessageId.MUTUAL_AUTH_PASS1_NOTIF, wire.Pass1(0, self._rs).encode())
         self._deferred = self._finished_key  # while the client works on pass 1
         self._state = State.SERVER_WAIT_PASS2
         return []
 
     @contextmanager
     def _telling_peer(self, mid: MessageId, nak_payload: bytes) -> Iterator[None]:
-        """If the key holder fails inside, NAK ``mid`` with code 103 before the error propagates."""
+        """If the key holder fails inside, answer ``mid`` as NAK with code 103, then let the error go on."""
         try:
             yield
         except KeyHolderError:
             code = ErrorCode.REMOTE_KEY_HOLDER
-            self._send_handshake(mid, nak_payload, option=wire.NAK, err=code)
+            self._send(mid, nak_payload, option=wire.NAK, err=code)
             raise
 
     def _refuse_auth(self, code: ErrorCode, why: str) -> None:
-        self._send_handshake(
+        self._send(
             MessageId.MUTUAL_AUTH_RP, wire.MutualAuthRp(code, b"").encode(), option=wire.NAK, err=code
         )
         raise RemoteProtocolError(code, why)
@@ -501,7 +503,7 @@ class Connection:
             response = self._holder.internal_authenticate(self._pair_id, self._rs)
             self._rc = self._holder.get_challenge(self._pair_id)
         self._guard.issue(Role.CLIENT, self._rc)
-        self._send_handshake(MessageId.MUTUAL_AUTH_PASS2_NOTIF, wire.Pass2(0, response, self._rc).encode())
+        self._send(MessageId.MUTUAL_AUTH_PASS2_NOTIF, wire.Pass2(0, response, self._rc).encode())
         self._deferred = self._finished_key  # while the server works on pass 2
         self._state = State.CLIENT_WAIT_PASS3
         return []
@@ -518,7 +520,7 @@ class Connection:
         with self._telling_peer(MessageId.MUTUAL_AUTH_PASS3_NOTIF, failed.encode()):
             verified = self._holder.external_authenticate(self._pair_id, self._rs, p2.response)
         if not verified:
-            self._send_handshake(
+            self._send(
                 MessageId.MUTUAL_AUTH_PASS3_NOTIF,
                 wire.Pass3(ErrorCode.AUTHENTICATION_FAILED, bytes(8), 0, bytes(8)).encode(),
                 option=wire.NAK,
@@ -538,7 +540,7 @@ class Connection:
         with self._telling_peer(MessageId.MUTUAL_AUTH_PASS3_NOTIF, failed.encode()):
             response = self._holder.internal_authenticate(self._pair_id, self._rc)
             finished = self._finished(b"server\0\0")
-        self._send_handshake(MessageId.MUTUAL_AUTH_PASS3_NOTIF, wire.Pass3(0, response, 0, finished).encode())
+        self._send(MessageId.MUTUAL_AUTH_PASS3_NOTIF, wire.Pass3(0, response, 0, finished).encode())
         self._state = State.SERVER_WAIT_COMPLETION
         return []
 
@@ -570,7 +572,7 @@ class Connection:
                 ErrorCode.AUTHENTICATION_FAILED,
                 "the server's handshake MAC does not match: the handshake was altered in transit",
             )
-        self._send_handshake(
+        self._send(
             MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, wire.Completion(0, self._finished(b"client\0\0")).encode()
         )
         return [self._ready()]
@@ -704,13 +706,19 @@ class Connection:
                 err_no=code,
             )
             return []
-        self._out += wire.frame(
-            MessageId.MESSAGE_TRANSMISSION_RP, wire.TransmissionRp(0, self.config.max_message).encode()
-        )
         if mine.key_id == wire.SESSION_KEYS:
+            self._send(
+                MessageId.MESSAGE_TRANSMISSION_RP, wire.TransmissionRp(0, self.config.max_message).encode()
+            )
             self._incoming, self._incoming_length = mine, rq.length
             return []
-        return self._open(mine, rq.length, None)
+        failed = wire.TransmissionRp(ErrorCode.REMOTE_KEY_HOLDER, self.config.max_message)
+        with self._telling_peer(MessageId.MESSAGE_TRANSMISSION_RP, failed.encode()):
+            self._open(mine, rq.length, None)  # keys first: a key holder failure is answered with NAK
+        self._send(
+            MessageId.MESSAGE_TRANSMISSION_RP, wire.TransmissionRp(0, self.config.max_message).encode()
+        )
+        return []
 
     def _on_random_rq(self, header: wire.Header, payload: bytes) -> list[Event]:
         rq = wire.RandomNumberRq.decode(payload)
@@ -719,13 +727,14 @@ class Connection:
             raise RemoteProtocolError(
                 ErrorCode.RANDOM_NUMBER_EXPECTED, "the peer sent a session-key random number unasked"
             )
-        self._out += wire.frame(MessageId.RNDNO_FOR_SESSION_KEY_RP, wire.encode_status(0))
-        return self._open(suite, self._incoming_length, rq.random)
+        with self._telling_peer(MessageId.RNDNO_FOR_SESSION_KEY_RP, wire.encode_status(ErrorCode.REMOTE_KEY_HOLDER)):
+            self._open(suite, self._incoming_length, rq.random)
+        self._send(MessageId.RNDNO_FOR_SESSION_KEY_RP, wire.encode_status(0))
+        return []
 
-    def _open(self, suite: Suite, length: int, random: bytes | None) -> list[Event]:
+    def _open(self, suite: Suite, length: int, random: bytes | None) -> None:
         keys = self._keys(False, suite, random)
         self._opener = Opener(suite, keys, self._recv_chain, length, self._block_length)
-        return []
 
     def _on_block(self, header: wire.Header, payload: bytes) -> list[Event]:
         if self._opener is None or self._opener.complete:
