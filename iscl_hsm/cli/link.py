@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 
 from .. import wire
+from ..engine import Config
+from ..errors import ErrorCode, RemoteProtocolError
 from ..keyholder.base import KeyHolder
 from ..transport import aio
 from .options import add_link_options, build_config, describe, open_key_holder
@@ -19,8 +22,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "server",
         help="accept one ISCL link and join it to stdin/stdout",
         description="Listen for one ISCL client, authenticate it, then send stdin as secured messages"
-        " and write what arrives to stdout. The link's parameters go to stderr. Example:\n"
-        "  iscl server --listen 127.0.0.1:2761 > received.bin",
+        " and write what arrives to stdout. The link's parameters go to stderr. The line is"
+        " disconnected once both ends have reached the end of their input. Example:\n"
+        "  iscl server --listen 127.0.0.1:2761 < /dev/null > received.bin",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     server.add_argument("--listen", metavar="HOST:PORT", default=f"0.0.0.0:{wire.DEFAULT_PORT}",
@@ -32,7 +36,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "client",
         help="open an ISCL link and join it to stdin/stdout",
         description="Connect to an ISCL server, authenticate, then send stdin as secured messages and"
-        " write what arrives to stdout. Example:\n  echo hello | iscl client 127.0.0.1 2761",
+        " write what arrives to stdout. The line is disconnected once both ends have reached the end"
+        " of their input. Example:\n  echo hello | iscl client 127.0.0.1 2761",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     client.add_argument("host")
@@ -48,14 +53,37 @@ def split_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def send_all(stream: aio.IsclStream, data: bytes) -> None:
+    """Send ``data`` as one message, or in pieces of the peer's maximum if it refuses it as too long."""
+    try:
+        await stream.send(data)
+    except aio.MessageRefusedError as exc:
+        if exc.code is not ErrorCode.PEER_LENGTH_TOO_SMALL or not 0 < exc.peer_max_length < len(data):
+            raise
+        for start in range(0, len(data), exc.peer_max_length):
+            await stream.send(data[start : start + exc.peer_max_length])
+
+
 async def relay(stream: aio.IsclStream) -> None:
-    """Copy stdin to the link and the link to stdout until both sides are done."""
+    """Copy stdin to the link and the link to stdout until both sides are done.
+
+    The link is opened with accept_close off (see :func:`link_config`), so the peer cannot disconnect
+    the line while this end still has input to send; once stdin ends, this end accepts a disconnection
+    and asks for one. If the peer refuses (it still has input), the peer disconnects when it is done.
+    """
     print(describe(stream.parameters), file=sys.stderr, flush=True)
+    conn = stream.connection
+    chunk_size = max(1, min(CHUNK, conn.config.max_message))
 
     async def upstream() -> None:
-        while chunk := await asyncio.to_thread(sys.stdin.buffer.read1, CHUNK):
-            await stream.send(chunk)
-        await stream.close()
+        while chunk := await asyncio.to_thread(sys.stdin.buffer.read1, chunk_size):
+            await send_all(stream, chunk)
+        conn.config = dataclasses.replace(conn.config, accept_close=True)
+        try:
+            await stream.close()
+        except RemoteProtocolError as exc:
+            if exc.code is not ErrorCode.PEER_REFUSED_CLOSE:
+                raise
 
     async def downstream() -> None:
         while (data := await stream.recv()) is not None:
@@ -64,13 +92,18 @@ async def relay(stream: aio.IsclStream) -> None:
 
     down = asyncio.create_task(downstream())
     up = asyncio.create_task(upstream())
-    done, pending = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         task.result()
     if down in done:
         up.cancel()  # the peer disconnected; stdin no longer matters
     else:
         await down
+
+
+def link_config(args: argparse.Namespace) -> Config:
+    """The link options, with the peer's close refused until this end's stdin has ended."""
+    return dataclasses.replace(build_config(args), accept_close=False)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -86,7 +119,7 @@ async def _serve_one(holder: KeyHolder, host: str, port: int, args: argparse.Nam
     async def handle(stream: aio.IsclStream) -> None:
         try:
             await relay(stream)
-        except BaseException as exc:  # handed to the main task, which reports it
+        except Exception as exc:  # handed to the main task, which reports it
             failures.append(exc)
         finally:
             if not finished.done():
@@ -95,7 +128,7 @@ async def _serve_one(holder: KeyHolder, host: str, port: int, args: argparse.Nam
     def on_error(peer: object, exc: BaseException) -> None:
         print(f"iscl server: link from {peer} failed during the handshake: {exc}", file=sys.stderr)
 
-    server = await aio.start_server(handle, host, port, key_holder=holder, config=build_config(args),
+    server = await aio.start_server(handle, host, port, key_holder=holder, config=link_config(args),
                                     on_error=on_error)
     bound = server.sockets[0].getsockname()
     print(f"iscl server: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
@@ -110,7 +143,7 @@ def run_client(args: argparse.Namespace) -> int:
     holder = open_key_holder(args)
 
     async def main() -> int:
-        stream = await aio.open_connection(args.host, args.port, key_holder=holder, config=build_config(args))
+        stream = await aio.open_connection(args.host, args.port, key_holder=holder, config=link_config(args))
         await relay(stream)
         return 0
 

@@ -25,6 +25,7 @@ from ..engine import (
     MessageSent,
     NonSecureReceived,
     Role,
+    State,
 )
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
 from ..keyholder.base import KeyHolder
@@ -79,9 +80,9 @@ class IsclStream:
         await self._call(self._conn.send_non_secure, data)
 
     async def recv(self) -> bytes | None:
-        """The next verified message; None after the peer disconnected cleanly.
+        """The next verified message; None once the line is disconnected (by either end).
 
-        Raises the link's error if it failed.
+        Raises the link's error if it failed (after the messages verified before the failure).
         """
         data = await self._received.get()
         if data is None:
@@ -90,8 +91,10 @@ class IsclStream:
         return data
 
     async def close(self) -> None:
-        """Line disconnection protocol, then close the socket."""
-        await self._call(self._conn.close)
+        """Line disconnection protocol, then close the socket (just that if the peer disconnected first)."""
+        if not await self._call(self._start_close):
+            await self._shutdown()
+            return
         outcome = await self._next_outcome()
         if isinstance(outcome, CloseRefused):
             raise RemoteProtocolError(ErrorCode.PEER_REFUSED_CLOSE, "the peer refused to disconnect the line")
@@ -103,6 +106,13 @@ class IsclStream:
 
     # --- internals ------------------------------------------------------------------------------
 
+    def _start_close(self) -> bool:
+        """Ask to disconnect, unless the peer's disconnection was accepted meanwhile (the pump runs on)."""
+        if self._conn.state is State.CLOSED:
+            return False
+        self._conn.close()
+        return True
+
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run an engine call in a worker thread, then write its output, in order."""
         self._raise_failure()
@@ -111,7 +121,8 @@ class IsclStream:
             if out:
                 self._writer.write(out)
                 await asyncio.to_thread(self._conn.prepare)
-        await self._writer.drain()
+        if out:  # (draining a writer the pump has closed would raise)
+            await self._writer.drain()
         return result
 
     def _step(self, fn: Callable[..., T], *args: Any) -> tuple[T, bytes]:
@@ -155,8 +166,12 @@ class IsclStream:
                     else:
                         self._outcome.put_nowait(event)  # type: ignore[arg-type]
                     if isinstance(event, Closed):
+                        self._received.put_nowait(None)  # a recv() waiting now or later returns None
                         return
         except (IsclError, OSError) as exc:
+            for event in getattr(exc, "events", ()):  # verified before the failure: still delivered
+                if isinstance(event, MessageReceived | NonSecureReceived):
+                    self._received.put_nowait(event.data)
             self._failure = exc
             if not self._ready.done():
                 self._ready.set_exception(exc)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 from collections import deque
+from collections.abc import Callable
+from typing import Any, Self, TypeVar
 
 from .. import wire
 from ..engine import (
@@ -23,10 +25,13 @@ from ..engine import (
     MessageSent,
     NonSecureReceived,
     Role,
+    State,
 )
-from ..errors import ErrorCode, IsclError, RemoteProtocolError
+from ..errors import ErrorCode, IsclError, LocalProtocolError, RemoteProtocolError
 from ..keyholder.base import KeyHolder
 from .common import READ_SIZE, MessageRefusedError, refused_error
+
+T = TypeVar("T")
 
 
 class IsclSocket:
@@ -36,6 +41,7 @@ class IsclSocket:
         self._sock = sock
         self._conn = conn
         self._inbox: deque[Event] = deque()
+        self._failure: IsclError | None = None  # raised once the messages before it are taken
         self.parameters: LinkParameters | None = None
 
     @classmethod
@@ -139,7 +145,7 @@ class IsclSocket:
         """Drop the link without the disconnection protocol (CloseForced in the SDK)."""
         self._abort()
 
-    def __enter__(self) -> IsclSocket:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -149,9 +155,20 @@ class IsclSocket:
     # --- internals ------------------------------------------------------------------------------
 
     def _read_events(self) -> None:
+        if self._failure is not None:
+            raise self._failure
         data = self._sock.recv(READ_SIZE)
-        events = self._guard(self._conn.receive_data, data)
-        self._flush()  # answers (RP, RNDNO_RP) go out at once
+        try:
+            events = self._guard(self._conn.receive_data, data)
+        except IsclError as exc:
+            # Messages verified before the failure are still delivered; the error comes after them.
+            kinds = MessageReceived | NonSecureReceived
+            events = [e for e in getattr(exc, "events", ()) if isinstance(e, kinds)]
+            if not events:
+                raise
+            self._failure = exc
+        else:
+            self._flush()  # answers (RP, RNDNO_RP) go out at once
         for event in events:
             if isinstance(event, LinkReady):
                 self.parameters = event.parameters
@@ -171,12 +188,18 @@ class IsclSocket:
             self._sock.sendall(out)
         self._guard(self._conn.prepare)
 
-    def _guard(self, fn, *args):  # type: ignore[no-untyped-def]
-        """Run an engine call; on any ISCL error tell the peer what we can, then drop the socket."""
+    def _guard(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an engine call; if it killed the link, tell the peer what we can, then drop the socket.
+
+        A local refusal (a message over our own limit, a call in the wrong state) leaves the link up.
+        """
+        if self._failure is not None:
+            raise self._failure
         try:
             return fn(*args)
-        except IsclError:
-            self._abort()
+        except IsclError as exc:
+            if not isinstance(exc, LocalProtocolError) or self._conn.state is State.ERROR:
+                self._abort()
             raise
 
     def _abort(self) -> None:

@@ -9,19 +9,25 @@ fails, never skips, when SoftHSM2 is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from iscl_hsm.keyholder.pkcs11 import DEFAULT_MODULE, is_module_loaded
+from iscl_hsm.keyholder.base import KeyHolder
+from iscl_hsm.keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder, is_module_loaded
 from iscl_hsm.keyholder.provision import init_token, softhsm_environment
+from iscl_hsm.wire import SESSION_KEYS, Encryption, Mac
 
 TOKEN_POOL_SIZE = 12
 """Tokens made up front; raise it when tests need more (each costs about 40 ms)."""
@@ -98,3 +104,227 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
             init_token(token.label, token.so_pin, token.pin, env=env)
             pool.append(token)
         yield SoftHsm(data_dir=data_dir, env=env, pool=pool)
+
+
+# --------------------------------------------------------------------------------------------------
+# Two hospitals holding the same keys, and a stranger (transport and command-line tests)
+
+
+def _known_key(name: str) -> bytes:
+    """A fixed single-DES test key (not weak: fix_parity of a SHA-256 prefix)."""
+    import hashlib
+
+    from iscl_hsm.crypto.des import fix_parity, is_weak
+
+    value = fix_parity(hashlib.sha256(f"iscl-hsm test key {name}".encode()).digest()[:8])
+    assert not is_weak(value)
+    return value
+
+
+HOSPITAL_KEYS: dict[tuple[str, int], bytes] = {
+    (purpose, index): _known_key(f"{purpose}-{index}") for purpose in ("auth", "enc") for index in range(1, 9)
+}
+"""The 16 keys both hospitals imported (what two sites agree on in a key ceremony)."""
+
+STRANGER_AUTH_1 = _known_key("stranger auth-1")
+STRANGER_MISSING = (("auth", 3), ("enc", 3))
+"""The stranger holds the hospitals' keys except: its auth key 1 differs, auth 3 and enc 3 are absent."""
+
+
+@dataclass(frozen=True)
+class Hospitals:
+    """Tokens of two hospitals with the same keys, and a stranger's token; each with a PIN file."""
+
+    a: SoftHsmToken
+    b: SoftHsmToken
+    stranger: SoftHsmToken
+    pin_files: dict[str, Path] = field(repr=False)
+    softhsm_conf: str = ""
+
+    def pin_file(self, token: SoftHsmToken) -> Path:
+        return self.pin_files[token.label]
+
+    def holder(self, token: SoftHsmToken, record_keys: str = "host") -> Pkcs11KeyHolder:
+        """A new key holder on ``token`` (use it in a ``with`` block)."""
+        return Pkcs11KeyHolder(token.label, token.pin, token.module, record_keys=record_keys)
+
+
+@pytest.fixture(scope="session")
+def hospitals(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> Hospitals:
+    """Hospital A and B import HOSPITAL_KEYS through ensure_token; the stranger through store_key."""
+    from iscl_hsm.keyholder.provision import ensure_token, store_key
+
+    pins = tmp_path_factory.mktemp("pins")
+    a, b, stranger = softhsm.take(), softhsm.take(), softhsm.take()
+    pin_files = {}
+    for token in (a, b, stranger):
+        path = pins / f"{token.label}.pin"
+        path.write_text(token.pin + "\n")
+        path.chmod(0o600)
+        pin_files[token.label] = path
+    check_values = []
+    for token in (a, b):
+        label, _, kcvs = ensure_token(softhsm.data_dir, token.label, pin_files[token.label], HOSPITAL_KEYS)
+        assert label == token.label and len(kcvs) == 16
+        check_values.append(kcvs)
+        # Idempotent: a second run finds the same keys and creates nothing.
+        assert ensure_token(softhsm.data_dir, token.label, pin_files[token.label], HOSPITAL_KEYS)[2] == kcvs
+    assert check_values[0] == check_values[1]
+    with Pkcs11KeyHolder(stranger.label, stranger.pin, stranger.module) as holder:
+        for (purpose, index), value in HOSPITAL_KEYS.items():
+            if (purpose, index) in STRANGER_MISSING:
+                continue
+            store_key(holder, purpose, index, STRANGER_AUTH_1 if (purpose, index) == ("auth", 1) else value)
+    return Hospitals(a, b, stranger, pin_files, softhsm.env["SOFTHSM2_CONF"])
+
+
+# --------------------------------------------------------------------------------------------------
+# A man in the middle
+
+
+class TamperingProxy:
+    """A TCP relay between one ISCL client and a server that may rewrite whole frames in flight.
+
+    ``tamper(direction, frame)`` gets each complete frame ("c2s" or "s2c", a tests.helpers.Frame) and
+    returns the bytes to forward instead. An end of stream is passed on as a half-close; ``frames``
+    records what passed (before tampering).
+    """
+
+    def __init__(self, upstream_port: int, tamper: Callable[[str, Any], bytes]) -> None:
+        self._upstream = ("127.0.0.1", upstream_port)
+        self._tamper = tamper
+        self._lock = threading.Lock()
+        self.frames: list[tuple[str, Any]] = []
+        self.errors: list[BaseException] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(PROXY_TIMEOUT)
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self._listener.accept()
+            server = socket.create_connection(self._upstream, timeout=PROXY_TIMEOUT)
+        except OSError as exc:
+            self.errors.append(exc)
+            return
+        client.settimeout(PROXY_TIMEOUT)
+        self._sockets += [client, server]
+        for direction, source, sink in (("c2s", client, server), ("s2c", server, client)):
+            thread = threading.Thread(target=self._relay, args=(direction, source, sink), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _relay(self, direction: str, source: socket.socket, sink: socket.socket) -> None:
+        from tests.helpers import Frame
+
+        buffer = bytearray()
+        try:
+            while data := source.recv(1 << 16):
+                buffer += data
+                while len(buffer) >= 32:
+                    end = 32 + int.from_bytes(buffer[8:12], "big")
+                    if len(buffer) < end:
+                        break
+                    frame = Frame(bytes(buffer[:end]))
+                    del buffer[:end]
+                    with self._lock:
+                        self.frames.append((direction, frame))
+                    sink.sendall(self._tamper(direction, frame))
+            sink.sendall(bytes(buffer))  # an incomplete frame at the end goes through as it is
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for thread in self._threads[1:]:
+            thread.join(PROXY_TIMEOUT)
+        for sock in (*self._sockets, self._listener):
+            sock.close()
+        self._threads[0].join(PROXY_TIMEOUT)
+
+
+PROXY_TIMEOUT = 60.0
+
+
+@pytest.fixture
+def mitm() -> Iterator[Callable[[int, Callable[[str, Any], bytes]], TamperingProxy]]:
+    """Factory: ``mitm(server_port, tamper)`` starts a TamperingProxy; all are closed after the test."""
+    proxies: list[TamperingProxy] = []
+
+    def start(port: int, tamper: Callable[[str, Any], bytes]) -> TamperingProxy:
+        proxy = TamperingProxy(port, tamper)
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared by the transport tests
+
+SUITES = [
+    pytest.param(enc, mac, key, id=f"{enc.name}-{mac.name}-{'session' if key == SESSION_KEYS else 'key1'}")
+    for enc in Encryption
+    for mac in Mac
+    for key in (1, SESSION_KEYS)
+]
+"""Every encryption x MAC x key mode (key 1, or unique session keys), as (Encryption, Mac, enc key id)."""
+MAC_SUITES = [p for p in SUITES if p.values[1] is not Mac.NONE]
+"""The suites with a MAC, which detect tampering."""
+
+
+@dataclass
+class Outcome:
+    """What one end of a link returned, or what it raised."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+    def get(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def failed(self, kind: type[BaseException], code: Any) -> Any:
+        """Assert that this end raised ``kind`` with ErrorCode ``code``; return the exception."""
+        assert isinstance(self.error, kind), f"expected {kind.__name__} {code.name}, got {self.error!r}"
+        assert self.error.code is code, f"expected {code.name}, got {self.error!r}"  # type: ignore[attr-defined]
+        return self.error
+
+
+@pytest.fixture
+def holders(hospitals: Hospitals) -> Iterator[Callable[..., Pkcs11KeyHolder]]:
+    """``holders(token, record_keys="host")`` opens a key holder that is closed after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def open_holder(token: SoftHsmToken, record_keys: str = "host") -> Pkcs11KeyHolder:
+            return stack.enter_context(hospitals.holder(token, record_keys))
+
+        yield open_holder
+
+
+def header(mid: int, length: int) -> bytes:
+    """A bare 32-byte ISCL header (what a forger or a confused peer might send)."""
+    import struct
+
+    return struct.pack(">8I", 0, mid, length, 0, 0, 0, 0, 0)
+
+
+def raw_client_handshake(
+    port: int, holder: KeyHolder, config: Any, timeout: float = 60.0
+) -> tuple[socket.socket, Any]:
+    """A client that runs the engine by hand on a plain socket, so that it can misbehave afterwards."""
+    from iscl_hsm.engine import Connection, Role, State
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    conn = Connection(Role.CLIENT, holder, config)
+    while conn.state is not State.READY:
+        conn.receive_data(sock.recv(1 << 16))
+        sock.sendall(conn.data_to_send())
+    return sock, conn

@@ -1,0 +1,435 @@
+"""The `iscl` command, run as `python3 -m iscl_hsm` in child processes against SoftHSM2 tokens.
+
+The children see the test session's tokens through SOFTHSM2_CONF (conftest.py); `iscl demo` gets its
+own data directory through XDG_DATA_HOME. Servers listen on port 0 and the test reads the port from
+their "listening on HOST:PORT" line.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from iscl_hsm import __version__
+
+from .conftest import Hospitals, SoftHsmToken
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT = 120.0
+"""Seconds a child may run: a safety net against hangs, never an assertion."""
+
+LINK_LINE = (
+    "ISCL link up: MEDIS-ISCL V1.00, block 8160 bytes, auth key 1, des-cbc + des-mac with key 1,"
+    " peer auth data 'iscl-hsm'"
+)
+KEY_HOLDER_OPTIONS = ["--pkcs11-module", "--token", "--pin-file", "--record-keys"]
+LINK_OPTIONS = [
+    "--auth-key-id", "--enc-key-id", "--encryption", "--mac", "--max-block", "--max-message", "--auth-data",
+]  # fmt: skip
+
+
+def child_env(hospitals: Hospitals | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment without SoftHSM2/PIN settings, plus PYTHONPATH and ``extra``."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("SOFTHSM2_CONF", "OPENSSL_CONF", "ISCL_PIN", "XDG_DATA_HOME", "PYTHONPATH")
+    }
+    env["PYTHONPATH"] = str(REPO)
+    if hospitals is not None:
+        env["SOFTHSM2_CONF"] = hospitals.softhsm_conf
+    env.update(extra)
+    return env
+
+
+def iscl(
+    *args: object, env: dict[str, str], stdin: object = subprocess.DEVNULL, stdout: object = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
+    """Run ``iscl args``; stderr (and stdout unless redirected) is captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "iscl_hsm", *map(str, args)],
+        env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+
+
+def token_args(hospitals: Hospitals, token: SoftHsmToken) -> list[str]:
+    return ["--token", token.label, "--pin-file", str(hospitals.pin_file(token))]
+
+
+def one_line(stderr: str) -> str:
+    """The single line a failing command prints (no traceback, no logging)."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert lines[0].startswith("iscl: "), lines[0]
+    return lines[0]
+
+
+class Server:
+    """`iscl server --listen 127.0.0.1:0 ...` in the background; stderr collected line by line."""
+
+    def __init__(self, args: Sequence[object], env: dict[str, str], stdin: Path | None, stdout: Path) -> None:
+        with open(stdin or os.devnull, "rb") as source, open(stdout, "wb") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "iscl_hsm", "server", "--listen", "127.0.0.1:0", *map(str, args)],
+                env=env, stdin=source, stdout=sink, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str) -> re.Match[str]:
+        """The first (new) stderr line matching ``pattern``; fails if the server ends first."""
+        while True:
+            try:
+                line = self._queue.get(timeout=TIMEOUT)
+            except queue.Empty:
+                pytest.fail(f"the server printed no line matching {pattern!r}: {self.lines}")
+            if line is None:
+                pytest.fail(f"the server ended (exit {self.proc.wait()}) before {pattern!r}: {self.lines}")
+            if match := re.search(pattern, line):
+                return match
+
+    @property
+    def port(self) -> int:
+        return int(self.wait_for(r"^iscl server: listening on 127\.0\.0\.1:(\d+)$").group(1))
+
+    def finish(self) -> int:
+        code = self.proc.wait(TIMEOUT)
+        self._reader.join(TIMEOUT)
+        return code
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+        self._reader.join(TIMEOUT)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Servers a test starts are appended here and killed afterwards if still running."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def start_server(
+    servers: list[Server], args: Sequence[object], env: dict[str, str], stdin: Path | None, stdout: Path
+) -> Server:
+    server = Server(args, env, stdin, stdout)
+    servers.append(server)
+    return server
+
+
+# --- help and version ---------------------------------------------------------------------------
+
+
+def test_top_level_help_shows_the_commands_and_global_options() -> None:
+    done = iscl("--help", env=child_env())
+    assert done.returncode == 0, done.stderr
+    for text in ("-v, --verbose", "--version", "demo", "server", "client", "iscl demo"):
+        assert text in done.stdout, text
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("server", [*KEY_HOLDER_OPTIONS, *LINK_OPTIONS, "--listen HOST:PORT"]),
+        ("client", [*KEY_HOLDER_OPTIONS, *LINK_OPTIONS, "host", "port"]),
+        ("demo", KEY_HOLDER_OPTIONS),
+    ],
+)
+def test_each_command_shows_its_options(command: str, expected: list[str]) -> None:
+    done = iscl(command, "--help", env=child_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: iscl {command}")
+    for option in expected:
+        assert option in done.stdout, option
+
+
+def test_version() -> None:
+    done = iscl("--version", env=child_env())
+    assert (done.returncode, done.stdout) == (0, f"iscl-hsm {__version__} (MEDIS-ISCL V1.00)\n")
+
+
+def test_a_command_is_required() -> None:
+    done = iscl(env=child_env())
+    assert done.returncode == 2 and "usage: iscl" in done.stderr and done.stdout == ""
+
+
+# --- server and client joined to stdin and stdout -------------------------------------------------
+
+
+def _transfer(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path, to_server: bytes, to_client: bytes,
+    server_args: Sequence[str] = (), client_args: Sequence[str] = (),
+) -> tuple[Server, subprocess.CompletedProcess[str], bytes, bytes]:  # fmt: skip
+    """Run hospital A's server and hospital B's client with these inputs; return what each wrote."""
+    paths = {name: tmp_path / name for name in ("server.in", "server.out", "client.in", "client.out")}
+    paths["server.in"].write_bytes(to_client)
+    paths["client.in"].write_bytes(to_server)
+    env = child_env(hospitals)
+    server = start_server(
+        servers,
+        [*token_args(hospitals, hospitals.a), *server_args],
+        env,
+        paths["server.in"],
+        paths["server.out"],
+    )
+    with open(paths["client.in"], "rb") as stdin, open(paths["client.out"], "wb") as stdout:
+        client = iscl(
+            "client", "127.0.0.1", server.port, *token_args(hospitals, hospitals.b), *client_args,
+            env=env, stdin=stdin, stdout=stdout,
+        )  # fmt: skip
+    assert server.finish() == 0, server.lines
+    assert client.returncode == 0, client.stderr
+    return server, client, paths["server.out"].read_bytes(), paths["client.out"].read_bytes()
+
+
+@pytest.mark.parametrize("direction", ["client-to-server", "server-to-client", "both-ways"])
+def test_stdin_arrives_on_the_peers_stdout_byte_identical(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path, direction: str
+) -> None:
+    to_server = os.urandom(3_000_000) if direction != "server-to-client" else b""
+    to_client = os.urandom(3_000_017) if direction != "client-to-server" else b""
+    server, client, server_out, client_out = _transfer(hospitals, servers, tmp_path, to_server, to_client)
+    assert server_out == to_server
+    assert client_out == to_client
+    assert server.lines[1:] == [LINK_LINE]
+    assert client.stderr.splitlines() == [LINK_LINE]
+
+
+def test_the_link_options_reach_both_ends(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path
+) -> None:
+    common = ["--encryption", "none", "--mac", "md5", "--enc-key-id", "session", "--auth-key-id", "6",
+              "--record-keys", "token"]  # fmt: skip
+    to_server, to_client = os.urandom(300_001), os.urandom(200_003)
+    server, client, server_out, client_out = _transfer(
+        hospitals, servers, tmp_path, to_server, to_client,
+        [*common, "--max-block", "1024", "--auth-data", "Hospital A"],
+        [*common, "--max-block", "4096", "--auth-data", "Hospital B"],
+    )  # fmt: skip
+    assert (server_out, client_out) == (to_server, to_client)
+    link = "ISCL link up: MEDIS-ISCL V1.00, block 1024 bytes, auth key 6, none + md5 with session keys"
+    assert server.lines[1:] == [f"{link}, peer auth data 'Hospital B'"]
+    assert client.stderr.splitlines() == [f"{link}, peer auth data 'Hospital A'"]
+
+
+def test_a_peer_with_a_smaller_max_message_gets_smaller_messages(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path
+) -> None:
+    to_server, to_client = os.urandom(500_000), os.urandom(400_000)
+    _, _, server_out, client_out = _transfer(
+        hospitals,
+        servers,
+        tmp_path,
+        to_server,
+        to_client,
+        ["--max-message", "5000"],
+        ["--max-message", "7000"],
+    )
+    assert (server_out, client_out) == (to_server, to_client)
+
+
+def test_the_server_survives_failed_handshakes(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path
+) -> None:
+    """A stranger (wrong auth key 1) and a client whose token lacks auth key 3 fail; the next one works."""
+    env = child_env(hospitals)
+    server = start_server(servers, token_args(hospitals, hospitals.a), env, None, tmp_path / "server.out")
+    port = server.port
+
+    wrong_key = iscl("client", "127.0.0.1", port, *token_args(hospitals, hospitals.stranger), env=env)
+    assert wrong_key.returncode == 1
+    line = one_line(wrong_key.stderr)
+    assert "different keys at authentication index 1" in line and "AUTHENTICATION_FAILED" in line
+    failure = server.wait_for("failed during the handshake")
+    assert "AUTHENTICATION_FAILED" in failure.string
+
+    missing = iscl(
+        "client", "127.0.0.1", port, *token_args(hospitals, hospitals.stranger), "--auth-key-id", "3", env=env
+    )
+    assert missing.returncode == 1
+    line = one_line(missing.stderr)
+    assert "'iscl-auth-3'" in line and hospitals.stranger.label in line and "KEY_NOT_FOUND" in line
+    assert "REMOTE_KEY_HOLDER" in server.wait_for("failed during the handshake").string
+
+    good = iscl("client", "127.0.0.1", port, *token_args(hospitals, hospitals.b), env=env)
+    assert good.returncode == 0, good.stderr
+    assert server.finish() == 0, server.lines
+
+
+def test_a_key_missing_on_the_servers_token_is_named_there(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path
+) -> None:
+    env = child_env(hospitals)
+    server = start_server(
+        servers, token_args(hospitals, hospitals.stranger), env, None, tmp_path / "server.out"
+    )
+    client = iscl(
+        "client", "127.0.0.1", server.port, *token_args(hospitals, hospitals.a), "--auth-key-id", "3", env=env
+    )
+    assert client.returncode == 1
+    assert "REMOTE_KEY_HOLDER" in one_line(client.stderr)
+    failure = server.wait_for("failed during the handshake").string
+    assert "'iscl-auth-3'" in failure and hospitals.stranger.label in failure and "KEY_NOT_FOUND" in failure
+
+
+# --- configuration mistakes: exit 1 and one clear line ---------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["server", "client"])
+@pytest.mark.parametrize("via", ["pin-file", "ISCL_PIN"])
+def test_a_wrong_pin_is_one_line_without_the_pin(
+    hospitals: Hospitals, tmp_path: Path, command: str, via: str
+) -> None:
+    wrong = "wrong-" + secrets.token_hex(6)
+    token = hospitals.stranger
+    extra: dict[str, str] = {}
+    args = ["--token", token.label]
+    if via == "pin-file":
+        (tmp_path / "pin").write_text(wrong + "\n")
+        args += ["--pin-file", str(tmp_path / "pin")]
+    else:
+        extra["ISCL_PIN"] = wrong
+    target = ["--listen", "127.0.0.1:0"] if command == "server" else ["127.0.0.1", "1"]
+    done = iscl(command, *target, *args, env=child_env(hospitals, **extra))
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert f"wrong PIN for PKCS#11 token '{token.label}'" in line
+    assert wrong not in done.stderr + done.stdout and token.pin not in done.stderr + done.stdout
+
+
+def test_an_unknown_token_label_is_named(hospitals: Hospitals) -> None:
+    done = iscl(
+        "client", "127.0.0.1", "1", "--token", "no-such-token", "--pin-file", hospitals.pin_file(hospitals.a),
+        env=child_env(hospitals),
+    )  # fmt: skip
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert "PKCS#11 token 'no-such-token' not found" in line
+    assert f"'{hospitals.a.label}'" in line  # the tokens that are there
+
+
+def test_a_missing_module_is_named(hospitals: Hospitals, tmp_path: Path) -> None:
+    missing = tmp_path / "lib" / "libvendor-pkcs11.so"
+    done = iscl(
+        "server", "--listen", "127.0.0.1:0", "--pkcs11-module", missing, *token_args(hospitals, hospitals.a),
+        env=child_env(hospitals),
+    )  # fmt: skip
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert f"PKCS#11 module {missing} could not be loaded: no such file" in line
+
+
+def test_a_missing_pin_file_is_named(hospitals: Hospitals, tmp_path: Path) -> None:
+    done = iscl(
+        "client", "127.0.0.1", "1", "--token", hospitals.a.label, "--pin-file", tmp_path / "nope.pin",
+        env=child_env(hospitals),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"cannot read the PIN file {tmp_path / 'nope.pin'}" in one_line(done.stderr)
+
+
+def test_no_pin_at_all_says_how_to_give_one(hospitals: Hospitals) -> None:
+    done = iscl("client", "127.0.0.1", "1", "--token", hospitals.a.label, env=child_env(hospitals))
+    assert done.returncode == 1
+    assert "pass --pin-file FILE or set ISCL_PIN" in one_line(done.stderr)
+
+
+def test_nothing_listening_is_one_line(hospitals: Hospitals) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as placeholder:
+        port = placeholder.getsockname()[1]
+    done = iscl("client", "127.0.0.1", port, *token_args(hospitals, hospitals.a), env=child_env(hospitals))
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert "Connect call failed" in line and str(port) in line
+
+
+def test_an_address_in_use_is_one_line(hospitals: Hospitals) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = iscl(
+            "server",
+            "--listen",
+            f"127.0.0.1:{port}",
+            *token_args(hospitals, hospitals.a),
+            env=child_env(hospitals),
+        )
+    assert done.returncode == 1
+    assert "address already in use" in one_line(done.stderr)
+
+
+def test_a_bad_listen_address_is_one_line(hospitals: Hospitals) -> None:
+    done = iscl("server", "--listen", "2761", *token_args(hospitals, hospitals.a), env=child_env(hospitals))
+    assert done.returncode == 1
+    assert one_line(done.stderr) == "iscl: --listen wants HOST:PORT, not '2761'"
+
+
+# --- the demo -------------------------------------------------------------------------------------
+
+SUITE_ROWS = {
+    (enc, mac, keys)
+    for enc in ("none", "des-cbc")
+    for mac in ("none", "md5", "des-mac")
+    for keys in ("key 1", "session")
+}
+
+
+def _demo_rows(stdout: str) -> dict[tuple[str, str, str], str]:
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[0] in ("none", "des-cbc"):
+            rows[(cells[0], cells[1], cells[2])] = cells[7]
+    return rows
+
+
+def test_the_demo_makes_its_token_and_reuses_it(tmp_path: Path) -> None:
+    env = child_env(XDG_DATA_HOME=str(tmp_path))  # no SOFTHSM2_CONF: the demo makes its own
+    data = tmp_path / "iscl-hsm"
+
+    first = iscl("demo", env=env)
+    assert first.returncode == 0, first.stderr
+    assert _demo_rows(first.stdout) == dict.fromkeys(SUITE_ROWS, "ok")
+    assert first.stdout.count("| ok |") == 12
+    assert "Key holder: PKCS#11 token 'iscl-demo'" in first.stderr
+    tokens = sorted(path.name for path in (data / "tokens").iterdir())
+    pin = (data / "pin").read_text()
+    assert len(tokens) == 1 and (data / "pin").stat().st_mode & 0o777 == 0o600
+    assert pin.strip() not in first.stdout + first.stderr
+
+    second = iscl("demo", env=env)
+    assert second.returncode == 0, second.stderr
+    assert _demo_rows(second.stdout) == dict.fromkeys(SUITE_ROWS, "ok")
+    assert sorted(path.name for path in (data / "tokens").iterdir()) == tokens  # the same token
+    assert (data / "pin").read_text() == pin
+
+
+def test_the_demo_on_a_named_token(hospitals: Hospitals) -> None:
+    done = iscl(
+        "demo", *token_args(hospitals, hospitals.a), "--record-keys", "token", env=child_env(hospitals)
+    )
+    assert done.returncode == 0, done.stderr
+    assert _demo_rows(done.stdout) == dict.fromkeys(SUITE_ROWS, "ok")
+    assert f"Key holder: PKCS#11 token '{hospitals.a.label}'" in done.stderr

@@ -1,0 +1,547 @@
+"""The asyncio transport (open_connection / start_server) end to end over loopback TCP and SoftHSM2.
+
+Each test runs its own event loop with asyncio.run (pytest-asyncio is not used). Hospital A serves,
+hospital B connects; both hold the same keys (see the ``hospitals`` fixture in conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from iscl_hsm import wire
+from iscl_hsm.engine import Config, MessageSent, State
+from iscl_hsm.errors import ErrorCode, KeyHolderError, LocalProtocolError, RemoteProtocolError
+from iscl_hsm.keyholder.base import KeyHolder
+from iscl_hsm.transport import aio
+from iscl_hsm.transport.aio import IsclStream, MessageRefusedError
+from iscl_hsm.wire import Encryption, Mac, MessageId
+from tests.helpers import Frame
+
+from .conftest import MAC_SUITES, SUITES, Hospitals, Outcome, TamperingProxy, header, raw_client_handshake
+
+TIMEOUT = 60.0
+"""Seconds a whole test's event loop may run: a safety net against hangs, never an assertion."""
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
+
+
+class Served:
+    """A start_server handler that runs ``script(stream)`` per link and keeps each Outcome."""
+
+    def __init__(self, script: Callable[[IsclStream], Awaitable[Any]]) -> None:
+        self._script = script
+        self.outcomes: list[Outcome] = []
+        self.peers: list[Any] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, stream: IsclStream) -> None:
+        outcome = Outcome()
+        self.peers.append(stream.peer)
+        try:
+            outcome.value = await self._script(stream)
+        except BaseException as exc:  # noqa: BLE001 - examined by the test
+            outcome.error = exc
+        finally:
+            await stream.abort()
+            self.outcomes.append(outcome)
+            self._changed.set()
+
+    async def wait(self, count: int = 1) -> list[Outcome]:
+        while len(self.outcomes) < count:
+            self._changed.clear()
+            await self._changed.wait()
+        return self.outcomes
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Callable[[IsclStream], Awaitable[None]],
+    holder: KeyHolder,
+    config: Config | None = None,
+    on_error: Callable[[Any, BaseException], None] | None = None,
+) -> AsyncIterator[int]:
+    """start_server on an ephemeral loopback port; yields the port."""
+    server = await aio.start_server(
+        handler, "127.0.0.1", 0, key_holder=holder, config=config, on_error=on_error
+    )
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def connect(port: int, holder: KeyHolder, config: Config | None = None) -> IsclStream:
+    return await aio.open_connection("127.0.0.1", port, key_holder=holder, config=config)
+
+
+async def until_closed(stream: IsclStream) -> None:
+    assert await stream.recv() is None, "expected the peer to disconnect the line"
+
+
+# --- every suite, both ways ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("record_keys", ["host", "token"])
+@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), SUITES)
+def test_every_suite_carries_messages_both_ways(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], record_keys: str,
+    encryption: Encryption, mac: Mac, enc_key_id: int,
+) -> None:  # fmt: skip
+    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    sizes = [0, 1, wire.MAX_BLOCK]
+    to_server = [os.urandom(n) for n in sizes]
+    to_client = [os.urandom(n) for n in sizes]
+
+    async def server_script(stream: IsclStream) -> tuple[list[bytes | None], Any]:
+        got = []
+        for data in to_client:
+            got.append(await stream.recv())
+            await stream.send(data)
+        await until_closed(stream)
+        return got, stream.parameters
+
+    async def main() -> tuple[list[bytes | None], Any, bytes | None, State, Outcome]:
+        served = Served(server_script)
+        async with serving(served, holders(hospitals.a, record_keys), config) as port:
+            stream = await connect(port, holders(hospitals.b, record_keys), config)
+            got = []
+            for data in to_server:
+                await stream.send(data)
+                got.append(await stream.recv())
+            await stream.close()
+            after = await stream.recv()
+            (server,) = await served.wait()
+        return got, stream.parameters, after, stream.connection.state, server
+
+    client_got, client_parameters, after_close, client_state, server = run(main())
+    server_got, server_parameters = server.get()
+    assert server_got == to_server and client_got == to_client
+    assert after_close is None and client_state is State.CLOSED
+    for parameters in (server_parameters, client_parameters):
+        assert (parameters.encryption, parameters.mac, parameters.enc_key_id) == (encryption, mac, enc_key_id)
+        assert parameters.block_length == wire.MAX_BLOCK
+
+
+@pytest.mark.parametrize("record_keys", ["host", "token"])
+def test_twenty_concurrent_links_through_one_server(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], record_keys: str
+) -> None:
+    links = 20
+
+    async def echo(stream: IsclStream) -> int:
+        count = 0
+        while (data := await stream.recv()) is not None:
+            await stream.send(data)
+            count += 1
+        return count
+
+    async def client(port: int, holder: KeyHolder, number: int) -> list[bytes | None]:
+        stream = await connect(port, holder)
+        echoed = []
+        for size in (1, 3000, 2 * wire.MAX_BLOCK + 7):
+            message = (f"link {number:02} " * size).encode()[:size]
+            await stream.send(message)
+            echoed.append(await stream.recv())
+            assert echoed[-1] == message
+        await stream.close()
+        return echoed
+
+    async def main() -> tuple[list[Any], list[Outcome], list[Any]]:
+        served = Served(echo)
+        async with serving(served, holders(hospitals.a, record_keys)) as port:
+            holder = holders(hospitals.b, record_keys)
+            results = await asyncio.gather(
+                *(client(port, holder, number) for number in range(links)), return_exceptions=True
+            )
+            outcomes = await served.wait(links)
+        return results, outcomes, served.peers
+
+    results, outcomes, peers = run(main())
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures
+    assert all(len(echoed) == 3 for echoed in results)  # type: ignore[arg-type]
+    assert [outcome.get() for outcome in outcomes] == [3] * links
+    assert len(set(peers)) == links  # twenty distinct connections, all served at once
+
+
+# --- handshake failures reach on_error ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["wrong-auth-key", "auth-key-missing-on-server", "key-id-not-allowed"])
+def test_a_failed_handshake_reaches_on_error(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], case: str
+) -> None:
+    server_token, server_config, client_config, server_kind, server_code, client_code = {
+        "wrong-auth-key": (
+            hospitals.stranger, None, None,
+            RemoteProtocolError, ErrorCode.AUTHENTICATION_FAILED, ErrorCode.AUTHENTICATION_FAILED,
+        ),
+        "auth-key-missing-on-server": (
+            hospitals.stranger, None, Config(auth_key_id=3),
+            KeyHolderError, ErrorCode.KEY_NOT_FOUND, ErrorCode.REMOTE_KEY_HOLDER,
+        ),
+        "key-id-not-allowed": (
+            hospitals.a, Config(allowed_auth_key_ids=frozenset({1})), Config(auth_key_id=4),
+            RemoteProtocolError, ErrorCode.BAD_OPTION, ErrorCode.BAD_OPTION,
+        ),
+    }[case]  # fmt: skip
+
+    async def main() -> tuple[list[tuple[Any, BaseException]], Outcome, Served]:
+        errors: list[tuple[Any, BaseException]] = []
+        reported = asyncio.Event()
+
+        def on_error(peer: Any, exc: BaseException) -> None:
+            errors.append((peer, exc))
+            reported.set()
+
+        served = Served(until_closed)
+        client = Outcome()
+        async with serving(served, holders(server_token), server_config, on_error) as port:
+            try:
+                client.value = await connect(port, holders(hospitals.b), client_config)
+            except BaseException as exc:  # noqa: BLE001 - examined below
+                client.error = exc
+            await reported.wait()
+        return errors, client, served
+
+    errors, client, served = run(main())
+    client.failed(RemoteProtocolError, client_code)
+    ((peer, error),) = errors
+    assert peer[0] == "127.0.0.1"
+    Outcome(error=error).failed(server_kind, server_code)
+    if case == "auth-key-missing-on-server":
+        assert "'iscl-auth-3'" in str(error) and hospitals.stranger.label in str(error)
+    assert served.outcomes == []  # the handler never saw the failed link
+
+
+def test_a_plain_http_client_reaches_on_error(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    async def main() -> list[tuple[Any, BaseException]]:
+        errors: list[tuple[Any, BaseException]] = []
+        reported = asyncio.Event()
+
+        def on_error(peer: Any, exc: BaseException) -> None:
+            errors.append((peer, exc))
+            reported.set()
+
+        async with serving(Served(until_closed), holders(hospitals.a), on_error=on_error) as port:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await reported.wait()
+            writer.close()
+        return errors
+
+    ((_, error),) = run(main())
+    Outcome(error=error).failed(RemoteProtocolError, ErrorCode.BAD_MESSAGE_ID)
+
+
+# --- clean close and failures as recv() reports them ----------------------------------------------
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+def test_recv_after_the_peers_clean_close_returns_none(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], closer: str
+) -> None:
+    async def closing(stream: IsclStream) -> State:
+        await stream.send(b"that is all")
+        await stream.close()
+        return stream.connection.state
+
+    async def listening(stream: IsclStream) -> tuple[bytes | None, ...]:
+        return await stream.recv(), await stream.recv(), await stream.recv()
+
+    async def main() -> tuple[Any, Any]:
+        served = Served(closing if closer == "server" else listening)
+        async with serving(served, holders(hospitals.a)) as port:
+            stream = await connect(port, holders(hospitals.b))
+            client = await (listening(stream) if closer == "server" else closing(stream))
+            (server,) = await served.wait()
+        return server.get(), client
+
+    server, client = run(main())
+    closed, listened = (server, client) if closer == "server" else (client, server)
+    assert closed is State.CLOSED
+    assert listened == (b"that is all", None, None)
+
+
+def test_a_recv_waiting_while_this_end_closes_returns_none(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    """The usual reader task: it must end when this end disconnects, not wait forever."""
+
+    async def main() -> tuple[bytes | None, bytes | None, Outcome]:
+        served = Served(until_closed)
+        async with serving(served, holders(hospitals.a)) as port:
+            stream = await connect(port, holders(hospitals.b))
+            reader = asyncio.create_task(stream.recv())
+            await stream.close()
+            waiting = await reader
+            later = await stream.recv()
+            (server,) = await served.wait()
+        return waiting, later, server
+
+    waiting, later, server = run(main())
+    assert (waiting, later) == (None, None)
+    assert server.get() is None
+
+
+def test_close_after_the_peer_disconnected_is_quiet(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    """Both ends may want to close; the one whose request came second just closes its socket."""
+
+    async def server_script(stream: IsclStream) -> State:
+        await stream.close()
+        return stream.connection.state
+
+    async def main() -> tuple[Outcome, bytes | None, State]:
+        served = Served(server_script)
+        async with serving(served, holders(hospitals.a)) as port:
+            stream = await connect(port, holders(hospitals.b))
+            got = await stream.recv()
+            await stream.close()
+            (server,) = await served.wait()
+        return server, got, stream.connection.state
+
+    server, got, state = run(main())
+    assert server.get() is State.CLOSED
+    assert (got, state) == (None, State.CLOSED)
+
+
+def test_recv_after_a_dropped_line_raises_the_error(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    async def receiver(stream: IsclStream) -> tuple[bytes | None, BaseException, BaseException]:
+        first = await stream.recv()
+        errors = []
+        for _ in range(2):
+            with pytest.raises(RemoteProtocolError) as caught:
+                await stream.recv()
+            errors.append(caught.value)
+        return first, errors[0], errors[1]
+
+    async def main() -> Outcome:
+        served = Served(receiver)
+        async with serving(served, holders(hospitals.a)) as port:
+            stream = await connect(port, holders(hospitals.b))
+            await stream.send(b"then the line drops")
+            await stream.abort()
+            (server,) = await served.wait()
+        return server
+
+    first, error, again = run(main()).get()
+    assert first == b"then the line drops"
+    Outcome(error=error).failed(RemoteProtocolError, ErrorCode.CONNECTION_LOST)
+    assert again is error  # the same failure, every time
+
+
+@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), MAC_SUITES)
+def test_a_bit_flipped_in_transit_fails_recv_at_both_ends(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder],
+    mitm: Callable[[int, Callable[[str, Frame], bytes]], TamperingProxy],
+    encryption: Encryption, mac: Mac, enc_key_id: int,
+) -> None:  # fmt: skip
+    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    flipped: list[Frame] = []
+
+    def tamper(direction: str, frame: Frame) -> bytes:
+        if direction == "c2s" and frame.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF) and not flipped:
+            flipped.append(frame)
+            return frame.flip_bit(-1, 7)
+        return frame.raw
+
+    async def receiver(stream: IsclStream) -> bytes | None:
+        return await stream.recv()
+
+    async def main() -> tuple[Outcome, Outcome]:
+        served = Served(receiver)
+        client = Outcome()
+        async with serving(served, holders(hospitals.a), config) as port:
+            proxy = mitm(port, tamper)
+            stream = await connect(proxy.port, holders(hospitals.b), config)
+            await stream.send(os.urandom(2 * wire.MAX_BLOCK + 1))
+            try:
+                client.value = await stream.recv()
+            except BaseException as exc:  # noqa: BLE001 - examined below
+                client.error = exc
+            (server,) = await served.wait()
+        return server, client
+
+    server, client = run(main())
+    assert len(flipped) == 1
+    server.failed(RemoteProtocolError, ErrorCode.BAD_MAC)
+    client.failed(RemoteProtocolError, ErrorCode.CONNECTION_LOST)
+
+
+def test_messages_verified_before_a_failure_are_still_delivered(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    """A whole message and then garbage in one write: recv() returns the message, then raises."""
+    config = Config()
+    message = os.urandom(5000)
+
+    def misbehaving_client(port: int, holder: KeyHolder) -> None:
+        sock, conn = raw_client_handshake(port, holder, config, TIMEOUT)
+        with sock:
+            conn.send_message(message)
+            sock.sendall(conn.data_to_send())
+            while not any(isinstance(e, MessageSent) for e in conn.receive_data(sock.recv(1 << 16))):
+                pass
+            stream = b""
+            while out := conn.data_to_send():
+                stream += out
+            sock.sendall(stream + header(0x0BADBAD0, 0))
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(1 << 16):
+                    pass
+
+    received: list[bytes | None] = []
+
+    async def receiver(stream: IsclStream) -> None:
+        while True:
+            received.append(await stream.recv())
+
+    async def main() -> Outcome:
+        served = Served(receiver)
+        async with serving(served, holders(hospitals.a), config) as port:
+            await asyncio.to_thread(misbehaving_client, port, holders(hospitals.b))
+            (server,) = await served.wait()
+        return server
+
+    server = run(main())
+    server.failed(RemoteProtocolError, ErrorCode.BAD_MESSAGE_ID)
+    assert received == [message]
+
+
+# --- refusals that leave the link up ---------------------------------------------------------------
+
+
+def test_a_message_longer_than_the_peer_accepts_is_refused_and_the_link_survives(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    async def server_script(stream: IsclStream) -> tuple[bytes | None, Any]:
+        got = await stream.recv()
+        await until_closed(stream)
+        return got, stream.connection.peer_request
+
+    async def main() -> tuple[Outcome, MessageRefusedError]:
+        served = Served(server_script)
+        async with serving(served, holders(hospitals.a), Config(max_message=1000)) as port:
+            stream = await connect(port, holders(hospitals.b))
+            with pytest.raises(MessageRefusedError) as caught:
+                await stream.send(bytes(1001))
+            await stream.send(b"x" * 1000)
+            await stream.close()
+            (server,) = await served.wait()
+        return server, caught.value
+
+    server, refused = run(main())
+    got, peer_request = server.get()
+    assert got == b"x" * 1000 and peer_request.length == 1001
+    assert refused.code is ErrorCode.PEER_LENGTH_TOO_SMALL
+    assert (refused.length, refused.peer_max_length) == (1001, 1000)
+
+
+def test_an_algorithm_mismatch_is_refused_and_the_link_survives(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    async def server_script(stream: IsclStream) -> Any:
+        await until_closed(stream)
+        return stream.connection.peer_request
+
+    async def main() -> tuple[Outcome, MessageRefusedError, State]:
+        served = Served(server_script)
+        async with serving(served, holders(hospitals.a), Config(encryption=Encryption.NONE)) as port:
+            stream = await connect(port, holders(hospitals.b), Config(enc_key_id=wire.SESSION_KEYS))
+            with pytest.raises(MessageRefusedError) as caught:
+                await stream.send(b"under session keys")
+            state = stream.connection.state
+            await stream.close()
+            (server,) = await served.wait()
+        return server, caught.value, state
+
+    server, refused, state = run(main())
+    assert refused.code is ErrorCode.TRANSMISSION_MISMATCH and state is State.READY
+    peer_request = server.get()
+    assert (peer_request.encryption, peer_request.key_id) == (Encryption.DES_CBC, wire.SESSION_KEYS)
+
+
+def test_a_refused_close_leaves_the_link_up(hospitals: Hospitals, holders: Callable[..., KeyHolder]) -> None:
+    async def server_script(stream: IsclStream) -> bytes | None:
+        got = await stream.recv()
+        await stream.close()  # our own close is accepted: accept_close governs the peer's requests
+        return got
+
+    async def main() -> tuple[Outcome, BaseException, bytes | None]:
+        served = Served(server_script)
+        async with serving(served, holders(hospitals.a), Config(accept_close=False)) as port:
+            stream = await connect(port, holders(hospitals.b))
+            with pytest.raises(RemoteProtocolError) as caught:
+                await stream.close()
+            await stream.send(b"still here")
+            after = await stream.recv()
+            (server,) = await served.wait()
+        return server, caught.value, after
+
+    server, refused, after = run(main())
+    Outcome(error=refused).failed(RemoteProtocolError, ErrorCode.PEER_REFUSED_CLOSE)
+    assert server.get() == b"still here" and after is None
+
+
+def test_a_message_longer_than_this_end_allows_is_refused_locally(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    async def server_script(stream: IsclStream) -> bytes | None:
+        got = await stream.recv()
+        await until_closed(stream)
+        return got
+
+    async def main() -> tuple[Outcome, LocalProtocolError]:
+        served = Served(server_script)
+        async with serving(served, holders(hospitals.a)) as port:
+            stream = await connect(port, holders(hospitals.b), Config(max_message=100))
+            with pytest.raises(LocalProtocolError) as caught:
+                await stream.send(bytes(101))
+            await stream.send(bytes(100))
+            await stream.close()
+            (server,) = await served.wait()
+        return server, caught.value
+
+    server, error = run(main())
+    assert error.code is ErrorCode.LOCAL_LENGTH_TOO_SMALL
+    assert server.get() == bytes(100)
+
+
+def test_a_server_that_is_not_iscl(hospitals: Hospitals, holders: Callable[..., KeyHolder]) -> None:
+    async def main() -> BaseException:
+        async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            with contextlib.suppress(ConnectionError):
+                await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+        async with server:
+            with pytest.raises(RemoteProtocolError) as caught:
+                await connect(server.sockets[0].getsockname()[1], holders(hospitals.b))
+        return caught.value
+
+    Outcome(error=run(main())).failed(RemoteProtocolError, ErrorCode.BAD_MESSAGE_ID)
+
+
+def test_nothing_listening_is_an_os_error(holders: Callable[..., KeyHolder], hospitals: Hospitals) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as placeholder:
+        port = placeholder.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        run(connect(port, holders(hospitals.b)))
