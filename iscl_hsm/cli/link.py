@@ -107,12 +107,12 @@ def link_config(args: argparse.Namespace) -> Config:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    holder = open_key_holder(args)
+    config = link_config(args)  # option errors before any token is touched
     host, port = split_address(args.listen)
-    return asyncio.run(_serve_one(holder, host, port, args))
+    return asyncio.run(_serve_one(open_key_holder(args), host, port, config))
 
 
-async def _serve_one(holder: KeyHolder, host: str, port: int, args: argparse.Namespace) -> int:
+async def _serve_one(holder: KeyHolder, host: str, port: int, config: Config) -> int:
     finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     failures: list[BaseException] = []
 
@@ -128,8 +128,7 @@ async def _serve_one(holder: KeyHolder, host: str, port: int, args: argparse.Nam
     def on_error(peer: object, exc: BaseException) -> None:
         print(f"iscl server: link from {peer} failed during the handshake: {exc}", file=sys.stderr)
 
-    server = await aio.start_server(handle, host, port, key_holder=holder, config=link_config(args),
-                                    on_error=on_error)
+    server = await aio.start_server(handle, host, port, key_holder=holder, config=config, on_error=on_error)
     bound = server.sockets[0].getsockname()
     print(f"iscl server: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
     async with server:
@@ -140,10 +139,17 @@ async def _serve_one(holder: KeyHolder, host: str, port: int, args: argparse.Nam
 
 
 def run_client(args: argparse.Namespace) -> int:
+    config = link_config(args)  # option errors before any token is touched
     holder = open_key_holder(args)
 
     async def main() -> int:
-        stream = await aio.open_connection(args.host, args.port, key_holder=holder, config=link_config(args))
+        try:
+            stream = await aio.open_connection(args.host, args.port, key_holder=holder, config=config)
+        except OSError as exc:
+            raise SystemExit(
+                f"iscl: cannot connect to {args.host}:{args.port}: {exc.strerror or exc};"
+                " is an ISCL server listening there?"
+            ) from None
         await relay(stream)
         return 0
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from .. import wire
 from ..engine import Config
-from ..errors import KeyHolderError
-from ..keyholder.base import KeyHolder
+from ..errors import ErrorCode, IsclError, KeyHolderError
+from ..keyholder.base import KEY_INDEXES, KeyHolder
 from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
 from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token
 from ..wire import Encryption, Mac
@@ -64,7 +64,11 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
     add_key_holder_options(parser)
     group = parser.add_argument_group("link", "Both ends must use the same algorithms and key ids.")
     group.add_argument("--auth-key-id", metavar="N", type=_key_index, default=1,
-                       help="authentication key pair 1..8 (default: %(default)s)")
+                       help="authentication key pair 1..8 the client asks for (default: %(default)s);"
+                       " a server takes the client's choice, within --allow-key-id")
+    group.add_argument("--allow-key-id", metavar="N", type=_key_index, action="append",
+                       help="server: accept only this authentication key pair (repeat for several;"
+                       " default: all of 1..8)")
     group.add_argument("--enc-key-id", metavar="N|session", type=_enc_key, default=1,
                        help="encryption key 1..8, or 'session' for a fresh key per message (default: 1)")
     group.add_argument("--encryption", choices=ENCRYPTIONS, default="des-cbc",
@@ -79,7 +83,16 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> Config:
+    """The link settings the options name; a value the protocol cannot take is one clear error."""
+    try:
+        return _config(args)
+    except ValueError as exc:
+        raise IsclError(ErrorCode.BAD_OPTION, f"{exc}; see --help") from None
+
+
+def _config(args: argparse.Namespace) -> Config:
     return Config(
+        allowed_auth_key_ids=frozenset(args.allow_key_id or KEY_INDEXES),
         auth_key_id=args.auth_key_id,
         enc_key_id=args.enc_key_id,
         encryption=ENCRYPTIONS[args.encryption],

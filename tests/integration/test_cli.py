@@ -298,6 +298,35 @@ def test_a_key_missing_on_the_servers_token_is_named_there(
 # --- configuration mistakes: exit 1 and one clear line ---------------------------------------------
 
 
+def test_the_server_accepts_only_the_allowed_key_pairs(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path
+) -> None:
+    env = child_env(hospitals)
+    server = start_server(
+        servers, [*token_args(hospitals, hospitals.a), "--allow-key-id", "2"], env, None, tmp_path / "server.out"
+    )
+    port = server.port
+    refused = iscl("client", "127.0.0.1", port, *token_args(hospitals, hospitals.b), env=env)
+    assert refused.returncode == 1
+    assert "BAD_OPTION" in one_line(refused.stderr)
+    assert "BAD_OPTION" in server.wait_for("failed during the handshake").string
+    allowed = iscl(
+        "client", "127.0.0.1", port, *token_args(hospitals, hospitals.b), "--auth-key-id", "2", env=env
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert "auth key 2" in allowed.stderr
+    assert server.finish() == 0, server.lines
+
+
+def test_a_value_the_protocol_cannot_take_is_refused_before_any_token_is_made(tmp_path: Path) -> None:
+    done = iscl("client", "127.0.0.1", "2761", "--auth-data", "", env=child_env(XDG_DATA_HOME=str(tmp_path)))
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert "authentication data must be 1..128 bytes" in line and "BAD_OPTION" in line
+    assert list(tmp_path.iterdir()) == []  # the demo token was not created
+
+
+
 @pytest.mark.parametrize("command", ["server", "client"])
 @pytest.mark.parametrize("via", ["pin-file", "ISCL_PIN"])
 def test_a_wrong_pin_is_one_line_without_the_pin(
