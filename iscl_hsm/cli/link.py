@@ -75,8 +75,11 @@ async def relay(stream: aio.IsclStream) -> None:
     conn = stream.connection
     chunk_size = max(1, min(CHUNK, conn.config.max_message))
 
+    stdin = sys.stdin.buffer
+    read = getattr(stdin, "read1", stdin.read)  # read1: whatever is there, without waiting for more
+
     async def upstream() -> None:
-        while chunk := await asyncio.to_thread(sys.stdin.buffer.read1, chunk_size):
+        while chunk := await asyncio.to_thread(read, chunk_size):
             await send_all(stream, chunk)
         conn.config = dataclasses.replace(conn.config, accept_close=True)
         try:
@@ -119,7 +122,7 @@ async def _serve_one(holder: KeyHolder, host: str, port: int, config: Config) ->
     async def handle(stream: aio.IsclStream) -> None:
         try:
             await relay(stream)
-        except Exception as exc:  # handed to the main task, which reports it
+        except Exception as exc:  # noqa: BLE001 - handed to the main task, which reports it
             failures.append(exc)
         finally:
             if not finished.done():

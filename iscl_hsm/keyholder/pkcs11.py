@@ -59,16 +59,17 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 
-from ..crypto.des import DesKey, enable_legacy_in_default_context, fix_parity, self_test_once
 from iscl_hsm.errors import ErrorCode, KeyHolderError
-from iscl_hsm.keyholder.base import KEY_INDEXES, KeyHolder
+from iscl_hsm.keyholder.base import KEY_INDEXES, Buffer, KeyHolder, RecordKey
+
+from ..crypto.des import DesKey, enable_legacy_in_default_context, fix_parity, self_test_once
 
 __all__ = [
     "DEFAULT_MODULE",
@@ -590,15 +591,15 @@ class TokenDesKey:
         state = "closed" if not self._finalizer.alive else "open"
         return f"<TokenDesKey single-DES in {self._entry.description}, {state}>"
 
-    def encrypt_cbc(self, iv: bytes, data: bytes) -> bytes:
+    def encrypt_cbc(self, iv: bytes, data: Buffer) -> bytes:
         """DES-CBC encrypt ``data`` (a multiple of 8 bytes) from ``iv`` inside the token; no padding."""
         return self._cbc(iv, data, encrypt=True)
 
-    def decrypt_cbc(self, iv: bytes, data: bytes) -> bytes:
+    def decrypt_cbc(self, iv: bytes, data: Buffer) -> bytes:
         """DES-CBC decrypt ``data`` (a multiple of 8 bytes) from ``iv`` inside the token; no padding."""
         return self._cbc(iv, data, encrypt=False)
 
-    def _cbc(self, iv: bytes, data: bytes, *, encrypt: bool) -> bytes:
+    def _cbc(self, iv: bytes, data: Buffer, *, encrypt: bool) -> bytes:
         iv = bytes(iv)
         data = bytes(data)
         if len(iv) != 8:
@@ -631,7 +632,7 @@ class TokenDesKey:
             if not entry.closed and entry.pid == os.getpid():
                 _destroy_quietly(self._key)
 
-    def __enter__(self) -> TokenDesKey:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -687,7 +688,7 @@ class Pkcs11KeyHolder(KeyHolder):
             f" record_keys={self.record_keys!r}{' closed' if self._closed else ''}>"
         )
 
-    def __enter__(self) -> Pkcs11KeyHolder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -722,7 +723,7 @@ class Pkcs11KeyHolder(KeyHolder):
         expected = self._encrypt_block(key_id, challenge)
         return hmac.compare_digest(expected, bytes(cryptogram))
 
-    def derive_key(self, enc_key_id: int, block: bytes) -> DesKey | TokenDesKey:
+    def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
         block = _check_block(block, "the key derivation block")
         host = self.record_keys == "host"
         if host:

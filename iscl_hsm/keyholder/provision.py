@@ -122,7 +122,7 @@ def _redact(text: str, *hidden: str) -> str:
 def _run_softhsm_util(args: list[str], env: Mapping[str, str] | None, *hidden: str) -> str:
     command = ["softhsm2-util", *args]
     try:
-        done = subprocess.run(command, env=_tool_env(env), capture_output=True, text=True, timeout=60)
+        done = subprocess.run(command, env=_tool_env(env), capture_output=True, text=True, timeout=60, check=False)
     except FileNotFoundError:
         raise KeyHolderError("softhsm2-util is not installed; install the softhsm2 package") from None
     except subprocess.TimeoutExpired:
