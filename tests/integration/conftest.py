@@ -328,3 +328,17 @@ def raw_client_handshake(
         conn.receive_data(sock.recv(1 << 16))
         sock.sendall(conn.data_to_send())
     return sock, conn
+
+
+def raw_sealed_message(sock: socket.socket, conn: Any, message: bytes) -> bytes:
+    """Ask the peer to take ``message``, wait for its ACK, and return the sealed frames unsent."""
+    from iscl_hsm.engine import MessageSent
+
+    conn.send_message(message)
+    sock.sendall(conn.data_to_send())  # MESSAGE_TRANSMISSION_RQ
+    while not any(isinstance(event, MessageSent) for event in conn.receive_data(sock.recv(1 << 16))):
+        pass
+    stream = b""
+    while out := conn.data_to_send():
+        stream += out
+    return stream

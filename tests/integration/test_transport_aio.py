@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from iscl_hsm import wire
-from iscl_hsm.engine import Config, MessageSent, State
+from iscl_hsm.engine import Config, State
 from iscl_hsm.errors import ErrorCode, KeyHolderError, LocalProtocolError, RemoteProtocolError
 from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.transport import aio
@@ -24,7 +24,16 @@ from iscl_hsm.transport.aio import IsclStream, MessageRefusedError
 from iscl_hsm.wire import Encryption, Mac, MessageId
 from tests.helpers import Frame
 
-from .conftest import MAC_SUITES, SUITES, Hospitals, Outcome, TamperingProxy, header, raw_client_handshake
+from .conftest import (
+    MAC_SUITES,
+    SUITES,
+    Hospitals,
+    Outcome,
+    TamperingProxy,
+    header,
+    raw_client_handshake,
+    raw_sealed_message,
+)
 
 TIMEOUT = 60.0
 """Seconds a whole test's event loop may run: a safety net against hangs, never an assertion."""
@@ -393,13 +402,7 @@ def test_messages_verified_before_a_failure_are_still_delivered(
     def misbehaving_client(port: int, holder: KeyHolder) -> None:
         sock, conn = raw_client_handshake(port, holder, config, TIMEOUT)
         with sock:
-            conn.send_message(message)
-            sock.sendall(conn.data_to_send())
-            while not any(isinstance(e, MessageSent) for e in conn.receive_data(sock.recv(1 << 16))):
-                pass
-            stream = b""
-            while out := conn.data_to_send():
-                stream += out
+            stream = raw_sealed_message(sock, conn, message)
             sock.sendall(stream + header(0x0BADBAD0, 0))
             with contextlib.suppress(ConnectionResetError):
                 while sock.recv(1 << 16):

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from iscl_hsm import wire
-from iscl_hsm.engine import Config, MessageSent, State
+from iscl_hsm.engine import Config, State
 from iscl_hsm.errors import ErrorCode, IsclError, KeyHolderError, LocalProtocolError, RemoteProtocolError
 from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.transport.blocking import IsclSocket, MessageRefusedError
@@ -36,6 +36,7 @@ from .conftest import (
     TamperingProxy,
     header,
     raw_client_handshake,
+    raw_sealed_message,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -497,13 +498,7 @@ def test_a_peer_that_closes_mid_message_delivers_nothing(
         )
         sock, conn = raw_client_handshake(listener.getsockname()[1], holders(hospitals.b), config)
         with sock:
-            conn.send_message(message)
-            sock.sendall(conn.data_to_send())  # MESSAGE_TRANSMISSION_RQ
-            while not any(isinstance(event, MessageSent) for event in conn.receive_data(sock.recv(1 << 16))):
-                pass
-            stream = b""
-            while out := conn.data_to_send():
-                stream += out
+            stream = raw_sealed_message(sock, conn, message)
             frames = split_frames(stream)
             blocks = [f for f in frames if f.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF)]
             assert len(blocks) == 7 and frames[-1].is_(MessageId.MAC_TRANSMISSION_NOTIF)
@@ -539,13 +534,7 @@ def test_messages_verified_before_a_failure_are_still_delivered(
         thread, server = serve_once(listener, holders(hospitals.a), config, server_script)
         sock, conn = raw_client_handshake(listener.getsockname()[1], holders(hospitals.b), config)
         with sock:
-            conn.send_message(first)
-            sock.sendall(conn.data_to_send())
-            while not any(isinstance(event, MessageSent) for event in conn.receive_data(sock.recv(1 << 16))):
-                pass
-            stream = b""
-            while out := conn.data_to_send():
-                stream += out
+            stream = raw_sealed_message(sock, conn, first)
             sock.sendall(stream + header(0x0BADBAD0, 0))
             thread.join(TIMEOUT)
         assert not thread.is_alive()
