@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import io
 import itertools
 import sys
 import time
@@ -58,35 +57,12 @@ def demo_payloads() -> list[tuple[str, bytes]]:
 
 
 def _dicom_object() -> bytes | None:
-    """A small CT image as DICOM Part 10 bytes, made with pydicom (None if pydicom is absent)."""
+    """A small CT image as DICOM Part 10 bytes (None if pydicom is absent)."""
     try:
-        from pydicom.dataset import Dataset, FileMetaDataset
-        from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+        from ..dicom.study import StudySpec, part10_bytes, study
     except ImportError:
         return None
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = "Demo^Phantom"
-    ds.PatientID = "ISCL-DEMO"
-    ds.Modality = "CT"
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Rows = ds.Columns = 128
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(range(256)) * 128
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(study(StudySpec(images=1))[0])
 
 
 async def exchange(holder: KeyHolder, config: Config, payloads: list[tuple[str, bytes]]) -> Row:

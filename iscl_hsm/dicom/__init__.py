@@ -1,0 +1,1 @@
+"""DICOM over ISCL: synthetic studies, the gateway, pynetdicom glue and the storage SCP."""
