@@ -36,7 +36,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from enum import Enum, auto
 
 from .. import wire
@@ -293,6 +293,25 @@ class Connection:
         except IsclError:
             self._fail()
             raise
+
+    @property
+    def may_block(self) -> bool:
+        """True when the next call may wait on the key holder; a transport then makes it off its loop.
+
+        Once the link is up, only unique session keys, record keys kept in a token or card, and keys
+        not derived yet (``prepare()`` derives them) need the key holder.
+        """
+        if self._deferred is not None:
+            return True
+        if self._state in (State.CLOSED, State.ERROR):
+            return False
+        if self._state not in (State.READY, State.CLOSING):
+            return True
+        suite = self._suite()
+        if not suite.needs_keys:
+            return False
+        assert self._schedule is not None
+        return not (self._holder.host_record_keys and self._schedule.derived(suite))
 
     @property
     def idle(self) -> bool:
@@ -604,6 +623,9 @@ class Connection:
 
     def _ready(self) -> LinkReady:
         self._state = State.READY
+        suite = self._suite()
+        if suite.needs_keys and suite.key_id != wire.SESSION_KEYS:
+            self._deferred = self._derive_link_keys
         self.parameters = LinkParameters(
             version=wire.VERSION.decode(),
             block_length=self._block_length,
@@ -614,6 +636,16 @@ class Connection:
             peer_auth_data=self._peer_auth_data,
         )
         return LinkReady(self.parameters)
+
+    def _derive_link_keys(self) -> None:
+        """Both directions' keys of a link with a fixed encryption key, ahead of the first message.
+
+        A failure here is left for that message, where the engine tells the peer why (NAK 103).
+        """
+        suite = self._suite()
+        with suppress(KeyHolderError):
+            for outbound in (True, False):
+                self._keys(outbound, suite, None)
 
     def _check_ack(self, header: wire.Header, status: int, what: str) -> None:
         if header.option == wire.NAK or status != 0:

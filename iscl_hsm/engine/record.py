@@ -110,6 +110,12 @@ class KeySchedule:
             keys = self._cache[cache_key] = self._derive(suite.key_id, client_to_server, suite.mac, ZERO_IV)
         return keys
 
+    def derived(self, suite: Suite) -> bool:
+        """True when no message under ``suite`` needs the key holder any more (keys cached both ways)."""
+        if suite.key_id == wire.SESSION_KEYS:
+            return False
+        return all((c2s, suite.key_id) in self._cache for c2s in (True, False))
+
     def _derive(self, key_id: int, c2s: bool, mac: Mac, random: bytes) -> MessageKeys:
         seed = xor8(self._base, random)
         enc_label, mac_label = (

@@ -44,6 +44,9 @@ class KeyHolder(ABC):
 
     #: Short human description used in error messages, e.g. ``SoftHSM2 token 'iscl-demo'``.
     description: str = "key holder"
+    #: True when the keys ``derive_key`` returns compute in this process (no token or card call per
+    #: record), so a transport may run record protection on its event loop.
+    host_record_keys: bool = False
 
     @abstractmethod
     def get_challenge(self, key_id: int) -> bytes:

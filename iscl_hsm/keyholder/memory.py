@@ -22,6 +22,8 @@ MAX_OUTSTANDING = 4096
 class MemoryKeyHolder(KeyHolder):
     """Keys given as bytes: ``auth`` and ``enc`` map an index 1..8 to an 8/16/24-byte key."""
 
+    host_record_keys = True
+
     def __init__(self, auth: dict[int, bytes], enc: dict[int, bytes], name: str = "memory") -> None:
         self_test_once()
         for index in (*auth, *enc):

@@ -662,6 +662,7 @@ class Pkcs11KeyHolder(KeyHolder):
         self.module = module
         self.token_label = token_label
         self.record_keys = record_keys
+        self.host_record_keys = record_keys == "host"
         self.description = f"PKCS#11 token '{token_label}' (module {module})"
         self._challenge_lock = threading.Lock()
         self._challenges: dict[int, collections.OrderedDict[bytes, None]] = {}

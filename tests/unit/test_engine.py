@@ -20,8 +20,10 @@ from iscl_hsm.engine import (
     State,
 )
 from iscl_hsm.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from iscl_hsm.keyholder.memory import MemoryKeyHolder
 from iscl_hsm.wire import Encryption, Mac, MessageId
 from tests.helpers import (
+    AUTH_KEYS,
     ENC_KEYS,
     OTHER_KEY,
     ConnectionPair,
@@ -557,3 +559,73 @@ def test_events_never_show_message_data(ready_pair: ConnectionPair) -> None:
     for event in got.server + got.client:
         assert_no_secrets(event, secret)
     assert_no_secrets(ready_pair.server.parameters)
+
+
+# --- may_block: which calls a transport must make off its event loop ---------------------------
+
+
+class _TokenKeyHolder(MemoryKeyHolder):
+    """The memory key holder, posing as one whose record keys live in a token."""
+
+    host_record_keys = False
+
+
+def _ready_pair(config: Config, holder: type[MemoryKeyHolder] = MemoryKeyHolder) -> ConnectionPair:
+    pair = ConnectionPair(
+        config,
+        config,
+        server_holder=holder(AUTH_KEYS, ENC_KEYS, name="server"),
+        client_holder=holder(AUTH_KEYS, ENC_KEYS, name="client"),
+    )
+    for role in ROLES:
+        assert pair.conn(role).may_block, f"the {role.value}'s handshake calls the key holder"
+    pair.handshake()
+    return pair
+
+
+def test_a_link_with_fixed_host_keys_stops_blocking_once_prepare_derived_them() -> None:
+    pair = _ready_pair(Config())
+    for role in ROLES:
+        conn = pair.conn(role)
+        assert conn.may_block, "the link keys are not derived yet"
+        conn.prepare()
+        assert not conn.may_block
+    pair.client.send_message(payload(3 * wire.MAX_BLOCK))
+    pair.pump()
+    assert not pair.client.may_block and not pair.server.may_block
+
+
+@pytest.mark.parametrize(
+    ("config", "holder", "why"),
+    [
+        (Config(enc_key_id=wire.SESSION_KEYS), MemoryKeyHolder, "every message derives a fresh key"),
+        (Config(), _TokenKeyHolder, "every record is a token operation"),
+    ],
+)
+def test_session_keys_and_token_record_keys_always_block(
+    config: Config, holder: type[MemoryKeyHolder], why: str
+) -> None:
+    pair = _ready_pair(config, holder)
+    for role in ROLES:
+        pair.conn(role).prepare()
+        assert pair.conn(role).may_block, why
+
+
+def test_a_link_without_keys_never_blocks_after_the_handshake() -> None:
+    pair = _ready_pair(Config(encryption=Encryption.NONE, mac=Mac.NONE))
+    for role in ROLES:
+        pair.conn(role).prepare()  # (the handshake's own deferred derivation may still be queued)
+        assert not pair.conn(role).may_block
+
+
+def test_a_missing_encryption_key_is_left_for_the_first_message_to_report() -> None:
+    enc = {i: k for i, k in ENC_KEYS.items() if i != 2}
+    config = Config(enc_key_id=2)  # (encryption key 1 still serves the handshake MACs)
+    pair = ConnectionPair(config, config, server_holder=make_holder(enc=enc, name="server"))
+    pair.handshake()
+    pair.server.prepare()  # does not raise: the message that needs the key tells the peer
+    assert pair.server.may_block and pair.server.state is State.READY
+    pair.client.send_message(b"x")
+    got = pair.pump(raise_errors=False)
+    assert pair.errors[Role.SERVER].code is ErrorCode.KEY_NOT_FOUND
+    assert got.of(Role.CLIENT) == [MessageRefused(ErrorCode.REMOTE_KEY_HOLDER, 1, wire.DEFAULT_MAX_MESSAGE)]
