@@ -76,6 +76,17 @@ class State(Enum):
     ERROR = auto()
 
 
+_KEY_HOLDER_STATES = frozenset(
+    {
+        State.SERVER_WAIT_AUTH_RQ,  # GET CHALLENGE
+        State.SERVER_WAIT_PASS2,  # EXTERNAL and INTERNAL AUTHENTICATE, key derivation
+        State.SERVER_WAIT_COMPLETION,  # the handshake MAC under a derived key
+        State.CLIENT_WAIT_PASS1,  # INTERNAL AUTHENTICATE, GET CHALLENGE
+        State.CLIENT_WAIT_PASS3,  # EXTERNAL AUTHENTICATE, key derivation, the handshake MACs
+    }
+)
+"""Handshake states in which the next message received makes key-holder calls."""
+
 _LINK_MESSAGES = frozenset(
     {
         MessageId.MESSAGE_TRANSMISSION_RQ,
@@ -301,12 +312,10 @@ class Connection:
         Once the link is up, only unique session keys, record keys kept in a token or card, and keys
         not derived yet (``prepare()`` derives them) need the key holder.
         """
-        if self._deferred is not None:
+        if self._deferred is not None or self._state in _KEY_HOLDER_STATES:
             return True
-        if self._state in (State.CLOSED, State.ERROR):
-            return False
         if self._state not in (State.READY, State.CLOSING):
-            return True
+            return False
         suite = self._suite()
         if not suite.needs_keys:
             return False

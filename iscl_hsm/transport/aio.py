@@ -1,8 +1,10 @@
 """An asyncio ISCL link over reader/writer streams.
 
-Engine calls may wait on a token or a card (and bulk DES takes CPU), so every one runs in a worker
-thread; the event loop only moves bytes. One lock per link keeps engine calls and the writes of
-their output in order.
+Engine calls that may wait on a token or a card (the handshake, unique session keys, record keys
+kept in a token) run in a worker thread, and so does record protection of at least
+:data:`OFFLOAD_BYTES` at a time, whose DES and MD5 release the GIL and can use another core. Small
+record work runs on the event loop, where a thread hop would cost more than the work. One lock per
+link keeps engine calls and the writes of their output in order.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from .common import READ_SIZE, MessageRefusedError, refused_error
 
 T = TypeVar("T")
 
+OFFLOAD_BYTES = 64 * 1024
+"""Record work on at least this many bytes goes to a worker thread even when it cannot block."""
+FLUSH_BYTES = 256 * 1024
+"""Sealed output produced per engine visit before the writer is drained."""
+
+Write = Callable[[bytes], None]
+
 
 class IsclStream:
     """One secured link. Create it with :func:`open_connection` or through :func:`start_server`."""
@@ -44,7 +53,8 @@ class IsclStream:
         self._lock = asyncio.Lock()
         self._received: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._outcome: asyncio.Queue[MessageSent | MessageRefused | Closed | CloseRefused] = asyncio.Queue()
-        self._ready: asyncio.Future[LinkParameters] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[LinkParameters] = self._loop.create_future()
         self._failure: BaseException | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self.parameters: LinkParameters | None = None
@@ -74,7 +84,7 @@ class IsclStream:
         outcome = await self._next_outcome()
         if isinstance(outcome, MessageRefused):
             raise refused_error(outcome)
-        await self._flush_all()
+        await self._flush_all(bulky=len(data) >= OFFLOAD_BYTES)
 
     async def send_non_secure(self, data: bytes) -> None:
         await self._call(self._conn.send_non_secure, data)
@@ -113,31 +123,52 @@ class IsclStream:
         self._conn.close()
         return True
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run an engine call in a worker thread, then write its output, in order."""
+    async def _call(self, fn: Callable[..., T], *args: Any, size: int = 0) -> T:
+        """One engine call, the output it produced and the work it deferred, in order.
+
+        ``size`` is the amount of record data the call handles; see :data:`OFFLOAD_BYTES`.
+        """
         self._raise_failure()
         async with self._lock:
-            result, out = await asyncio.to_thread(self._step, fn, *args)
-            if out:
-                self._writer.write(out)
-                await asyncio.to_thread(self._conn.prepare)
-        if out:  # (draining a writer the pump has closed would raise)
+            if self._conn.may_block or size >= OFFLOAD_BYTES:
+                result, wrote = await asyncio.to_thread(self._step, self._threadsafe_write, fn, *args)
+            else:
+                result, wrote = self._step(self._writer.write, fn, *args)
+        if wrote:  # (draining a writer the pump has closed would raise)
             await self._writer.drain()
         return result
 
-    def _step(self, fn: Callable[..., T], *args: Any) -> tuple[T, bytes]:
-        """One engine call and the output it produced, in one trip to the worker thread."""
-        return fn(*args), self._conn.data_to_send()
+    def _step(self, write: Write, fn: Callable[..., T], *args: Any) -> tuple[T, bool]:
+        """Call the engine, write its output, then run what it deferred (it overlaps with the peer)."""
+        result = fn(*args)
+        out = self._conn.data_to_send()
+        if out:
+            write(out)
+        self._conn.prepare()
+        return result, bool(out)
 
-    async def _flush_all(self) -> None:
-        """Write the rest of an outgoing message, a batch of blocks at a time."""
+    def _threadsafe_write(self, data: bytes) -> None:
+        """Write from a worker thread: queued on the loop ahead of the thread's own completion."""
+        self._loop.call_soon_threadsafe(self._writer.write, data)
+
+    async def _flush_all(self, *, bulky: bool) -> None:
+        """Write the rest of an outgoing message, :data:`FLUSH_BYTES` at a time."""
         while True:
             async with self._lock:
-                out = await asyncio.to_thread(self._conn.data_to_send)
-                if not out:
-                    return
-                self._writer.write(out)
+                if bulky or self._conn.may_block:
+                    wrote = await asyncio.to_thread(self._seal_some, self._threadsafe_write)
+                else:
+                    wrote = self._seal_some(self._writer.write)
+            if not wrote:
+                return
             await self._writer.drain()
+
+    def _seal_some(self, write: Write) -> int:
+        wrote = 0
+        while wrote < FLUSH_BYTES and (out := self._conn.data_to_send()):
+            write(out)
+            wrote += len(out)
+        return wrote
 
     async def _next_outcome(self) -> MessageSent | MessageRefused | Closed | CloseRefused:
         getter = asyncio.ensure_future(self._outcome.get())
@@ -153,7 +184,7 @@ class IsclStream:
         try:
             while True:
                 data = await self._reader.read(READ_SIZE)
-                events = await self._call(self._conn.receive_data, data)
+                events = await self._call(self._conn.receive_data, data, size=len(data))
                 for event in events:
                     if isinstance(event, LinkReady):
                         self._ready.set_result(event.parameters)
@@ -202,7 +233,7 @@ async def open_connection(
     config: Config | None = None,
 ) -> IsclStream:
     """Connect as the ISCL client and authenticate."""
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
     stream = IsclStream(reader, writer, Connection(Role.CLIENT, key_holder, config))
     try:
         await stream.handshake()
@@ -234,7 +265,7 @@ async def start_server(
             return
         await handler(stream)
 
-    return await asyncio.start_server(accept, host, port)
+    return await asyncio.start_server(accept, host, port, limit=READ_SIZE)
 
 
 __all__ = ["IsclStream", "MessageRefusedError", "open_connection", "start_server"]
