@@ -183,7 +183,9 @@ class ConnectionPair:
         guard: ChallengeGuard | None = None,
         server: Connection | None = None,
         client: Connection | None = None,
+        prepare: bool = False,
     ) -> None:
+        """``prepare=True`` calls each end's prepare() after taking its output, as transports do."""
         guard = guard or ChallengeGuard()  # a private guard, so tests do not see each other's challenges
         self.server = server or Connection(
             Role.SERVER, server_holder or make_holder(name="server"), server_config, guard=guard
@@ -192,6 +194,7 @@ class ConnectionPair:
             Role.CLIENT, client_holder or make_holder(name="client"), client_config, guard=guard
         )
         self.intercept: Intercept | None = None
+        self.prepare = prepare
         self.sent: list[tuple[Role, Frame]] = []
         self.errors: dict[Role, IsclError] = {}
         self.events: dict[Role, list[Event]] = {Role.SERVER: [], Role.CLIENT: []}
@@ -236,6 +239,8 @@ class ConnectionPair:
 
     def _move(self, sender: Role, got: Pumped, chunk: int | None, raise_errors: bool) -> bool:
         data = self.conn(sender).data_to_send()
+        if self.prepare and sender not in self.errors:
+            self.conn(sender).prepare()
         for frame in split_frames(data):
             self.sent.append((sender, frame))
             out = [frame.raw] if self.intercept is None else self.intercept(sender, frame)

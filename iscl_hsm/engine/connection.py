@@ -194,6 +194,7 @@ class Connection:
         self._pending: bytes | None = None  # sent RQ, waiting for RP (and RNDNO_RP)
         self._pending_random: bytes | None = None
         self._sealer: Sealer | None = None
+        self._sealed_ahead: tuple[Chain, bytes] | None = None  # the pending message, see _seal_ahead()
         self._close_wanted = False
         self._incoming: Suite | None = None  # accepted RQ, waiting for RNDNO_RQ
         self._incoming_length = 0
@@ -297,13 +298,15 @@ class Connection:
         it does would otherwise happen when first needed.
         """
         work, self._deferred = self._deferred, None
-        if work is None or self._state is State.ERROR:
+        if self._state is State.ERROR:
             return
         try:
-            work()
+            if work is not None:
+                work()
         except IsclError:
             self._fail()
             raise
+        self._seal_ahead()
 
     @property
     def may_block(self) -> bool:
@@ -692,7 +695,7 @@ class Connection:
         if data is None or self._pending_random is not None:
             raise _unexpected(MessageId.MESSAGE_TRANSMISSION_RP, "no message request is outstanding")
         if header.option == wire.NAK or rp.result != 0:
-            self._pending = None
+            self._pending = self._sealed_ahead = None
             self._start_next_message()
             return [MessageRefused(header.err_no or rp.result, len(data), rp.max_length)]
         suite = self._suite()
@@ -716,9 +719,37 @@ class Connection:
         data = self._pending
         assert data is not None
         self._pending = None
-        keys = self._keys(True, suite, random)
-        self._sealer = Sealer(suite, keys, self._send_chain, data, self._block_length)
+        if self._sealed_ahead is not None:
+            self._send_chain, frames = self._sealed_ahead
+            self._sealed_ahead = None
+            self._out += frames
+            self._start_next_message()
+        else:
+            keys = self._keys(True, suite, random)
+            self._sealer = Sealer(suite, keys, self._send_chain, data, self._block_length)
         return [MessageSent(len(data))]
+
+    def _seal_ahead(self) -> None:
+        """Seal the requested message while the peer has yet to accept it, on a copy of the chain.
+
+        The receiver answers a request only once it has worked through every block before it, so
+        without this the sender would idle for that long on every message. The frames are used
+        if the peer accepts, and dropped (the chain unmoved) if it refuses. Unique session keys
+        depend on a random number sent after the acceptance, so those messages are sealed then.
+        """
+        suite = self._suite()
+        if self._pending is None or self._sealed_ahead is not None or suite.key_id == wire.SESSION_KEYS:
+            return
+        try:
+            keys = self._keys(True, suite, None)
+        except KeyHolderError:
+            return  # reported when the message is sealed after all, once the peer has accepted it
+        chain = self._send_chain.copy()
+        sealer = Sealer(suite, keys, chain, self._pending, self._block_length)
+        frames = bytearray()
+        while not sealer.done:
+            frames += sealer.next_frames(_OUTBOUND_BATCH)
+        self._sealed_ahead = (chain, bytes(frames))
 
     def _keys(self, outbound: bool, suite: Suite, random: bytes | None) -> MessageKeys | None:
         if not suite.needs_keys:

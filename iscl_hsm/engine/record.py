@@ -129,9 +129,13 @@ class KeySchedule:
 class Chain:
     """One direction's CBC chain: the IV carries over from message to message."""
 
-    def __init__(self) -> None:
-        self.iv = ZERO_IV
-        self.sequence = 0
+    def __init__(self, iv: bytes = ZERO_IV, sequence: int = 0) -> None:
+        self.iv = iv
+        self.sequence = sequence
+
+    def copy(self) -> Chain:
+        """A chain that goes on from here without moving this one (for sealing ahead of an ACK)."""
+        return Chain(self.iv, self.sequence)
 
     def encrypt(self, key: RecordKey, data: Buffer) -> bytes:
         out = key.encrypt_cbc(self.iv, data)

@@ -80,7 +80,7 @@ class IsclStream:
 
     async def send(self, data: bytes) -> None:
         """Send one secured message; raises :class:`MessageRefusedError` on NAK."""
-        await self._call(self._conn.send_message, data)
+        await self._call(self._conn.send_message, data, size=len(data))  # (prepare() seals it ahead)
         outcome = await self._next_outcome()
         if isinstance(outcome, MessageRefused):
             raise refused_error(outcome)

@@ -483,6 +483,39 @@ def test_message_refused_then_the_queue_continues() -> None:
     assert received(got.server) == [b"short"]
 
 
+# --- sealing ahead: the sender seals a requested message before the peer accepts it -------------
+
+
+@pytest.mark.parametrize(("encryption", "mac", "key_id"), itertools.product(ENCRYPTIONS, MACS, [1, wire.SESSION_KEYS]))
+def test_messages_sealed_ahead_arrive_whole_in_order_both_ways(
+    encryption: Encryption, mac: Mac, key_id: int
+) -> None:
+    config = Config(encryption=encryption, mac=mac, enc_key_id=key_id)
+    p = ConnectionPair(config, config, prepare=True)
+    p.handshake()
+    messages = [payload(n, seed) for seed, n in enumerate((0, 1, 3 * wire.MAX_BLOCK + 5, 8, wire.MAX_BLOCK))]
+    for m in messages:
+        p.client.send_message(m)
+        p.server.send_message(m[::-1])
+    got = p.pump()
+    assert received(got.server) == messages
+    assert received(got.client) == [m[::-1] for m in messages]
+
+
+def test_a_refused_message_sealed_ahead_leaves_the_chain_where_it_was() -> None:
+    """The NAKed message moved only a copy of the CBC chain: the next one still deciphers and verifies."""
+    p = ConnectionPair(Config(max_message=10), Config(max_message=100), prepare=True)
+    p.handshake()
+    p.client.send_message(b"accepted")
+    p.pump()
+    p.client.send_message(bytes(50))
+    p.client.prepare()  # seals the 50 bytes ahead; the server will refuse them
+    p.client.send_message(b"short")
+    got = p.pump()
+    assert got.client == [MessageRefused(110, 50, 10), MessageSent(5)]
+    assert received(got.server) == [b"short"]
+
+
 # --- states --------------------------------------------------------------------------------------
 
 
