@@ -175,7 +175,7 @@ class Connection:
         self._random = random
         self._state = State.SERVER_START if role is Role.SERVER else State.CLIENT_WAIT_LINE_RQ
         self._inbuf = bytearray()
-        self._out = bytearray()
+        self._out: list[bytes] = []  # frames for the peer, joined by data_to_send()
         self._transcript = hashlib.md5()
         self._before_last = self._transcript  # the transcript before the last message received
         self._block_length = 0
@@ -249,11 +249,11 @@ class Connection:
     def data_to_send(self) -> bytes:
         """Bytes for the peer: control messages first, then the next blocks of an outgoing message."""
         if self._sealer is not None and self._state is not State.ERROR:
-            self._out += self._sealer.next_frames(_OUTBOUND_BATCH)
+            self._out.append(self._sealer.next_frames(_OUTBOUND_BATCH))
             if self._sealer.done:
                 self._sealer = None
                 self._start_next_message()
-        out = bytes(self._out)
+        out = b"".join(self._out)
         self._out.clear()
         return out
 
@@ -282,7 +282,7 @@ class Connection:
                 ErrorCode.LOCAL_LENGTH_TOO_SMALL,
                 f"a message of {len(data)} bytes exceeds the local maximum of {self.config.max_message}",
             )
-        self._out += wire.frame(MessageId.THROUGH_MODE_TRANSMISSION_NOTIF, data)
+        self._send(MessageId.THROUGH_MODE_TRANSMISSION_NOTIF, data)
 
     def close(self) -> None:
         """Start line disconnection once every queued message has gone out."""
@@ -424,7 +424,7 @@ class Connection:
         frame = wire.frame(mid, payload, option=option, err_no=err)
         if mid not in _LINK_MESSAGES:
             self._transcript.update(frame)
-        self._out += frame
+        self._out.append(frame)
 
     # --- line connection ----------------------------------------------------------------------
 
@@ -684,7 +684,7 @@ class Connection:
         data = self._queue.popleft()
         suite = self._suite()
         self._pending = data
-        self._out += wire.frame(
+        self._send(
             MessageId.MESSAGE_TRANSMISSION_RQ,
             wire.TransmissionRq(suite.encryption, suite.key_id, suite.mac, len(data)).encode(),
         )
@@ -701,9 +701,7 @@ class Connection:
         suite = self._suite()
         if suite.key_id == wire.SESSION_KEYS:
             self._pending_random = self._random(8)
-            self._out += wire.frame(
-                MessageId.RNDNO_FOR_SESSION_KEY_RQ, wire.RandomNumberRq(self._pending_random).encode()
-            )
+            self._send(MessageId.RNDNO_FOR_SESSION_KEY_RQ, wire.RandomNumberRq(self._pending_random).encode())
             return []
         return self._seal(suite, None)
 
@@ -722,7 +720,7 @@ class Connection:
         if self._sealed_ahead is not None:
             self._send_chain, frames = self._sealed_ahead
             self._sealed_ahead = None
-            self._out += frames
+            self._out.append(frames)
             self._start_next_message()
         else:
             keys = self._keys(True, suite, random)
@@ -746,10 +744,9 @@ class Connection:
             return  # reported when the message is sealed after all, once the peer has accepted it
         chain = self._send_chain.copy()
         sealer = Sealer(suite, keys, chain, self._pending, self._block_length)
-        frames = bytearray()
-        while not sealer.done:
-            frames += sealer.next_frames(_OUTBOUND_BATCH)
-        self._sealed_ahead = (chain, bytes(frames))
+        frames = sealer.next_frames(-(-len(self._pending) // self._block_length))  # all blocks, one pass
+        assert sealer.done
+        self._sealed_ahead = (chain, frames)
 
     def _keys(self, outbound: bool, suite: Suite, random: bytes | None) -> MessageKeys | None:
         if not suite.needs_keys:
@@ -771,11 +768,11 @@ class Connection:
             code = ErrorCode.PEER_LENGTH_TOO_SMALL
         if code is not None:
             self.peer_request = rq
-            self._out += wire.frame(
+            self._send(
                 MessageId.MESSAGE_TRANSMISSION_RP,
                 wire.TransmissionRp(code, self.config.max_message).encode(),
                 option=wire.NAK,
-                err_no=code,
+                err=code,
             )
             return []
         if mine.key_id == wire.SESSION_KEYS:
@@ -841,7 +838,7 @@ class Connection:
             and self._pending is None
             and self._sealer is None  # the request must not overtake the last blocks of a message
         ):
-            self._out += wire.frame(MessageId.LINE_DISCONNECTION_RQ)
+            self._send(MessageId.LINE_DISCONNECTION_RQ, b"")
             self._state = State.CLOSING
 
     def _on_close_rq(self, header: wire.Header, payload: bytes) -> list[Event]:
@@ -851,11 +848,9 @@ class Connection:
         # accept_close refuses a close the peer starts, not one we asked for ourselves (CLOSING).
         if busy or (not self.config.accept_close and self._state is not State.CLOSING):
             code = ErrorCode.PEER_REFUSED_CLOSE
-            self._out += wire.frame(
-                MessageId.LINE_DISCONNECTION_RP, wire.encode_status(code), option=wire.NAK, err_no=code
-            )
+            self._send(MessageId.LINE_DISCONNECTION_RP, wire.encode_status(code), option=wire.NAK, err=code)
             return []
-        self._out += wire.frame(MessageId.LINE_DISCONNECTION_RP, wire.encode_status(0))
+        self._send(MessageId.LINE_DISCONNECTION_RP, wire.encode_status(0))
         if self._state is State.CLOSING:
             return []  # both ends asked; we finish when our own request is answered
         self._state = State.CLOSED

@@ -205,7 +205,7 @@ class Sealer:
             wire_bytes: bytes | memoryview = chunk
             if self._suite.encryption is Encryption.DES_CBC:
                 assert self._keys is not None
-                wire_bytes = self._chain.encrypt(self._keys.cipher, pad_zero(chunk))
+                wire_bytes = memoryview(self._chain.encrypt(self._keys.cipher, pad_zero(chunk)))
             for i in range(0, len(wire_bytes), self._block):
                 piece = wire_bytes[i : i + self._block]
                 parts += (wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, len(piece)).encode(), piece)
@@ -239,7 +239,8 @@ class Opener:
         self.length = length
         self.remaining = suite.wire_length(length)
         self._block = block
-        self._plain = bytearray()
+        self._plain: list[bytes] = []  # verified-to-be chunks, joined once by finish()
+        self._plain_length = 0
         self._pending: list[bytes | memoryview] = []
         self.backlog = 0  # bytes received but not yet deciphered
         self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, length))
@@ -273,10 +274,11 @@ class Opener:
             assert self._keys is not None
             batch = self._chain.decrypt(self._keys.cipher, batch)
         if self.remaining == 0:
-            keep = self.length - len(self._plain)
+            keep = self.length - self._plain_length
             self._padding = batch[keep:]
             batch = batch[:keep]
-        self._plain += batch
+        self._plain.append(batch)
+        self._plain_length += len(batch)
         self._mac.update(batch)
 
     def finish(self, encrypted_mac: bytes) -> bytes:
@@ -296,7 +298,7 @@ class Opener:
             raise RemoteProtocolError(
                 ErrorCode.DECRYPT, "the padding of a message could not be cleared; the link was dropped"
             )
-        return bytes(self._plain)
+        return b"".join(self._plain)
 
 
 def _integrity_failure() -> RemoteProtocolError:
