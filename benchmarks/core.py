@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iscl_hsm.allocator import keep_bulk_buffers  # noqa: E402
 from iscl_hsm.engine import Config  # noqa: E402
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder  # noqa: E402
 from iscl_hsm.keyholder.provision import ensure_token, softhsm_environment  # noqa: E402
@@ -56,6 +57,7 @@ def serve(listeners: list[tuple[socket.socket, int, int]], data_dir: str, label:
           record_keys: str) -> None:
     """Server process: one listener per suite; accept links forever and read every message."""
     os.environ["SOFTHSM2_CONF"] = softhsm_environment(Path(data_dir))["SOFTHSM2_CONF"]
+    keep_bulk_buffers()  # as `iscl` does
     holder = Pkcs11KeyHolder(label, pin, record_keys=record_keys)
 
     def accept_loop(listener: socket.socket, config: Config) -> None:
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--handshakes", type=int, default=300)
     parser.add_argument("--record-keys", choices=("host", "token"), default="host")
     args = parser.parse_args()
+    keep_bulk_buffers()  # as `iscl` does
 
     data_dir = tempfile.mkdtemp(prefix="iscl-bench-")
     label, pin_path, _ = ensure_token(Path(data_dir), "bench")
