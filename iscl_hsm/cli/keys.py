@@ -95,7 +95,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     _key_arguments(p)
     _creation_arguments(p)
-    _component_arguments(p, reading=True)
+    add_component_arguments(p, reading=True)
 
     p = _action(
         actions,
@@ -105,7 +105,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     _key_arguments(p)
     _creation_arguments(p)
-    _component_arguments(p, reading=False)
+    add_component_arguments(p, reading=False)
 
     p = _action(actions, "export", "wrap an exportable key under a transport key, for another token", _export)
     _key_arguments(p)
@@ -155,7 +155,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         dest="imp_components",
         help="the new version is entered as K components",
     )
-    _component_arguments(p, reading=None)
+    add_component_arguments(p, reading=None)
 
     p = _action(actions, "retire", "remove previous versions whose grace period has passed", _retire)
     p.add_argument("--purpose", help="auth, enc or transport (default: every key)")
@@ -242,7 +242,7 @@ def _creation_arguments(parser: argparse.ArgumentParser, *, replace: bool = True
     )
 
 
-def _component_arguments(parser: argparse.ArgumentParser, *, reading: bool | None) -> None:
+def add_component_arguments(parser: argparse.ArgumentParser, *, reading: bool | None) -> None:
     """reading True: import-components; False: generate-components; None: rotate (either)."""
     if reading is not None:
         parser.add_argument("--components", type=int, required=True, help="number of components: 2 or 3")
@@ -418,7 +418,7 @@ def _purpose_index(args: argparse.Namespace, allowed: tuple[str, ...] = tuple(PU
     return purpose, index
 
 
-def _component_count(count: int | None) -> int:
+def component_count(count: int | None) -> int:
     if count not in (2, 3):
         raise KeyHolderError(f"a key is entered as 2 or 3 components, not {count}", ErrorCode.BAD_OPTION)
     return count
@@ -435,7 +435,7 @@ def parse_duration(text: str) -> datetime.timedelta:
     return datetime.timedelta(seconds=int(match.group(1)) * unit)
 
 
-def _read_secret_file(path: Path, what: str) -> str:
+def read_secret_file(path: Path, what: str) -> str:
     try:
         lines = [line.strip() for line in path.read_text().splitlines()]
     except OSError as exc:
@@ -452,8 +452,8 @@ def _label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
     """Token label and user PIN as the shared options give them (the demo token by default)."""
     if args.token is None:
         label, pin_path = ensure_demo_token()
-        return label, read_pin(args.pin_file or pin_path, label)
-    return args.token, read_pin(args.pin_file, args.token)
+        return label, read_pin(args.pin_file or pin_path, f"token '{label}'")
+    return args.token, read_pin(args.pin_file, f"token '{args.token}'")
 
 
 @contextlib.contextmanager
@@ -470,7 +470,7 @@ def _opened(args: argparse.Namespace) -> Iterator[KeyStore]:
 
 def _so_pin(args: argparse.Namespace, console: Console, label: str) -> str:
     if args.so_pin_file is not None:
-        return _read_secret_file(args.so_pin_file, "SO PIN")
+        return read_secret_file(args.so_pin_file, "SO PIN")
     return console.secret(f"SO PIN of token '{label}' (to mark the transport key trusted): ")
 
 
@@ -492,11 +492,11 @@ def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
 def _init_token(args: argparse.Namespace, action: Action) -> int:
     console = Console(args)
     if args.so_pin_file is not None:
-        so_pin = _read_secret_file(args.so_pin_file, "SO PIN")
+        so_pin = read_secret_file(args.so_pin_file, "SO PIN")
     else:
         so_pin = console.secret_twice(f"new SO PIN for token '{args.label}'")
     if args.pin_file is not None:
-        user_pin = _read_secret_file(args.pin_file, "user PIN")
+        user_pin = read_secret_file(args.pin_file, "user PIN")
     else:
         user_pin = console.secret_twice(f"new user PIN for token '{args.label}'")
     if so_pin == user_pin:
@@ -613,7 +613,7 @@ def _create(
     if args.exportable and purpose == "transport":
         raise KeyHolderError("a transport key cannot be made exportable", ErrorCode.BAD_OPTION)
     console = Console(args)
-    count = _component_count(args.components) if source != "generate" else 0
+    count = component_count(args.components) if source != "generate" else 0
     files: list[Path] = getattr(args, "component_file", [])
     if files and len(files) != count:
         raise KeyHolderError(
@@ -639,7 +639,7 @@ def _create(
             _show_components(console, files, store, purpose, index, algorithm, components)
             origin = "components"
         elif source == "import-components":
-            value = _collect_components(console, files, args.fix_parity, purpose, index, algorithm, count)
+            value = collect_components(console, files, args.fix_parity, purpose, index, algorithm, count)
             origin = "components"
         if value is not None:
             print(f"key KCV: {kcv_of(algorithm, value).hex().upper()}", flush=True)
@@ -681,7 +681,7 @@ def _create(
     return 0
 
 
-def _collect_components(
+def collect_components(
     console: Console, files: list[Path], fix: bool, purpose: str, index: int, algorithm: Algorithm, count: int
 ) -> bytes:
     values = []
@@ -693,7 +693,7 @@ def _collect_components(
             flush=True,
         )
         if files:
-            text = _read_secret_file(files[number - 1], f"component {number}")
+            text = read_secret_file(files[number - 1], f"component {number}")
         else:
             text = console.secret(f"component {number} (hidden): ")
             if (

@@ -7,8 +7,9 @@ import logging
 import sys
 
 from .. import __version__
+from ..allocator import keep_bulk_buffers
 from ..errors import IsclError
-from . import demo, keys, link
+from . import card, demo, keys, link
 
 EXIT_FAILURE = 1
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(sub)
     link.add_commands(sub)
     keys.add_commands(sub)
+    card.add_commands(sub)
     return parser
 
 
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    keep_bulk_buffers()
     try:
         return int(args.run(args))
     except IsclError as exc:

@@ -7,6 +7,7 @@ import getpass
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from ..engine import Config
@@ -15,6 +16,9 @@ from ..keyholder.base import KEY_INDEXES, KeyHolder
 from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
 from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token
 from ..wire import Encryption, Mac
+
+if TYPE_CHECKING:
+    from ..keyholder.smartcard import SmartCardKeyHolder
 
 ENCRYPTIONS = {"none": Encryption.NONE, "des-cbc": Encryption.DES_CBC}
 MACS = {"none": Mac.NONE, "md5": Mac.MD5, "des-mac": Mac.DES_MAC}
@@ -41,7 +45,7 @@ def _block(text: str) -> int:
 
 
 def add_key_holder_options(parser: argparse.ArgumentParser, *, record_keys: bool = True) -> None:
-    """--pkcs11-module, --token, --pin-file and, for commands that run links, --record-keys."""
+    """--pkcs11-module, --token, --pin-file; for commands that run links, --record-keys and --reader etc."""
     group = parser.add_argument_group(
         "key holder",
         "Where the keys live. Without --token, the demo SoftHSM2 token under"
@@ -57,6 +61,54 @@ def add_key_holder_options(parser: argparse.ArgumentParser, *, record_keys: bool
     group.add_argument("--record-keys", choices=("host", "token"), default="host",
                        help="where the derived per-link DES keys live: 'host' (OpenSSL, fast) or"
                        " 'token' (never leave the token, slower) (default: %(default)s)")
+    add_reader_arguments(group)
+
+
+def add_reader_arguments(group: argparse._ArgumentGroup) -> None:
+    """--reader, --card and --wait-card: which IC card to use (shared with the link commands)."""
+    group.add_argument("--reader", metavar="NAME",
+                       help="use the ISCL IC card in this PC/SC reader (its exact name or a unique part of"
+                       " it, e.g. 'PCD 00 01') instead of a PKCS#11 token")
+    group.add_argument("--card", action="store_true",
+                       help="use the ISCL IC card in the first reader that holds a card")
+    group.add_argument("--wait-card", metavar="SECONDS", type=float, default=0.0,
+                       help="wait up to SECONDS for the card to be inserted (default: do not wait)")
+
+
+def wants_card(args: argparse.Namespace) -> bool:
+    """True when --reader or --card chose an IC card instead of a PKCS#11 token."""
+    return bool(getattr(args, "card", False) or getattr(args, "reader", None) is not None)
+
+
+def open_card_holder(args: argparse.Namespace) -> SmartCardKeyHolder:
+    """The card key holder the options name; the card-holder PIN from --pin-file, $ISCL_PIN or a prompt."""
+    if getattr(args, "token", None) is not None:
+        raise KeyHolderError("give --token or --reader/--card, not both", ErrorCode.BAD_OPTION)
+    if getattr(args, "record_keys", "host") != "host":
+        raise KeyHolderError(
+            "record keys derived by an IC card always live on the host: drop --record-keys token",
+            ErrorCode.BAD_OPTION,
+        )
+    pin = read_pin(args.pin_file, f"card in {reader_description(args)}")
+    holder: SmartCardKeyHolder = card_holder_module().SmartCardKeyHolder(pin, args.reader, args.wait_card)
+    return holder
+
+
+def card_holder_module() -> Any:
+    """The smart-card key holder module, which needs pyscard (an optional dependency)."""
+    try:
+        from ..keyholder import smartcard
+    except ImportError:
+        raise KeyHolderError(
+            "IC cards need pyscard, which is not installed: pip install 'iscl-hsm[card]'"
+            " (it builds with swig and libpcsclite-dev)",
+            ErrorCode.BAD_OPTION,
+        ) from None
+    return smartcard
+
+
+def reader_description(args: argparse.Namespace) -> str:
+    return f"reader '{args.reader}'" if args.reader else "the first reader holding a card"
 
 
 def add_link_options(parser: argparse.ArgumentParser) -> None:
@@ -103,8 +155,11 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
-def read_pin(pin_file: Path | None, token: str) -> str:
-    """The PIN from a file, $ISCL_PIN or a prompt; never echoed, never logged."""
+def read_pin(pin_file: Path | None, holder: str) -> str:
+    """The PIN of ``holder`` ("token 'X'", "card in reader 'Y'") from a file, $ISCL_PIN or a prompt.
+
+    Never echoed, never logged.
+    """
     if pin_file is not None:
         try:
             return pin_file.read_text().strip()
@@ -114,19 +169,21 @@ def read_pin(pin_file: Path | None, token: str) -> str:
         return pin
     if not sys.stdin.isatty():
         raise KeyHolderError(
-            f"no PIN for token '{token}': pass --pin-file FILE or set ISCL_PIN (stdin is not a terminal)"
+            f"no PIN for {holder}: pass --pin-file FILE or set ISCL_PIN (stdin is not a terminal)"
         )
-    return getpass.getpass(f"PIN for token '{token}': ")
+    return getpass.getpass(f"PIN for {holder}: ")
 
 
 def open_key_holder(args: argparse.Namespace) -> KeyHolder:
-    """The PKCS#11 key holder the options name; the demo token when none is named."""
+    """The PKCS#11 key holder the options name (the demo token when none is named), or an IC card."""
+    if wants_card(args):
+        return open_card_holder(args)
     if args.token is None:
         label, pin_path = ensure_demo_token()
         pin_file = args.pin_file or pin_path
     else:
         label, pin_file = args.token, args.pin_file
-    pin = read_pin(pin_file, label)
+    pin = read_pin(pin_file, f"token '{label}'")
     return Pkcs11KeyHolder(label, pin, args.pkcs11_module, record_keys=getattr(args, "record_keys", "host"))
 
 

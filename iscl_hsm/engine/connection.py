@@ -294,18 +294,17 @@ class Connection:
         """Do work that can wait until the output is on its way: key derivation ahead of need.
 
         Transports call this after sending :meth:`data_to_send`, before waiting for the peer, so a
-        key holder's slow derivation overlaps with the peer's own work. Never required: whatever
-        it does would otherwise happen when first needed.
+        key holder's slow derivation (and the sealing of a requested message) overlaps with the
+        peer's own work. Never required: whatever it does would otherwise happen when first needed,
+        so a key holder's failure here is left for that moment, where the engine tells the peer why
+        (NAK 103) before the link drops.
         """
         work, self._deferred = self._deferred, None
         if self._state is State.ERROR:
             return
-        try:
-            if work is not None:
+        if work is not None:
+            with suppress(KeyHolderError):
                 work()
-        except IsclError:
-            self._fail()
-            raise
         self._seal_ahead()
 
     @property
@@ -650,14 +649,10 @@ class Connection:
         return LinkReady(self.parameters)
 
     def _derive_link_keys(self) -> None:
-        """Both directions' keys of a link with a fixed encryption key, ahead of the first message.
-
-        A failure here is left for that message, where the engine tells the peer why (NAK 103).
-        """
+        """Both directions' keys of a link with a fixed encryption key, ahead of the first message."""
         suite = self._suite()
-        with suppress(KeyHolderError):
-            for outbound in (True, False):
-                self._keys(outbound, suite, None)
+        for outbound in (True, False):
+            self._keys(outbound, suite, None)
 
     def _check_ack(self, header: wire.Header, status: int, what: str) -> None:
         if header.option == wire.NAK or status != 0:

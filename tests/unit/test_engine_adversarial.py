@@ -186,19 +186,20 @@ def test_auth_key_missing_in_the_server_holder() -> None:
     not_ready(p)
 
 
+@pytest.mark.parametrize("prepare", [False, True], ids=["derived-when-needed", "derived-ahead"])
 @pytest.mark.parametrize("side", [Role.SERVER, Role.CLIENT], ids=lambda r: r.value)
-def test_handshake_enc_key_missing(side: Role) -> None:
-    """Encryption key N (the handshake MAC key) missing: a local KEY_NOT_FOUND; the peer never gets ready."""
+def test_handshake_enc_key_missing(side: Role, prepare: bool) -> None:
+    """Encryption key N (the handshake MAC key) missing: a local KEY_NOT_FOUND, NAK 103 to the peer.
+
+    Derived ahead (prepare(), as transports do) or when first needed, the failure reaches the peer.
+    """
     enc = {i: k for i, k in ENC_KEYS.items() if i != 1}
     holders = {side: make_holder(enc=enc), other(side): make_holder()}
-    p = ConnectionPair(server_holder=holders[Role.SERVER], client_holder=holders[Role.CLIENT])
+    p = ConnectionPair(server_holder=holders[Role.SERVER], client_holder=holders[Role.CLIENT], prepare=prepare)
     p.server.initiate()
     p.pump(raise_errors=False)
     expect_error(p, side, ErrorCode.KEY_NOT_FOUND, KeyHolderError)
-    if other(side) not in p.errors:
-        p.eof(other(side))
-    err = p.errors[other(side)]
-    assert err.code in (ErrorCode.REMOTE_KEY_HOLDER, ErrorCode.CONNECTION_LOST)
+    expect_error(p, other(side), ErrorCode.REMOTE_KEY_HOLDER)
     assert_dead(p.conn(other(side)))
     not_ready(p)
 
