@@ -55,7 +55,7 @@ from .events import (
     MessageSent,
     NonSecureReceived,
 )
-from .record import Chain, KeySchedule, MessageKeys, Opener, Sealer, Suite, cbc_mac, derive_finished_key
+from .record import Chain, KeySchedule, MessageKeys, Opener, Sealer, Suite, cbc_mac, finished_block
 
 
 class State(Enum):
@@ -534,7 +534,8 @@ class Connection:
             self._rc = self._holder.get_challenge(self._pair_id)
         self._guard.issue(Role.CLIENT, self._rc)
         self._send(MessageId.MUTUAL_AUTH_PASS2_NOTIF, wire.Pass2(0, response, self._rc).encode())
-        self._deferred = self._finished_key  # while the server works on pass 2
+        self._schedule = KeySchedule(self._holder, self._pair_id, self._rs, self._rc, client=True)
+        self._deferred = self._derive_ahead  # while the server works on pass 2
         self._state = State.CLIENT_WAIT_PASS3
         return []
 
@@ -571,6 +572,7 @@ class Connection:
             response = self._holder.internal_authenticate(self._pair_id, self._rc)
             finished = self._finished(b"server\0\0")
         self._send(MessageId.MUTUAL_AUTH_PASS3_NOTIF, wire.Pass3(0, response, 0, finished).encode())
+        self._deferred = self._derive_ahead  # while the client works on pass 3
         self._state = State.SERVER_WAIT_COMPLETION
         return []
 
@@ -590,7 +592,6 @@ class Connection:
         failed = wire.Completion(ErrorCode.REMOTE_KEY_HOLDER, bytes(8))
         with self._telling_peer(MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, failed.encode()):
             verified = self._holder.external_authenticate(self._pair_id, self._rc, p3.response)
-            self._schedule = KeySchedule(self._holder, self._pair_id, self._rs, self._rc, client=True)
             expected = self._finished(b"server\0\0", self._before_last)
         if not verified:
             raise RemoteProtocolError(
@@ -624,8 +625,28 @@ class Connection:
 
     def _finished_key(self) -> RecordKey:
         if self._fin_key is None:
-            self._fin_key = derive_finished_key(self._holder, self._pair_id, self._rs)
+            self._fin_key = self._holder.derive_key(self._pair_id, finished_block(self._rs))
         return self._fin_key
+
+    def _derive_ahead(self) -> None:
+        """The handshake-MAC key and a fixed-key link's record keys, in as few key-holder calls as can be.
+
+        Run by prepare() while the peer is busy: they depend only on the challenges, and they are
+        used only once the handshake has verified them. Keys under the same encryption key (the
+        default: key 1 authenticates and encrypts) come from one call.
+        """
+        assert self._schedule is not None
+        suite = self._suite()
+        link = suite.needs_keys and not self._schedule.derived(suite) and suite.key_id != wire.SESSION_KEYS
+        blocks = self._schedule.link_blocks(suite) if link else []
+        if self._fin_key is None and blocks and suite.key_id == self._pair_id:
+            first, *rest = self._holder.derive_keys(self._pair_id, [finished_block(self._rs), *blocks])
+            self._fin_key = first
+            self._schedule.store(suite, rest)
+            return
+        self._finished_key()
+        if blocks:
+            self._schedule.store(suite, self._holder.derive_keys(suite.key_id, blocks))
 
     def _finished(self, label: bytes, transcript: hashlib._Hash | None = None) -> bytes:
         """The handshake MAC: DES-MAC under the finished key of label || MD5(transcript)."""
@@ -634,9 +655,10 @@ class Connection:
 
     def _ready(self) -> LinkReady:
         self._state = State.READY
+        assert self._schedule is not None
         suite = self._suite()
-        if suite.needs_keys and suite.key_id != wire.SESSION_KEYS:
-            self._deferred = self._derive_link_keys
+        if suite.needs_keys and suite.key_id != wire.SESSION_KEYS and not self._schedule.derived(suite):
+            self._deferred = self._derive_ahead  # (if prepare() has not run since the last pass)
         self.parameters = LinkParameters(
             version=wire.VERSION.decode(),
             block_length=self._block_length,
@@ -647,12 +669,6 @@ class Connection:
             peer_auth_data=self._peer_auth_data,
         )
         return LinkReady(self.parameters)
-
-    def _derive_link_keys(self) -> None:
-        """Both directions' keys of a link with a fixed encryption key, ahead of the first message."""
-        suite = self._suite()
-        for outbound in (True, False):
-            self._keys(outbound, suite, None)
 
     def _check_ack(self, header: wire.Header, status: int, what: str) -> None:
         if header.option == wire.NAK or status != 0:

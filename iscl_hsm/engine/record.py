@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import wire
@@ -73,13 +74,13 @@ class MessageKeys:
     mac: RecordKey | None
 
 
-def derive_finished_key(holder: KeyHolder, pair_id: int, rs: bytes) -> RecordKey:
-    """The key of the handshake MACs that bind the transcript: parity(E_KE(RS ^ "ISCLfini")).
+def finished_block(rs: bytes) -> bytes:
+    """The block whose derivation under encryption key N gives the handshake-MAC key: RS ^ "ISCLfini".
 
     It depends on the server's challenge only, so each end can derive it while the other is busy
     (the server after pass 1, the client after pass 2); the MACs cover both challenges anyway.
     """
-    return holder.derive_key(pair_id, xor8(rs, wire.LABEL_FINISHED))
+    return xor8(rs, wire.LABEL_FINISHED)
 
 
 class KeySchedule:
@@ -103,12 +104,11 @@ class KeySchedule:
         client_to_server = outbound == self._client
         if suite.key_id == wire.SESSION_KEYS:
             assert random is not None
-            return self._derive(self._pair_id, client_to_server, suite.mac, random)
-        cache_key = (client_to_server, suite.key_id)
-        keys = self._cache.get(cache_key)
-        if keys is None:  # a link's suite never changes, so neither does what it needs derived
-            keys = self._cache[cache_key] = self._derive(suite.key_id, client_to_server, suite.mac, ZERO_IV)
-        return keys
+            blocks = self._blocks(client_to_server, suite.mac, random)
+            return self._message_keys(self._holder.derive_keys(self._pair_id, blocks))
+        if not self.derived(suite):  # a link's suite never changes, so neither does what it needs
+            self.store(suite, self._holder.derive_keys(suite.key_id, self.link_blocks(suite)))
+        return self._cache[client_to_server, suite.key_id]
 
     def derived(self, suite: Suite) -> bool:
         """True when no message under ``suite`` needs the key holder any more (keys cached both ways)."""
@@ -116,14 +116,30 @@ class KeySchedule:
             return False
         return all((c2s, suite.key_id) in self._cache for c2s in (True, False))
 
-    def _derive(self, key_id: int, c2s: bool, mac: Mac, random: bytes) -> MessageKeys:
+    def link_blocks(self, suite: Suite) -> list[bytes]:
+        """The derivation blocks of a fixed-key link, both directions (client to server first)."""
+        return [*self._blocks(True, suite.mac, ZERO_IV), *self._blocks(False, suite.mac, ZERO_IV)]
+
+    def store(self, suite: Suite, keys: Sequence[RecordKey]) -> None:
+        """Cache the keys :meth:`link_blocks` derived, in the same order."""
+        half = len(keys) // 2
+        self._cache[True, suite.key_id] = self._message_keys(keys[:half])
+        self._cache[False, suite.key_id] = self._message_keys(keys[half:])
+
+    def _blocks(self, c2s: bool, mac: Mac, random: bytes) -> list[bytes]:
+        """One direction's blocks: the cipher key's, then (DES-MAC only) the MAC key's."""
         seed = xor8(self._base, random)
         enc_label, mac_label = (
             (wire.LABEL_ENC_C2S, wire.LABEL_MAC_C2S) if c2s else (wire.LABEL_ENC_S2C, wire.LABEL_MAC_S2C)
         )
-        cipher = self._holder.derive_key(key_id, xor8(seed, enc_label))
-        mac_key = self._holder.derive_key(key_id, xor8(seed, mac_label)) if mac is Mac.DES_MAC else None
-        return MessageKeys(cipher, mac_key)
+        blocks = [xor8(seed, enc_label)]
+        if mac is Mac.DES_MAC:
+            blocks.append(xor8(seed, mac_label))
+        return blocks
+
+    @staticmethod
+    def _message_keys(keys: Sequence[RecordKey]) -> MessageKeys:
+        return MessageKeys(keys[0], keys[1] if len(keys) > 1 else None)
 
 
 class Chain:

@@ -11,6 +11,7 @@ at one end and a token at the other compute identical bytes:
                              our own outstanding challenges, once only.
 * ``derive_key``             INTERNAL AUTHENTICATE under encryption key *n* of a host-built block, the
                              result parity-adjusted into a single-DES record key.
+* ``derive_keys``            the same for several blocks at once (a token does them in one call).
 
 Implementations must be safe to call from several threads (one link per thread).
 """
@@ -18,6 +19,7 @@ Implementations must be safe to call from several threads (one link per thread).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Protocol
 
 Buffer = bytes | bytearray | memoryview
@@ -67,6 +69,10 @@ class KeyHolder(ABC):
     @abstractmethod
     def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
         """Return the DES key parity(E_KE(block)) under encryption key ``enc_key_id``."""
+
+    def derive_keys(self, enc_key_id: int, blocks: Sequence[bytes]) -> list[RecordKey]:
+        """``derive_key`` of each block, in order; a token overrides this to make one call of it all."""
+        return [self.derive_key(enc_key_id, block) for block in blocks]
 
     def close(self) -> None:
         """Release sessions, card connections and the like."""

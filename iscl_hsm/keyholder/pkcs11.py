@@ -26,11 +26,12 @@ What the token computes (identical bytes to an ISO 7816-4 card holding the same 
 * EXTERNAL AUTHENTICATE: the same encryption of our own outstanding challenge, compared in constant
   time with the peer's cryptogram; each challenge is consumed by its first check.
 * Record key from enc key N: C_DeriveKey with CKM_DES_ECB_ENCRYPT_DATA (CKM_DES3_ECB_ENCRYPT_DATA for
-  a DES2/DES3 key) of the 8-byte block into a session (CKA_TOKEN false) single-DES key, which the
-  token parity-adjusts: the record key is parity(E_KE(block)). With ``record_keys="host"`` (the
-  default) the derived key is created readable, read once, destroyed at once, and records are
-  protected by OpenSSL on the host; with ``record_keys="token"`` it stays sensitive and
-  non-extractable in the token and every record goes through CKM_DES_CBC there (:class:`TokenDesKey`).
+  a DES2/DES3 key) of the 8-byte block: the record key is parity(E_KE(block)). With
+  ``record_keys="host"`` (the default) all the blocks a link needs at once go into one derivation of
+  a readable session generic secret (ECB: each block's E_KE(block) in turn), which is read once and
+  destroyed at once; the host sets the parity and OpenSSL protects the records. With
+  ``record_keys="token"`` each block becomes a sensitive, non-extractable session single-DES key
+  (the token sets its parity) and every record goes through CKM_DES_CBC there (:class:`TokenDesKey`).
 
 Sessions and threads
 ====================
@@ -57,7 +58,7 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, Self, TypeVar
 
@@ -725,14 +726,42 @@ class Pkcs11KeyHolder(KeyHolder):
         return hmac.compare_digest(expected, bytes(cryptogram))
 
     def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
-        block = _check_block(block, "the key derivation block")
-        host = self.record_keys == "host"
-        if host:
-            capabilities = MechanismFlag(0)
-            template = {Attribute.VALUE_LEN: DEFAULT, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True}
-        else:
-            capabilities = MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
-            template = {Attribute.VALUE_LEN: DEFAULT, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+        return self.derive_keys(enc_key_id, [block])[0]
+
+    def derive_keys(self, enc_key_id: int, blocks: Sequence[bytes]) -> list[RecordKey]:
+        """Host record keys: one C_DeriveKey over all the blocks; token record keys: one per block.
+
+        CKM_DES_ECB_ENCRYPT_DATA over concatenated blocks is ECB, block by block, so a generic
+        secret derived from them holds each block's E_KE(block); the host applies parity. A
+        token derivation costs about as much for eight blocks as for one.
+        """
+        blocks = [_check_block(block, "the key derivation block") for block in blocks]
+        if self.record_keys == "token":
+            return [self._derive_in_token(enc_key_id, block) for block in blocks]
+        data = b"".join(blocks)
+
+        def derive(key: Any, key_type: KeyType) -> bytes:
+            param, buffer = _derivation_param(data)
+            derived = key.derive_key(
+                KeyType.GENERIC_SECRET,
+                8 * len(data),
+                mechanism=_ECB_ENCRYPT_DATA[key_type],
+                mechanism_param=param,
+                store=False,
+                capabilities=MechanismFlag(0),
+                template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+            )
+            del buffer  # the token has read the blocks through the raw pointer by now
+            try:
+                return bytes(derived[Attribute.VALUE])
+            finally:
+                _destroy_quietly(derived)
+
+        value = self._with_key("enc", enc_key_id, derive, f"derive record keys from {key_label('enc', enc_key_id)}")
+        return [DesKey(fix_parity(value[i : i + 8])) for i in range(0, len(value), 8)]
+
+    def _derive_in_token(self, enc_key_id: int, block: bytes) -> RecordKey:
+        """A sensitive, non-extractable session DES key (the token sets its parity), used in the token."""
 
         def derive(key: Any, key_type: KeyType) -> Any:
             param, buffer = _derivation_param(block)
@@ -742,23 +771,14 @@ class Pkcs11KeyHolder(KeyHolder):
                 mechanism=_ECB_ENCRYPT_DATA[key_type],
                 mechanism_param=param,
                 store=False,
-                capabilities=capabilities,
-                template=template,
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                template={Attribute.VALUE_LEN: DEFAULT, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
             )
-            del buffer  # the token has read the block through the raw pointer by now
-            if not host:
-                return derived
-            try:
-                return bytes(derived[Attribute.VALUE])
-            finally:
-                _destroy_quietly(derived)
+            del buffer
+            return derived
 
-        result = self._with_key(
-            "enc", enc_key_id, derive, f"derive a record key from {key_label('enc', enc_key_id)}"
-        )
-        if host:
-            return DesKey(result)
-        return TokenDesKey(self._entry, result)
+        handle = self._with_key("enc", enc_key_id, derive, f"derive a record key from {key_label('enc', enc_key_id)}")
+        return TokenDesKey(self._entry, handle)
 
     def close(self) -> None:
         with _registry_lock:
