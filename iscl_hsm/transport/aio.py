@@ -55,6 +55,8 @@ class IsclStream:
         self._outcome: asyncio.Queue[MessageSent | MessageRefused | Closed | CloseRefused] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[LinkParameters] = self._loop.create_future()
+        # A cancelled handshake() leaves nobody awaiting the failure; it is still raised by recv().
+        self._ready.add_done_callback(lambda ready: ready.cancelled() or ready.exception())
         self._failure: BaseException | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self.parameters: LinkParameters | None = None

@@ -548,3 +548,30 @@ def test_nothing_listening_is_an_os_error(holders: Callable[..., KeyHolder], hos
         port = placeholder.getsockname()[1]
     with pytest.raises(ConnectionRefusedError):
         run(connect(port, holders(hospitals.b)))
+
+
+def test_a_cancelled_handshake_leaves_no_unretrieved_failure(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    """Cancelling open_connection while the peer is silent: the link's later failure is not orphaned."""
+    import gc
+
+    async def scenario() -> list[dict[str, Any]]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), never answers
+            port = silent.getsockname()[1]
+            attempt = asyncio.create_task(
+                aio.open_connection("127.0.0.1", port, key_holder=holders(hospitals.b), config=Config())
+            )
+            await asyncio.sleep(0.2)
+            attempt.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await attempt
+        for _ in range(20):  # let the pump see the end of the stream and fail the handshake
+            await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0)
+        return reported
+
+    assert run(scenario()) == []
