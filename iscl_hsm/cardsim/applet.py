@@ -13,18 +13,25 @@ It behaves as docs/smart-cards.md says a real card must:
 
 Failed EXTERNAL AUTHENTICATE attempts are not counted against the key: a peer on the network could
 otherwise block the card by sending wrong cryptograms.
+
+The keys are in the card file or in a PKCS#11 token (:mod:`.keys`); a token failure other than a
+missing key answers 6F00 and is logged, so the host sees a failed command rather than a dead card.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 from collections.abc import Callable
 
-from ..crypto.des import DesKey
+from ..errors import KeyHolderError
 from ..keyholder import apdu
 from ..keyholder.apdu import BLOCK, KEY_LENGTHS, MAX_PIN, Command, Ins, Pin, Sw
+from .keys import CardKeys, FileKeys
 from .state import CardState, PinRecord
+
+log = logging.getLogger(__name__)
 
 _PIN_ROLES = {Pin.USER: "user", Pin.SO: "so"}
 
@@ -34,10 +41,12 @@ def _sw(sw: int, data: bytes = b"") -> bytes:
 
 
 class IsclApplet:
-    """The card: its persistent :class:`CardState` and the volatile state of one power cycle."""
+    """The card: its persistent :class:`CardState`, its keys (default: in the state's file) and the
+    volatile state of one power cycle."""
 
-    def __init__(self, state: CardState) -> None:
+    def __init__(self, state: CardState, keys: CardKeys | None = None) -> None:
         self.state = state
+        self.keys = keys or FileKeys(state)
         self._selected = False
         self._verified: set[Pin] = set()
         self._challenge: bytes | None = None
@@ -71,7 +80,11 @@ class IsclApplet:
             return _sw(Sw.INS_NOT_SUPPORTED)
         if not self._selected and cmd.ins != Ins.SELECT:
             return _sw(Sw.APPLICATION_NOT_FOUND)
-        return handler(cmd)
+        try:
+            return handler(cmd)
+        except KeyHolderError as exc:
+            log.error("answering 6F00 to %s: %s", apdu.describe(raw), exc)
+            return _sw(Sw.NO_PRECISE_DIAGNOSIS)
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -162,8 +175,8 @@ class IsclApplet:
         self._challenge = secrets.token_bytes(BLOCK)
         return _sw(Sw.OK, self._challenge)
 
-    def _keyed(self, cmd: Command, purposes: tuple[str, ...]) -> DesKey | int:
-        """The key P2 names, or the status word that says why it cannot be used."""
+    def _keyed(self, cmd: Command, purposes: tuple[str, ...]) -> tuple[str, int] | int:
+        """The key slot P2 names, or the status word that says why it cannot be used."""
         reference = apdu.parse_key_reference(cmd.p2)
         if cmd.p1 != 0 or reference is None or reference[0] not in purposes:
             return Sw.WRONG_P1_P2
@@ -171,24 +184,35 @@ class IsclApplet:
             return Sw.WRONG_LENGTH
         if Pin.USER not in self._verified:
             return Sw.BLOCKED if self.state.pins["user"].blocked else Sw.SECURITY_STATUS_NOT_SATISFIED
-        value = self.state.key(*reference)
-        return Sw.REFERENCE_NOT_FOUND if value is None else DesKey(value)
+        return reference
 
     def _internal_authenticate(self, cmd: Command) -> bytes:
-        key = self._keyed(cmd, ("auth", "enc"))
-        return _sw(key) if isinstance(key, int) else _sw(Sw.OK, key.encrypt_ecb(cmd.data))
+        slot = self._keyed(cmd, ("auth", "enc"))
+        if isinstance(slot, int):
+            return _sw(slot)
+        result = self.keys.encrypt(*slot, cmd.data)
+        return _sw(Sw.REFERENCE_NOT_FOUND) if result is None else _sw(Sw.OK, result)
 
     def _external_authenticate(self, cmd: Command) -> bytes:
-        key = self._keyed(cmd, ("auth",))
-        if isinstance(key, int):
-            return _sw(key)
+        slot = self._keyed(cmd, ("auth",))
+        if isinstance(slot, int):
+            return _sw(slot)
         challenge, self._challenge = self._challenge, None  # consumed whatever the outcome
+        expected = self.keys.encrypt(*slot, challenge or bytes(BLOCK))  # a missing key says so first
+        if expected is None:
+            return _sw(Sw.REFERENCE_NOT_FOUND)
         if challenge is None:
             return _sw(Sw.CONDITIONS_NOT_SATISFIED)
-        return _sw(Sw.OK if hmac.compare_digest(key.encrypt_ecb(challenge), cmd.data) else Sw.AUTHENTICATION_FAILED)
+        return _sw(Sw.OK if hmac.compare_digest(expected, cmd.data) else Sw.AUTHENTICATION_FAILED)
 
     def _put_key(self, cmd: Command) -> bytes:
-        """CLA 80 INS D8, P2 = key reference, data = the key; answers with its 3-byte KCV."""
+        """CLA 80 INS D8, P2 = key reference, data = the key; answers with its 3-byte KCV.
+
+        A card whose keys live elsewhere (a token) answers 6A81 before looking at anything else,
+        so the host can ask with an empty PUT KEY before a ceremony starts.
+        """
+        if not self.keys.loads_keys:
+            return _sw(Sw.FUNCTION_NOT_SUPPORTED)
         reference = apdu.parse_key_reference(cmd.p2)
         if cmd.p1 != 0 or reference is None:
             return _sw(Sw.WRONG_P1_P2)
@@ -196,6 +220,4 @@ class IsclApplet:
             return _sw(Sw.WRONG_LENGTH)
         if Pin.SO not in self._verified:
             return _sw(Sw.BLOCKED if self.state.pins["so"].blocked else Sw.SECURITY_STATUS_NOT_SATISFIED)
-        self.state.set_key(*reference, cmd.data)
-        self.state.save()
-        return _sw(Sw.OK, DesKey(cmd.data).kcv)
+        return _sw(Sw.OK, self.keys.store(*reference, cmd.data))

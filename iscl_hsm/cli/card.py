@@ -2,33 +2,46 @@
 
 Commands that talk to a card go through pcscd (:mod:`iscl_hsm.keyholder.smartcard`); ``init`` and
 ``emulate`` work on the virtual card's file. Key ceremonies reuse ``iscl keys``' prompts and the
-component and KCV checks of :mod:`iscl_hsm.keys.components`.
+component and KCV checks of :mod:`iscl_hsm.keys.components`; ``init``, ``load-key``, ``change-pin``
+and ``unblock-pin`` append to the audit log of ``iscl keys`` (:mod:`iscl_hsm.keys.audit`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..cardsim.applet import IsclApplet
+from ..cardsim.keys import CardKeys, FileKeys, TokenKeys
 from ..cardsim.state import DEFAULT_TRIES, CardState
 from ..cardsim.vpcd import DEFAULT_PORT, VpcdCard
 from ..errors import ErrorCode, KeyHolderError
 from ..keyholder import apdu
 from ..keyholder.apdu import Ins, Pin, Sw
 from ..keyholder.base import KEY_INDEXES
+from ..keyholder.pkcs11 import Pkcs11KeyHolder
 from ..keys.components import algorithm_for, kcv_of
+from .audited import AuditEntry, add_audit_arguments, audited
 from .keys import Console, add_component_arguments, collect_components, component_count, read_secret_file
-from .options import add_reader_arguments, card_holder_module, open_card_holder
+from .options import (
+    add_key_holder_options,
+    add_reader_arguments,
+    card_holder_module,
+    open_card_holder,
+    open_key_holder,
+    reader_description,
+)
 
 if TYPE_CHECKING:
     from ..keyholder.smartcard import CardChannel
 
 VIRTUAL_WARNING = (
-    "The virtual card keeps its keys in clear in its file: it is for tests, demos and practising"
-    " ceremonies, never for patient data."
+    "The virtual card is for tests, demos and practising ceremonies, never for patient data: its file"
+    " holds its PINs, and its keys in clear unless they stay in a token (--token)."
 )
 
 
@@ -51,55 +64,67 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     actions = card.add_subparsers(title="actions", metavar="ACTION", required=True)
 
-    p = _action(actions, "init", "create a virtual card file with its two PINs", _init,
+    p = _action(actions, "init", "create a virtual card file with its two PINs", _audited("init", _init),
                 "Write a new virtual card file (keys none yet, both PINs, retry counters). " + VIRTUAL_WARNING,
-                "iscl card init --card-file card.json --pin-file user.pin --so-pin-file so.pin")
+                "iscl card init --card-file card.json --pin-file user.pin --so-pin-file so.pin --officer 'A. Sato'")
     p.add_argument("--card-file", metavar="FILE", type=Path, required=True, help="the new card file (mode 0600)")
     p.add_argument("--pin-file", metavar="FILE", type=Path, help="the card-holder PIN (else a prompt, twice)")
     p.add_argument("--so-pin-file", metavar="FILE", type=Path,
                    help="the security-officer PIN (else a prompt, twice)")
     p.add_argument("--max-tries", type=int, default=DEFAULT_TRIES,
                    help="wrong entries before a PIN blocks (default: %(default)s)")
+    add_audit_arguments(p, officer_required=True)
 
     p = _action(actions, "emulate", "insert a virtual ISCL card into the vsmartcard reader", _emulate,
                 "Plug a virtual ISCL card into vsmartcard's virtual reader of pcscd and answer its APDUs"
                 " until pcscd stops (or Ctrl-C). Port 35963 is reader 'Virtual PCD 00 00', 35964 is"
-                " 'Virtual PCD 00 01'. Keys, PINs and retry counters persist in --card-file. "
-                + VIRTUAL_WARNING,
-                "iscl card emulate --port 35963 --card-file card.json &")
-    p.add_argument("--card-file", metavar="FILE", type=Path, required=True, help="the card's file ('iscl card init')")
+                " 'Virtual PCD 00 01'. PINs, retry counters and keys persist in --card-file; with --token"
+                " the keys stay in that PKCS#11 token instead (load them with 'iscl keys') and the token"
+                " does the card's DES work. " + VIRTUAL_WARNING,
+                "iscl card emulate --port 35963 --card-file card.json &\n"
+                "  iscl card emulate --port 35964 --card-file pins-only.json --token hospital-a --pin-file a.pin &")
+    p.add_argument("--card-file", "--key-file", dest="card_file", metavar="FILE", type=Path, required=True,
+                   help="the card's file ('iscl card init'); --key-file is another name for it")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="vpcd's port (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="vpcd's address (default: %(default)s)")
+    _token_options(p)
 
-    p = _action(actions, "load-key", "load a key onto a card from 2 or 3 custodian components", _load_key,
+    p = _action(actions, "load-key", "load a key onto a card from 2 or 3 custodian components",
+                _audited("load-key", _load_key),
                 "Enter a key as custodian components with their KCVs, exactly as 'iscl keys"
                 " import-components' does, and store it in the card's slot (PUT KEY, which needs the"
                 " security-officer PIN). The card answers with the KCV of what it stored, which must"
-                " match. An existing key in the slot is replaced.",
-                "iscl card load-key --reader 'PCD 00 00' --purpose auth --index 1 --components 2")
+                " match. An existing key in the slot is replaced. A virtual card on a token refuses"
+                " keys before the ceremony starts: load them into the token with 'iscl keys'.",
+                "iscl card load-key --reader 'PCD 00 00' --purpose auth --index 1 --components 2 --officer 'A. Sato'")
     _card_arguments(p)
     p.add_argument("--purpose", required=True, choices=("auth", "enc"), help="authentication or encryption key")
     p.add_argument("--index", type=int, required=True, choices=KEY_INDEXES, help="key index 1..8")
     p.add_argument("--algorithm", help="des (default), des2 or des3")
     p.add_argument("--so-pin-file", metavar="FILE", type=Path, help="the security-officer PIN (else a prompt)")
     add_component_arguments(p, reading=True)
+    add_audit_arguments(p, officer_required=True)
 
     p = _action(actions, "change-pin", "change the card-holder PIN (or with --so the security officer's)",
-                _change_pin, "Change a PIN of the card (CHANGE REFERENCE DATA).",
+                _audited("change-pin", _change_pin, officer_required=False),
+                "Change a PIN of the card (CHANGE REFERENCE DATA).",
                 "iscl card change-pin --reader 'PCD 00 00'")
     _card_arguments(p)
     p.add_argument("--so", action="store_true", help="change the security-officer PIN")
     p.add_argument("--pin-file", metavar="FILE", type=Path, help="the current PIN (else a prompt)")
     p.add_argument("--new-pin-file", metavar="FILE", type=Path, help="the new PIN (else a prompt, twice)")
     p.add_argument("--input-fd", metavar="FD", type=int, help="read the prompts' answers from this descriptor")
+    add_audit_arguments(p, officer_required=False)
 
-    p = _action(actions, "unblock-pin", "set a new card-holder PIN with the security-officer PIN", _unblock_pin,
+    p = _action(actions, "unblock-pin", "set a new card-holder PIN with the security-officer PIN",
+                _audited("unblock-pin", _unblock_pin),
                 "Reset the card-holder PIN's retry counter and set a new PIN (RESET RETRY COUNTER).",
-                "iscl card unblock-pin --reader 'PCD 00 00'")
+                "iscl card unblock-pin --reader 'PCD 00 00' --officer 'A. Sato'")
     _card_arguments(p)
     p.add_argument("--so-pin-file", metavar="FILE", type=Path, help="the security-officer PIN (else a prompt)")
     p.add_argument("--new-pin-file", metavar="FILE", type=Path, help="the new PIN (else a prompt, twice)")
     p.add_argument("--input-fd", metavar="FD", type=int, help="read the prompts' answers from this descriptor")
+    add_audit_arguments(p, officer_required=True)
 
     p = _action(actions, "list", "show the card's key slots and their KCVs", _list,
                 "Show which key slots hold a key, with its check value (INTERNAL AUTHENTICATE of zeros;"
@@ -123,11 +148,43 @@ def _card_arguments(parser: argparse.ArgumentParser) -> None:
     add_reader_arguments(parser.add_argument_group("card", "Without --reader: the first reader holding a card."))
 
 
+def _token_options(parser: argparse.ArgumentParser) -> None:
+    """The shared --pkcs11-module/--token/--pin-file, with what they mean for a virtual card.
+
+    argparse has no public way to reword a shared group, hence the two private attributes.
+    """
+    add_key_holder_options(parser, record_keys=False)
+    for group in parser._action_groups:
+        if group.title == "key holder":
+            group.description = ("Without --token the keys are in --card-file. With --token they stay in the"
+                                 " token, opened with --pin-file, else $ISCL_PIN, else a prompt.")
+    for action in parser._actions:
+        if action.dest == "token":
+            action.help = "keep the card's keys in this token (default: in --card-file)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Audit: the log of `iscl keys`, verified by `iscl keys audit verify`
+
+def _audited(name: str, run: Callable[[argparse.Namespace, AuditEntry], int],
+             officer_required: bool = True) -> Callable[[argparse.Namespace], int]:  # fmt: skip
+    """An `iscl card` command, audited like `iscl keys` (same log, same verification)."""
+    return audited(f"card {name}", f"card {name}", _card_named, run,
+                   changes="the card" if officer_required else None)  # fmt: skip
+
+
+def _card_named(args: argparse.Namespace) -> str:
+    """The card as the options name it, until the command has opened it."""
+    if getattr(args, "card_file", None) is not None:
+        return f"virtual card file {args.card_file}"
+    return f"card in {reader_description(args)}"
+
+
 # --------------------------------------------------------------------------------------------------
 # Actions
 
 
-def _init(args: argparse.Namespace) -> int:
+def _init(args: argparse.Namespace, entry: AuditEntry) -> int:
     console = Console(args)
     user_pin = _pin(args.pin_file, console, "new card-holder PIN", twice=True)
     so_pin = _pin(args.so_pin_file, console, "new security-officer PIN", twice=True)
@@ -140,27 +197,50 @@ def _init(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise KeyHolderError(f"{exc}", ErrorCode.BAD_OPTION) from None
     state.create(args.card_file)
+    entry.fields["detail"] = f"card-holder and security-officer PINs set, {args.max_tries} tries each"
     print(f"virtual card written to {args.card_file}; insert it with 'iscl card emulate --card-file"
           f" {args.card_file}', then load keys with 'iscl card load-key'")
     return 0
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    card = VpcdCard(IsclApplet(CardState.load(args.card_file)), args.host, args.port)
-    card.connect()
-    print(f"iscl card: virtual ISCL card ({args.card_file}) inserted into the vpcd reader on port {args.port};"
-          " Ctrl-C removes it", file=sys.stderr, flush=True)
-    try:
-        card.run()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        card.close()
+    if args.token is None and args.pin_file is not None:
+        raise KeyHolderError(
+            "--pin-file opens the token of --token; the virtual card's own PINs are in its card file",
+            ErrorCode.BAD_OPTION,
+        )
+    state = CardState.load(args.card_file)
+    with contextlib.ExitStack() as stack:
+        keys: CardKeys = FileKeys(state)
+        if args.token is not None:
+            keys = TokenKeys(stack.enter_context(_open_token(args, state)))
+        card = VpcdCard(IsclApplet(state, keys), args.host, args.port)
+        card.connect()
+        stack.callback(card.close)
+        print(f"iscl card: virtual ISCL card ({args.card_file}, keys in {keys.description}) inserted into the"
+              f" vpcd reader on port {args.port}; Ctrl-C removes it", file=sys.stderr, flush=True)
+        try:
+            card.run()
+        except KeyboardInterrupt:
+            return 0
     print("iscl card: the reader closed the connection (pcscd stopped); the card is out", file=sys.stderr)
     return 0
 
 
-def _load_key(args: argparse.Namespace) -> int:
+def _open_token(args: argparse.Namespace, state: CardState) -> Pkcs11KeyHolder:
+    """The token that keeps the card's keys; a card file that holds keys of its own is refused."""
+    if state.keys:
+        raise KeyHolderError(
+            f"the virtual card file {args.card_file} holds keys, but with --token the card's keys stay in"
+            f" token '{args.token}': give a card file without keys (iscl card init)",
+            ErrorCode.BAD_OPTION,
+        )
+    holder = open_key_holder(args)
+    assert isinstance(holder, Pkcs11KeyHolder)  # emulate has no --reader/--card
+    return holder
+
+
+def _load_key(args: argparse.Namespace, entry: AuditEntry) -> int:
     algorithm = algorithm_for(args.purpose, args.algorithm)
     count = component_count(args.components)
     if args.component_file and len(args.component_file) != count:
@@ -168,11 +248,14 @@ def _load_key(args: argparse.Namespace) -> int:
                              f" {len(args.component_file)}", ErrorCode.BAD_OPTION)
     console = Console(args)
     with _channel(args) as channel:
+        entry.fields["token"] = channel.description
+        _check_loads_keys(channel, args.purpose, args.index)
         channel.verify_pin(_pin(args.so_pin_file, console, f"security-officer PIN of the {channel.description}"),
                            Pin.SO)  # a wrong SO PIN fails before any custodian types
         value = collect_components(console, args.component_file, args.fix_parity, args.purpose, args.index,
                                     algorithm, count)
         expected = kcv_of(algorithm, value)
+        entry.fields.update(kcv=expected.hex().upper(), detail=algorithm.name)
         print(f"key KCV: {expected.hex().upper()}", flush=True)
         command = apdu.command(Ins.PUT_KEY, 0, apdu.key_reference(args.purpose, args.index), value)
         del value
@@ -187,11 +270,24 @@ def _load_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _change_pin(args: argparse.Namespace) -> int:
+def _check_loads_keys(channel: CardChannel, purpose: str, index: int) -> None:
+    """An empty PUT KEY: a card that takes no keys (a virtual card on a token) answers 6A81 to it.
+
+    Any other answer (6700 from a card that does take keys) lets the ceremony go on.
+    """
+    command = apdu.command(Ins.PUT_KEY, 0, apdu.key_reference(purpose, index))
+    _, sw = channel.transmit(command, "PUT KEY (does the card load keys?)")
+    if sw == Sw.FUNCTION_NOT_SUPPORTED:
+        raise channel.status_error(sw, "PUT KEY", command)
+
+
+def _change_pin(args: argparse.Namespace, entry: AuditEntry) -> int:
     reference = Pin.SO if args.so else Pin.USER
     console = Console(args)
     name = apdu.PIN_NAMES[reference]
+    entry.fields["detail"] = name
     with _channel(args) as channel:
+        entry.fields["token"] = channel.description
         old = _pin(args.pin_file, console, f"current {name}")
         new = _pin(args.new_pin_file, console, f"new {name}", twice=True)
         data = _pin_blocks(old, new, name)
@@ -200,9 +296,11 @@ def _change_pin(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unblock_pin(args: argparse.Namespace) -> int:
+def _unblock_pin(args: argparse.Namespace, entry: AuditEntry) -> int:
     console = Console(args)
+    entry.fields["detail"] = "card-holder PIN set and unblocked"
     with _channel(args) as channel:
+        entry.fields["token"] = channel.description
         so_pin = _pin(args.so_pin_file, console, "security-officer PIN")
         new = _pin(args.new_pin_file, console, "new card-holder PIN", twice=True)
         data = _pin_blocks(so_pin, new, "card-holder PIN")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import getpass
 import json
 import os
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import ErrorCode, IsclError, KeyHolderError
+from ..errors import ErrorCode, KeyHolderError
 from ..keyholder.pkcs11 import PURPOSES, Pkcs11KeyHolder
 from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token, init_token
 from ..keys import audit as audit_log
@@ -47,6 +46,7 @@ from ..keys.store import (
     trusted_transport_value,
     verify_so_pin,
 )
+from .audited import AuditEntry, add_audit_arguments, audited
 from .options import add_key_holder_options, open_key_holder, read_pin
 
 CLEAR_SCREEN = "\x1b[2J\x1b[H"
@@ -200,20 +200,8 @@ def _action(actions: Any, name: str, text: str, run: Callable[..., int], *, muta
             type=Path,
             help="read the new user PIN from FILE (else prompt twice)",
         )
-    group = parser.add_argument_group("audit")
-    group.add_argument(
-        "--audit-log",
-        metavar="FILE",
-        type=Path,
-        help=f"append the audit entry here (default: {default_data_dir() / 'audit.log'})",
-    )
-    group.add_argument(
-        "--officer",
-        metavar="NAME",
-        help="who is doing this, for the audit log (default: $ISCL_OFFICER)"
-        + ("; required" if mutating else ""),
-    )
-    parser.set_defaults(run=_audited(name, run, mutating))
+    add_audit_arguments(parser, officer_required=mutating)
+    parser.set_defaults(run=audited(f"keys {name}", name, _token_named(name), run, changes="the token" if mutating else None))
     return parser
 
 
@@ -277,66 +265,18 @@ def add_component_arguments(parser: argparse.ArgumentParser, *, reading: bool | 
 # Audit, errors, prompts
 
 
-class Action:
-    """One command's audit entry, filled in as the command learns what it did."""
-
-    def __init__(self, args: argparse.Namespace, name: str, mutating: bool) -> None:
-        self.name = name
-        self.log = audit_log.AuditLog(args.audit_log or default_data_dir() / "audit.log")
-        officer = (args.officer or os.environ.get("ISCL_OFFICER") or "").strip() or None
-        label = getattr(args, "label", None) if name == "init-token" else (args.token or DEMO_LABEL)
-        self.fields: dict[str, Any] = {
-            "officer": officer,
-            "token": label,
-            "serial": None,
-            "action": name,
-            "purpose": getattr(args, "purpose", None),
-            "index": getattr(args, "index", None),
-            "version": getattr(args, "version", None) if name == "delete" else None,
-            "kcv": None,
-            "detail": None,
-        }
-        if mutating and officer is None:
-            raise KeyHolderError(
-                f"'iscl keys {name}' changes the token, so the audit log needs your name: pass --officer NAME"
-                " or set ISCL_OFFICER",
-                ErrorCode.BAD_OPTION,
-            )
-
-    def key(self, info: KeyInfo, store: KeyStore | None = None) -> None:
-        self.fields.update(purpose=info.purpose, index=info.index, version=info.version, kcv=info.kcv)
-        if store is not None:
-            self.fields["serial"] = store.serial
-
-    def write(self, result: str) -> dict[str, Any]:
-        return self.log.append(result=result, **self.fields)
+def _token_named(name: str) -> Callable[[argparse.Namespace], str | None]:
+    """The token as a `keys` command's options name it (init-token names the one it creates)."""
+    if name == "init-token":
+        return lambda args: getattr(args, "label", None)
+    return lambda args: args.token or DEMO_LABEL
 
 
-def _audited(
-    name: str, run: Callable[[argparse.Namespace, Action], int], mutating: bool
-) -> Callable[..., int]:
-    @functools.wraps(run)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            action = Action(args, name, mutating)
-        except IsclError as exc:  # no officer: still leave a trace of the attempt
-            with contextlib.suppress(IsclError, OSError):  # best effort: the refusal is what matters
-                audit_log.AuditLog(args.audit_log or default_data_dir() / "audit.log").append(
-                    action=name, token=getattr(args, "token", None), result=f"refused: {exc.args[0]}"
-                )
-            raise
-        try:
-            status = run(args, action)
-        except IsclError as exc:
-            action.write(f"failed: {exc.args[0]}")
-            raise
-        except KeyboardInterrupt:
-            action.write("failed: interrupted")
-            raise
-        action.write("ok" if status == 0 else f"failed: exit status {status}")
-        return status
-
-    return wrapper
+def _record_key(entry: AuditEntry, info: KeyInfo, store: KeyStore | None = None) -> None:
+    """Put the key a command touched (and the token's serial) into its audit entry."""
+    entry.fields.update(purpose=info.purpose, index=info.index, version=info.version, kcv=info.kcv)
+    if store is not None:
+        entry.fields["serial"] = store.serial
 
 
 class Console:
@@ -489,7 +429,7 @@ def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
 # Commands
 
 
-def _init_token(args: argparse.Namespace, action: Action) -> int:
+def _init_token(args: argparse.Namespace, action: AuditEntry) -> int:
     console = Console(args)
     if args.so_pin_file is not None:
         so_pin = read_secret_file(args.so_pin_file, "SO PIN")
@@ -515,7 +455,7 @@ def _init_token(args: argparse.Namespace, action: Action) -> int:
     return 0
 
 
-def _list(args: argparse.Namespace, action: Action) -> int:
+def _list(args: argparse.Namespace, action: AuditEntry) -> int:
     with _opened(args) as store:
         infos = store.list_keys()
         action.fields.update(serial=store.serial, detail=f"{len(infos)} key versions")
@@ -555,7 +495,7 @@ def _mode(args: argparse.Namespace) -> str:
     return REPLACE if getattr(args, "replace", False) else NEW
 
 
-def _generate(args: argparse.Namespace, action: Action) -> int:
+def _generate(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args, ("auth", "enc", "transport"))
     if purpose == "transport":
         raise KeyHolderError(
@@ -567,19 +507,19 @@ def _generate(args: argparse.Namespace, action: Action) -> int:
     return _create(args, action, purpose, index, algorithm, _mode(args), None, "generate")
 
 
-def _import_components(args: argparse.Namespace, action: Action) -> int:
+def _import_components(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     algorithm = algorithm_for(purpose, args.algorithm)
     return _create(args, action, purpose, index, algorithm, _mode(args), None, "import-components")
 
 
-def _generate_components(args: argparse.Namespace, action: Action) -> int:
+def _generate_components(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     algorithm = algorithm_for(purpose, args.algorithm)
     return _create(args, action, purpose, index, algorithm, _mode(args), None, "generate-components")
 
 
-def _rotate(args: argparse.Namespace, action: Action) -> int:
+def _rotate(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     algorithm = algorithm_for(purpose, args.algorithm)
     grace = parse_duration(args.grace)
@@ -601,7 +541,7 @@ def _rotate(args: argparse.Namespace, action: Action) -> int:
 
 def _create(
     args: argparse.Namespace,
-    action: Action,
+    action: AuditEntry,
     purpose: str,
     index: int,
     algorithm: Algorithm,
@@ -665,7 +605,7 @@ def _create(
         del value
     finally:
         holder.close()
-    action.key(info, store)
+    _record_key(action, info, store)
     if source != "generate":
         action.fields["detail"] = ", ".join(
             filter(None, [action.fields["detail"], f"{count} components ({source})"])
@@ -780,7 +720,7 @@ def _transport_index(text: str) -> int:
     return int(match.group(1))
 
 
-def _export(args: argparse.Namespace, action: Action) -> int:
+def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args, ("auth", "enc"))
     transport = _transport_index(args.wrap_with)
     if args.out is not None and args.out.exists():
@@ -788,7 +728,7 @@ def _export(args: argparse.Namespace, action: Action) -> int:
     with _opened(args) as store:
         document = store.export(purpose, index, transport)
         info = store.current(purpose, index)
-    action.key(info, store)
+    _record_key(action, info, store)
     action.fields["detail"] = (
         f"wrapped under iscl-transport-{transport} KCV {document['wrapping']['transport_kcv']}"
     )
@@ -808,7 +748,7 @@ def _export(args: argparse.Namespace, action: Action) -> int:
     return 0
 
 
-def _import_wrapped(args: argparse.Namespace, action: Action) -> int:
+def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
     try:
         text = args.file.read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -823,7 +763,7 @@ def _import_wrapped(args: argparse.Namespace, action: Action) -> int:
     with _opened(args) as store:
         action.fields["serial"] = store.serial
         info = store.import_wrapped(document, mode=mode, grace=grace, exportable=args.exportable)
-    action.key(info, store)
+    _record_key(action, info, store)
     action.fields["detail"] = (
         f"from token {document['source'].get('token')} serial {document['source'].get('serial')}"
     )
@@ -831,12 +771,12 @@ def _import_wrapped(args: argparse.Namespace, action: Action) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace, action: Action) -> int:
+def _check(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     wanted = parse_kcv(args.kcv)
     with _opened(args) as store:
         current, matching = store.check(purpose, index, wanted)
-    action.key(current, store)
+    _record_key(action, current, store)
     action.fields["detail"] = f"asked for KCV {wanted.hex().upper()}"
     if matching is not None and matching.current:
         print(
@@ -858,7 +798,7 @@ def _check(args: argparse.Namespace, action: Action) -> int:
     )
 
 
-def _retire(args: argparse.Namespace, action: Action) -> int:
+def _retire(args: argparse.Namespace, action: AuditEntry) -> int:
     if args.purpose is not None or args.index is not None:
         if args.purpose is None or args.index is None:
             raise KeyHolderError("give both --purpose and --index, or neither", ErrorCode.BAD_OPTION)
@@ -876,9 +816,10 @@ def _retire(args: argparse.Namespace, action: Action) -> int:
     return 0
 
 
-def _delete(args: argparse.Namespace, action: Action) -> int:
+def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     console = Console(args)
+    action.fields["version"] = args.version  # the one asked for; all when None
     with _opened(args) as store:
         action.fields["serial"] = store.serial
         targets = [
@@ -896,7 +837,7 @@ def _delete(args: argparse.Namespace, action: Action) -> int:
                 raise KeyHolderError("not confirmed; nothing was deleted", ErrorCode.BAD_OPTION)
         removed = store.delete(purpose, index, args.version)
     if len(removed) == 1:
-        action.key(removed[0], store)
+        _record_key(action, removed[0], store)
     action.fields["detail"] = "deleted " + ", ".join(f"version {i.version} KCV {i.kcv}" for i in removed)
     for info in removed:
         print(f"deleted {info.name} (KCV {info.kcv})")

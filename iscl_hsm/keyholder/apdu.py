@@ -63,11 +63,13 @@ class Sw(IntEnum):
     BLOCKED = 0x6983
     CONDITIONS_NOT_SATISFIED = 0x6985
     WRONG_DATA = 0x6A80
+    FUNCTION_NOT_SUPPORTED = 0x6A81
     APPLICATION_NOT_FOUND = 0x6A82
     WRONG_P1_P2 = 0x6A86
     REFERENCE_NOT_FOUND = 0x6A88
     INS_NOT_SUPPORTED = 0x6D00
     CLA_NOT_SUPPORTED = 0x6E00
+    NO_PRECISE_DIAGNOSIS = 0x6F00
 
 
 TRIES_LEFT: Final = 0x63C0
@@ -160,11 +162,13 @@ _MEANINGS: Final = {
     Sw.BLOCKED: "the PIN or key is blocked",
     Sw.CONDITIONS_NOT_SATISFIED: "no challenge is outstanding (GET CHALLENGE must come first)",
     Sw.WRONG_DATA: "the command data is malformed",
+    Sw.FUNCTION_NOT_SUPPORTED: "the card does not offer this function",
     Sw.APPLICATION_NOT_FOUND: "the card has no ISCL application",
     Sw.WRONG_P1_P2: "the card does not know that key or PIN reference",
     Sw.REFERENCE_NOT_FOUND: "key not found: the card holds no key under that reference",
     Sw.INS_NOT_SUPPORTED: "the card does not support this command",
     Sw.CLA_NOT_SUPPORTED: "the card does not support this class byte",
+    Sw.NO_PRECISE_DIAGNOSIS: "the card failed internally (a virtual card logs why)",
 }
 
 

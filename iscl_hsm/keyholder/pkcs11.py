@@ -735,10 +735,28 @@ class Pkcs11KeyHolder(KeyHolder):
         secret derived from them holds each block's E_KE(block); the host applies parity. A
         token derivation costs about as much for eight blocks as for one.
         """
-        blocks = [_check_block(block, "the key derivation block") for block in blocks]
         if self.record_keys == "token":
-            return [self._derive_in_token(enc_key_id, block) for block in blocks]
-        data = b"".join(blocks)
+            return [
+                self._derive_in_token(enc_key_id, _check_block(block, "the key derivation block"))
+                for block in blocks
+            ]
+        value = self.encrypt_blocks(enc_key_id, blocks)
+        return [DesKey(fix_parity(value[i : i + 8])) for i in range(0, len(value), 8)]
+
+    def encrypt_blocks(self, enc_key_id: int, blocks: Sequence[bytes]) -> bytes:
+        """E_KE(block) of each block, concatenated: the host record keys before their parity is set.
+
+        A card answers INTERNAL AUTHENTICATE under an encryption key with exactly this, so the
+        virtual card on a token (iscl_hsm.cardsim.keys.TokenKeys) uses it. Only with host record keys: with
+        ``record_keys="token"`` derived values never leave the token.
+        """
+        if self.record_keys == "token":
+            raise KeyHolderError(
+                f"{self.description} keeps record keys in the token (record_keys='token'), so derived"
+                " values cannot be read out; open it with record_keys='host'",
+                ErrorCode.BAD_OPTION,
+            )
+        data = b"".join(_check_block(block, "the key derivation block") for block in blocks)
 
         def derive(key: Any, key_type: KeyType) -> bytes:
             param, buffer = _derivation_param(data)
@@ -757,8 +775,7 @@ class Pkcs11KeyHolder(KeyHolder):
             finally:
                 _destroy_quietly(derived)
 
-        value = self._with_key("enc", enc_key_id, derive, f"derive record keys from {key_label('enc', enc_key_id)}")
-        return [DesKey(fix_parity(value[i : i + 8])) for i in range(0, len(value), 8)]
+        return self._with_key("enc", enc_key_id, derive, f"derive record keys from {key_label('enc', enc_key_id)}")
 
     def _derive_in_token(self, enc_key_id: int, block: bytes) -> RecordKey:
         """A sensitive, non-extractable session DES key (the token sets its parity), used in the token."""

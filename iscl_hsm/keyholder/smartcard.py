@@ -197,6 +197,11 @@ class CardChannel:
                 f"{where} has no challenge outstanding for {doing} (6985): another program reset the card or"
                 " asked it for a new challenge; start the link again"
             )
+        if sw == Sw.FUNCTION_NOT_SUPPORTED and command[1] == Ins.PUT_KEY:
+            return KeyHolderError(
+                f"{where} does not load keys (6A81); a virtual card on a token (iscl card emulate --token)"
+                " keeps its keys in the token: load them there with 'iscl keys' instead"
+            )
         if sw == Sw.APPLICATION_NOT_FOUND:
             return KeyHolderError(
                 f"{where} has no ISCL application (AID {apdu.AID.hex().upper()}, 6A82); is it the right card?"

@@ -214,6 +214,7 @@ def test_only_the_newest_challenge_counts(opened: IsclApplet) -> None:
 
 def test_external_authenticate_without_a_challenge(opened: IsclApplet) -> None:
     assert run(opened, external(1, bytes(8))) == (b"", Sw.CONDITIONS_NOT_SATISFIED)
+    assert run(opened, external(8, bytes(8))) == (b"", Sw.REFERENCE_NOT_FOUND)  # a missing key says so first
 
 
 def test_power_off_forgets_pin_and_challenge(opened: IsclApplet) -> None:
@@ -245,6 +246,21 @@ def test_put_key_needs_the_so_pin_and_answers_the_kcv(opened: IsclApplet, state:
 def test_put_key_refuses_bad_lengths(opened: IsclApplet) -> None:
     run(opened, verify(SO_PIN, Pin.SO))
     assert run(opened, apdu.command(Ins.PUT_KEY, 0, 0x81, bytes(12))) == (b"", Sw.WRONG_LENGTH)
+
+
+def test_an_empty_put_key_tells_a_card_that_loads_keys(opened: IsclApplet, state: CardState) -> None:
+    """'iscl card load-key' asks first with an empty PUT KEY: 6700 here, 6A81 from a card on a token."""
+    assert run(opened, apdu.command(Ins.PUT_KEY, 0, 0x81)) == (b"", Sw.WRONG_LENGTH)
+    assert state.key("auth", 1) == AUTH_1
+
+
+def test_a_card_that_cannot_write_its_file_answers_6f00(opened: IsclApplet, state: CardState, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    run(opened, verify(SO_PIN, Pin.SO))
+    state.path = tmp_path / "gone" / "card.json"
+    assert run(opened, apdu.command(Ins.PUT_KEY, 0, 0x85, AUTH_1)) == (b"", Sw.NO_PRECISE_DIAGNOSIS)
+    assert f"answering 6F00 to PUT_KEY 80 D8 00 85: cannot write the virtual card file {state.path}" in caplog.text
+    assert AUTH_1.hex() not in caplog.text.lower()
 
 
 # --- the state file ---------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 ``pcsc`` (session) starts a private pcscd (iscl_hsm.cardsim.daemon: its own mount namespace, free
 vpcd ports) and points PCSCLITE_CSOCK_NAME at it before this process first uses PC/SC. ``pcscd``
 (per test) makes sure it runs, and starts it again after a test that stopped it. ``cards`` inserts
-virtual cards (``iscl card emulate`` processes) into the two readers and pulls them after the test.
-Both fail, never skip, when pcscd, vsmartcard-vpcd or pyscard are missing.
+virtual cards (``iscl card emulate`` processes) into the two readers and pulls them after the test;
+``cards.insert_on_token`` inserts one whose keys stay in a SoftHSM2 token. Both fail, never skip,
+when pcscd, vsmartcard-vpcd or pyscard are missing.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import pytest
 
 from iscl_hsm.cardsim.daemon import READER_NAMES, SOCKET_ENV, PrivatePcscd, missing_components
 from iscl_hsm.cardsim.state import CardState
+from iscl_hsm.crypto.des import fix_parity
+from iscl_hsm.keys.components import format_hex
 
-from ..conftest import HOSPITAL_KEYS
-from ..test_cli import servers  # noqa: F401 - the `iscl server` fixture, for test_card_cli.py
+from ..conftest import HOSPITAL_KEYS, Hospitals, SoftHsmToken
+from ..test_cli import child_env, iscl, servers  # noqa: F401 - the `iscl server` fixture, for test_card_cli.py
 
 USER_PIN = "246810"
 SO_PIN = "13579135"
+OFFICER = "Aiko Sato"
 CARD_TIMEOUT = 30.0
 """Seconds to wait for pcscd to see a card come or go: a safety net, never an assertion."""
 
@@ -82,6 +86,16 @@ class VirtualCard:
         return CardState.load(self.file)
 
 
+def officer_env(tmp_path: Path, hospitals: Hospitals | None = None) -> dict[str, str]:
+    """A child's environment with an officer's name and a data directory (so the audit log) in ``tmp_path``."""
+    return child_env(hospitals, ISCL_OFFICER=OFFICER, XDG_DATA_HOME=str(tmp_path / "data"))
+
+
+def audit_log_path(tmp_path: Path) -> Path:
+    """Where `iscl card` and `iscl keys` write the audit log under :func:`officer_env`."""
+    return tmp_path / "data" / "iscl-hsm" / "audit.log"
+
+
 def wait_for_card(reader: str, *, present: bool) -> None:
     from smartcard import scard
 
@@ -125,12 +139,19 @@ class CardRack:
         (state or card_state()).create(file)
         return self.insert_file(file, slot)
 
-    def insert_file(self, file: Path, slot: int = 0) -> VirtualCard:
+    def insert_on_token(self, hospitals: Hospitals, token: SoftHsmToken, slot: int = 0) -> VirtualCard:
+        """A card whose file holds only its PINs and whose keys stay in ``token`` (the issue's --key-file name)."""
+        file = self.directory / f"card-{len(self.cards)}.json"
+        CardState.new(USER_PIN, SO_PIN).create(file)
+        return self.insert_file(file, slot, "--token", token.label, "--pin-file", str(hospitals.pin_file(token)),
+                                option="--key-file")  # fmt: skip
+
+    def insert_file(self, file: Path, slot: int = 0, *extra: str, option: str = "--card-file") -> VirtualCard:
         log = file.with_suffix(".log")
         with log.open("wb") as sink:
             process = subprocess.Popen(
-                [sys.executable, "-m", "iscl_hsm", "card", "emulate", "--card-file", str(file),
-                 "--port", str(self.daemon.reader_port(slot))],
+                [sys.executable, "-m", "iscl_hsm", "card", "emulate", option, str(file),
+                 "--port", str(self.daemon.reader_port(slot)), *extra],
                 stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
             )  # fmt: skip
         card = VirtualCard(READER_NAMES[slot], file, process, log)
@@ -168,3 +189,40 @@ def card_holders() -> Iterator[Callable[..., object]]:
             return stack.enter_context(SmartCardKeyHolder(pin, card.reader))
 
         yield open_holder
+
+
+# --------------------------------------------------------------------------------------------------
+# `iscl card` ceremonies from files
+
+
+@pytest.fixture
+def pins(tmp_path: Path) -> dict[str, Path]:
+    files = {}
+    for name, pin in (("user", USER_PIN), ("so", SO_PIN), ("wrong", "999999"), ("new", "55443322")):
+        files[name] = tmp_path / f"{name}.pin"
+        files[name].write_text(pin + "\n")
+    return files
+
+
+def component_files(tmp_path: Path, name: str, key: bytes) -> list[Path]:
+    """Two component forms whose XOR (parity-adjusted) is ``key``."""
+    first = fix_parity(os.urandom(len(key)))
+    second = fix_parity(bytes(a ^ b for a, b in zip(key, first)))
+    paths = []
+    for number, component in enumerate((first, second), 1):
+        path = tmp_path / f"{name}.{number}"
+        path.write_text(f"# component {number}\n{format_hex(component)}\n")
+        paths.append(path)
+    return paths
+
+
+def load_key(tmp_path: Path, pins: dict[str, Path], purpose: str, index: int, key: bytes,
+             so_pin: str = "so") -> tuple[int, str, str]:  # fmt: skip
+    """`iscl card load-key` into the card in reader 0, by the officer of :func:`officer_env`."""
+    files = component_files(tmp_path, f"{purpose}-{index}", key)
+    done = iscl(
+        "card", "load-key", "--reader", "PCD 00 00", "--purpose", purpose, "--index", index, "--components", 2,
+        "--component-file", files[0], "--component-file", files[1], "--so-pin-file", pins[so_pin], "--yes",
+        env=officer_env(tmp_path),
+    )  # fmt: skip
+    return done.returncode, done.stdout, done.stderr

@@ -11,49 +11,14 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-
 from iscl_hsm.cardsim.daemon import PrivatePcscd
-from iscl_hsm.crypto.des import fix_parity, kcv
-from iscl_hsm.keys.components import format_hex
+from iscl_hsm.crypto.des import kcv
 
 from ..conftest import HOSPITAL_KEYS, Hospitals
 from ..test_cli import Server, child_env, iscl, one_line, start_server, token_args
-from .conftest import SO_PIN, USER_PIN, CardRack, card_state
+from .conftest import CardRack, card_state, load_key, officer_env
 
 READER_0 = "Virtual PCD 00 00"
-
-
-@pytest.fixture
-def pins(tmp_path: Path) -> dict[str, Path]:
-    files = {}
-    for name, pin in (("user", USER_PIN), ("so", SO_PIN), ("wrong", "999999"), ("new", "55443322")):
-        files[name] = tmp_path / f"{name}.pin"
-        files[name].write_text(pin + "\n")
-    return files
-
-
-def component_files(tmp_path: Path, name: str, key: bytes) -> list[Path]:
-    """Two component forms whose XOR (parity-adjusted) is ``key``."""
-    first = fix_parity(os.urandom(len(key)))
-    second = fix_parity(bytes(a ^ b for a, b in zip(key, first)))
-    paths = []
-    for number, component in enumerate((first, second), 1):
-        path = tmp_path / f"{name}.{number}"
-        path.write_text(f"# component {number}\n{format_hex(component)}\n")
-        paths.append(path)
-    return paths
-
-
-def load_key(tmp_path: Path, pins: dict[str, Path], purpose: str, index: int, key: bytes,
-             so_pin: str = "so") -> tuple[int, str, str]:  # fmt: skip
-    files = component_files(tmp_path, f"{purpose}-{index}", key)
-    done = iscl(
-        "card", "load-key", "--reader", "PCD 00 00", "--purpose", purpose, "--index", index, "--components", 2,
-        "--component-file", files[0], "--component-file", files[1], "--so-pin-file", pins[so_pin], "--yes",
-        env=child_env(),
-    )  # fmt: skip
-    return done.returncode, done.stdout, done.stderr
 
 
 def test_init_load_list_and_a_link_against_a_token(
@@ -61,7 +26,7 @@ def test_init_load_list_and_a_link_against_a_token(
 ) -> None:  # fmt: skip
     card_file = tmp_path / "new-card.json"
     done = iscl("card", "init", "--card-file", card_file, "--pin-file", pins["user"], "--so-pin-file", pins["so"],
-                env=child_env())  # fmt: skip
+                env=officer_env(tmp_path))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(card_file.read_text())["keys"] == {}
     cards.insert_file(card_file, 0)
@@ -118,9 +83,9 @@ def test_load_key_with_the_user_pin_is_refused(cards: CardRack, pins: dict[str, 
     assert "wrong security-officer PIN" in one_line(err)
 
 
-def test_change_pin_then_unblock(cards: CardRack, pins: dict[str, Path]) -> None:
+def test_change_pin_then_unblock(cards: CardRack, pins: dict[str, Path], tmp_path: Path) -> None:
     card = cards.insert(0, card_state())
-    env = child_env()
+    env = officer_env(tmp_path)
     changed = iscl("card", "change-pin", "--reader", "00 00", "--pin-file", pins["user"], "--new-pin-file",
                    pins["new"], env=env)  # fmt: skip
     assert changed.returncode == 0, changed.stderr

@@ -27,7 +27,7 @@ from iscl_hsm.keyholder.smartcard import SmartCardKeyHolder
 from iscl_hsm.transport.blocking import IsclSocket
 from iscl_hsm.wire import Encryption, Mac
 
-from ..conftest import HOSPITAL_KEYS, STRANGER_AUTH_1, SUITES, Hospitals, Outcome
+from ..conftest import HOSPITAL_KEYS, STRANGER_AUTH_1, SUITES, Hospitals
 from ..test_transport_blocking import run_link
 from .conftest import USER_PIN, CardRack, VirtualCard, card_state
 
@@ -379,20 +379,20 @@ def test_an_exclusive_connection_keeps_other_programs_out(
 CLIENT_TRACE = [
     "INTERNAL_AUTHENTICATE 00 88 00 81",  # pass 2: E_AK1(RS)
     "GET_CHALLENGE 00 84 00 00",  # pass 2: RC
-    "INTERNAL_AUTHENTICATE 00 88 00 91",  # the handshake-MAC key, while the server works
+    "INTERNAL_AUTHENTICATE 00 88 00 91",  # while the server works: the handshake-MAC key,
+    "INTERNAL_AUTHENTICATE 00 88 00 91",  # then the record keys (cipher and MAC, each direction)
+    "INTERNAL_AUTHENTICATE 00 88 00 91",
+    "INTERNAL_AUTHENTICATE 00 88 00 91",
+    "INTERNAL_AUTHENTICATE 00 88 00 91",
     "EXTERNAL_AUTHENTICATE 00 82 00 81",  # pass 3: the server's E_AK1(RC)
-    "INTERNAL_AUTHENTICATE 00 88 00 91",  # record keys: cipher and MAC, each direction
-    "INTERNAL_AUTHENTICATE 00 88 00 91",
-    "INTERNAL_AUTHENTICATE 00 88 00 91",
-    "INTERNAL_AUTHENTICATE 00 88 00 91",
 ]
 SERVER_TRACE = [
     "GET_CHALLENGE 00 84 00 00",  # pass 1: RS
     "INTERNAL_AUTHENTICATE 00 88 00 91",  # the handshake-MAC key, while the client works
     "EXTERNAL_AUTHENTICATE 00 82 00 81",  # pass 2: the client's E_AK1(RS)
     "INTERNAL_AUTHENTICATE 00 88 00 81",  # pass 3: E_AK1(RC)
-    "INTERNAL_AUTHENTICATE 00 88 00 91",  # record keys: cipher and MAC, each direction
-    "INTERNAL_AUTHENTICATE 00 88 00 91",
+    "INTERNAL_AUTHENTICATE 00 88 00 91",  # record keys while the client works: cipher and MAC,
+    "INTERNAL_AUTHENTICATE 00 88 00 91",  # each direction
     "INTERNAL_AUTHENTICATE 00 88 00 91",
     "INTERNAL_AUTHENTICATE 00 88 00 91",
 ]

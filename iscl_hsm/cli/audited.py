@@ -1,0 +1,104 @@
+"""The audit entry every key or card ceremony appends (`iscl keys`, `iscl card`): one shape, one log.
+
+A command runs inside :func:`audited`, which writes exactly one entry when it ends: ``ok``,
+``failed: why`` or ``refused: why``. Commands that change a token or a card need an officer's name.
+Entries never hold a PIN or a key value; key check values (KCVs) are fine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ErrorCode, IsclError, KeyHolderError
+from ..keyholder.provision import default_data_dir
+from ..keys.audit import AuditLog
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser, *, officer_required: bool) -> None:
+    """--audit-log and --officer."""
+    group = parser.add_argument_group("audit", "The entry never holds a PIN or a key; KCVs only.")
+    group.add_argument("--audit-log", metavar="FILE", type=Path,
+                       help=f"append the audit entry here (default: {default_audit_log()})")
+    group.add_argument("--officer", metavar="NAME",
+                       help="who is doing this, for the audit log (default: $ISCL_OFFICER)"
+                       + ("; required" if officer_required else ""))
+
+
+def default_audit_log() -> Path:
+    return default_data_dir() / "audit.log"
+
+
+class AuditEntry:
+    """One command's audit entry, filled in (``fields``) as the command learns what it did."""
+
+    def __init__(
+        self, args: argparse.Namespace, command: str, action: str, subject: str | None, changes: str | None
+    ) -> None:
+        self.log = AuditLog(args.audit_log or default_audit_log())
+        officer = (args.officer or os.environ.get("ISCL_OFFICER") or "").strip() or None
+        self.fields: dict[str, Any] = {
+            "officer": officer,
+            "token": subject,
+            "serial": None,
+            "action": action,
+            "purpose": getattr(args, "purpose", None),
+            "index": getattr(args, "index", None),
+            "version": None,
+            "kcv": None,
+            "detail": None,
+        }
+        if changes is not None and officer is None:
+            raise KeyHolderError(
+                f"'iscl {command}' changes {changes}, so the audit log needs your name: pass --officer NAME"
+                " or set ISCL_OFFICER",
+                ErrorCode.BAD_OPTION,
+            )
+
+    def write(self, result: str) -> dict[str, Any]:
+        return self.log.append(result=result, **self.fields)
+
+
+def audited(
+    command: str,
+    action: str,
+    subject: Callable[[argparse.Namespace], str | None],
+    run: Callable[[argparse.Namespace, AuditEntry], int],
+    *,
+    changes: str | None,
+) -> Callable[[argparse.Namespace], int]:
+    """Run ``run(args, entry)``, then append its outcome to the audit log.
+
+    ``command`` is what the user typed after ``iscl`` (``keys generate``), ``action`` what the entry
+    records (``generate``, ``card init``), ``subject(args)`` the token or card as the options name it,
+    and ``changes`` what the command changes ("the token"), which makes an officer's name required;
+    None for commands that only read.
+    """
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            entry = AuditEntry(args, command, action, subject(args), changes)
+        except IsclError as exc:  # no officer: still leave a trace of the attempt
+            with contextlib.suppress(IsclError, OSError):  # best effort: the refusal is what matters
+                AuditLog(args.audit_log or default_audit_log()).append(
+                    action=action, token=subject(args), result=f"refused: {exc.args[0]}"
+                )
+            raise
+        try:
+            status = run(args, entry)
+        except IsclError as exc:
+            entry.write(f"failed: {exc.args[0]}")
+            raise
+        except KeyboardInterrupt:
+            entry.write("failed: interrupted")
+            raise
+        entry.write("ok" if status == 0 else f"failed: exit status {status}")
+        return status
+
+    return wrapper
