@@ -416,7 +416,7 @@ def test_bad_record_keys_option() -> None:
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     env = {**env, "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_a_bad_softhsm2_conf_is_named(tmp_path: Path) -> None:
@@ -494,7 +494,7 @@ def test_provision_command_creates_a_token_idempotently(tmp_path: Path) -> None:
     data_dir = tmp_path / "site"
     command = [str(REPO / "softhsm" / "setup-token.sh"), "--data-dir", str(data_dir), "--label", "site-a",
                "--key-file", str(key_file)]  # fmt: skip
-    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    first = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert "iscl-auth-1    KCV D5D44F" in first.stdout
     assert f"iscl-enc-2     KCV {kcv(ENC_2).hex().upper()}" in first.stdout
@@ -503,11 +503,11 @@ def test_provision_command_creates_a_token_idempotently(tmp_path: Path) -> None:
     pin_file = data_dir / "pin"
     assert pin_file.stat().st_mode & 0o777 == 0o600
     assert pin_file.read_text().strip() not in first.stdout + first.stderr
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout  # nothing new, same keys
     key_file.write_text(f"auth 1 {AUTH_2[8:].hex()}\n")
-    third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    third = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=120)
     assert third.returncode == 1 and "iscl-auth-1" in third.stderr and "destroy it first" in third.stderr
 
 
