@@ -9,7 +9,7 @@ import sys
 from .. import __version__
 from ..allocator import keep_bulk_buffers
 from ..errors import IsclError
-from . import card, demo, keys, link
+from . import card, demo, dicom, keys, link, tunnel
 
 EXIT_FAILURE = 1
 
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_commands(sub)
     keys.add_commands(sub)
     card.add_commands(sub)
+    tunnel.add_commands(sub)
+    dicom.add_commands(sub)
     return parser
 
 

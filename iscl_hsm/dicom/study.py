@@ -86,3 +86,24 @@ def write_study(folder: Path, spec: StudySpec) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def dataset_bytes(part10: bytes) -> bytes:
+    """The encoded dataset of a Part 10 file, without preamble and file meta: what travels in a C-STORE.
+
+    Two copies of an object are the same object, in the same transfer syntax, when these bytes are
+    equal, whatever their file meta says about the application that wrote them.
+    """
+    if part10[128:132] != b"DICM":
+        raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
+    offset = 132
+    while int.from_bytes(part10[offset : offset + 2], "little") == 0x0002:  # explicit VR little endian
+        vr = part10[offset + 4 : offset + 6]
+        if vr in _LONG_LENGTH_VRS:
+            offset += 12 + int.from_bytes(part10[offset + 8 : offset + 12], "little")
+        else:
+            offset += 8 + int.from_bytes(part10[offset + 6 : offset + 8], "little")
+    return part10[offset:]

@@ -1,0 +1,170 @@
+"""The ISCL gateway (`iscl tunnel`): ISCL in front of unmodified DICOM applications, like stunnel.
+
+A client tunnel accepts plain TCP from local applications and opens one ISCL link per connection; a
+server tunnel accepts ISCL links and opens one plain TCP connection per link to the application it
+guards. Everything here is asyncio; engine and key-holder work already runs off the event loop in
+:mod:`iscl_hsm.transport.aio`, so one slow link or token call holds up no other link.
+
+How a link ends (see :mod:`iscl_hsm.dicom.gateway_link` for the relay itself):
+
+* the application ends its stream (EOF): everything read so far goes out, then the ISCL line
+  disconnection runs, and the far tunnel half-closes its own application's socket (FIN);
+* anything else (a MAC or decryption failure, a failed authentication, a peer or an application that
+  drops its connection, a forward target that is down): both plain sockets are reset (RST), so both
+  DICOM applications see an aborted association, and nothing after the failure is forwarded.
+
+One INFO line per link is logged when it ends (:class:`~iscl_hsm.dicom.gateway_link.LinkRecord`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from ..engine import Config
+from ..errors import ErrorCode, IsclError
+from ..keyholder.base import KeyHolder
+from ..transport import aio
+from .gateway_link import DEFAULT_CHUNK, Address, Link, LinkRecord, stopped_reason
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+class Mode(Enum):
+    CLIENT = "client"  # plain in, ISCL out
+    SERVER = "server"  # ISCL in, plain out
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """What one tunnel does: where it listens, where it connects, with which keys and limits."""
+
+    mode: Mode
+    listen: Address
+    target: Address
+    key_holder: KeyHolder
+    config: Config
+    chunk_size: int = DEFAULT_CHUNK
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    """Seconds to open the outgoing TCP connection and, for a client tunnel, to authenticate."""
+
+
+class Tunnel:
+    """One listening tunnel and the links it carries. ``start()``, then ``stop()`` to drain."""
+
+    def __init__(self, settings: TunnelSettings) -> None:
+        self.settings = settings
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> Address:
+        """Where the tunnel listens (the real port when it was asked for port 0)."""
+        assert self._server is not None, "start() the tunnel first"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return Address(host, port)
+
+    @property
+    def active_links(self) -> int:
+        return len(self._links)
+
+    async def start(self) -> Address:
+        """Listen; links are served in the background until :meth:`stop`."""
+        s = self.settings
+        if s.mode is Mode.CLIENT:
+            self._server = await asyncio.start_server(
+                self._accept_plain, s.listen.host, s.listen.port, limit=2 * s.chunk_size
+            )
+        else:
+            self._server = await aio.start_server(
+                self._accept_iscl, s.listen.host, s.listen.port,
+                key_holder=s.key_holder, config=s.config, on_error=self._handshake_failed,
+            )  # fmt: skip
+        return self.address
+
+    async def stop(self, drain_timeout: float) -> int:
+        """Stop accepting, let open links finish for ``drain_timeout`` seconds, then abort the rest.
+
+        Returns how many links had to be aborted.
+        """
+        if self._server is not None:
+            self._server.close()
+        if not self._links:
+            return 0
+        _, pending = await asyncio.wait(set(self._links), timeout=drain_timeout)
+        for task in pending:
+            task.cancel(stopped_reason(drain_timeout))
+        await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
+    # --- one link ---------------------------------------------------------------------------------
+
+    async def _accept_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Client tunnel: a local application connected; open its ISCL link."""
+        source = Address.of(writer.get_extra_info("peername"))
+        target = self.settings.target
+        link = Link(LinkRecord(source, target), plain=source, iscl=target, chunk_size=self.settings.chunk_size)
+        link.attach_plain(reader, writer)
+        await self._serve(link, self._open_iscl(link))
+
+    async def _accept_iscl(self, stream: aio.IsclStream) -> None:
+        """Server tunnel: an ISCL client authenticated; connect to the application it reaches."""
+        target = self.settings.target
+        source = Address.of(stream.peer)
+        link = Link(LinkRecord(source, target), plain=target, iscl=source, chunk_size=self.settings.chunk_size)
+        link.attach_iscl(stream)
+        await self._serve(link, self._open_plain(link))
+
+    async def _serve(self, link: Link, connect: Awaitable[None]) -> None:
+        """Run one link, registered so that :meth:`stop` can wait for it or abort it."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._links.add(task)
+        try:
+            await link.run(connect)
+        finally:
+            self._links.discard(task)
+
+    async def _open_iscl(self, link: Link) -> None:
+        s = self.settings
+        try:
+            stream = await asyncio.wait_for(
+                aio.open_connection(s.target.host, s.target.port, key_holder=s.key_holder, config=s.config),
+                s.connect_timeout,
+            )
+        except (IsclError, OSError) as exc:
+            raise _connect_error(exc, s.target, s.connect_timeout, "ISCL server") from None
+        link.attach_iscl(stream)
+
+    async def _open_plain(self, link: Link) -> None:
+        s = self.settings
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(s.target.host, s.target.port, limit=2 * s.chunk_size),
+                s.connect_timeout,
+            )
+        except OSError as exc:
+            raise _connect_error(exc, s.target, s.connect_timeout, "forward target") from None
+        link.attach_plain(reader, writer)
+
+    def _handshake_failed(self, peer: tuple[Any, ...] | None, exc: BaseException) -> None:
+        LinkRecord(Address.of(peer), self.settings.target, started=None).finish(exc)
+
+
+def _connect_error(exc: BaseException, target: Address, timeout: float, what: str) -> IsclError:
+    """One sentence for an outgoing connection that failed, naming host:port and what to check."""
+    if isinstance(exc, TimeoutError):  # (an OSError too)
+        hint = "; is it a plain DICOM port instead of an ISCL tunnel?" if what == "ISCL server" else ""
+        return IsclError(ErrorCode.CONNECTION_LOST, f"no answer from the {what} {target} within {timeout:g} s{hint}")
+    if isinstance(exc, IsclError):
+        return exc
+    errno = getattr(exc, "errno", None)
+    reason = os.strerror(errno) if errno else str(exc) or type(exc).__name__
+    return IsclError(ErrorCode.CONNECTION_LOST, f"cannot connect to the {what} {target}: {reason}")
+
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "Address", "LinkRecord", "Mode", "Tunnel", "TunnelSettings"]

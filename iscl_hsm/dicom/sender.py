@@ -1,0 +1,182 @@
+"""The storage SCU's side: find DICOM files, build presentation contexts from them, send each over ISCL.
+
+Each file goes in its own transfer syntax: the association proposes one context per (SOP class,
+transfer syntax) pair found, so no object is converted on the way. Files that are not DICOM Part 10
+files, or cannot be read, are reported and skipped, never sent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.status import code_to_category
+
+from ..engine import Config
+from ..keyholder.base import KeyHolder
+from .association import associate, link_of
+from .bridge import DEFAULT_HANDSHAKE_TIMEOUT
+
+MAX_CONTEXTS = 128
+"""Presentation contexts one association may propose (PS3.8: context ids 1..255, odd)."""
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """A Part 10 file found on disk, as far as its file meta tells."""
+
+    path: Path
+    size: int
+    sop_class: UID
+    transfer_syntax: UID
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was not sent because it is not a readable DICOM Part 10 file."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What became of one file: the peer's C-STORE status, or why there is none."""
+
+    file: DicomFile
+    status: int | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Stored (success, or a warning such as coercion of data elements)."""
+        return self.status is not None and code_to_category(self.status) in ("Success", "Warning")
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return self.error
+        assert self.status is not None
+        return f"status 0x{self.status:04X} ({code_to_category(self.status)})"
+
+
+def find_files(paths: Iterable[Path]) -> tuple[list[DicomFile], list[Skipped]]:
+    """Every file under ``paths`` (folders recursively, in name order): the DICOM ones and the others."""
+    found: list[DicomFile] = []
+    skipped: list[Skipped] = []
+    for path in _walk(paths):
+        try:
+            meta = read_file_meta_info(path)
+            size = path.stat().st_size
+        except OSError as exc:
+            skipped.append(Skipped(path, f"cannot read it: {exc.strerror or exc}"))
+            continue
+        except InvalidDicomError:
+            skipped.append(Skipped(path, "not a DICOM Part 10 file"))
+            continue
+        missing = [k for k in ("MediaStorageSOPClassUID", "TransferSyntaxUID") if k not in meta]
+        if missing:
+            skipped.append(Skipped(path, f"its file meta lacks {', '.join(missing)}"))
+            continue
+        found.append(DicomFile(path, size, UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)))
+    return found, skipped
+
+
+def _walk(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            for folder, dirs, names in os.walk(path):
+                dirs.sort()
+                yield from (Path(folder) / name for name in sorted(names))
+        else:
+            yield path
+
+
+def context_batches(files: list[DicomFile]) -> list[tuple[list[PresentationContext], list[DicomFile]]]:
+    """Files grouped so that each association proposes at most MAX_CONTEXTS (SOP class, syntax) pairs."""
+    pairs = sorted({(f.sop_class, f.transfer_syntax) for f in files})
+    batches = []
+    for start in range(0, len(pairs), MAX_CONTEXTS):
+        chosen = set(pairs[start : start + MAX_CONTEXTS])
+        contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in sorted(chosen)]
+        batches.append((contexts, [f for f in files if (f.sop_class, f.transfer_syntax) in chosen]))
+    return batches
+
+
+def store_files(
+    ae: ApplicationEntity,
+    host: str,
+    port: int,
+    files: list[DicomFile],
+    *,
+    key_holder: KeyHolder,
+    config: Config | None = None,
+    timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    called_ae: str = "ANY-SCP",
+    on_sent: Callable[[Sent], None] = lambda sent: None,
+) -> list[Sent]:
+    """C-STORE each file over ISCL (one association per batch of contexts); ``on_sent`` after each.
+
+    Raises :class:`~iscl_hsm.errors.IsclError` if a link or an association cannot be set up. If an
+    association breaks, the files not yet answered are reported as failed and the rest is not sent.
+    """
+    results: list[Sent] = []
+
+    def record(sent: Sent) -> None:
+        results.append(sent)
+        on_sent(sent)
+
+    batches = context_batches(files)
+    for number, (contexts, batch) in enumerate(batches):
+        assoc = associate(
+            ae, host, port, key_holder=key_holder, config=config, timeout=timeout,
+            contexts=contexts, ae_title=called_ae,
+        )  # fmt: skip
+        pending = list(batch)
+        while pending and assoc.is_established:
+            record(_send_one(assoc, pending.pop(0)))
+        if assoc.is_established:
+            assoc.release()
+            continue
+        for rest in [*pending, *(f for _, later in batches[number + 1 :] for f in later)]:
+            record(Sent(rest, None, "not sent: the association was aborted"))
+        break
+    return results
+
+
+def _send_one(assoc: Association, file: DicomFile) -> Sent:
+    try:
+        dataset = dcmread(file.path)
+    except (OSError, InvalidDicomError, ValueError) as exc:
+        return Sent(file, None, f"cannot read it: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        answer = assoc.send_c_store(dataset)
+    except ValueError:
+        return Sent(
+            file, None, f"the peer accepted no presentation context for {file.sop_class.name} in"
+            f" {file.transfer_syntax.name}",
+        )  # fmt: skip
+    except RuntimeError:  # the association ended before the request went out
+        return _aborted(assoc, file)
+    if "Status" not in answer:
+        return _aborted(assoc, file)
+    return Sent(file, int(answer.Status))
+
+
+def _aborted(assoc: Association, file: DicomFile) -> Sent:
+    """No answer: the association is gone (pynetdicom may not know yet, so make sure it ends now)."""
+    assoc.abort()
+    bridge = link_of(assoc)
+    why = f": {bridge.error}" if bridge is not None and bridge.error is not None else ""
+    return Sent(file, None, f"no answer, the association was aborted{why}")
+
+
+__all__ = ["MAX_CONTEXTS", "DicomFile", "Sent", "Skipped", "context_batches", "find_files", "store_files"]
