@@ -149,18 +149,14 @@ def _card_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _token_options(parser: argparse.ArgumentParser) -> None:
-    """The shared --pkcs11-module/--token/--pin-file, with what they mean for a virtual card.
-
-    argparse has no public way to reword a shared group, hence the two private attributes.
-    """
-    add_key_holder_options(parser, record_keys=False)
-    for group in parser._action_groups:
-        if group.title == "key holder":
-            group.description = ("Without --token the keys are in --card-file. With --token they stay in the"
-                                 " token, opened with --pin-file, else $ISCL_PIN, else a prompt.")
-    for action in parser._actions:
-        if action.dest == "token":
-            action.help = "keep the card's keys in this token (default: in --card-file)"
+    """The shared --pkcs11-module/--token/--pin-file, with what they mean for a virtual card."""
+    add_key_holder_options(
+        parser,
+        record_keys=False,
+        description="Without --token the keys are in --card-file. With --token they stay in the token,"
+        " opened with --pin-file, else $ISCL_PIN, else a prompt.",
+        token_help="keep the card's keys in this token (default: in --card-file)",
+    )
 
 
 # --------------------------------------------------------------------------------------------------

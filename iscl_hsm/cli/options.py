@@ -44,16 +44,27 @@ def _block(text: str) -> int:
     return value
 
 
-def add_key_holder_options(parser: argparse.ArgumentParser, *, record_keys: bool = True) -> None:
-    """--pkcs11-module, --token, --pin-file; for commands that run links, --record-keys and --reader etc."""
+def add_key_holder_options(
+    parser: argparse.ArgumentParser,
+    *,
+    record_keys: bool = True,
+    description: str | None = None,
+    token_help: str = "token label (default: the demo token)",
+) -> None:
+    """--pkcs11-module, --token, --pin-file; for commands that run links, --record-keys and --reader etc.
+
+    ``description`` and ``token_help`` reword the group for a command whose keys live elsewhere
+    without --token (the virtual card).
+    """
     group = parser.add_argument_group(
         "key holder",
-        "Where the keys live. Without --token, the demo SoftHSM2 token under"
+        description
+        or "Where the keys live. Without --token, the demo SoftHSM2 token under"
         f" {default_data_dir()} is used (created on first use).",
     )
     group.add_argument("--pkcs11-module", metavar="PATH", default=DEFAULT_MODULE,
                        help="PKCS#11 module (default: %(default)s)")
-    group.add_argument("--token", metavar="LABEL", help="token label (default: the demo token)")
+    group.add_argument("--token", metavar="LABEL", help=token_help)
     group.add_argument("--pin-file", metavar="FILE", type=Path,
                        help="file holding the user PIN; else $ISCL_PIN; else a prompt")
     if not record_keys:

@@ -42,6 +42,9 @@ FLUSH_BYTES = 256 * 1024
 
 Write = Callable[[bytes], None]
 
+HANDSHAKE_TIMEOUT = 30.0
+"""Seconds a handshake may take before the link is dropped (a card may need a few of them)."""
+
 
 class IsclStream:
     """One secured link. Create it with :func:`open_connection` or through :func:`start_server`."""
@@ -175,10 +178,13 @@ class IsclStream:
     async def _next_outcome(self) -> MessageSent | MessageRefused | Closed | CloseRefused:
         getter = asyncio.ensure_future(self._outcome.get())
         assert self._pump_task is not None
-        done, _ = await asyncio.wait({getter, self._pump_task}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({getter, self._pump_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():  # the pump ended first, or the caller was cancelled
+                getter.cancel()
         if getter in done:
             return getter.result()
-        getter.cancel()
         self._raise_failure()
         raise RemoteProtocolError(ErrorCode.CONNECTION_LOST, "the link ended before the peer answered")
 
@@ -233,12 +239,13 @@ async def open_connection(
     *,
     key_holder: KeyHolder,
     config: Config | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
 ) -> IsclStream:
-    """Connect as the ISCL client and authenticate."""
+    """Connect as the ISCL client and authenticate (within ``handshake_timeout`` seconds)."""
     reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
     stream = IsclStream(reader, writer, Connection(Role.CLIENT, key_holder, config))
     try:
-        await stream.handshake()
+        await _handshake_within(stream, handshake_timeout)
     except BaseException:
         await stream.abort()
         raise
@@ -253,13 +260,18 @@ async def start_server(
     key_holder: KeyHolder,
     config: Config | None = None,
     on_error: Callable[[tuple[Any, ...] | None, BaseException], None] | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
 ) -> asyncio.Server:
-    """Accept ISCL links; ``handler`` gets each authenticated stream. Failed handshakes go to ``on_error``."""
+    """Accept ISCL links; ``handler`` gets each authenticated stream.
+
+    A handshake that fails, or does not finish within ``handshake_timeout`` seconds (a silent or
+    non-ISCL client), goes to ``on_error(peer, error)`` and its connection is dropped.
+    """
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config))
         try:
-            await stream.handshake()
+            await _handshake_within(stream, handshake_timeout)
         except (IsclError, OSError) as exc:
             if on_error is not None:
                 on_error(stream.peer, exc)
@@ -270,4 +282,22 @@ async def start_server(
     return await asyncio.start_server(accept, host, port, limit=READ_SIZE)
 
 
-__all__ = ["IsclStream", "MessageRefusedError", "open_connection", "start_server"]
+async def _handshake_within(stream: IsclStream, timeout: float | None) -> LinkParameters:
+    try:
+        return await asyncio.wait_for(stream.handshake(), timeout)
+    except TimeoutError:
+        raise RemoteProtocolError(
+            ErrorCode.CONNECTION_LOST,
+            f"no ISCL handshake with {_address(stream.peer)} within {timeout:g} s: is the peer an ISCL"
+            " endpoint with the same link options?",
+        ) from None
+
+
+def _address(peer: Any) -> str:
+    if not peer:
+        return "the peer"
+    host, port = peer[:2]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+__all__ = ["HANDSHAKE_TIMEOUT", "IsclStream", "MessageRefusedError", "open_connection", "start_server"]

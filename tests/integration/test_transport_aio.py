@@ -22,7 +22,7 @@ from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.transport import aio
 from iscl_hsm.transport.aio import IsclStream, MessageRefusedError
 from iscl_hsm.wire import Encryption, Mac, MessageId
-from tests.helpers import Frame
+from tests.helpers import Frame, split_frames
 
 from .conftest import (
     MAC_SUITES,
@@ -575,3 +575,37 @@ def test_a_cancelled_handshake_leaves_no_unretrieved_failure(
         return reported
 
     assert run(scenario()) == []
+
+
+def test_a_silent_client_is_dropped_after_the_handshake_timeout(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    errors: list[tuple[Any, BaseException]] = []
+
+    async def scenario() -> bytes:
+        server = await aio.start_server(
+            lambda stream: asyncio.sleep(0), "127.0.0.1", 0, key_holder=holders(hospitals.a), config=Config(),
+            on_error=lambda peer, exc: errors.append((peer, exc)), handshake_timeout=0.3,
+        )  # fmt: skip
+        async with server:
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            received = await reader.read()  # the server's LINE_CONNECTION_CHECK_RQ, then its end of stream
+            writer.close()
+            return received
+
+    received = run(scenario())
+    assert split_frames(received)[0].is_(MessageId.LINE_CONNECTION_CHECK_RQ)
+    ((peer, error),) = errors
+    assert isinstance(error, RemoteProtocolError) and error.code is ErrorCode.CONNECTION_LOST
+    assert f"no ISCL handshake with 127.0.0.1:{peer[1]} within 0.3 s" in str(error)
+
+
+def test_a_silent_server_fails_open_connection_after_the_handshake_timeout(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        with pytest.raises(RemoteProtocolError) as info:
+            run(aio.open_connection("127.0.0.1", port, key_holder=holders(hospitals.b), handshake_timeout=0.3))
+    assert info.value.code is ErrorCode.CONNECTION_LOST
+    assert f"no ISCL handshake with 127.0.0.1:{port} within 0.3 s" in str(info.value)
