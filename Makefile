@@ -2,12 +2,14 @@
 # runs `deps` (scripts/install-deps.sh: apt and pip, skipped when already satisfied).
 PYTHON ?= python3
 
-.PHONY: help deps demo test bench lint
+.PHONY: help deps demo test bench bench-quick bench-plot-deps lint
 
 help:
 	@echo "make demo   install what is missing, then run 'iscl demo' (a secured exchange on the demo SoftHSM2 token)"
 	@echo "make test   install what is missing, then run the whole pytest suite (unit + integration)"
-	@echo "make bench  handshake latency and payload rates on SoftHSM2 (benchmarks/core.py)"
+	@echo "make bench  ISCL beside TLS and plain TCP: handshakes, throughput, DICOM, gateway links (~10 min;"
+	@echo "            results in benchmarks/results/latest.{md,json,png}, see docs/performance.md)"
+	@echo "make bench-quick  the same on small sizes, 3 rounds (1..2 min), results in /tmp/iscl-bench-quick"
 	@echo "make lint   ruff and mypy, when installed (not part of make test)"
 	@echo "make deps   only install what is missing (apt and pip)"
 
@@ -20,8 +22,15 @@ demo: deps
 test: deps
 	$(PYTHON) -m pytest -q tests
 
-bench: deps
-	$(PYTHON) benchmarks/core.py
+bench: deps bench-plot-deps
+	$(PYTHON) benchmarks/run.py
+
+bench-quick: deps bench-plot-deps
+	$(PYTHON) benchmarks/run.py --quick --out /tmp/iscl-bench-quick
+
+# matplotlib draws latest.png; installed (the `bench` extra) only when missing, and only for the benchmarks.
+bench-plot-deps:
+	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install --disable-pip-version-check -e ".[bench]"
 
 lint:
 	@status=0; \

@@ -11,6 +11,7 @@ APDU (GET CHALLENGE) and 30..300 ms for one with a DES operation (INTERNAL / EXT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import socket
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,33 @@ def critical_path_ms(client_apdus: int, des_ms: float) -> float:
     return 2 * SIMPLE_MS + (handshake_des + record_keys) * des_ms
 
 
+@contextlib.contextmanager
+def virtual_cards(directory: Path) -> Iterator[SmartCardKeyHolder]:
+    """A private pcscd with two virtual cards (`iscl card emulate`); yields the client's (reader 1).
+
+    The server side of :func:`handshakes` opens the card in reader 0. Everything is stopped on exit.
+    """
+    daemon = PrivatePcscd(directory)
+    os.environ[SOCKET_ENV] = str(daemon.socket_link)
+    daemon.start()
+    emulators = []
+    try:
+        for slot in (0, 1):
+            card_file = directory / f"card{slot}.json"
+            make_card(card_file)
+            emulators.append(subprocess.Popen(
+                [sys.executable, "-m", "iscl_hsm", "card", "emulate", "--card-file", str(card_file),
+                 "--port", str(daemon.reader_port(slot))], stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+        with SmartCardKeyHolder(PIN, READER_NAMES[1], wait_card=20) as client_card:
+            yield client_card
+    finally:
+        for emulator in emulators:
+            emulator.kill()
+            emulator.wait()
+        daemon.stop()
+
+
 def median_ms(call: Callable[[], object], count: int = 500) -> float:
     times = []
     for _ in range(count):
@@ -109,37 +137,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--handshakes", type=int, default=200)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as directory:
-        daemon = PrivatePcscd(Path(directory))
-        os.environ[SOCKET_ENV] = str(daemon.socket_link)
-        daemon.start()
-        emulators = []
-        try:
-            for slot in (0, 1):
-                card_file = Path(directory) / f"card{slot}.json"
-                make_card(card_file)
-                emulators.append(subprocess.Popen(
-                    [sys.executable, "-m", "iscl_hsm", "card", "emulate", "--card-file", str(card_file),
-                     "--port", str(daemon.reader_port(slot))], stderr=subprocess.DEVNULL,
-                ))  # fmt: skip
-            with SmartCardKeyHolder(PIN, READER_NAMES[1], wait_card=20) as client_card:
-                challenge = median_ms(lambda: client_card.get_challenge(1))
-                internal = median_ms(lambda: client_card.internal_authenticate(1, bytes(8)))
-                print(f"one APDU through pcscd and vpcd, median: GET CHALLENGE {challenge:.3f} ms,"
-                      f" INTERNAL AUTHENTICATE {internal:.3f} ms")
-                for name, config in SUITES.items():
-                    times, server_apdus, client_apdus = handshakes(client_card, config, args.handshakes + WARM_UP)
-                    print(f"{name}: handshake median {statistics.median(times) * 1e3:.2f} ms"
-                          f" (p90 {statistics.quantiles(times, n=10)[-1] * 1e3:.2f} ms) over {len(times)};"
-                          f" APDUs per handshake: server {server_apdus}, client {client_apdus}"
-                          " (1 GET CHALLENGE each, the rest INTERNAL/EXTERNAL AUTHENTICATE)")  # fmt: skip
-                    low, high = (critical_path_ms(client_apdus, des) for des in DES_MS)
-                    print(f"  real card: about {low:.0f}..{high:.0f} ms to the first protected message")
-        finally:
-            for emulator in emulators:
-                emulator.kill()
-                emulator.wait()
-            daemon.stop()
+    with tempfile.TemporaryDirectory() as directory, virtual_cards(Path(directory)) as client_card:
+        challenge = median_ms(lambda: client_card.get_challenge(1))
+        internal = median_ms(lambda: client_card.internal_authenticate(1, bytes(8)))
+        print(f"one APDU through pcscd and vpcd, median: GET CHALLENGE {challenge:.3f} ms,"
+              f" INTERNAL AUTHENTICATE {internal:.3f} ms")
+        for name, config in SUITES.items():
+            times, server_apdus, client_apdus = handshakes(client_card, config, args.handshakes + WARM_UP)
+            print(f"{name}: handshake median {statistics.median(times) * 1e3:.2f} ms"
+                  f" (p90 {statistics.quantiles(times, n=10)[-1] * 1e3:.2f} ms) over {len(times)};"
+                  f" APDUs per handshake: server {server_apdus}, client {client_apdus}"
+                  " (1 GET CHALLENGE each, the rest INTERNAL/EXTERNAL AUTHENTICATE)")  # fmt: skip
+            low, high = (critical_path_ms(client_apdus, des) for des in DES_MS)
+            print(f"  real card: about {low:.0f}..{high:.0f} ms to the first protected message")
 
 
 if __name__ == "__main__":

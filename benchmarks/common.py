@@ -1,0 +1,199 @@
+"""What every benchmark shares: statistics, `openssl speed`, the SoftHSM2 token, child processes.
+
+Figures are medians over rounds; ratios are taken round by round (both sides measured back to back)
+and then their median is reported, so a slow moment on a shared machine hits both sides of a ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from iscl_hsm.keyholder.provision import ensure_token, softhsm_environment
+
+REPO = Path(__file__).resolve().parents[1]
+LEGACY_OPENSSL_CONF = REPO / "softhsm" / "openssl-legacy.cnf"
+SPAWN = multiprocessing.get_context("spawn")
+"""Server processes start fresh (no inherited PKCS#11 state), as they would on another machine."""
+TOKEN_LABEL = "bench"
+PLACEHOLDERS: dict[str, str] = {sys.executable: "python3"}
+"""Text shown in place of long values in recorded commands (run.py adds the work folder)."""
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The value below which ``fraction`` of ``values`` lie (nearest rank; exact for small samples)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
+
+
+def openssl_speed(algorithm: str, seconds: int) -> float:
+    """Bytes per wall-clock second of `openssl speed -elapsed -evp ALG` on 8192-byte buffers."""
+    out = subprocess.run(
+        openssl_speed_command(algorithm, seconds), capture_output=True, text=True, check=True,
+        env={**os.environ, "OPENSSL_CONF": str(LEGACY_OPENSSL_CONF)},
+    ).stdout  # fmt: skip
+    match = re.search(rf"^{re.escape(algorithm)}\s+([\d.]+)k", out, re.MULTILINE | re.IGNORECASE)
+    if not match:
+        raise RuntimeError(f"cannot read the output of {' '.join(openssl_speed_command(algorithm, seconds))}:\n{out}")
+    return float(match.group(1)) * 1000
+
+
+def openssl_speed_command(algorithm: str, seconds: int) -> list[str]:
+    return ["openssl", "speed", "-elapsed", "-seconds", str(seconds), "-bytes", "8192", "-evp", algorithm]
+
+
+@dataclass(frozen=True)
+class BenchToken:
+    """A SoftHSM2 token with auth and enc keys 1..8, private to one benchmark run."""
+
+    data_dir: Path
+    label: str
+    pin_path: Path
+
+    @property
+    def pin(self) -> str:
+        return self.pin_path.read_text().strip()
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """Variables a child process (or `iscl`) needs to find this token."""
+        return {**os.environ, "SOFTHSM2_CONF": softhsm_environment(self.data_dir)["SOFTHSM2_CONF"]}
+
+    def cli_options(self) -> list[str]:
+        return ["--token", self.label, "--pin-file", str(self.pin_path)]
+
+
+def make_token(data_dir: Path) -> BenchToken:
+    """Create the token (both ends of every link use it, as two hospitals sharing keys would)."""
+    label, pin_path, _ = ensure_token(data_dir, TOKEN_LABEL)
+    return BenchToken(data_dir, label, pin_path)
+
+
+def use_token_in_child(data_dir: str) -> None:
+    """First thing in a spawned process that opens the token: point SoftHSM2 at it."""
+    os.environ["SOFTHSM2_CONF"] = softhsm_environment(Path(data_dir))["SOFTHSM2_CONF"]
+
+
+class Children:
+    """Child processes of one benchmark section; all are stopped (by their own id) on exit."""
+
+    def __init__(self) -> None:
+        self._processes: list[Any] = []
+
+    def spawn(self, target: Any, *args: Any) -> Any:
+        process = SPAWN.Process(target=target, args=args, daemon=True)
+        process.start()
+        self._processes.append(process)
+        return process
+
+    def popen(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(command, **kwargs)
+        self._processes.append(process)
+        return process
+
+    def stop(self, process: Any) -> None:
+        """Stop one child: SIGTERM, then SIGKILL after 10 s."""
+        if isinstance(process, subprocess.Popen):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+        else:
+            if process.is_alive():
+                process.terminate()
+                process.join(10)
+                if process.is_alive():
+                    process.kill()
+                    process.join(10)
+        with contextlib.suppress(ValueError):
+            self._processes.remove(process)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in reversed(list(self._processes)):
+            self.stop(process)
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1, for tools that cannot listen on port 0 (storescp)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition()`` every 20 ms until it is true; RuntimeError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} was not ready within {timeout:g} s")
+        time.sleep(0.02)
+
+
+def resident_kib(pid: int) -> int:
+    """Resident memory (VmRSS) of process ``pid`` in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/status has no VmRSS line")
+
+
+def log(message: str) -> None:
+    """Progress on stderr (the results go to files and stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Section:
+    """One table of results: rows of named figures (or the reason a row could not be measured)."""
+
+    key: str
+    title: str
+    columns: list[tuple[str, str]]
+    """(figure name, column header) in table order."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """For plots: series name -> {"x": [...], "y": [...]}."""
+
+    def add(self, label: str, **figures: float) -> None:
+        self.rows.append({"label": label, "figures": figures})
+
+    def unavailable(self, label: str, reason: str) -> None:
+        self.rows.append({"label": label, "unavailable": reason})
+
+    def command(self, argv: Sequence[str]) -> None:
+        """Record a command as run (once per distinct command line), with ports and paths as placeholders."""
+        text = re.sub(r"127\.0\.0\.1([: ])\d+", r"127.0.0.1\1PORT", " ".join(argv))
+        text = re.sub(r"(storescp .*) \d+$", r"\1 PORT", text)
+        for value, placeholder in PLACEHOLDERS.items():
+            text = text.replace(value, placeholder)
+        if text not in self.commands:
+            self.commands.append(text)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "title": self.title, "columns": [list(c) for c in self.columns], "rows": self.rows,
+                "notes": self.notes, "commands": self.commands, "series": self.series}

@@ -1,0 +1,150 @@
+"""N simultaneous links through one gateway pair (des-cbc/des-mac), beside N plain TCP connections.
+
+Each link is a connection from this process to the client tunnel, carried over ISCL to the server
+tunnel and forwarded to a sink process. The sink greets every connection with one byte, so the time
+from connect() to that byte is the link's set-up through the gateway (TCP, ISCL handshake, forward
+connection). Once all N are up the resident memory of both tunnels is read, then every link sends
+its share of the payload and the sink acknowledges it; aggregate throughput is all bytes over the
+time from the start signal to the last acknowledgement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from benchmarks.common import BenchToken, Children, Section, log, median, percentile, resident_kib
+from benchmarks.gateway_pair import GatewayPair, gateway_missing
+from iscl_hsm.allocator import keep_bulk_buffers
+
+SUITE = "des-cbc/des-mac"
+GREETING, ACK = b"H", b"A"
+_LENGTH = struct.Struct("!Q")
+
+
+def serve_sink(listener: socket.socket) -> None:
+    """Sink process: greet each connection, read one length-prefixed payload, acknowledge it."""
+    keep_bulk_buffers()
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(GREETING)
+            await writer.drain()
+            remaining = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))[0]
+            while remaining:
+                chunk = await reader.read(min(remaining, 1 << 20))
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+            writer.write(ACK)
+            await writer.drain()
+            await reader.read()  # until the client closes
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(one, sock=listener, backlog=1024)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+async def _batch(port: int, count: int, share: int, pids: Sequence[int]) -> tuple[list[float], float, int]:
+    """``count`` links at once: (set-up seconds per link, aggregate bytes/s, resident KiB of ``pids``)."""
+    go = asyncio.Event()
+    setup: list[float] = []
+    frame = _LENGTH.pack(share) + bytes(share)
+    done: list[float] = []
+
+    async def link() -> None:
+        started = time.perf_counter()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        if await reader.readexactly(1) != GREETING:
+            raise RuntimeError("the sink did not greet the link")
+        setup.append(time.perf_counter() - started)
+        await go.wait()
+        writer.write(frame)
+        await writer.drain()
+        if await reader.readexactly(1) != ACK:
+            raise RuntimeError("the sink did not acknowledge the payload")
+        done.append(time.perf_counter())
+        writer.close()
+        await writer.wait_closed()
+
+    tasks = [asyncio.create_task(link()) for _ in range(count)]
+    while len(setup) < count:
+        await asyncio.sleep(0.005)
+        failed = [task for task in tasks if task.done() and task.exception()]
+        if failed:
+            raise RuntimeError(f"a link failed while {count} were being opened") from failed[0].exception()
+    resident = sum(resident_kib(pid) for pid in pids)
+    started = time.perf_counter()
+    go.set()
+    await asyncio.gather(*tasks)
+    return setup, count * share / (max(done) - started), resident
+
+
+def run(children: Children, token: BenchToken, workdir: Path, rounds: int, counts: Sequence[int],
+        total_bytes: int) -> Section:
+    section = Section(
+        "concurrency", f"N simultaneous links through one gateway pair ({SUITE}) vs plain TCP",
+        [("setup_p50_ms", "set-up p50 ms"), ("setup_p99_ms", "set-up p99 ms"), ("mb_s", "aggregate MB/s"),
+         ("kib_per_link", "tunnels' RSS KiB per link")],
+    )  # fmt: skip
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    children.spawn(serve_sink, listener)
+    sink_port = listener.getsockname()[1]
+    missing = gateway_missing()
+    for count in counts:
+        share = max(16 << 10, total_bytes // count)
+        if missing:
+            section.unavailable(f"N={count}, ISCL gateway", missing)
+        else:
+            _measure(section, f"N={count}, ISCL gateway", count, share, rounds,
+                     lambda: GatewayPair(children, token, SUITE, sink_port, workdir / "concurrency"))
+        _measure(section, f"N={count}, plain TCP (no gateway)", count, share, rounds, lambda: None, sink_port)
+    section.notes.append(
+        f"{rounds} rounds per N; p50/p99 of the N set-up times per round, then the median over rounds. Each"
+        f" link sends total/N bytes (total {total_bytes >> 20} MiB, at least 16 KiB per link). RSS per link is"
+        " (both tunnels' VmRSS with N links open - after one warm-up link) / N, on a fresh gateway pair each"
+        " round, read before any payload moves (payload buffers come on top while data flows). The client,"
+        " both tunnels and the sink share the machine's cores."
+    )
+    return section
+
+
+def _measure(section: Section, label: str, count: int, share: int, rounds: int,
+             start_pair: Callable[[], GatewayPair | None], direct_port: int = 0) -> None:
+    """Rounds of ``count`` links, each round through a fresh gateway pair (so memory starts clean)."""
+    p50, p99, rates, per_link = [], [], [], []
+    for round_number in range(rounds):
+        log(f"concurrency: {label}, round {round_number + 1}/{rounds}")
+        pair = start_pair()
+        if pair is None:
+            setup, rate, _ = asyncio.run(_batch(direct_port, count, share, []))
+        else:
+            for command in pair.commands:
+                section.command(command)
+            asyncio.run(_batch(pair.port, 1, 16 << 10, pair.pids))  # warm-up: first-use imports and buffers
+            idle = sum(resident_kib(pid) for pid in pair.pids)
+            setup, rate, resident = asyncio.run(_batch(pair.port, count, share, pair.pids))
+            per_link.append((resident - idle) / count)
+            pair.stop()
+        p50.append(percentile(setup, 0.5))
+        p99.append(percentile(setup, 0.99))
+        rates.append(rate)
+    figures = {"setup_p50_ms": median(p50) * 1e3, "setup_p99_ms": median(p99) * 1e3, "mb_s": median(rates) / 1e6}
+    if per_link:
+        figures["kib_per_link"] = median(per_link)
+    section.add(label, **figures)
+    kind = label.split(", ", 1)[1]
+    for stat in ("p50", "p99"):
+        series = section.series.setdefault(f"{kind} {stat}", {"x": [], "y": []})
+        series["x"].append(float(count))
+        series["y"].append(figures[f"setup_{stat}_ms"])

@@ -1,0 +1,198 @@
+"""DICOM C-STORE: DCMTK storescu -> storescp directly, over DCMTK's TLS and through the ISCL gateway
+pair for each suite; and `iscl store` -> `iscl serve` (pynetdicom speaking ISCL itself).
+
+The study is generated (iscl_hsm.dicom.study) in a small-object and a large-object variant.
+storescp receives with --ignore (nothing written); `iscl serve` writes to tmpfs (/dev/shm), so the
+disk is not measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import REPO, BenchToken, Children, Section, free_port, log, median, wait_until
+from benchmarks.gateway_pair import GatewayPair, gateway_missing, start_service
+from benchmarks.tls import Credentials
+from iscl_hsm.dicom.study import StudySpec, write_study
+
+GATEWAY_SUITES = ("none/md5", "none/des-mac", "des-cbc/md5", "des-cbc/des-mac")
+PYNETDICOM_SUITE = "des-cbc/des-mac"
+PYNETDICOM_ROW = f"iscl store -> iscl serve (pynetdicom, {PYNETDICOM_SUITE})"
+CALLED = "STORESCP"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+"""DCMTK leaves Nagle's algorithm on unless TCP_NODELAY is set; with delayed ACKs that costs about 90 ms
+per small object on loopback, which would hide every other cost (docs/performance.md)."""
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    files: list[Path]
+
+    @property
+    def size(self) -> int:
+        return sum(path.stat().st_size for path in self.files)
+
+
+def dcmtk(tool: str) -> str:
+    """DCMTK's own tool (pynetdicom installs Python commands of the same names earlier on PATH)."""
+    path = shutil.which(tool, path="/usr/bin:/usr/local/bin")
+    if path is None:
+        raise FileNotFoundError(f"DCMTK's {tool} is not installed (apt-get install dcmtk)")
+    return path
+
+
+def make_studies(folder: Path, small: StudySpec, large: StudySpec) -> list[Study]:
+    studies = []
+    for name, spec in (("small", small), ("large", large)):
+        files = write_study(folder / name, spec)
+        side = f"{spec.rows}x{spec.columns}"
+        studies.append(Study(f"{name}: {spec.images} x {side} CT ({files[0].stat().st_size >> 10} KiB each)", files))
+    return studies
+
+
+def _tls_options(credentials: Credentials, end: str) -> list[str]:
+    key, cert = (credentials.server_key, credentials.server_cert) if end == "server" else (
+        credentials.client_key, credentials.client_cert)
+    return ["+tls", str(key), str(cert), "+cf", str(credentials.ca)]
+
+
+class StoreScp:
+    """A DCMTK storescp that receives and discards (--ignore), optionally over TLS."""
+
+    def __init__(self, children: Children, tls: Credentials | None, logs: Path) -> None:
+        self.port = free_port()
+        self.tls = tls
+        self.command = [dcmtk("storescp"), "--ignore", "-aet", CALLED, *(_tls_options(tls, "server") if tls else []),
+                        str(self.port)]
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / f"storescp-{self.port}.log").open("wb") as log_file:
+            children.popen(self.command, stdout=log_file, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+        wait_until(self._answers, f"storescp on 127.0.0.1:{self.port}")
+
+    def _answers(self) -> bool:
+        echo = [dcmtk("echoscu"), "-aec", CALLED, *(_tls_options(self.tls, "client") if self.tls else []),
+                "127.0.0.1", str(self.port)]
+        return subprocess.run(echo, capture_output=True, check=False, env=DCMTK_ENV).returncode == 0
+
+
+class IsclServe:
+    """`iscl serve` (pynetdicom behind ISCL, no gateway), storing into a tmpfs folder emptied after each run."""
+
+    def __init__(self, children: Children, token: BenchToken, suite: str, workdir: Path) -> None:
+        shm = Path("/dev/shm")
+        self.output = Path(tempfile.mkdtemp(prefix="iscl-bench-serve-", dir=shm if shm.is_dir() else workdir))
+        encryption, mac = suite.split("/")
+        self.command = [sys.executable, "-m", "iscl_hsm", "serve", "--output", str(self.output),
+                        "--listen", "127.0.0.1:0", *token.cli_options(), "--encryption", encryption, "--mac", mac]
+        _, self.port = start_service(children, self.command, token, workdir / "logs" / "iscl-serve.log")
+        self.store = [sys.executable, "-m", "iscl_hsm", "store", *token.cli_options(), "--encryption", encryption,
+                      "--mac", mac, "127.0.0.1"]
+        self.environment = token.environment
+        self.startups: dict[str, list[float]] = {}
+
+    def timed_store(self, study: Study) -> float:
+        command = [*self.store, str(self.port), *map(str, study.files)]
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, check=False, env=self.environment, cwd=REPO)
+        elapsed = time.perf_counter() - started
+        if result.returncode != 0:
+            raise RuntimeError(f"iscl store to 127.0.0.1:{self.port} failed ({result.returncode}): {result.stderr[-2000:]}")
+        for path in self.output.iterdir():
+            path.unlink()
+        self.startups.setdefault(study.name, []).append(self._startup())
+        return elapsed
+
+    def _startup(self) -> float:
+        """Seconds to start Python and import `iscl store`'s modules (pynetdicom among them)."""
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "iscl_hsm", "store", "--help"], capture_output=True, check=True, cwd=REPO)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        shutil.rmtree(self.output, ignore_errors=True)
+
+
+def store_command(port: int, files: Sequence[Path], tls: Credentials | None) -> list[str]:
+    return [dcmtk("storescu"), "-aet", "BENCH", "-aec", CALLED, *(_tls_options(tls, "client") if tls else []),
+            "127.0.0.1", str(port), *map(str, files)]
+
+
+def timed_store(port: int, study: Study, tls: Credentials | None = None) -> float:
+    """Seconds for one storescu run sending the whole study in one association."""
+    command = store_command(port, study.files, tls)
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=DCMTK_ENV)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to 127.0.0.1:{port} failed ({result.returncode}): {result.stderr[-2000:]}")
+    return elapsed
+
+
+def run(children: Children, token: BenchToken, credentials: Credentials, workdir: Path, rounds: int,
+        small: StudySpec, large: StudySpec) -> Section:
+    section = Section(
+        "dicom", "DICOM C-STORE over loopback, one association per study (DCMTK storescu -> storescp)",
+        [("files_s", "files/s"), ("mb_s", "MB/s"), ("vs_direct", "÷ direct")],
+    )
+    studies = make_studies(workdir / "studies", small, large)
+    logs = workdir / "logs"
+    plain = StoreScp(children, None, logs)
+    secure = StoreScp(children, credentials, logs)
+    runners: dict[str, Callable[[Study], float]] = {
+        "direct (plain DICOM)": lambda study: timed_store(plain.port, study),
+        "DCMTK TLS (BCP 195 profile)": lambda study: timed_store(secure.port, study, credentials),
+    }
+    section.command(["TCP_NODELAY=1", *plain.command])
+    section.command(["TCP_NODELAY=1", *secure.command])
+    missing = gateway_missing()
+    gateways: dict[str, GatewayPair] = {}
+    if not missing:
+        for suite in GATEWAY_SUITES:
+            gateways[suite] = GatewayPair(children, token, suite, plain.port, logs / suite.replace("/", "-"))
+            runners[f"ISCL gateway {suite}"] = functools.partial(timed_store, gateways[suite].port)
+            for command in gateways[suite].commands:
+                section.command(command)
+    serve = IsclServe(children, token, PYNETDICOM_SUITE, workdir)
+    runners[PYNETDICOM_ROW] = serve.timed_store
+    section.command(serve.command)
+    times: dict[tuple[str, str], list[float]] = {}
+    for round_number in range(rounds):
+        log(f"dicom: round {round_number + 1}/{rounds}")
+        for study in studies:
+            for path, runner in runners.items():
+                times.setdefault((study.name, path), []).append(runner(study))
+    for study in studies:
+        section.command(["TCP_NODELAY=1", *store_command(plain.port, study.files[:1], None), "..."])
+        section.command([*serve.store, str(serve.port), str(study.files[0]), "..."])
+        direct = times[(study.name, "direct (plain DICOM)")]
+        rows = {path: times[(study.name, path)] for path in runners}
+        rows[f"{PYNETDICOM_ROW}, less Python start-up"] = [
+            run - startup for run, startup in zip(rows[PYNETDICOM_ROW], serve.startups[study.name], strict=True)
+        ]
+        for path, runs in rows.items():
+            t = median(runs)
+            section.add(f"{study.name}, {path}", files_s=len(study.files) / t, mb_s=study.size / t / 1e6,
+                        vs_direct=median([d / r for d, r in zip(direct, runs, strict=True)]))
+        if missing:
+            section.unavailable(f"{study.name}, ISCL gateway", missing)
+    for pair in gateways.values():
+        pair.stop()
+    serve.close()
+    section.notes.append(
+        f"Median of {rounds} storescu runs per row, all paths in turn within each round; the time includes"
+        " starting storescu and the association. '÷ direct' is each run's rate over the direct run of"
+        " the same round. DCMTK's default PDU size (16 KiB) everywhere, TCP_NODELAY=1 for every DCMTK process. The"
+        " 'less Python start-up' row subtracts, round by round, the time of `python3 -m iscl_hsm store --help`"
+        " (starting Python and importing pynetdicom), which DCMTK's storescu barely pays."
+    )
+    return section

@@ -1,0 +1,164 @@
+"""The gateway's own targets in one run: DCMTK storescu -> storescp of one large study through the
+`iscl tunnel` pair, beside plain TCP, DCMTK's own TLS and the engine's own DES-CBC + DES-MAC rate.
+
+Run: python3 benchmarks/gateway.py [--size BYTES] [--rounds N]
+
+Targets: tunnel none+md5 >= 0.5x plain TCP; tunnel DES-CBC+DES-MAC >= 0.9x the engine's DES-CBC+DES-MAC
+rate (1 MiB messages over the blocking transport, as benchmarks/core.py measures it). Every transport runs
+once per round, back to back, and each ratio is taken within its round (the machine is shared and noisy);
+medians over the rounds are printed. `benchmarks/run.py` has the wider DICOM comparison (every suite,
+pynetdicom, small objects); this script reuses its pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import SPAWN, Children, make_token, median, use_token_in_child
+from benchmarks.dicom_store import StoreScp, Study, timed_store
+from benchmarks.gateway_pair import GatewayPair
+from benchmarks.links import iscl_rate, serve_iscl
+from benchmarks.tls import Credentials, make_credentials
+from iscl_hsm.cli.options import ENCRYPTIONS, MACS
+from iscl_hsm.dicom.study import StudySpec, write_study
+from iscl_hsm.engine import Config
+from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
+from iscl_hsm.transport import aio
+from iscl_hsm.transport.blocking import IsclSocket
+
+MESSAGE = 1 << 20
+TUNNEL_SUITES = ("none/md5", "des-cbc/des-mac")
+ENGINE = "engine des-cbc/des-mac (blocking transport, as core.py)"
+RATIOS = {  # name: (numerator row, denominator row, target)
+    "tunnel none/md5 ÷ plain TCP": ("ISCL tunnel none/md5", "plain TCP", ">= 0.5"),
+    "tunnel des-cbc/des-mac ÷ engine des-cbc/des-mac": ("ISCL tunnel des-cbc/des-mac", ENGINE, ">= 0.9"),
+    "tunnel none/md5 ÷ asyncio transport none/md5": ("ISCL tunnel none/md5", "asyncio transport none/md5", "-"),
+    "tunnel des-cbc/des-mac ÷ asyncio transport des-cbc/des-mac": (
+        "ISCL tunnel des-cbc/des-mac", "asyncio transport des-cbc/des-mac", "-"),
+    "DCMTK TLS ÷ plain TCP": ("DCMTK TLS", "plain TCP", "-"),
+}
+
+
+def suite_config(suite: str) -> Config:
+    encryption, mac = suite.split("/")
+    return Config(encryption=ENCRYPTIONS[encryption], mac=MACS[mac])
+
+
+def serve_aio(ports: Any, suites: list[str], data_dir: str, label: str, pin: str) -> None:
+    """Server process: the asyncio transport (what the tunnels use) reading every message, one port per
+    suite, put on the ``ports`` queue in the order of ``suites``."""
+    use_token_in_child(data_dir)
+    holder = Pkcs11KeyHolder(label, pin)
+
+    async def read_all(stream: aio.IsclStream) -> None:
+        while await stream.recv() is not None:
+            pass
+
+    async def serve() -> None:
+        for suite in suites:
+            server = await aio.start_server(read_all, "127.0.0.1", 0, key_holder=holder, config=suite_config(suite))
+            ports.put(server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+def aio_rate(port: int, suite: str, holder: Pkcs11KeyHolder, payload: bytes, seconds: float) -> float:
+    """Bytes per second of 1 MiB messages over the asyncio transport until the server read the last one."""
+
+    async def measure() -> float:
+        stream = await aio.open_connection("127.0.0.1", port, key_holder=holder, config=suite_config(suite))
+        sent, started = 0, time.perf_counter()
+        while not sent or time.perf_counter() - started < seconds:
+            await stream.send(payload)
+            sent += len(payload)
+        await stream.close()
+        return sent / (time.perf_counter() - started)
+
+    return asyncio.run(measure())
+
+
+def main() -> None:
+    """Parse the options, measure in a temporary folder, print the tables; the folder goes at the end."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=200_000_000, help="study size in bytes (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are shown (default: %(default)s)")
+    parser.add_argument("--engine-seconds", type=float, default=3.0,
+                        help="seconds per engine and transport measurement per round (default: %(default)s)")
+    args = parser.parse_args()
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    workdir = Path(tempfile.mkdtemp(prefix="iscl-gateway-bench-", dir=shm))
+    try:
+        token = make_token(workdir / "softhsm")
+        use_token_in_child(str(token.data_dir))
+        credentials = make_credentials(workdir / "tls")
+        spec = StudySpec.of_size(args.size)
+        study = Study(f"{spec.images} x {spec.rows}x{spec.columns} CT", write_study(workdir / "study", spec))
+        size = study.size
+        logs = workdir / "logs"
+        rates: dict[str, list[float]] = {}
+        with Children() as children:
+            plain, secure = StoreScp(children, None, logs), StoreScp(children, credentials, logs)
+            tunnels = {suite: GatewayPair(children, token, suite, plain.port, logs / suite.replace("/", "-"))
+                       for suite in TUNNEL_SUITES}
+            listener = socket.create_server(("127.0.0.1", 0))
+            children.spawn(serve_iscl, [(listener, Config())], str(token.data_dir), token.label, token.pin)
+            queue = SPAWN.Queue()
+            children.spawn(serve_aio, queue, list(TUNNEL_SUITES), str(token.data_dir), token.label, token.pin)
+            aio_ports = {suite: queue.get(timeout=60) for suite in TUNNEL_SUITES}
+            holder = Pkcs11KeyHolder(token.label, token.pin)
+            payload = os.urandom(MESSAGE)
+
+            def engine_rate() -> float:
+                link = IsclSocket.connect("127.0.0.1", listener.getsockname()[1], key_holder=holder, config=Config())
+                return iscl_rate(link, payload, args.engine_seconds)
+
+            def store_rate(port: int, tls: Credentials | None = None) -> Callable[[], float]:
+                return lambda: study.size / timed_store(port, study, tls)
+
+            runs: dict[str, Callable[[], float]] = {
+                "plain TCP": store_rate(plain.port),
+                "DCMTK TLS": store_rate(secure.port, credentials),
+                **{f"ISCL tunnel {suite}": store_rate(pair.port) for suite, pair in tunnels.items()},
+                ENGINE: engine_rate,
+                **{f"asyncio transport {suite}": functools.partial(
+                    aio_rate, port, suite, holder, payload, args.engine_seconds) for suite, port in aio_ports.items()},
+            }
+            for _ in range(args.rounds):
+                for name, run in runs.items():
+                    rates.setdefault(name, []).append(run())
+            holder.close()
+
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"# iscl-hsm gateway benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores,"
+          f" Python {sys.version.split()[0]})")
+    print(f"command: python3 benchmarks/gateway.py {' '.join(sys.argv[1:])}")
+    print(f"study: {study.name}, {size / 1e6:.1f} MB, one storescu association to storescp --ignore;"
+          f" median of {args.rounds} rounds\n")
+    print("| transfer | MB/s |\n|---|---|")
+    for name, values in rates.items():
+        print(f"| {name} | {median(values) / 1e6:.1f} |")
+    print("\n| ratio (within each round) | median | target |\n|---|---|---|")
+    for name, (top, bottom, target) in RATIOS.items():
+        ratio = median([t / b for t, b in zip(rates[top], rates[bottom], strict=True)])
+        print(f"| {name} | {ratio:.2f} | {target} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""A pair of `iscl tunnel` processes on loopback: client tunnel -> ISCL -> server tunnel -> target."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.common import REPO, BenchToken, Children, wait_until
+
+_LISTENING = re.compile(r"listening on (\S+):(\d+),")
+
+
+def gateway_missing() -> str:
+    """Why `python3 -m iscl_hsm tunnel` cannot run here, or "" when it can."""
+    probe = subprocess.run([sys.executable, "-m", "iscl_hsm", "tunnel", "--help"], cwd=REPO, check=False,
+                           capture_output=True, text=True)
+    return "" if probe.returncode == 0 else "gateway not available (`python3 -m iscl_hsm tunnel` is missing)"
+
+
+def tunnel_command(mode: str, listen: str, target: str, token: BenchToken, suite: str) -> list[str]:
+    encryption, mac = suite.split("/")
+    target_option = "--connect" if mode == "client" else "--forward"
+    return [sys.executable, "-m", "iscl_hsm", "tunnel", mode, "--listen", listen, target_option, target,
+            *token.cli_options(), "--encryption", encryption, "--mac", mac]
+
+
+def start_service(children: Children, command: list[str], token: BenchToken, log_path: Path
+                  ) -> tuple[subprocess.Popen[bytes], int]:
+    """Start an `iscl` server command on port 0; returns it and the port its "listening on" line names.
+
+    Its output goes to a file (a pipe nobody reads would fill up and stall it).
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log_file:
+        process = children.popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=token.environment, cwd=REPO)
+    found: list[int] = []
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"{' '.join(command)} ended: {log_path.read_text()}")
+        match = _LISTENING.search(log_path.read_text())
+        if match:
+            found.append(int(match.group(2)))
+        return bool(found)
+
+    wait_until(listening, " ".join(command[1:5]))
+    return process, found[0]
+
+
+class GatewayPair:
+    """Both tunnels of one suite, started in front of ``target_port``; ``port`` is where applications connect."""
+
+    def __init__(self, children: Children, token: BenchToken, suite: str, target_port: int, logs: Path) -> None:
+        self.children = children
+        server = tunnel_command("server", "127.0.0.1:0", f"127.0.0.1:{target_port}", token, suite)
+        server_process, server_port = start_service(children, server, token, logs / "server.log")
+        client = tunnel_command("client", "127.0.0.1:0", f"127.0.0.1:{server_port}", token, suite)
+        client_process, self.port = start_service(children, client, token, logs / "client.log")
+        self.processes = [server_process, client_process]
+        self.commands = [server, client]
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            self.children.stop(process)
