@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import wire
-from ..dicom.gateway import DEFAULT_CONNECT_TIMEOUT, Address, Mode, Tunnel, TunnelSettings
-from ..dicom.gateway_link import DEFAULT_CHUNK
+from ..dicom.gateway import DEFAULT_CHUNK, DEFAULT_CONNECT_TIMEOUT, Address, Mode, Tunnel, TunnelSettings
 from .options import add_link_options, build_config, open_key_holder
 
 _UNSET: Any = object()

@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import socket
 import threading
 from collections.abc import Callable
 
-from ..engine import Config, Connection, LinkParameters, Role
-from ..errors import ErrorCode, IsclError
+from ..engine import Config, LinkParameters, Role
 from ..keyholder.base import KeyHolder
 from ..transport import aio
 from ..transport.common import READ_SIZE
+from ..transport.relay import Address, Link, LinkRecord
 
 LOGGER = logging.getLogger(__name__)
 
-DEFAULT_HANDSHAKE_TIMEOUT = 30.0
-_ABORT_GRACE = 5.0  # seconds an aborted handshake may take to notice its socket is gone
+DEFAULT_HANDSHAKE_TIMEOUT = aio.HANDSHAKE_TIMEOUT
 
 
 class IsclBridge:
@@ -52,18 +50,19 @@ class IsclBridge:
         peer: str | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
-        self.peer = peer or _address(sock.getpeername())
+        remote = Address.of(sock.getpeername())
+        self.peer = peer or str(remote)
         self._on_failure = on_failure
         self.local_address: tuple[str, int] = sock.getsockname()[:2]
+        self._record = LinkRecord(remote, Address.of(self.local_address))
         self.parameters: LinkParameters | None = None
         self.error: BaseException | None = None
         self.app_socket, self._inner = socket.socketpair()
-        self._config = config or Config()
         self._ready: concurrent.futures.Future[LinkParameters] = concurrent.futures.Future()
         self._done = threading.Event()
-        connection = Connection(role, key_holder, self._config)
         self._thread = threading.Thread(
-            target=asyncio.run, args=(self._run(sock, connection, timeout),), name=f"iscl-bridge {self.peer}",
+            target=asyncio.run, args=(self._run(sock, role, key_holder, config or Config(), timeout),),
+            name=f"iscl-bridge {self.peer}",
             daemon=True,
         )  # fmt: skip
         self._thread.start()
@@ -80,9 +79,13 @@ class IsclBridge:
 
     # --- the bridge thread ----------------------------------------------------------------------
 
-    async def _run(self, sock: socket.socket, connection: Connection, timeout: float | None) -> None:
+    async def _run(
+        self, sock: socket.socket, role: Role, key_holder: KeyHolder, config: Config, timeout: float | None
+    ) -> None:
         try:
-            stream = await self._handshake(sock, connection, timeout)
+            stream = await aio.handshake_on(
+                sock, role, key_holder=key_holder, config=config, handshake_timeout=timeout
+            )
         except BaseException as exc:  # noqa: BLE001 - handed to the constructor's thread
             self._inner.close()
             self._done.set()
@@ -92,96 +95,17 @@ class IsclBridge:
         self._ready.set_result(stream.parameters)
         try:
             reader, writer = await asyncio.open_connection(sock=self._inner)
-            await self._relay(stream, reader, writer)
+            link = Link(self._record, plain="the local socket pair", iscl=self.peer, chunk_size=READ_SIZE)
+            link.attach_plain(reader, writer)
+            link.attach_iscl(stream)
+            failure = await link.run()
+            if failure is not None:
+                self.error = failure
+                LOGGER.info("ISCL link with %s failed: %s", self.peer, failure)
+                if self._on_failure is not None:
+                    self._on_failure(failure)
         finally:
             self._done.set()
-
-    async def _handshake(self, sock: socket.socket, connection: Connection, timeout: float | None) -> aio.IsclStream:
-        reader, writer = await asyncio.open_connection(sock=sock)
-        stream = aio.IsclStream(reader, writer, connection)
-        handshake = asyncio.create_task(stream.handshake())
-        try:
-            done, _ = await asyncio.wait({handshake}, timeout=timeout)
-        except BaseException:
-            await stream.abort()
-            raise
-        if not done:
-            # Not cancelled: dropping the socket ends the handshake with an error we collect here.
-            await stream.abort()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(handshake, _ABORT_GRACE)
-            raise IsclError(
-                ErrorCode.CONNECTION_LOST,
-                f"no ISCL handshake with {self.peer} within {timeout:g} s: is the peer an ISCL endpoint"
-                " (not a plain DICOM port) using the same link options?",
-            )
-        if handshake.exception() is not None:
-            await stream.abort()
-            handshake.result()
-        return stream
-
-    async def _relay(
-        self, stream: aio.IsclStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """Copy both ways until the application closes its socket or the link ends."""
-        upstream = asyncio.create_task(self._upstream(stream, reader))
-        downstream = asyncio.create_task(self._downstream(stream, writer))
-        done, _ = await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
-        failure = next((task.exception() for task in done if task.exception() is not None), None)
-        if failure is None and upstream in done:
-            # The application closed its socket and we disconnected the line; the peer's last
-            # messages (if any) still go to the application before its socket closes.
-            failure = await _outcome(downstream)
-        if failure is not None:
-            self.error = failure
-            LOGGER.info("ISCL link with %s failed: %s", self.peer, failure)
-            await stream.abort()
-            if self._on_failure is not None:
-                self._on_failure(failure)
-        writer.close()  # the application sees the connection end, and nothing after it
-        for task in (upstream, downstream):
-            task.cancel()
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            await writer.wait_closed()
-
-    async def _upstream(self, stream: aio.IsclStream, reader: asyncio.StreamReader) -> None:
-        """Application bytes -> ISCL messages; at the application's end of stream, disconnect the line."""
-        limit = min(READ_SIZE, self._config.max_message or READ_SIZE)
-        while data := await reader.read(READ_SIZE):
-            start = 0
-            while start < len(data):
-                piece = data[start : start + limit]
-                try:
-                    await stream.send(piece)
-                except aio.MessageRefusedError as exc:
-                    if exc.code is not ErrorCode.PEER_LENGTH_TOO_SMALL or not 0 < exc.peer_max_length < len(piece):
-                        raise
-                    limit = exc.peer_max_length  # the peer's limit, remembered for the rest of the link
-                    continue
-                start += len(piece)
-        await stream.close()
-
-    async def _downstream(self, stream: aio.IsclStream, writer: asyncio.StreamWriter) -> None:
-        """Verified ISCL messages -> application bytes, until the line is disconnected."""
-        while (data := await stream.recv()) is not None:
-            try:
-                writer.write(data)
-                await writer.drain()
-            except OSError:
-                return  # the application has gone; its end of stream ends the link (upstream)
-
-
-async def _outcome(task: asyncio.Task[None]) -> BaseException | None:
-    try:
-        await task
-    except Exception as exc:  # noqa: BLE001 - the caller records it
-        return exc
-    return None
-
-
-def _address(address: tuple[object, ...]) -> str:
-    host, port = address[:2]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 __all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "IsclBridge"]

@@ -243,7 +243,31 @@ async def open_connection(
 ) -> IsclStream:
     """Connect as the ISCL client and authenticate (within ``handshake_timeout`` seconds)."""
     reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
-    stream = IsclStream(reader, writer, Connection(Role.CLIENT, key_holder, config))
+    return await _authenticated(reader, writer, Role.CLIENT, key_holder, config, handshake_timeout)
+
+
+async def handshake_on(
+    sock: socket.socket,
+    role: Role,
+    *,
+    key_holder: KeyHolder,
+    config: Config | None = None,
+    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+) -> IsclStream:
+    """Authenticate on a TCP socket connected or accepted elsewhere; it is closed if that fails."""
+    reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+    return await _authenticated(reader, writer, role, key_holder, config, handshake_timeout)
+
+
+async def _authenticated(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    role: Role,
+    key_holder: KeyHolder,
+    config: Config | None,
+    handshake_timeout: float | None,
+) -> IsclStream:
+    stream = IsclStream(reader, writer, Connection(role, key_holder, config))
     try:
         await _handshake_within(stream, handshake_timeout)
     except BaseException:
@@ -300,4 +324,4 @@ def _address(peer: Any) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-__all__ = ["HANDSHAKE_TIMEOUT", "IsclStream", "MessageRefusedError", "open_connection", "start_server"]
+__all__ = ["HANDSHAKE_TIMEOUT", "IsclStream", "MessageRefusedError", "handshake_on", "open_connection", "start_server"]

@@ -1,9 +1,18 @@
-"""One gateway link: a plain TCP connection joined to an ISCL stream, and its log line.
+"""A relay between a plain stream and an ISCL stream, both ways, until either side ends.
 
 Each read from the plain side (up to the chunk size) goes out as one ISCL message, so a large read
-costs one request/response round trip and one MAC. The plain reader keeps buffering while a message
-is being sent (its limit is twice the chunk), so the next message is ready as soon as the last one is
-out.
+costs one request/response round trip and one MAC; a message the peer refuses as too long is split to
+the peer's maximum. The plain reader keeps buffering while a message is being sent, so the next message
+is ready as soon as the last one is out.
+
+How a link ends:
+
+* the application ends its stream (EOF): everything read so far goes out, then the ISCL line
+  disconnection runs (asked again while the peer refuses it because it is still sending);
+* the peer disconnects the line: the plain side is half-closed (the application reads the end of the
+  stream) and the application gets :data:`LINGER` seconds to end its side;
+* anything else (a MAC failure, a peer abort, a lost connection on either side): the plain side is
+  reset (RST), the ISCL link aborted, and nothing after the failure is forwarded.
 """
 
 from __future__ import annotations
@@ -20,15 +29,8 @@ from typing import Any, TypeVar
 
 from ..engine import LinkParameters
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
-from ..transport import aio
 from ..wire import SESSION_KEYS
-
-log = logging.getLogger("iscl_hsm.dicom.gateway")
-
-DEFAULT_CHUNK = 1024 * 1024
-"""Bytes read from the plain side at a time, and so the largest message the gateway sends (capped by the
-link's maximum message). Each message costs a request/response round trip, so larger is faster: 1 MiB
-carried a study about 1.4x faster than 256 KiB (docs/gateway.md)."""
+from . import aio
 
 LINGER = 10.0
 """Seconds an application may keep its end open after the peer disconnected the line."""
@@ -36,10 +38,10 @@ LINGER = 10.0
 _SETTLE = 1.0
 """Seconds the two directions of an aborted link get to end by themselves before they are cancelled."""
 
-T = TypeVar("T")
-
 _CLOSE_RETRY = (0.01, 1.0)
 """First and longest wait before asking again when the peer refuses to disconnect (it is sending)."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,9 @@ class LinkRecord:
     """What the log line of one link says: who, which keys and algorithms, how much, how it ended."""
 
     source: Address
-    """Who connected to this tunnel (a local application, or the far tunnel)."""
+    """Who connected (a local application, or the far end of the ISCL link)."""
     target: Address
-    """Where this tunnel connected for it (the far tunnel, or the local application)."""
+    """Where the connection was taken (the far end of the ISCL link, or the local application)."""
     parameters: LinkParameters | None = None
     plain_to_iscl: int = 0
     iscl_to_plain: int = 0
@@ -99,10 +101,6 @@ class LinkRecord:
             f" iscl_to_plain={self.iscl_to_plain} duration={duration} result={result}"
         )
 
-    def finish(self, failure: BaseException | None) -> None:
-        """Log the link's line (INFO)."""
-        log.info("%s", self.line(failure))
-
 
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close a plain connection with RST, so that a DICOM application sees an aborted association."""
@@ -113,22 +111,30 @@ def reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-def stopped_reason(drain_timeout: float) -> str:
-    return f"the tunnel is stopping and the link did not end within the drain timeout of {drain_timeout:g} s"
-
-
 class Link:
-    """Relay one plain connection and one ISCL stream until either side ends, then log the link.
+    """Relay one plain stream and one ISCL stream until either side ends.
 
-    A tunnel creates it with the side it accepted and passes :meth:`run` the coroutine that opens the
-    other side (with :meth:`attach_plain` or :meth:`attach_iscl`).
+    Whoever accepted one side creates it with that side attached (:meth:`attach_plain` or
+    :meth:`attach_iscl`) and passes :meth:`run` the coroutine that opens and attaches the other.
+    ``plain`` and ``iscl`` name the two sides in error messages. With a ``logger``, the link's
+    :class:`LinkRecord` line is logged (INFO) when it ends. :attr:`error` is the failure that ended it.
     """
 
-    def __init__(self, record: LinkRecord, *, plain: Address, iscl: Address, chunk_size: int) -> None:
+    def __init__(
+        self,
+        record: LinkRecord,
+        *,
+        plain: Address | str,
+        iscl: Address | str,
+        chunk_size: int,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self.record = record
+        self.error: IsclError | None = None
         self._plain = plain
         self._iscl = iscl
         self._chunk = chunk_size
+        self._logger = logger
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._stream: aio.IsclStream | None = None
@@ -142,22 +148,32 @@ class Link:
         self.record.parameters = stream.parameters
         self._chunk = max(1, min(self._chunk, stream.connection.config.max_message))
 
-    async def run(self, connect: Awaitable[None]) -> None:
-        """Open the other side with ``connect``, relay until the end, log; never raises but cancellation."""
+    async def run(self, connect: Awaitable[None] | None = None) -> IsclError | None:
+        """Open the other side with ``connect``, relay until the end, log; the failure, if any.
+
+        Never raises but cancellation (after aborting both sides and logging).
+        """
         try:
-            await connect
+            if connect is not None:
+                await connect
             await self._relay()
         except asyncio.CancelledError as exc:
             await self._abort()
-            self.record.finish(IsclError(ErrorCode.CONNECTION_LOST, str(exc.args[0] if exc.args else exc)))
+            self._finish(IsclError(ErrorCode.CONNECTION_LOST, str(exc.args[0] if exc.args else exc)))
             raise
         except (IsclError, OSError) as exc:
             await self._abort()
-            self.record.finish(exc if isinstance(exc, IsclError) else _failed(f"the ISCL link with {self._iscl}", exc))
+            self._finish(exc if isinstance(exc, IsclError) else _failed(f"the ISCL link with {self._iscl}", exc))
         else:
-            self.record.finish(None)
+            self._finish(None)
+        return self.error
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _finish(self, failure: IsclError | None) -> None:
+        self.error = failure
+        if self._logger is not None:
+            self._logger.info("%s", self.record.line(failure))
 
     async def _relay(self) -> None:
         up = asyncio.create_task(self._plain_to_iscl())
@@ -216,7 +232,7 @@ class Link:
             except aio.MessageRefusedError as exc:
                 if exc.code is not ErrorCode.PEER_LENGTH_TOO_SMALL or not 0 < exc.peer_max_length < len(piece):
                     raise
-                self._chunk = exc.peer_max_length
+                self._chunk = exc.peer_max_length  # remembered for the rest of the link
                 data = piece + data
 
     async def _disconnect(self) -> None:
@@ -240,7 +256,7 @@ class Link:
             await self._stream.abort()
 
     async def _plain_io(self, operation: Awaitable[T]) -> T:
-        """A read or drain on the plain side; its socket errors name the application's address."""
+        """A read or drain on the plain side; its socket errors name the application's side."""
         try:
             return await operation
         except OSError as exc:
@@ -253,4 +269,4 @@ def _failed(what: str, exc: OSError) -> IsclError:
     return IsclError(ErrorCode.CONNECTION_LOST, f"{what} failed: {reason}")
 
 
-__all__ = ["DEFAULT_CHUNK", "Address", "Link", "LinkRecord", "reset", "stopped_reason"]
+__all__ = ["LINGER", "Address", "Link", "LinkRecord", "reset"]

@@ -1,0 +1,152 @@
+"""The relay (iscl_hsm.transport.relay.Link) between a plain stream and an ISCL stream, on SoftHSM2 tokens.
+
+Hospital A serves ISCL on loopback (the far end, driven by the test); hospital B's ISCL stream and one
+end of a socket pair (the "application", also driven by the test) are joined by a Link. Each test runs
+its own event loop with asyncio.run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from iscl_hsm.engine import Config
+from iscl_hsm.errors import ErrorCode, RemoteProtocolError
+from iscl_hsm.keyholder.base import KeyHolder
+from iscl_hsm.transport import aio
+from iscl_hsm.transport.relay import Address, Link, LinkRecord
+from iscl_hsm.wire import MessageId
+from tests.helpers import Frame
+
+from .conftest import Hospitals, TamperingProxy
+
+TIMEOUT = 60.0
+"""Seconds a whole test's event loop may run: a safety net against hangs, never an assertion."""
+
+T = TypeVar("T")
+
+Far = Callable[[aio.IsclStream], Awaitable[None]]
+App = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
+
+
+async def relay(
+    far: Far, app: App, a: KeyHolder, b: KeyHolder, *, far_config: Config | None = None,
+    via: Callable[[int], int] = lambda port: port,
+) -> Link:  # fmt: skip
+    """Run ``far`` on A's side of an ISCL link, ``app`` on the plain side of a Link to B's side; the Link."""
+    far_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def serve(stream: aio.IsclStream) -> None:
+        try:
+            await far(stream)
+            far_done.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - raised in the test below
+            far_done.set_exception(exc)
+
+    server = await aio.start_server(serve, "127.0.0.1", 0, key_holder=a, config=far_config)
+    async with server:
+        stream = await aio.open_connection("127.0.0.1", via(server.sockets[0].getsockname()[1]), key_holder=b)
+        app_end, link_end = socket.socketpair()
+        link = Link(
+            LinkRecord(Address("app", 0), Address.of(stream.peer)), plain="the test application",
+            iscl=str(Address.of(stream.peer)), chunk_size=1024 * 1024,
+        )  # fmt: skip
+        link.attach_plain(*await asyncio.open_connection(sock=link_end))
+        link.attach_iscl(stream)
+        app_reader, app_writer = await asyncio.open_connection(sock=app_end)
+        await asyncio.gather(link.run(), app(app_reader, app_writer))
+        app_writer.close()
+        await far_done
+    return link
+
+
+def test_clean_end_carries_both_ways_and_disconnects_the_line(hospitals: Hospitals, holders: Any) -> None:
+    received: list[bytes | None] = []
+
+    async def far(stream: aio.IsclStream) -> None:
+        await stream.send(b"reply")
+        received.extend([await stream.recv(), await stream.recv()])
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readexactly(5) == b"reply"
+        writer.write(b"hello")
+        writer.write_eof()
+        assert await reader.read() == b""  # the line disconnection half-closes the application's side
+
+    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b)))
+    assert received == [b"hello", None]
+    assert link.error is None
+    assert (link.record.plain_to_iscl, link.record.iscl_to_plain) == (5, 5)
+    line = link.record.line(link.error)
+    assert "plain_to_iscl=5 iscl_to_plain=5 " in line and line.endswith(" result=closed")
+
+
+def test_a_message_refused_as_too_long_is_split_to_the_peers_maximum(hospitals: Hospitals, holders: Any) -> None:
+    data = os.urandom(5000)
+    messages: list[bytes] = []
+
+    async def far(stream: aio.IsclStream) -> None:
+        while (message := await stream.recv()) is not None:
+            messages.append(message)
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        writer.write_eof()
+        assert await reader.read() == b""
+
+    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), far_config=Config(max_message=1000)))
+    assert link.error is None
+    assert b"".join(messages) == data
+    assert max(len(m) for m in messages) == 1000  # nothing longer got through; the refused 5000 bytes came again
+    assert link.record.plain_to_iscl == 5000
+
+
+def test_a_failure_resets_the_plain_side_and_forwards_nothing_after_it(
+    hospitals: Hospitals, holders: Any, mitm: Callable[[int, Callable[[str, Frame], bytes]], TamperingProxy]
+) -> None:
+    notifications: list[Frame] = []
+    proxies: list[TamperingProxy] = []
+
+    def tamper(direction: str, frame: Frame) -> bytes:
+        if direction == "s2c" and frame.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF):
+            notifications.append(frame)
+            if len(notifications) == 2:
+                return frame.flip_bit(-1, 7)
+        return frame.raw
+
+    def via_proxy(port: int) -> int:
+        proxies.append(mitm(port, tamper))
+        return proxies[0].port
+
+    far_error: list[BaseException] = []
+
+    async def far(stream: aio.IsclStream) -> None:
+        await stream.send(b"first")
+        try:
+            await stream.send(b"second")
+            await stream.recv()
+        except (RemoteProtocolError, OSError) as exc:
+            far_error.append(exc)
+
+    app_read: list[bytes] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1024):
+                app_read.append(data)
+        except ConnectionResetError:
+            app_read.append(b"<reset>")
+
+    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), via=via_proxy))
+    assert len(notifications) == 2
+    assert b"".join(app_read).removesuffix(b"<reset>") == b"first"  # not a byte of "second"
+    assert link.error is not None and link.error.code is ErrorCode.BAD_MAC
+    assert link.record.iscl_to_plain == 5
+    assert far_error, "the far end should see the link aborted"
