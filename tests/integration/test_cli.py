@@ -8,13 +8,10 @@ their "listening on HOST:PORT" line.
 from __future__ import annotations
 
 import os
-import queue
-import re
 import secrets
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,10 +19,10 @@ import pytest
 
 from iscl_hsm import __version__
 
+from .background import TIMEOUT, Background
 from .conftest import Hospitals, SoftHsmToken
 
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT = 120.0
 """Seconds a child may run: a safety net against hangs, never an assertion."""
 
 LINK_LINE = (
@@ -74,53 +71,19 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
-class Server:
+class Server(Background):
     """`iscl server --listen 127.0.0.1:0 ...` in the background; stderr collected line by line."""
 
     def __init__(self, args: Sequence[object], env: dict[str, str], stdin: Path | None, stdout: Path) -> None:
         with open(stdin or os.devnull, "rb") as source, open(stdout, "wb") as sink:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "iscl_hsm", "server", "--listen", "127.0.0.1:0", *map(str, args)],
-                env=env, stdin=source, stdout=sink, stderr=subprocess.PIPE, text=True,
+            super().__init__(
+                [sys.executable, "-m", "iscl_hsm", "server", "--listen", "127.0.0.1:0", *args], env,
+                stdin=source, stdout=sink,
             )  # fmt: skip
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str) -> re.Match[str]:
-        """The first (new) stderr line matching ``pattern``; fails if the server ends first."""
-        while True:
-            try:
-                line = self._queue.get(timeout=TIMEOUT)
-            except queue.Empty:
-                pytest.fail(f"the server printed no line matching {pattern!r}: {self.lines}")
-            if line is None:
-                pytest.fail(f"the server ended (exit {self.proc.wait()}) before {pattern!r}: {self.lines}")
-            if match := re.search(pattern, line):
-                return match
 
     @property
     def port(self) -> int:
         return int(self.wait_for(r"^iscl server: listening on 127\.0\.0\.1:(\d+)$").group(1))
-
-    def finish(self) -> int:
-        code = self.proc.wait(TIMEOUT)
-        self._reader.join(TIMEOUT)
-        return code
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(TIMEOUT)
-        self._reader.join(TIMEOUT)
 
 
 @pytest.fixture
@@ -129,7 +92,7 @@ def servers() -> Iterator[list[Server]]:
     started: list[Server] = []
     yield started
     for server in started:
-        server.stop()
+        server.kill()
 
 
 def start_server(

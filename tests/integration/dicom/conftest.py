@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import queue
-import re
 import shutil
-import subprocess
 import sys
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,49 +12,9 @@ from pydicom.filereader import read_file_meta_info
 
 from iscl_hsm.dicom.study import StudySpec, dataset_bytes, write_study
 
-from ..test_cli import TIMEOUT
+from ..background import Background
 
 DCMTK = ("storescp", "storescu", "echoscu")
-
-
-class Background:
-    """A command running in the background; its stderr is collected line by line."""
-
-    def __init__(self, argv: Sequence[object], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            list(map(str, argv)), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str) -> re.Match[str]:
-        """The first new stderr line matching ``pattern``; fails if the command ends first."""
-        while True:
-            try:
-                line = self._queue.get(timeout=TIMEOUT)
-            except queue.Empty:
-                pytest.fail(f"no line matching {pattern!r} in {TIMEOUT} s: {self.lines}")
-            if line is None:
-                pytest.fail(f"the command ended (exit {self.proc.wait()}) before {pattern!r}: {self.lines}")
-            if match := re.search(pattern, line):
-                return match
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        code = self.proc.wait(TIMEOUT)
-        self._reader.join(TIMEOUT)
-        return code
 
 
 @pytest.fixture
@@ -67,9 +23,7 @@ def background() -> Iterator[list[Background]]:
     started: list[Background] = []
     yield started
     for command in started:
-        if command.proc.poll() is None:
-            command.proc.kill()
-            command.proc.wait(TIMEOUT)
+        command.kill()
 
 
 def dcmtk(tool: str) -> str:
