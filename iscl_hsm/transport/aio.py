@@ -31,7 +31,7 @@ from ..engine import (
 )
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
 from ..keyholder.base import KeyHolder
-from .common import READ_SIZE, MessageRefusedError, refused_error
+from .common import READ_SIZE, Address, MessageRefusedError, refused_error
 
 T = TypeVar("T")
 
@@ -312,16 +312,9 @@ async def _handshake_within(stream: IsclStream, timeout: float | None) -> LinkPa
     except TimeoutError:
         raise RemoteProtocolError(
             ErrorCode.CONNECTION_LOST,
-            f"no ISCL handshake with {_address(stream.peer)} within {timeout:g} s: is the peer an ISCL"
+            f"no ISCL handshake with {Address.of(stream.peer)} within {timeout:g} s: is the peer an ISCL"
             " endpoint with the same link options?",
         ) from None
-
-
-def _address(peer: Any) -> str:
-    if not peer:
-        return "the peer"
-    host, port = peer[:2]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 __all__ = ["HANDSHAKE_TIMEOUT", "IsclStream", "MessageRefusedError", "handshake_on", "open_connection", "start_server"]

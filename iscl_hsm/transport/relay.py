@@ -31,6 +31,7 @@ from ..engine import LinkParameters
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
 from ..wire import SESSION_KEYS
 from . import aio
+from .common import Address
 
 LINGER = 10.0
 """Seconds an application may keep its end open after the peer disconnected the line."""
@@ -42,32 +43,6 @@ _CLOSE_RETRY = (0.01, 1.0)
 """First and longest wait before asking again when the peer refuses to disconnect (it is sending)."""
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Address:
-    """A TCP endpoint, printed as host:port ([v6]:port)."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @classmethod
-    def of(cls, peername: Any) -> Address:
-        """From a socket's peername; '?' when the socket is already gone."""
-        if not peername:
-            return cls("?", 0)
-        return cls(str(peername[0]), int(peername[1]))
-
-    @classmethod
-    def parse(cls, text: str) -> Address:
-        """HOST:PORT or [V6]:PORT; ValueError names the text."""
-        host, _, port = text.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"{text!r} is not HOST:PORT")
-        return cls(host.strip("[]"), int(port))
 
 
 def _algorithm(value: Any) -> str:
