@@ -31,7 +31,8 @@ from .. import wire
 from ..engine import Config, Role
 from ..errors import ErrorCode, IsclError
 from ..keyholder.base import KeyHolder
-from .bridge import DEFAULT_HANDSHAKE_TIMEOUT, IsclBridge
+from ..transport.aio import HANDSHAKE_TIMEOUT
+from .bridge import IsclBridge
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class LinkSettings:
 
     key_holder: KeyHolder = field(repr=False)
     config: Config | None = None
-    timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT
+    timeout: float | None = HANDSHAKE_TIMEOUT
 
 
 class AssociationRefusedError(IsclError):
@@ -70,7 +71,7 @@ def associate(
     *,
     key_holder: KeyHolder,
     config: Config | None = None,
-    timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    timeout: float | None = HANDSHAKE_TIMEOUT,
     **kwargs: Any,
 ) -> Association:
     """Request an association with ``ae`` over an ISCL link; ``kwargs`` go to ``ae.associate``.
@@ -219,7 +220,7 @@ def start_scp(
     *,
     key_holder: KeyHolder,
     config: Config | None = None,
-    timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    timeout: float | None = HANDSHAKE_TIMEOUT,
     evt_handlers: list[Any] | None = None,
     ae_title: str | None = None,
     contexts: list[Any] | None = None,

@@ -27,8 +27,6 @@ from ..transport.relay import Address, Link, LinkRecord
 
 LOGGER = logging.getLogger(__name__)
 
-DEFAULT_HANDSHAKE_TIMEOUT = aio.HANDSHAKE_TIMEOUT
-
 
 class IsclBridge:
     """One ISCL link on a connected TCP socket, relayed to :attr:`app_socket`.
@@ -46,7 +44,7 @@ class IsclBridge:
         *,
         key_holder: KeyHolder,
         config: Config | None = None,
-        timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        timeout: float | None = aio.HANDSHAKE_TIMEOUT,
         peer: str | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -108,4 +106,4 @@ class IsclBridge:
             self._done.set()
 
 
-__all__ = ["DEFAULT_HANDSHAKE_TIMEOUT", "IsclBridge"]
+__all__ = ["IsclBridge"]

@@ -23,8 +23,8 @@ from pynetdicom.status import code_to_category
 
 from ..engine import Config
 from ..keyholder.base import KeyHolder
+from ..transport.aio import HANDSHAKE_TIMEOUT
 from .association import associate, link_of
-from .bridge import DEFAULT_HANDSHAKE_TIMEOUT
 
 MAX_CONTEXTS = 128
 """Presentation contexts one association may propose (PS3.8: context ids 1..255, odd)."""
@@ -119,7 +119,7 @@ def store_files(
     *,
     key_holder: KeyHolder,
     config: Config | None = None,
-    timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    timeout: float | None = HANDSHAKE_TIMEOUT,
     called_ae: str = "ANY-SCP",
     on_sent: Callable[[Sent], None] = lambda sent: None,
 ) -> list[Sent]:
