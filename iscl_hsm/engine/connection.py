@@ -637,8 +637,7 @@ class Connection:
         """
         assert self._schedule is not None
         suite = self._suite()
-        link = suite.needs_keys and not self._schedule.derived(suite) and suite.key_id != wire.SESSION_KEYS
-        blocks = self._schedule.link_blocks(suite) if link else []
+        blocks = self._schedule.link_blocks(suite)
         if self._fin_key is None and blocks and suite.key_id == self._pair_id:
             first, *rest = self._holder.derive_keys(self._pair_id, [finished_block(self._rs), *blocks])
             self._fin_key = first
@@ -656,8 +655,7 @@ class Connection:
     def _ready(self) -> LinkReady:
         self._state = State.READY
         assert self._schedule is not None
-        suite = self._suite()
-        if suite.needs_keys and suite.key_id != wire.SESSION_KEYS and not self._schedule.derived(suite):
+        if self._schedule.link_blocks(self._suite()):
             self._deferred = self._derive_ahead  # (if prepare() has not run since the last pass)
         self.parameters = LinkParameters(
             version=wire.VERSION.decode(),

@@ -106,8 +106,8 @@ class KeySchedule:
             assert random is not None
             blocks = self._blocks(client_to_server, suite.mac, random)
             return self._message_keys(self._holder.derive_keys(self._pair_id, blocks))
-        if not self.derived(suite):  # a link's suite never changes, so neither does what it needs
-            self.store(suite, self._holder.derive_keys(suite.key_id, self.link_blocks(suite)))
+        if blocks := self.link_blocks(suite):  # a link's suite never changes, nor what it needs
+            self.store(suite, self._holder.derive_keys(suite.key_id, blocks))
         return self._cache[client_to_server, suite.key_id]
 
     def derived(self, suite: Suite) -> bool:
@@ -117,7 +117,12 @@ class KeySchedule:
         return all((c2s, suite.key_id) in self._cache for c2s in (True, False))
 
     def link_blocks(self, suite: Suite) -> list[bytes]:
-        """The derivation blocks of a fixed-key link, both directions (client to server first)."""
+        """The derivation blocks a fixed-key link still needs, both directions (client to server first).
+
+        None when the suite needs no keys, uses unique session keys, or has them derived already.
+        """
+        if not suite.needs_keys or suite.key_id == wire.SESSION_KEYS or self.derived(suite):
+            return []
         return [*self._blocks(True, suite.mac, ZERO_IV), *self._blocks(False, suite.mac, ZERO_IV)]
 
     def store(self, suite: Suite, keys: Sequence[RecordKey]) -> None:
