@@ -135,10 +135,7 @@ class IsclStream:
         """
         self._raise_failure()
         async with self._lock:
-            if self._conn.may_block or size >= OFFLOAD_BYTES:
-                result, wrote = await asyncio.to_thread(self._step, self._threadsafe_write, fn, *args)
-            else:
-                result, wrote = self._step(self._writer.write, fn, *args)
+            result, wrote = await self._engine(size >= OFFLOAD_BYTES, lambda write: self._step(write, fn, *args))
         if wrote:  # (draining a writer the pump has closed would raise)
             await self._writer.drain()
         return result
@@ -152,6 +149,12 @@ class IsclStream:
         self._conn.prepare()
         return result, bool(out)
 
+    async def _engine(self, bulky: bool, work: Callable[[Write], T]) -> T:
+        """``work(write)`` in a worker thread if it may block or is ``bulky``, else on the event loop."""
+        if bulky or self._conn.may_block:
+            return await asyncio.to_thread(work, self._threadsafe_write)
+        return work(self._writer.write)
+
     def _threadsafe_write(self, data: bytes) -> None:
         """Write from a worker thread: queued on the loop ahead of the thread's own completion."""
         self._loop.call_soon_threadsafe(self._writer.write, data)
@@ -160,10 +163,7 @@ class IsclStream:
         """Write the rest of an outgoing message, :data:`FLUSH_BYTES` at a time."""
         while True:
             async with self._lock:
-                if bulky or self._conn.may_block:
-                    wrote = await asyncio.to_thread(self._seal_some, self._threadsafe_write)
-                else:
-                    wrote = self._seal_some(self._writer.write)
+                wrote = await self._engine(bulky, self._seal_some)
             if not wrote:
                 return
             await self._writer.drain()
