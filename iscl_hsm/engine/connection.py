@@ -152,6 +152,11 @@ deciphering while the sender still enciphers, enough to keep per-call overhead s
 _BLOCK_HEAD = struct.Struct(">4xIII")
 """MessageId, DataLength and Option of a header, for the data-block fast path."""
 
+_SEAL_AHEAD_BYTES = 32 * 1024
+"""How much of a requested message is sealed before the peer accepts it (see ``_seal_ahead``). Enough
+to cover the acceptance's round trip; more would make the receiver wait that much longer for the
+first block whenever it was idle (as it is at the start of every DICOM object)."""
+
 _DECIPHER_BATCH = 4 * 8 * 1024
 """Received ciphertext deciphered in one call once this much has accumulated."""
 
@@ -194,7 +199,7 @@ class Connection:
         self._pending: bytes | None = None  # sent RQ, waiting for RP (and RNDNO_RP)
         self._pending_random: bytes | None = None
         self._sealer: Sealer | None = None
-        self._sealed_ahead: tuple[Chain, bytes] | None = None  # the pending message, see _seal_ahead()
+        self._sealed_ahead: tuple[Sealer, bytes] | None = None  # the pending message's start, see _seal_ahead()
         self._close_wanted = False
         self._incoming: Suite | None = None  # accepted RQ, waiting for RNDNO_RQ
         self._incoming_length = 0
@@ -727,22 +732,29 @@ class Connection:
         assert data is not None
         self._pending = None
         if self._sealed_ahead is not None:
-            self._send_chain, frames = self._sealed_ahead
+            sealer, frames = self._sealed_ahead
             self._sealed_ahead = None
+            self._send_chain = sealer.chain  # adopt the copy the first blocks were sealed on
             self._out.append(frames)
-            self._start_next_message()
         else:
             keys = self._keys(True, suite, random)
-            self._sealer = Sealer(suite, keys, self._send_chain, data, self._block_length)
+            sealer = Sealer(suite, keys, self._send_chain, data, self._block_length)
+        if sealer.done:
+            self._start_next_message()
+        else:
+            self._sealer = sealer
         return [MessageSent(len(data))]
 
     def _seal_ahead(self) -> None:
-        """Seal the requested message while the peer has yet to accept it, on a copy of the chain.
+        """Seal the start of the requested message while the peer has yet to accept it.
 
         The receiver answers a request only once it has worked through every block before it, so
-        without this the sender would idle for that long on every message. The frames are used
-        if the peer accepts, and dropped (the chain unmoved) if it refuses. Unique session keys
-        depend on a random number sent after the acceptance, so those messages are sealed then.
+        without this the sender would idle for that long on every message. Only the first
+        :data:`_SEAL_AHEAD_BYTES` are sealed here, on a copy of the chain: the receiver is then at
+        most that far behind, and the rest of the message streams out (sealed a batch at a time)
+        while the receiver deciphers what came before. The copy is adopted if the peer accepts and
+        dropped (the chain unmoved) if it refuses. Unique session keys depend on a random number
+        sent after the acceptance, so those messages are sealed then.
         """
         suite = self._suite()
         if self._pending is None or self._sealed_ahead is not None or suite.key_id == wire.SESSION_KEYS:
@@ -751,11 +763,8 @@ class Connection:
             keys = self._keys(True, suite, None)
         except KeyHolderError:
             return  # reported when the message is sealed after all, once the peer has accepted it
-        chain = self._send_chain.copy()
-        sealer = Sealer(suite, keys, chain, self._pending, self._block_length)
-        frames = sealer.next_frames(-(-len(self._pending) // self._block_length))  # all blocks, one pass
-        assert sealer.done
-        self._sealed_ahead = (chain, frames)
+        sealer = Sealer(suite, keys, self._send_chain.copy(), self._pending, self._block_length)
+        self._sealed_ahead = (sealer, sealer.next_frames(max(1, _SEAL_AHEAD_BYTES // self._block_length)))
 
     def _keys(self, outbound: bool, suite: Suite, random: bytes | None) -> MessageKeys | None:
         if not suite.needs_keys:

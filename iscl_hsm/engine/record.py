@@ -208,7 +208,8 @@ class Sealer:
     ) -> None:
         self._suite = suite
         self._keys = keys
-        self._chain = chain
+        self.chain = chain
+        """The CBC chain this message moves (a copy of the link's while it is sealed ahead)."""
         self._data = memoryview(data)
         self._block = block
         self._offset = 0
@@ -226,7 +227,7 @@ class Sealer:
             wire_bytes: bytes | memoryview = chunk
             if self._suite.encryption is Encryption.DES_CBC:
                 assert self._keys is not None
-                wire_bytes = memoryview(self._chain.encrypt(self._keys.cipher, pad_zero(chunk)))
+                wire_bytes = memoryview(self.chain.encrypt(self._keys.cipher, pad_zero(chunk)))
             for i in range(0, len(wire_bytes), self._block):
                 piece = wire_bytes[i : i + self._block]
                 parts += (wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, len(piece)).encode(), piece)
@@ -238,8 +239,8 @@ class Sealer:
         mac = self._mac.digest()
         if mac:
             assert self._keys is not None
-            mac = self._chain.encrypt(self._keys.cipher, mac)
-        self._chain.sequence += 1
+            mac = self.chain.encrypt(self._keys.cipher, mac)
+        self.chain.sequence += 1
         self.done = True
         return wire.frame(wire.MessageId.MAC_TRANSMISSION_NOTIF, mac)
 

@@ -516,6 +516,49 @@ def test_a_refused_message_sealed_ahead_leaves_the_chain_where_it_was() -> None:
     assert received(got.server) == [b"short"]
 
 
+LONG = 256 * 1024  # far more than the engine seals before the peer accepts
+
+
+@pytest.mark.parametrize(("encryption", "mac"), itertools.product(ENCRYPTIONS, MACS))
+def test_a_message_longer_than_its_sealed_ahead_start_streams_out_and_verifies(encryption: Encryption, mac: Mac) -> None:
+    config = Config(encryption=encryption, mac=mac, max_message=1 << 20)
+    p = ConnectionPair(config, config, prepare=True)
+    p.handshake()
+    messages = [payload(n, seed) for seed, n in enumerate((2 * LONG + 77, LONG, 5, LONG + 1))]
+    for m in messages:
+        p.client.send_message(m)
+    assert received(p.pump().server) == messages
+
+
+def test_only_the_start_of_a_long_message_is_sealed_before_the_peer_accepts() -> None:
+    """The rest is sealed a batch at a time after the acceptance, so the receiver trails by little."""
+    p = ConnectionPair(Config(max_message=1 << 20), Config(max_message=1 << 20), prepare=True)
+    p.handshake()
+    message = payload(3 * LONG, 1)
+    p.client.send_message(message)
+    p.server.receive_data(p.client.data_to_send())  # the request
+    p.client.prepare()  # seals ahead while the server decides
+    p.client.receive_data(p.server.data_to_send())  # the acceptance
+    first = p.client.data_to_send()
+    assert 0 < len(first) < LONG
+    sent = [first]
+    while out := p.client.data_to_send():
+        sent.append(out)
+    assert len(sent) > 3
+    events = p.server.receive_data(b"".join(sent))
+    assert received(events) == [message]
+
+
+def test_a_refused_long_message_sealed_ahead_leaves_the_chain_where_it_was() -> None:
+    p = ConnectionPair(Config(max_message=LONG), Config(max_message=1 << 20), prepare=True)
+    p.handshake()
+    p.client.send_message(payload(2 * LONG, 2))  # refused: longer than the server takes
+    p.client.send_message(b"next")
+    got = p.pump()
+    assert got.client == [MessageRefused(110, 2 * LONG, LONG), MessageSent(4)]
+    assert received(got.server) == [b"next"]
+
+
 # --- states --------------------------------------------------------------------------------------
 
 
