@@ -1,10 +1,12 @@
 """An asyncio ISCL link over reader/writer streams.
 
 Engine calls that may wait on a token or a card (the handshake, unique session keys, record keys
-kept in a token) run in a worker thread, and so does record protection of at least
-:data:`OFFLOAD_BYTES` at a time, whose DES and MD5 release the GIL and can use another core. Small
-record work runs on the event loop, where a thread hop would cost more than the work. One lock per
-link keeps engine calls and the writes of their output in order.
+kept in a token) run in a worker thread. Record protection runs on the event loop, in steps of at
+most :data:`~iscl_hsm.transport.common.READ_SIZE` bytes in and :data:`FLUSH_BYTES` out: a step is a
+few milliseconds of DES at most, so other links on the loop wait little, and a busy link goes
+without the thread hand-over per step that (on a machine whose cores are all busy) costs a
+scheduling delay each time, which once cost the gateway a fifth of its DES rate. One lock per link
+keeps engine calls and the writes of their output in order.
 """
 
 from __future__ import annotations
@@ -35,10 +37,8 @@ from .common import READ_SIZE, Address, MessageRefusedError, refused_error
 
 T = TypeVar("T")
 
-OFFLOAD_BYTES = 64 * 1024
-"""Record work on at least this many bytes goes to a worker thread even when it cannot block."""
-FLUSH_BYTES = 256 * 1024
-"""Sealed output produced per engine visit before the writer is drained."""
+FLUSH_BYTES = 64 * 1024
+"""Sealed output produced per engine visit before the writer is drained (a step's length, see above)."""
 
 Write = Callable[[bytes], None]
 
@@ -85,11 +85,11 @@ class IsclStream:
 
     async def send(self, data: bytes) -> None:
         """Send one secured message; raises :class:`MessageRefusedError` on NAK."""
-        await self._call(self._conn.send_message, data, size=len(data))  # (prepare() seals it ahead)
+        await self._call(self._conn.send_message, data)  # (prepare() seals its start ahead)
         outcome = await self._next_outcome()
         if isinstance(outcome, MessageRefused):
             raise refused_error(outcome)
-        await self._flush_all(bulky=len(data) >= OFFLOAD_BYTES)
+        await self._flush_all()
 
     async def send_non_secure(self, data: bytes) -> None:
         await self._call(self._conn.send_non_secure, data)
@@ -128,14 +128,11 @@ class IsclStream:
         self._conn.close()
         return True
 
-    async def _call(self, fn: Callable[..., T], *args: Any, size: int = 0) -> T:
-        """One engine call, the output it produced and the work it deferred, in order.
-
-        ``size`` is the amount of record data the call handles; see :data:`OFFLOAD_BYTES`.
-        """
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """One engine call, the output it produced and the work it deferred, in order."""
         self._raise_failure()
         async with self._lock:
-            result, wrote = await self._engine(size >= OFFLOAD_BYTES, lambda write: self._step(write, fn, *args))
+            result, wrote = await self._engine(lambda write: self._step(write, fn, *args))
         if wrote:  # (draining a writer the pump has closed would raise)
             await self._writer.drain()
         return result
@@ -149,9 +146,9 @@ class IsclStream:
         self._conn.prepare()
         return result, bool(out)
 
-    async def _engine(self, bulky: bool, work: Callable[[Write], T]) -> T:
-        """``work(write)`` in a worker thread if it may block or is ``bulky``, else on the event loop."""
-        if bulky or self._conn.may_block:
+    async def _engine(self, work: Callable[[Write], T]) -> T:
+        """``work(write)`` in a worker thread if it may wait on the key holder, else on the event loop."""
+        if self._conn.may_block:
             return await asyncio.to_thread(work, self._threadsafe_write)
         return work(self._writer.write)
 
@@ -159,11 +156,11 @@ class IsclStream:
         """Write from a worker thread: queued on the loop ahead of the thread's own completion."""
         self._loop.call_soon_threadsafe(self._writer.write, data)
 
-    async def _flush_all(self, *, bulky: bool) -> None:
+    async def _flush_all(self) -> None:
         """Write the rest of an outgoing message, :data:`FLUSH_BYTES` at a time."""
         while True:
             async with self._lock:
-                wrote = await self._engine(bulky, self._seal_some)
+                wrote = await self._engine(self._seal_some)
             if not wrote:
                 return
             await self._writer.drain()
@@ -192,7 +189,7 @@ class IsclStream:
         try:
             while True:
                 data = await self._reader.read(READ_SIZE)
-                events = await self._call(self._conn.receive_data, data, size=len(data))
+                events = await self._call(self._conn.receive_data, data)
                 for event in events:
                     if isinstance(event, LinkReady):
                         self._ready.set_result(event.parameters)

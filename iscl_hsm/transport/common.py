@@ -8,7 +8,7 @@ from typing import Any
 from ..engine import MessageRefused
 from ..errors import ErrorCode, IsclError
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024
 """Bytes read from the socket at a time: several communication blocks per engine call."""
 
 
