@@ -42,7 +42,7 @@ from enum import Enum, auto
 from .. import wire
 from ..errors import ErrorCode, IsclError, KeyHolderError, LocalProtocolError, RemoteProtocolError
 from ..keyholder.base import KEY_INDEXES, KeyHolder, RecordKey
-from ..wire import Encryption, Mac, MessageId
+from ..wire import MessageId
 from .config import Config, Role
 from .events import (
     Closed,
@@ -210,6 +210,15 @@ class Connection:
     # --- public API ---------------------------------------------------------------------------
 
     @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        self._outbound_suite = Suite(config.encryption, config.enc_key_id, config.mac)  # what our messages use
+
+    @property
     def state(self) -> State:
         return self._state
 
@@ -323,7 +332,7 @@ class Connection:
             return True
         if self._state not in (State.READY, State.CLOSING):
             return False
-        suite = self._suite()
+        suite = self._outbound_suite
         if not suite.needs_keys:
             return False
         assert self._schedule is not None
@@ -641,7 +650,7 @@ class Connection:
         default: key 1 authenticates and encrypts) come from one call.
         """
         assert self._schedule is not None
-        suite = self._suite()
+        suite = self._outbound_suite
         blocks = self._schedule.link_blocks(suite)
         if self._fin_key is None and blocks and suite.key_id == self._pair_id:
             first, *rest = self._holder.derive_keys(self._pair_id, [finished_block(self._rs), *blocks])
@@ -660,7 +669,7 @@ class Connection:
     def _ready(self) -> LinkReady:
         self._state = State.READY
         assert self._schedule is not None
-        if self._schedule.link_blocks(self._suite()):
+        if self._schedule.link_blocks(self._outbound_suite):
             self._deferred = self._derive_ahead  # (if prepare() has not run since the last pass)
         self.parameters = LinkParameters(
             version=wire.VERSION.decode(),
@@ -687,16 +696,12 @@ class Connection:
                 ErrorCode.BAD_STATE, f"cannot {what}: the link is {self._state.name.lower()}"
             )
 
-    def _suite(self) -> Suite:
-        c = self.config
-        return Suite(Encryption(c.encryption), c.enc_key_id, Mac(c.mac))
-
     def _start_next_message(self) -> None:
         if not self._queue:
             self._maybe_send_close()
             return
         data = self._queue.popleft()
-        suite = self._suite()
+        suite = self._outbound_suite
         self._pending = data
         self._send(
             MessageId.MESSAGE_TRANSMISSION_RQ,
@@ -712,7 +717,7 @@ class Connection:
             self._pending = self._sealed_ahead = None
             self._start_next_message()
             return [MessageRefused(header.err_no or rp.result, len(data), rp.max_length)]
-        suite = self._suite()
+        suite = self._outbound_suite
         if suite.key_id == wire.SESSION_KEYS:
             self._pending_random = self._random(8)
             self._send(MessageId.RNDNO_FOR_SESSION_KEY_RQ, wire.RandomNumberRq(self._pending_random).encode())
@@ -725,7 +730,7 @@ class Connection:
             raise _unexpected(MessageId.RNDNO_FOR_SESSION_KEY_RP, "no random number was sent")
         self._check_ack(header, status, "the session-key random number")
         random, self._pending_random = self._pending_random, None
-        return self._seal(self._suite(), random)
+        return self._seal(self._outbound_suite, random)
 
     def _seal(self, suite: Suite, random: bytes | None) -> list[Event]:
         data = self._pending
@@ -756,7 +761,7 @@ class Connection:
         dropped (the chain unmoved) if it refuses. Unique session keys depend on a random number
         sent after the acceptance, so those messages are sealed then.
         """
-        suite = self._suite()
+        suite = self._outbound_suite
         if self._pending is None or self._sealed_ahead is not None or suite.key_id == wire.SESSION_KEYS:
             return
         try:
@@ -778,7 +783,7 @@ class Connection:
         rq = wire.TransmissionRq.decode(payload)
         if self._incoming is not None or self._opener is not None:
             raise _unexpected(MessageId.MESSAGE_TRANSMISSION_RQ, "the previous message is unfinished")
-        mine = self._suite()
+        mine = self._outbound_suite
         code: ErrorCode | None = None
         if (rq.encryption, rq.key_id, rq.mac) != (mine.encryption, mine.key_id, mine.mac):
             code = ErrorCode.TRANSMISSION_MISMATCH

@@ -114,7 +114,7 @@ class KeySchedule:
         """True when no message under ``suite`` needs the key holder any more (keys cached both ways)."""
         if suite.key_id == wire.SESSION_KEYS:
             return False
-        return all((c2s, suite.key_id) in self._cache for c2s in (True, False))
+        return (True, suite.key_id) in self._cache and (False, suite.key_id) in self._cache
 
     def link_blocks(self, suite: Suite) -> list[bytes]:
         """The derivation blocks a fixed-key link still needs, both directions (client to server first).
@@ -212,6 +212,7 @@ class Sealer:
         """The CBC chain this message moves (a copy of the link's while it is sealed ahead)."""
         self._data = memoryview(data)
         self._block = block
+        self._full_block_header = wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, block).encode()
         self._offset = 0
         self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, len(data)))
         self.done = False
@@ -230,7 +231,9 @@ class Sealer:
                 wire_bytes = memoryview(self.chain.encrypt(self._keys.cipher, pad_zero(chunk)))
             for i in range(0, len(wire_bytes), self._block):
                 piece = wire_bytes[i : i + self._block]
-                parts += (wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, len(piece)).encode(), piece)
+                header = self._full_block_header if len(piece) == self._block else (
+                    wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, len(piece)).encode())
+                parts += (header, piece)
         if self._offset >= len(self._data):
             parts.append(self._mac_frame())
         return b"".join(parts)
