@@ -153,9 +153,18 @@ _BLOCK_HEAD = struct.Struct(">4xIII")
 """MessageId, DataLength and Option of a header, for the data-block fast path."""
 
 _SEAL_AHEAD_BYTES = 32 * 1024
-"""How much of a requested message is sealed before the peer accepts it (see ``_seal_ahead``). Enough
-to cover the acceptance's round trip; more would make the receiver wait that much longer for the
-first block whenever it was idle (as it is at the start of every DICOM object)."""
+"""How much of a requested message :meth:`Connection.prepare` seals before the peer accepts it (see
+:meth:`Connection.seal_ahead`). Enough to cover the acceptance's round trip; more, sealed in one go,
+would make the receiver wait that much longer for the first block whenever it was idle (as it is at
+the start of every DICOM object)."""
+
+_SEAL_AHEAD_STEP = 16 * 1024
+"""What each further :meth:`Connection.seal_ahead` call seals: little, so that a transport calling it
+until the acceptance arrives sends the sealed blocks soon after."""
+
+_SEAL_AHEAD_LIMIT = 256 * 1024
+"""The most of one message :meth:`Connection.seal_ahead` seals before the peer accepts it: bounds the
+memory held by sealed frames that may yet be dropped (when the peer refuses)."""
 
 _DECIPHER_BATCH = 4 * 8 * 1024
 """Received ciphertext deciphered in one call once this much has accumulated."""
@@ -199,7 +208,8 @@ class Connection:
         self._pending: bytes | None = None  # sent RQ, waiting for RP (and RNDNO_RP)
         self._pending_random: bytes | None = None
         self._sealer: Sealer | None = None
-        self._sealed_ahead: tuple[Sealer, bytes] | None = None  # the pending message's start, see _seal_ahead()
+        self._sealed_ahead: tuple[Sealer, list[bytes]] | None = None  # the pending message's start, see seal_ahead()
+        self._sealed_out = False  # _out holds blocks sealed ahead, just accepted
         self._close_wanted = False
         self._incoming: Suite | None = None  # accepted RQ, waiting for RNDNO_RQ
         self._incoming_length = 0
@@ -261,8 +271,14 @@ class Connection:
             raise
 
     def data_to_send(self) -> bytes:
-        """Bytes for the peer: control messages first, then the next blocks of an outgoing message."""
-        if self._sealer is not None and self._state is not State.ERROR:
+        """Bytes for the peer: control messages first, then the next blocks of an outgoing message.
+
+        Blocks sealed ahead of the peer's acceptance go out on their own, without a further batch
+        sealed first: the peer is waiting for them.
+        """
+        if self._sealed_out:
+            self._sealed_out = False
+        elif self._sealer is not None and self._state is not State.ERROR:
             self._out.append(self._sealer.next_frames(_OUTBOUND_BATCH))
             if self._sealer.done:
                 self._sealer = None
@@ -319,7 +335,8 @@ class Connection:
         if work is not None:
             with suppress(KeyHolderError):
                 work()
-        self._seal_ahead()
+        if self._sealed_ahead is None:
+            self.seal_ahead()
 
     @property
     def may_block(self) -> bool:
@@ -740,7 +757,8 @@ class Connection:
             sealer, frames = self._sealed_ahead
             self._sealed_ahead = None
             self._send_chain = sealer.chain  # adopt the copy the first blocks were sealed on
-            self._out.append(frames)
+            self._out += frames
+            self._sealed_out = True
         else:
             keys = self._keys(True, suite, random)
             sealer = Sealer(suite, keys, self._send_chain, data, self._block_length)
@@ -750,26 +768,35 @@ class Connection:
             self._sealer = sealer
         return [MessageSent(len(data))]
 
-    def _seal_ahead(self) -> None:
-        """Seal the start of the requested message while the peer has yet to accept it.
+    def seal_ahead(self) -> bool:
+        """Seal more of the requested message while the peer has yet to accept it; False if nothing was.
 
         The receiver answers a request only once it has worked through every block before it, so
-        without this the sender would idle for that long on every message. Only the first
-        :data:`_SEAL_AHEAD_BYTES` are sealed here, on a copy of the chain: the receiver is then at
-        most that far behind, and the rest of the message streams out (sealed a batch at a time)
-        while the receiver deciphers what came before. The copy is adopted if the peer accepts and
+        without this the sender would idle for that long on every message. :meth:`prepare` seals the
+        first :data:`_SEAL_AHEAD_BYTES`: the receiver is then at most that far behind, and the rest
+        streams out a batch at a time while the receiver deciphers what came before. A transport
+        that can tell whether the answer has arrived calls this until it has, or until this returns
+        False: each call seals a little more, up to :data:`_SEAL_AHEAD_LIMIT`, so the sender works
+        instead of waiting. Sealing runs on a copy of the chain, adopted if the peer accepts and
         dropped (the chain unmoved) if it refuses. Unique session keys depend on a random number
         sent after the acceptance, so those messages are sealed then.
         """
         suite = self._outbound_suite
-        if self._pending is None or self._sealed_ahead is not None or suite.key_id == wire.SESSION_KEYS:
-            return
-        try:
-            keys = self._keys(True, suite, None)
-        except KeyHolderError:
-            return  # reported when the message is sealed after all, once the peer has accepted it
-        sealer = Sealer(suite, keys, self._send_chain.copy(), self._pending, self._block_length)
-        self._sealed_ahead = (sealer, sealer.next_frames(max(1, _SEAL_AHEAD_BYTES // self._block_length)))
+        if self._pending is None or suite.key_id == wire.SESSION_KEYS or self._state is State.ERROR:
+            return False
+        if self._sealed_ahead is None:
+            try:
+                keys = self._keys(True, suite, None)
+            except KeyHolderError:
+                return False  # reported when the message is sealed after all, once the peer has accepted it
+            sealer = Sealer(suite, keys, self._send_chain.copy(), self._pending, self._block_length)
+            self._sealed_ahead = (sealer, [sealer.next_frames(max(1, _SEAL_AHEAD_BYTES // self._block_length))])
+            return True
+        sealer, frames = self._sealed_ahead
+        if sealer.done or sealer.offset >= _SEAL_AHEAD_LIMIT:
+            return False
+        frames.append(sealer.next_frames(max(1, _SEAL_AHEAD_STEP // self._block_length)))
+        return True
 
     def _keys(self, outbound: bool, suite: Suite, random: bytes | None) -> MessageKeys | None:
         if not suite.needs_keys:

@@ -217,6 +217,11 @@ class Sealer:
         self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, len(data)))
         self.done = False
 
+    @property
+    def offset(self) -> int:
+        """Bytes of the message sealed so far."""
+        return self._offset
+
     def next_frames(self, max_blocks: int) -> bytes:
         """Up to ``max_blocks`` MESSAGE_TRANSMISSION_NOTIFs; after the last, the MAC_TRANSMISSION_NOTIF."""
         parts: list[bytes | memoryview] = []

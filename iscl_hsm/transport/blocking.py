@@ -6,6 +6,7 @@ calls, so one thread can both send and receive.
 
 from __future__ import annotations
 
+import select
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +43,8 @@ class IsclSocket:
         self._conn = conn
         self._inbox: deque[Event] = deque()
         self._failure: IsclError | None = None  # raised once the messages before it are taken
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self.parameters: LinkParameters | None = None
 
     @classmethod
@@ -157,6 +160,8 @@ class IsclSocket:
     def _read_events(self) -> None:
         if self._failure is not None:
             raise self._failure
+        while not self._poll.poll(0) and self._guard(self._conn.seal_ahead):
+            pass  # the sender keeps sealing its requested message until the peer's answer arrives
         data = self._sock.recv(READ_SIZE)
         try:
             events = self._guard(self._conn.receive_data, data)

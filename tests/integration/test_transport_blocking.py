@@ -312,8 +312,13 @@ def test_a_dropped_line_is_connection_lost(
 # --- refused messages -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("length", "server_max"),
+    [(1001, 1000), (3 << 20, 1 << 20)],  # the second is sealed ahead in steps while the refusal is on its way
+    ids=["short", "long"],
+)
 def test_a_message_longer_than_the_peer_accepts_is_refused_and_the_link_survives(
-    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], length: int, server_max: int
 ) -> None:
     def server_script(link: IsclSocket) -> tuple[bytes | None, Any]:
         got = link.recv()
@@ -322,20 +327,25 @@ def test_a_message_longer_than_the_peer_accepts_is_refused_and_the_link_survives
 
     def client_script(link: IsclSocket) -> MessageRefusedError:
         with pytest.raises(MessageRefusedError) as caught:
-            link.send(bytes(1001))
-        link.send(b"x" * 1000)
+            link.send(bytes(length))
+        link.send(b"x" * server_max)
         link.close()
         return caught.value
 
     server, client = run_link(
-        holders(hospitals.a), holders(hospitals.b), server_script, client_script, Config(max_message=1000)
+        holders(hospitals.a),
+        holders(hospitals.b),
+        server_script,
+        client_script,
+        Config(max_message=server_max),
+        Config(max_message=4 << 20),
     )
     got, peer_request = server.get()
-    assert got == b"x" * 1000
-    assert peer_request.length == 1001  # what the server refused (GetPeer...ISCL in the SDK)
+    assert got == b"x" * server_max
+    assert peer_request.length == length  # what the server refused (GetPeer...ISCL in the SDK)
     refused = client.get()
     assert refused.code is ErrorCode.PEER_LENGTH_TOO_SMALL
-    assert (refused.length, refused.peer_max_length) == (1001, 1000)
+    assert (refused.length, refused.peer_max_length) == (length, server_max)
 
 
 def test_a_message_longer_than_this_end_allows_is_refused_locally_and_the_link_survives(

@@ -24,6 +24,7 @@ from iscl_hsm.engine import (
     Role,
     State,
 )
+from iscl_hsm.engine.connection import _SEAL_AHEAD_LIMIT, _SEAL_AHEAD_STEP
 from iscl_hsm.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from iscl_hsm.keyholder.base import Buffer, RecordKey
 from iscl_hsm.keyholder.memory import MemoryKeyHolder
@@ -34,6 +35,7 @@ from tests.helpers import (
     OTHER_KEY,
     ConnectionPair,
     assert_no_secrets,
+    frames_of,
     make_holder,
     other,
     split_frames,
@@ -556,6 +558,81 @@ def test_a_refused_long_message_sealed_ahead_leaves_the_chain_where_it_was() -> 
     p.client.send_message(b"next")
     got = p.pump()
     assert got.client == [MessageRefused(110, 2 * LONG, LONG), MessageSent(4)]
+    assert received(got.server) == [b"next"]
+
+
+def request_awaiting_acceptance(p: ConnectionPair, *messages: bytes) -> None:
+    """Queue ``messages`` at the client and let the server answer the first request, unread as yet."""
+    for message in messages:
+        p.client.send_message(message)
+    p.server.receive_data(p.client.data_to_send())
+    p.client.prepare()
+
+
+def seal_ahead_until_done(conn: Connection) -> int:
+    """Call seal_ahead() as a transport does while the acceptance is still on its way; the calls that sealed."""
+    calls = 0
+    while conn.seal_ahead():
+        calls += 1
+    return calls
+
+
+def data_sent_in(stream: bytes) -> int:
+    return sum(len(f.payload) for f in frames_of(split_frames(stream), MessageId.MESSAGE_TRANSMISSION_NOTIF))
+
+
+@pytest.mark.parametrize(("encryption", "mac"), itertools.product(ENCRYPTIONS, MACS))
+def test_sealing_ahead_until_the_acceptance_stops_at_its_limit_and_the_message_verifies(
+    encryption: Encryption, mac: Mac
+) -> None:
+    config = Config(encryption=encryption, mac=mac, max_message=1 << 20)
+    p = ConnectionPair(config, config, prepare=True)
+    p.handshake()
+    message = payload(3 * LONG, 4)
+    request_awaiting_acceptance(p, message)
+    assert seal_ahead_until_done(p.client) > 0
+    p.client.receive_data(p.server.data_to_send())  # the acceptance
+    first = p.client.data_to_send()
+    # What was sealed ahead goes out at once, nothing sealed after it: the receiver is waiting.
+    assert _SEAL_AHEAD_LIMIT <= data_sent_in(first) < _SEAL_AHEAD_LIMIT + _SEAL_AHEAD_STEP
+    rest = b"".join(iter(p.client.data_to_send, b""))
+    assert received(p.server.receive_data(first + rest)) == [message]
+
+
+def test_a_short_message_sealed_whole_ahead_goes_out_whole_with_the_next_request() -> None:
+    p = ConnectionPair(prepare=True)
+    p.handshake()
+    request_awaiting_acceptance(p, b"short", b"next")
+    assert not p.client.seal_ahead()  # prepare() sealed all of it, the MAC included
+    p.client.receive_data(p.server.data_to_send())
+    out = p.client.data_to_send()
+    assert [f.message_id for f in split_frames(out)] == [
+        MessageId.MESSAGE_TRANSMISSION_NOTIF,
+        MessageId.MAC_TRANSMISSION_NOTIF,
+        MessageId.MESSAGE_TRANSMISSION_RQ,
+    ]
+    assert received(p.server.receive_data(out)) == [b"short"]
+
+
+def test_nothing_is_sealed_ahead_without_a_request_nor_under_unique_session_keys() -> None:
+    """A session key depends on the random number sent after the acceptance."""
+    config = Config(enc_key_id=wire.SESSION_KEYS, max_message=1 << 20)
+    p = ConnectionPair(config, config, prepare=True)
+    p.handshake()
+    assert not p.client.seal_ahead()
+    message = payload(LONG, 6)
+    request_awaiting_acceptance(p, message)
+    assert not p.client.seal_ahead()
+    assert received(p.pump().server) == [message]
+
+
+def test_a_message_refused_after_sealing_ahead_to_the_limit_leaves_the_chain_where_it_was() -> None:
+    p = ConnectionPair(Config(max_message=LONG), Config(max_message=1 << 20), prepare=True)
+    p.handshake()
+    request_awaiting_acceptance(p, payload(3 * LONG, 5), b"next")
+    assert seal_ahead_until_done(p.client) > 0
+    got = p.pump()
+    assert got.client == [MessageRefused(110, 3 * LONG, LONG), MessageSent(4)]
     assert received(got.server) == [b"next"]
 
 
