@@ -27,6 +27,7 @@ from iscl_hsm.crypto.des import fix_parity
 from iscl_hsm.keys.components import format_hex
 
 from ..conftest import HOSPITAL_KEYS, Hospitals, SoftHsmToken
+from ..gateway.conftest import gateway_loop, link_lines, start_tunnel, storescp  # noqa: F401 - for test_card_gateway.py
 from ..test_cli import child_env, iscl, servers  # noqa: F401 - the `iscl server` fixture, for test_card_cli.py
 
 USER_PIN = "246810"

@@ -1,0 +1,101 @@
+"""The gateway with a virtual IC card as a tunnel's key holder, DCMTK at both ends.
+
+echoscu / storescu -> client tunnel -> server tunnel -> storescp, with a card (through the private
+pcscd) behind one tunnel and hospital A's or B's SoftHSM2 token behind the other. Every object
+arrives byte-identical; a card pulled in the middle of a store aborts the association, and nothing
+after the failure is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from iscl_hsm import wire
+from iscl_hsm.dicom.gateway import Mode, Tunnel
+from iscl_hsm.dicom.study import StudySpec, write_study
+from iscl_hsm.engine import Config
+from iscl_hsm.keyholder.base import KeyHolder
+from iscl_hsm.keyholder.smartcard import SmartCardKeyHolder
+from iscl_hsm.wire import Encryption, Mac
+
+from ..conftest import Hospitals
+from ..gateway.conftest import StoreScp, assert_stored_identical, parse_line, scu
+from .conftest import CardRack
+from .test_card_links import PullingHolder, removed
+
+CARD_SUITES = [
+    pytest.param(Encryption.DES_CBC, Mac.DES_MAC, 1, id="des-cbc-des-mac-key1"),
+    pytest.param(Encryption.DES_CBC, Mac.MD5, wire.SESSION_KEYS, id="des-cbc-md5-session"),
+]
+"""The default suite, and unique session keys (the card derives a key for every message)."""
+
+
+def store_through(
+    tmp_path: Path, storescp: StoreScp, server: Tunnel, client: Tunnel, link_lines: Callable[[int], list[str]]
+) -> None:
+    """C-ECHO and a small study through the pair; every object byte-identical, both links closed cleanly."""
+    files = write_study(tmp_path / "study", StudySpec(images=3, rows=500, columns=600))
+    echo = scu("echoscu", client.address.port)
+    store = scu("storescu", client.address.port, *files)
+    assert echo.returncode == 0, echo.stdout
+    assert "I: Received Echo Response (Success)" in echo.stdout
+    assert store.returncode == 0, store.stdout
+    assert_stored_identical(storescp, files)
+    lines = [parse_line(line) for line in link_lines(4)]
+    assert [line["result"] for line in lines] == ["closed"] * 4
+
+
+@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), CARD_SUITES)
+def test_dcmtk_through_a_card_client_tunnel_and_a_token_server_tunnel(
+    tmp_path: Path, hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
+    card_holders: Callable[..., SmartCardKeyHolder], storescp: StoreScp, start_tunnel: Callable[..., Tunnel],
+    link_lines: Callable[[int], list[str]], encryption: Encryption, mac: Mac, enc_key_id: int,
+) -> None:  # fmt: skip
+    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    server = start_tunnel(Mode.SERVER, storescp.port, holders(hospitals.a), config)
+    client = start_tunnel(Mode.CLIENT, server.address.port, card_holders(cards.insert(0)), config)
+    store_through(tmp_path, storescp, server, client, link_lines)
+
+
+@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), CARD_SUITES)
+def test_dcmtk_through_a_token_client_tunnel_and_a_card_server_tunnel(
+    tmp_path: Path, hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
+    card_holders: Callable[..., SmartCardKeyHolder], storescp: StoreScp, start_tunnel: Callable[..., Tunnel],
+    link_lines: Callable[[int], list[str]], encryption: Encryption, mac: Mac, enc_key_id: int,
+) -> None:  # fmt: skip
+    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    server = start_tunnel(Mode.SERVER, storescp.port, card_holders(cards.insert(1)), config)
+    client = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), config)
+    store_through(tmp_path, storescp, server, client, link_lines)
+
+
+def test_a_card_pulled_during_a_store_aborts_the_association_and_nothing_after_it_is_stored(
+    tmp_path: Path, hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
+    card_holders: Callable[..., SmartCardKeyHolder], storescp: StoreScp, start_tunnel: Callable[..., Tunnel],
+    link_lines: Callable[[int], list[str]],
+) -> None:  # fmt: skip
+    """Under unique session keys the client tunnel asks its card for a key for every message it sends."""
+    config = Config(encryption=Encryption.DES_CBC, mac=Mac.MD5, enc_key_id=wire.SESSION_KEYS)
+    card = cards.insert(0)
+    # The handshake-MAC key, then one key per message: the association request, then C-STOREs.
+    pulling = PullingHolder(card_holders(card), card, "derive_key", nth=6)
+    server = start_tunnel(Mode.SERVER, storescp.port, holders(hospitals.a), config)
+    client = start_tunnel(Mode.CLIENT, server.address.port, pulling, config)
+    files = write_study(tmp_path / "study", StudySpec(images=6, rows=512, columns=512))
+
+    store = scu("storescu", client.address.port, *files)
+
+    assert store.returncode != 0, store.stdout
+    client_line, server_line = sorted(
+        (parse_line(line) for line in link_lines(2)), key=lambda line: line["target"] != str(client.settings.target)
+    )
+    assert client_line["result"] == f"aborted: {removed('INTERNAL AUTHENTICATE with enc key 1')} [ISCL 102 LOCAL_KEY_HOLDER]"
+    assert server_line["result"].startswith("aborted: ")
+    stored = [path for path in files if storescp.stored(dcmread(path).SOPInstanceUID).exists()]
+    assert len(stored) < len(files)
+    assert_stored_identical(storescp, stored)  # whatever arrived before the card went arrived whole
+    assert files[: len(stored)] == stored  # in order: nothing after the failure
