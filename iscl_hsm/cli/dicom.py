@@ -16,7 +16,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from .. import wire
-from ..dicom import StorageFolder, associate, link_of, start_scp, storage_ae
+from ..dicom import MAXIMUM_PDU_SIZE, StorageFolder, associate, link_of, start_scp, storage_ae
 from ..dicom.sender import DicomFile, Sent, Skipped, find_files, store_files
 from ..engine import Config
 from ..keyholder.base import KeyHolder
@@ -101,6 +101,7 @@ def quiet_pynetdicom(args: argparse.Namespace) -> None:
 
 def _application_entity(title: str, timeout: float) -> AE:
     ae = AE(ae_title=title)
+    ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     return ae
 

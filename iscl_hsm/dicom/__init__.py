@@ -6,12 +6,13 @@ The pynetdicom glue (see docs/dicom.md)::
     server = iscl_hsm.dicom.start_scp(ae, ("0.0.0.0", 2761), key_holder=holder, evt_handlers=handlers)
 """
 
-from .association import AssociationRefusedError, associate, link_of, start_scp
+from .association import MAXIMUM_PDU_SIZE, AssociationRefusedError, associate, link_of, start_scp
 from .bridge import IsclBridge
 from .sender import DicomFile, Sent, Skipped, find_files, store_files
 from .storage import OutputFolderError, StorageFolder, storage_ae
 
 __all__ = [
+    "MAXIMUM_PDU_SIZE",
     "AssociationRefusedError",
     "DicomFile",
     "IsclBridge",

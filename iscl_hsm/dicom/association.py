@@ -36,6 +36,12 @@ from .bridge import IsclBridge
 
 LOGGER = logging.getLogger(__name__)
 
+MAXIMUM_PDU_SIZE = 1024 * 1024
+"""The largest P-DATA PDU our AEs accept (``ae.maximum_pdu_size``), announced to the peer at
+association. pynetdicom's default of 16 KiB costs Python work per PDU that an ISCL link, already
+carrying 1 MiB messages, does not need: with 1 MiB, `iscl store` to `iscl serve` of 8 MiB images ran
+1.3x faster (with the bridge's 1 MiB messages). Set it on your own AEs too."""
+
 LinkErrorHandler = Callable[[str, BaseException], None]
 """``on_link_error(peer, error)``: an ISCL link failed, in its handshake or later."""
 

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from ..engine import Config, LinkParameters, Role
 from ..keyholder.base import KeyHolder
 from ..transport import aio
-from ..transport.common import READ_SIZE
-from ..transport.relay import Address, Link, LinkRecord
+from ..transport.relay import DEFAULT_CHUNK, Address, Link, LinkRecord
 
 LOGGER = logging.getLogger(__name__)
 
@@ -92,8 +91,8 @@ class IsclBridge:
         assert stream.parameters is not None  # set by a completed handshake
         self._ready.set_result(stream.parameters)
         try:
-            reader, writer = await asyncio.open_connection(sock=self._inner)
-            link = Link(self._record, plain="the local socket pair", iscl=self.peer, chunk_size=READ_SIZE)
+            reader, writer = await asyncio.open_connection(sock=self._inner, limit=2 * DEFAULT_CHUNK)
+            link = Link(self._record, plain="the local socket pair", iscl=self.peer, chunk_size=DEFAULT_CHUNK)
             link.attach_plain(reader, writer)
             link.attach_iscl(stream)
             failure = await link.run()

@@ -23,6 +23,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ..errors import ErrorCode, IsclError
+from .association import MAXIMUM_PDU_SIZE
 
 LOGGER = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def write_durably(target: Path, data: bytes) -> None:
 def storage_ae(ae_title: str = "ISCL-SCP") -> ApplicationEntity:
     """An AE that accepts Verification and every storage SOP class pynetdicom knows, in any transfer syntax."""
     ae = ApplicationEntity(ae_title=ae_title)
+    ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None

@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from iscl_hsm.dicom import (
+    MAXIMUM_PDU_SIZE,
     AssociationRefusedError,
     StorageFolder,
     associate,
@@ -112,6 +113,7 @@ def test_echo_and_a_study_arrive_unchanged_under_each_suite(
     assert (link.parameters.encryption, link.parameters.mac, link.parameters.enc_key_id) == (
         encryption, mac, enc_key_id,
     )  # fmt: skip
+    assert assoc.acceptor.maximum_length == MAXIMUM_PDU_SIZE  # storage_ae() takes PDUs as large as messages
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
     assert link.wait(TIMEOUT) and link.error is None
