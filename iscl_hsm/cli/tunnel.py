@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 import tomllib
@@ -17,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import wire
-from ..dicom.gateway import DEFAULT_CHUNK, DEFAULT_CONNECT_TIMEOUT, Address, Mode, Tunnel, TunnelSettings
+from ..dicom.gateway import (
+    DEFAULT_CHUNK,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    Address,
+    Mode,
+    Tunnel,
+    TunnelSettings,
+)
 from .options import add_link_options, build_config, open_key_holder
 
 _UNSET: Any = object()
@@ -130,6 +139,13 @@ def _positive(kind: type[int | float]) -> Any:
     return convert
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
+    return value
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tunnel = sub.add_parser(
         "tunnel",
@@ -191,6 +207,9 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--connect-timeout", metavar="SECONDS", type=_positive(float), default=DEFAULT_CONNECT_TIMEOUT,
                        help="how long opening the outgoing connection (and, for a client, authenticating)"
                        " may take (default: %(default)s)")
+    group.add_argument("--idle-timeout", metavar="SECONDS", type=_non_negative, default=DEFAULT_IDLE_TIMEOUT,
+                       help="abort a link (the application sees its association aborted) after this long"
+                       " without data either way; 0: never (default: %(default)g, 12 hours)")
 
 
 def run_tunnel(args: argparse.Namespace) -> int:
@@ -202,7 +221,7 @@ def run_tunnel(args: argparse.Namespace) -> int:
     holder = open_key_holder(args)
     settings = TunnelSettings(
         mode=args.mode, listen=args.listen, target=target, key_holder=holder, config=config,
-        chunk_size=args.chunk_size, connect_timeout=args.connect_timeout,
+        chunk_size=args.chunk_size, connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout or None,
     )  # fmt: skip
     try:
         return asyncio.run(_serve(settings, args.drain_timeout))

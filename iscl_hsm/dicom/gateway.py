@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
+DEFAULT_IDLE_TIMEOUT = 12 * 3600.0
+"""Seconds a link may carry no data either way before the gateway aborts it, as stunnel's TIMEOUTidle
+does: a peer that vanished without closing (a pulled cable, a crashed host) would otherwise hold its
+link, and the application's connection behind it, for ever."""
+
 
 def stopped_reason(drain_timeout: float) -> str:
     """Why a link was cancelled when its tunnel stopped (the link's log line says it)."""
@@ -59,6 +64,8 @@ class TunnelSettings:
     chunk_size: int = DEFAULT_CHUNK
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     """Seconds to open the outgoing TCP connection and, for a client tunnel, to authenticate."""
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
+    """Seconds without data either way after which a link is aborted; None: never."""
 
 
 class Tunnel:
@@ -129,7 +136,11 @@ class Tunnel:
 
     def _new_link(self, source: Address, target: Address, *, plain: Address, iscl: Address) -> Link:
         """A link from ``source`` to ``target`` that logs its line on the gateway's logger."""
-        return Link(LinkRecord(source, target), plain=plain, iscl=iscl, chunk_size=self.settings.chunk_size, logger=log)
+        s = self.settings
+        return Link(
+            LinkRecord(source, target), plain=plain, iscl=iscl, chunk_size=s.chunk_size, idle_timeout=s.idle_timeout,
+            logger=log,
+        )
 
     async def _serve(self, link: Link, connect: Awaitable[None]) -> None:
         """Run one link, registered so that :meth:`stop` can wait for it or abort it."""
@@ -179,4 +190,4 @@ def _connect_error(exc: BaseException, target: Address, timeout: float, what: st
     return IsclError(ErrorCode.CONNECTION_LOST, f"cannot connect to the {what} {target}: {reason}")
 
 
-__all__ = ["DEFAULT_CHUNK", "DEFAULT_CONNECT_TIMEOUT", "Address", "LinkRecord", "Mode", "Tunnel", "TunnelSettings", "stopped_reason"]
+__all__ = ["DEFAULT_CHUNK", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_IDLE_TIMEOUT", "Address", "LinkRecord", "Mode", "Tunnel", "TunnelSettings", "stopped_reason"]

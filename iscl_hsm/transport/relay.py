@@ -11,6 +11,7 @@ How a link ends:
   disconnection runs (asked again while the peer refuses it because it is still sending);
 * the peer disconnects the line: the plain side is half-closed (the application reads the end of the
   stream) and the application gets :data:`LINGER` seconds to end its side;
+* no data either way for the idle timeout (when there is one): as below, with a result that says so;
 * anything else (a MAC failure, a peer abort, a lost connection on either side): the plain side is
   reset (RST), the ISCL link aborted, and nothing after the failure is forwarded.
 """
@@ -110,6 +111,7 @@ class Link:
         plain: Address | str,
         iscl: Address | str,
         chunk_size: int,
+        idle_timeout: float | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self.record = record
@@ -117,6 +119,8 @@ class Link:
         self._plain = plain
         self._iscl = iscl
         self._chunk = chunk_size
+        self._idle_timeout = idle_timeout
+        self._last_data = time.monotonic()  # when data last came from either side
         self._logger = logger
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -139,7 +143,7 @@ class Link:
         try:
             if connect is not None:
                 await connect
-            await self._relay()
+            await self._relay_until_idle()
         except asyncio.CancelledError as exc:
             await self._abort()
             self._finish(IsclError(ErrorCode.CONNECTION_LOST, str(exc.args[0] if exc.args else exc)))
@@ -157,6 +161,28 @@ class Link:
         self.error = failure
         if self._logger is not None:
             self._logger.info("%s", self.record.line(failure))
+
+    async def _relay_until_idle(self) -> None:
+        """:meth:`_relay`, aborted once no data has come from either side for the idle timeout."""
+        if self._idle_timeout is None:
+            await self._relay()
+            return
+        self._last_data = time.monotonic()
+        relay = asyncio.create_task(self._relay())
+        try:
+            while (left := self._last_data + self._idle_timeout - time.monotonic()) > 0:
+                done, _ = await asyncio.wait({relay}, timeout=left)
+                if done:
+                    relay.result()
+                    return
+        finally:
+            if not relay.done():
+                relay.cancel()  # _relay aborts both sides on its way out
+                await asyncio.gather(relay, return_exceptions=True)
+        raise IsclError(
+            ErrorCode.CONNECTION_LOST,
+            f"no data either way for {self._idle_timeout:g} s, the idle timeout; the link was aborted",
+        )
 
     async def _relay(self) -> None:
         up = asyncio.create_task(self._plain_to_iscl())
@@ -185,6 +211,7 @@ class Link:
     async def _plain_to_iscl(self) -> None:
         assert self._reader is not None and self._stream is not None
         while data := await self._plain_io(self._reader.read(self._chunk)):
+            self._last_data = time.monotonic()
             if self._peer_closed:
                 raise IsclError(
                     ErrorCode.CONNECTION_LOST,
@@ -198,6 +225,7 @@ class Link:
     async def _iscl_to_plain(self) -> None:
         assert self._writer is not None and self._stream is not None
         while (data := await self._stream.recv()) is not None:
+            self._last_data = time.monotonic()
             self._writer.write(data)
             self.record.iscl_to_plain += len(data)
             await self._plain_io(self._writer.drain())

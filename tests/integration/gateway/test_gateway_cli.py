@@ -138,6 +138,8 @@ CONFIG_ERRORS = [
     pytest.param("max-block = 7\n", ", key 'max-block': 7 is not a multiple of 8 between 8 and 8160", id="bad-value"),
     pytest.param('mac = "sha1"\n', ", key 'mac': 'sha1' is not one of none, md5, des-mac", id="bad-choice"),
     pytest.param("allow-key-id = [1, 9]\n", ", key 'allow-key-id': 9 is not a key index 1..8", id="bad-list-item"),
+    pytest.param("idle-timeout = -1\n", ", key 'idle-timeout': -1 is not a number of seconds (0 or more)",
+                 id="bad-idle-timeout"),
     pytest.param("listen = [1]\n", ", key 'listen': [1] is not a single string or number", id="bad-type"),
     pytest.param("mac = \n", " is not valid TOML: Invalid value (at line 2, column 7)", id="not-toml"),
 ]

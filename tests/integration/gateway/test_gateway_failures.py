@@ -3,9 +3,12 @@ association (its TCP connection is reset, never closed in order)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -135,3 +138,79 @@ def test_authentication_failure(
     assert server_line["result"] == f"aborted: {server_result}"
     assert client_line["result"] == f"aborted: {client_result}"
     assert "Association Acknowledged" not in storescp.output()
+
+
+# --- idle links -----------------------------------------------------------------------------------
+
+
+IDLE = (
+    "aborted: no data either way for {:g} s, the idle timeout; the link was aborted [ISCL 122 CONNECTION_LOST]"
+)
+
+
+@pytest.fixture
+def echo_target() -> Iterator[int]:
+    """A plain TCP service that sends back what it gets (a connection at a time); its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn, contextlib.suppress(OSError):
+                    while data := conn.recv(1 << 16):
+                        conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size and (more := sock.recv(size - len(data))):
+        data += more
+    return data
+
+
+def test_a_link_without_data_is_aborted_after_the_idle_timeout(
+    storescp: StoreScp, start_tunnel: Callable[..., Tunnel], hospitals: Hospitals,
+    holders: Callable[..., KeyHolder], link_lines: Callable[[int], list[str]],
+) -> None:  # fmt: skip
+    server = start_tunnel(Mode.SERVER, storescp.port, holders(hospitals.a), Config())
+    client = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), Config(), idle_timeout=0.5)
+
+    with socket.create_connection(("127.0.0.1", client.address.port), timeout=TIMEOUT) as sock:
+        started = time.monotonic()
+        with pytest.raises(ConnectionResetError):  # an aborted association, as with any failure
+            sock.recv(1 << 16)
+        assert time.monotonic() - started >= 0.5
+
+    client_line, server_line = sorted(
+        map(parse_line, link_lines(2)), key=lambda line: line["target"] != str(client.settings.target)
+    )
+    assert client_line["result"] == IDLE.format(0.5)
+    assert server_line["result"].startswith("aborted: ") and "CONNECTION_LOST" in server_line["result"]
+
+
+def test_data_either_way_keeps_a_link_past_its_idle_timeout(
+    echo_target: int, start_tunnel: Callable[..., Tunnel], hospitals: Hospitals,
+    holders: Callable[..., KeyHolder], link_lines: Callable[[int], list[str]],
+) -> None:  # fmt: skip
+    server = start_tunnel(Mode.SERVER, echo_target, holders(hospitals.a), Config(), idle_timeout=1.0)
+    client = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), Config(), idle_timeout=1.0)
+
+    with socket.create_connection(("127.0.0.1", client.address.port), timeout=TIMEOUT) as sock:
+        deadline = time.monotonic() + 2.5  # more than twice the idle timeout
+        sent = 0
+        while time.monotonic() < deadline:
+            sock.sendall(b"ping")
+            assert receive_exactly(sock, 4) == b"ping"
+            sent += 1
+            time.sleep(0.05)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(16) == b""  # the end of the stream, in order
+
+    assert sent > 10
+    assert [parse_line(line)["result"] for line in link_lines(2)] == ["closed", "closed"]
