@@ -34,43 +34,31 @@ CARD_SUITES = [
 """The default suite, and unique session keys (the card derives a key for every message)."""
 
 
-def store_through(
-    tmp_path: Path, storescp: StoreScp, server: Tunnel, client: Tunnel, link_lines: Callable[[int], list[str]]
-) -> None:
-    """C-ECHO and a small study through the pair; every object byte-identical, both links closed cleanly."""
+@pytest.mark.parametrize("card_behind", [Mode.CLIENT, Mode.SERVER], ids=["card-client-tunnel", "card-server-tunnel"])
+@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), CARD_SUITES)
+def test_dcmtk_through_the_gateway_with_a_card_behind_one_tunnel(
+    tmp_path: Path, hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
+    card_holders: Callable[..., SmartCardKeyHolder], storescp: StoreScp, start_tunnel: Callable[..., Tunnel],
+    link_lines: Callable[[int], list[str]], card_behind: Mode, encryption: Encryption, mac: Mac, enc_key_id: int,
+) -> None:  # fmt: skip
+    """C-ECHO and a small study: every object byte-identical, every link closed in order."""
+    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    card = card_holders(cards.insert(0 if card_behind is Mode.CLIENT else 1))
+    server_holder = card if card_behind is Mode.SERVER else holders(hospitals.a)
+    client_holder = card if card_behind is Mode.CLIENT else holders(hospitals.b)
+    server = start_tunnel(Mode.SERVER, storescp.port, server_holder, config)
+    client = start_tunnel(Mode.CLIENT, server.address.port, client_holder, config)
     files = write_study(tmp_path / "study", StudySpec(images=3, rows=500, columns=600))
+
     echo = scu("echoscu", client.address.port)
     store = scu("storescu", client.address.port, *files)
+
     assert echo.returncode == 0, echo.stdout
     assert "I: Received Echo Response (Success)" in echo.stdout
     assert store.returncode == 0, store.stdout
     assert_stored_identical(storescp, files)
     lines = [parse_line(line) for line in link_lines(4)]
     assert [line["result"] for line in lines] == ["closed"] * 4
-
-
-@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), CARD_SUITES)
-def test_dcmtk_through_a_card_client_tunnel_and_a_token_server_tunnel(
-    tmp_path: Path, hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
-    card_holders: Callable[..., SmartCardKeyHolder], storescp: StoreScp, start_tunnel: Callable[..., Tunnel],
-    link_lines: Callable[[int], list[str]], encryption: Encryption, mac: Mac, enc_key_id: int,
-) -> None:  # fmt: skip
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
-    server = start_tunnel(Mode.SERVER, storescp.port, holders(hospitals.a), config)
-    client = start_tunnel(Mode.CLIENT, server.address.port, card_holders(cards.insert(0)), config)
-    store_through(tmp_path, storescp, server, client, link_lines)
-
-
-@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), CARD_SUITES)
-def test_dcmtk_through_a_token_client_tunnel_and_a_card_server_tunnel(
-    tmp_path: Path, hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
-    card_holders: Callable[..., SmartCardKeyHolder], storescp: StoreScp, start_tunnel: Callable[..., Tunnel],
-    link_lines: Callable[[int], list[str]], encryption: Encryption, mac: Mac, enc_key_id: int,
-) -> None:  # fmt: skip
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
-    server = start_tunnel(Mode.SERVER, storescp.port, card_holders(cards.insert(1)), config)
-    client = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), config)
-    store_through(tmp_path, storescp, server, client, link_lines)
 
 
 def test_a_card_pulled_during_a_store_aborts_the_association_and_nothing_after_it_is_stored(
