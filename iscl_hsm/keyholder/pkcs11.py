@@ -83,6 +83,7 @@ __all__ = [
     "key_id",
     "key_label",
     "key_policy",
+    "pin_error",
     "pin_tries_hint",
     "refresh_token_list",
 ]
@@ -410,6 +411,22 @@ def pin_tries_hint(lib: Any, label: str, *, so: bool = False) -> str:
     return "The token may allow only a few wrong tries before it locks the PIN"
 
 
+def pin_error(exc: p11.PKCS11Error, description: str, lib: Any, label: str, *, so: bool = False) -> KeyHolderError | None:
+    """One sentence for a login the token refused over the PIN (the user's, or with ``so`` the SO's);
+    None when ``exc`` is about something else."""
+    pin, source = ("SO PIN", "the SO PIN or its file") if so else ("PIN", "the PIN or PIN file")
+    if isinstance(exc, p11.PinIncorrect):
+        return KeyHolderError(f"wrong {pin} for {description}; check {source}. {pin_tries_hint(lib, label, so=so)}")
+    if isinstance(exc, p11.PinLocked):
+        remedy = "the token must be initialised again" if so else "the security officer must unlock it"
+        return KeyHolderError(f"the {'SO' if so else 'user'} PIN of {description} is locked; {remedy}")
+    if isinstance(exc, p11.PinLenRange | p11.PinInvalid):
+        return KeyHolderError(
+            f"the {pin} given for {description} has a length or characters the token does not accept; check {source}"
+        )
+    return None
+
+
 def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
     """Find the token by exact label, log in once, run the DES self-test; caller holds _registry_lock."""
     lib = _load_module(module)
@@ -438,19 +455,6 @@ def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
     except p11.UserAlreadyLoggedIn:
         # Someone else in this process logged in to the token (not through this module's cache).
         session = _translate(lambda: token.open(rw=True), description, "open a session")
-    except p11.PinIncorrect:
-        raise KeyHolderError(
-            f"wrong PIN for {description}; check the PIN or PIN file. {pin_tries_hint(lib, label)}"
-        ) from None
-    except p11.PinLocked:
-        raise KeyHolderError(
-            f"the user PIN of {description} is locked; the security officer must unlock it"
-        ) from None
-    except (p11.PinLenRange, p11.PinInvalid):
-        raise KeyHolderError(
-            f"the PIN given for {description} has a length or characters the token does not accept;"
-            " check the PIN or PIN file"
-        ) from None
     except p11.PinExpired:
         raise KeyHolderError(f"the user PIN of {description} has expired; set a new one") from None
     except p11.UserPinNotInitialized:
@@ -459,7 +463,7 @@ def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
             " pkcs11-tool --init-pin)"
         ) from None
     except p11.PKCS11Error as exc:
-        raise KeyHolderError(
+        raise pin_error(exc, description, lib, label) or KeyHolderError(
             f"{description} refused to open a session ({type(exc).__name__}); check the token"
         ) from None
     entry = _TokenSession(module, label, session, pin)

@@ -70,7 +70,7 @@ from iscl_hsm.keyholder.pkcs11 import (
     key_id,
     key_label,
     key_policy,
-    pin_tries_hint,
+    pin_error,
 )
 from iscl_hsm.keyholder.provision import store_key
 from iscl_hsm.keys.components import ALGORITHMS, Algorithm, check_key
@@ -740,26 +740,15 @@ def _so_session(module: str, token_label: str, so_pin: str) -> Any:
     lib, token, description = _find_token(module, token_label)
     try:
         return token.open(rw=True, so_pin=so_pin)
-    except p11.PinIncorrect:
-        raise KeyHolderError(
-            f"wrong SO PIN for {description}; check the SO PIN or its file."
-            f" {pin_tries_hint(lib, token_label, so=True)}"
-        ) from None
-    except p11.PinLocked:
-        raise KeyHolderError(
-            f"the SO PIN of {description} is locked; the token must be initialised again"
-        ) from None
     except (p11.UserAlreadyLoggedIn, p11.AnotherUserAlreadyLoggedIn):
         raise KeyHolderError(
             f"this process is already logged in to {description}; mark transport keys trusted before"
             " opening a key holder on the token"
         ) from None
-    except (p11.PinLenRange, p11.PinInvalid):
-        raise KeyHolderError(
-            f"the SO PIN given for {description} has a length or characters the token does not accept"
-        ) from None
     except p11.PKCS11Error as exc:
-        raise _operation_error(exc, description, "log the security officer in") from None
+        raise pin_error(exc, description, lib, token_label, so=True) or _operation_error(
+            exc, description, "log the security officer in"
+        ) from None
 
 
 def verify_so_pin(module: str, token_label: str, so_pin: str) -> None:
