@@ -532,14 +532,20 @@ def test_a_message_longer_than_its_sealed_ahead_start_streams_out_and_verifies(e
     assert received(p.pump().server) == messages
 
 
+def request_awaiting_acceptance(p: ConnectionPair, *messages: bytes) -> None:
+    """Queue ``messages`` at the client and let the server answer the first request, unread as yet."""
+    for message in messages:
+        p.client.send_message(message)
+    p.server.receive_data(p.client.data_to_send())
+    p.client.prepare()
+
+
 def test_only_the_start_of_a_long_message_is_sealed_before_the_peer_accepts() -> None:
     """The rest is sealed a batch at a time after the acceptance, so the receiver trails by little."""
     p = ConnectionPair(Config(max_message=1 << 20), Config(max_message=1 << 20), prepare=True)
     p.handshake()
     message = payload(3 * LONG, 1)
-    p.client.send_message(message)
-    p.server.receive_data(p.client.data_to_send())  # the request
-    p.client.prepare()  # seals ahead while the server decides
+    request_awaiting_acceptance(p, message)  # prepare() seals ahead while the server decides
     p.client.receive_data(p.server.data_to_send())  # the acceptance
     first = p.client.data_to_send()
     assert 0 < len(first) < LONG
@@ -559,14 +565,6 @@ def test_a_refused_long_message_sealed_ahead_leaves_the_chain_where_it_was() -> 
     got = p.pump()
     assert got.client == [MessageRefused(110, 2 * LONG, LONG), MessageSent(4)]
     assert received(got.server) == [b"next"]
-
-
-def request_awaiting_acceptance(p: ConnectionPair, *messages: bytes) -> None:
-    """Queue ``messages`` at the client and let the server answer the first request, unread as yet."""
-    for message in messages:
-        p.client.send_message(message)
-    p.server.receive_data(p.client.data_to_send())
-    p.client.prepare()
 
 
 def seal_ahead_until_done(conn: Connection) -> int:
