@@ -71,6 +71,7 @@ from iscl_hsm.errors import ErrorCode, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES, Buffer, KeyHolder, RecordKey
 
 from ..crypto.des import DesKey, enable_legacy_in_default_context, fix_parity, self_test_once
+from .p11direct import DirectCalls, KeyDerivationStringData, direct_calls
 
 __all__ = [
     "DEFAULT_MODULE",
@@ -205,16 +206,12 @@ def _check_block(block: bytes, what: str) -> bytes:
     return block
 
 
-class _KeyDerivationStringData(ctypes.Structure):
-    """CK_KEY_DERIVATION_STRING_DATA, which python-pkcs11 marshals only for AES_ECB_ENCRYPT_DATA."""
-
-    _fields_ = [("pData", ctypes.c_void_p), ("ulLen", ctypes.c_ulong)]
-
-
 def _derivation_param(block: bytes) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
-    """Return the packed parameter and the buffer it points to (keep both alive during the call)."""
+    """The packed CK_KEY_DERIVATION_STRING_DATA (python-pkcs11 marshals it only for AES) and the
+    buffer it points to: keep both alive during the call.
+    """
     buffer = ctypes.create_string_buffer(block, len(block))
-    param = _KeyDerivationStringData(ctypes.addressof(buffer), len(block))
+    param = KeyDerivationStringData(ctypes.addressof(buffer), len(block))
     return bytes(param), buffer
 
 
@@ -334,6 +331,7 @@ class _TokenSession:
         self.registry_key = (os.path.realpath(module), label)
         self.description = f"PKCS#11 token '{label}' (module {module})"
         self.session = session
+        self.direct: DirectCalls = direct_calls(self.registry_key[0])
         self.lock = _module_locks.setdefault(self.registry_key[0], threading.RLock())
         self.users = 0
         self.closed = False
@@ -476,7 +474,8 @@ def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
 
 
 def _self_test(entry: _TokenSession) -> None:
-    """Check single DES (ECB, CBC, ECB_ENCRYPT_DATA derivation) against FIPS 81 inside the token."""
+    """Check single DES (ECB, CBC, ECB_ENCRYPT_DATA derivation) against FIPS 81 inside the token,
+    through python-pkcs11 and through the direct calls (p11direct) alike."""
     failure = (
         f"single DES does not work in PKCS#11 module {entry.module} (self-test on {entry.description}"
         " failed: {what}); the module needs OpenSSL's legacy provider (ossl-modules/legacy.so from libssl3)"
@@ -503,6 +502,11 @@ def _self_test(entry: _TokenSession) -> None:
         try:
             if key.encrypt(_KAT_PLAIN, mechanism=Mechanism._DES_ECB) != _KAT_ECB:
                 return "DES-ECB gave a wrong answer"
+            handles = (session.handle, key.handle)
+            if entry.direct.encrypt_block(*handles, Mechanism._DES_ECB, _KAT_PLAIN) != _KAT_ECB:
+                return "DES-ECB through the module's function list gave a wrong answer"
+            if entry.direct.derive_value(*handles, Mechanism.DES_ECB_ENCRYPT_DATA, _KAT_PLAIN) != _KAT_ECB:
+                return "DES_ECB_ENCRYPT_DATA through the module's function list gave a wrong value"
             if (
                 key.encrypt(_KAT_CBC_PLAIN, mechanism=Mechanism._DES_CBC, mechanism_param=_KAT_CBC_IV)
                 != _KAT_CBC
@@ -557,7 +561,7 @@ def _translate(call: Callable[[], T], description: str, what: str) -> T:
 
 
 def _operation_error(exc: BaseException, description: str, what: str) -> KeyHolderError:
-    name = type(exc).__name__
+    name = str(exc) if type(exc) is p11.PKCS11Error else type(exc).__name__  # (a code with no class)
     if isinstance(exc, (p11.DeviceRemoved, p11.TokenNotPresent, p11.SessionClosed, p11.SessionHandleInvalid)):
         return KeyHolderError(
             f"{description} could not {what}: the token was removed or its session ended ({name});"
@@ -761,23 +765,10 @@ class Pkcs11KeyHolder(KeyHolder):
                 ErrorCode.BAD_OPTION,
             )
         data = b"".join(_check_block(block, "the key derivation block") for block in blocks)
+        direct = self._entry.direct
 
         def derive(key: Any, key_type: KeyType) -> bytes:
-            param, buffer = _derivation_param(data)
-            derived = key.derive_key(
-                KeyType.GENERIC_SECRET,
-                8 * len(data),
-                mechanism=_ECB_ENCRYPT_DATA[key_type],
-                mechanism_param=param,
-                store=False,
-                capabilities=MechanismFlag(0),
-                template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
-            )
-            del buffer  # the token has read the blocks through the raw pointer by now
-            try:
-                return bytes(derived[Attribute.VALUE])
-            finally:
-                _destroy_quietly(derived)
+            return direct.derive_value(key.session.handle, key.handle, _ECB_ENCRYPT_DATA[key_type], data)
 
         return self._with_key("enc", enc_key_id, derive, f"derive record keys from {key_label('enc', enc_key_id)}")
 
@@ -861,10 +852,11 @@ class Pkcs11KeyHolder(KeyHolder):
         raise AssertionError("unreachable")
 
     def _encrypt_block(self, key_id: int, block: bytes) -> bytes:
+        direct = self._entry.direct
         return self._with_key(
             "auth",
             key_id,
-            lambda key, key_type: bytes(key.encrypt(block, mechanism=_ECB[key_type])),
+            lambda key, key_type: direct.encrypt_block(key.session.handle, key.handle, _ECB[key_type], block),
             f"encrypt with {key_label('auth', key_id)}",
         )
 

@@ -29,7 +29,7 @@ from iscl_hsm.keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder, is_module
 from iscl_hsm.keyholder.provision import init_token, softhsm_environment
 from iscl_hsm.wire import SESSION_KEYS, Encryption, Mac
 
-TOKEN_POOL_SIZE = 12
+TOKEN_POOL_SIZE = 14
 """Tokens made up front; raise it when tests need more (each costs about 40 ms)."""
 
 
