@@ -40,8 +40,9 @@ PKCS#11 login is per process and token, so one logged-in R/W session per (module
 opened and shared by every :class:`Pkcs11KeyHolder` of the process on that token (reference counted;
 the last ``close()`` closes it; a second holder must give the same PIN). A session runs one operation
 at a time, so every token call holds that session's lock. On SoftHSM2 a handshake call takes about
-50-100 microseconds (a derivation 100-300) and record protection defaults to the host, so the lock
-costs little; it also keeps key handles, derived session objects and the login state in
+40-100 microseconds (a derivation 120-300; the two kinds a handshake makes go straight through the
+module's function list, see :mod:`iscl_hsm.keyholder.p11direct`) and record protection defaults to
+the host, so the lock costs little; it also keeps key handles, derived session objects and the login state in
 one place, with no per-thread sessions to track and close. After ``fork()`` the child re-initialises
 the module on its next open, and holders inherited from the parent refuse to work.
 """
