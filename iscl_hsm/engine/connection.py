@@ -778,15 +778,18 @@ class Connection:
         that can tell whether the answer has arrived calls this until it has, or until this returns
         False: each call seals a little more, up to :data:`_SEAL_AHEAD_LIMIT`, so the sender works
         instead of waiting. Sealing runs on a copy of the chain, adopted if the peer accepts and
-        dropped (the chain unmoved) if it refuses. Unique session keys depend on a random number
-        sent after the acceptance, so those messages are sealed then.
+        dropped (the chain unmoved) if it refuses. Unique session keys depend on the random number
+        the sender sends after the acceptance, so those messages are sealed from then on: the
+        sender derives its keys while the receiver derives its own, before it answers.
         """
-        suite = self._outbound_suite
-        if self._pending is None or suite.key_id == wire.SESSION_KEYS or self._state is State.ERROR:
+        suite, random = self._outbound_suite, self._pending_random
+        if self._pending is None or self._state is State.ERROR:
+            return False
+        if suite.key_id == wire.SESSION_KEYS and random is None:
             return False
         if self._sealed_ahead is None:
             try:
-                keys = self._keys(True, suite, None)
+                keys = self._keys(True, suite, random)
             except KeyHolderError:
                 return False  # reported when the message is sealed after all, once the peer has accepted it
             sealer = Sealer(suite, keys, self._send_chain.copy(), self._pending, self._block_length)

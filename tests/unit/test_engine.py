@@ -612,16 +612,29 @@ def test_a_short_message_sealed_whole_ahead_goes_out_whole_with_the_next_request
     assert received(p.server.receive_data(out)) == [b"short"]
 
 
-def test_nothing_is_sealed_ahead_without_a_request_nor_under_unique_session_keys() -> None:
-    """A session key depends on the random number sent after the acceptance."""
+def test_under_unique_session_keys_sealing_starts_once_the_random_number_is_out() -> None:
+    """A session key depends on the random number sent after the acceptance: nothing is sealed
+    before it, and the keys derived to seal ahead are the message's (one derivation, not two)."""
     config = Config(enc_key_id=wire.SESSION_KEYS, max_message=1 << 20)
-    p = ConnectionPair(config, config, prepare=True)
+    holder = _CountingKeyHolder(AUTH_KEYS, ENC_KEYS, name="client")
+    p = ConnectionPair(config, config, client_holder=holder, prepare=True)
     p.handshake()
-    assert not p.client.seal_ahead()
-    message = payload(LONG, 6)
+    assert not p.client.seal_ahead()  # no request
+    message = payload(2 * LONG, 6)
     request_awaiting_acceptance(p, message)
-    assert not p.client.seal_ahead()
-    assert received(p.pump().server) == [message]
+    assert not p.client.seal_ahead()  # requested, but no random number yet
+    p.client.receive_data(p.server.data_to_send())  # the acceptance: the random number goes out
+    p.server.receive_data(p.client.data_to_send())  # the server derives its keys and answers
+    before = holder.calls
+    p.client.prepare()  # the client derives its own meanwhile and seals the start of the message
+    assert holder.calls - before == 2  # the DES-CBC and the DES-MAC key, client to server
+    assert seal_ahead_until_done(p.client) > 0
+    p.client.receive_data(p.server.data_to_send())  # the answer to the random number
+    first = p.client.data_to_send()
+    assert _SEAL_AHEAD_LIMIT <= data_sent_in(first) < _SEAL_AHEAD_LIMIT + _SEAL_AHEAD_STEP
+    rest = b"".join(iter(p.client.data_to_send, b""))
+    assert holder.calls - before == 2
+    assert received(p.server.receive_data(first + rest)) == [message]
 
 
 def test_a_message_refused_after_sealing_ahead_to_the_limit_leaves_the_chain_where_it_was() -> None:
