@@ -78,14 +78,17 @@ class State(Enum):
 
 _KEY_HOLDER_STATES = frozenset(
     {
+        State.SERVER_WAIT_LINE_RP,  # the client sends AUTH_RQ right behind LINE_RP
         State.SERVER_WAIT_AUTH_RQ,  # GET CHALLENGE
         State.SERVER_WAIT_PASS2,  # EXTERNAL and INTERNAL AUTHENTICATE, key derivation
         State.SERVER_WAIT_COMPLETION,  # the handshake MAC under a derived key
+        State.CLIENT_WAIT_AUTH_RP,  # the server sends PASS1 right behind AUTH_RP
         State.CLIENT_WAIT_PASS1,  # INTERNAL AUTHENTICATE, GET CHALLENGE
         State.CLIENT_WAIT_PASS3,  # EXTERNAL AUTHENTICATE, key derivation, the handshake MACs
     }
 )
-"""Handshake states in which the next message received makes key-holder calls."""
+"""Handshake states in which the bytes received next may hold a message that makes key-holder calls
+(one read often returns two messages the peer sent together)."""
 
 _LINK_MESSAGES = frozenset(
     {

@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from iscl_hsm import wire
 from iscl_hsm.engine import Config, State
 from iscl_hsm.errors import ErrorCode, KeyHolderError, LocalProtocolError, RemoteProtocolError
-from iscl_hsm.keyholder.base import KeyHolder
+from iscl_hsm.keyholder.base import KeyHolder, RecordKey
 from iscl_hsm.transport import aio
 from iscl_hsm.transport.aio import IsclStream, MessageRefusedError
 from iscl_hsm.wire import Encryption, Mac, MessageId
@@ -609,3 +610,65 @@ def test_a_silent_server_fails_open_connection_after_the_handshake_timeout(
             run(aio.open_connection("127.0.0.1", port, key_holder=holders(hospitals.b), handshake_timeout=0.3))
     assert info.value.code is ErrorCode.CONNECTION_LOST
     assert f"no ISCL handshake with 127.0.0.1:{port} within 0.3 s" in str(info.value)
+
+
+# --- the event loop is never held by the key holder ---------------------------------------------
+
+
+class _CallThreads(KeyHolder):
+    """Passes every call on to a real key holder and notes the thread that made it."""
+
+    def __init__(self, inner: KeyHolder) -> None:
+        self._inner = inner
+        self.host_record_keys = inner.host_record_keys
+        self.threads: set[int] = set()
+
+    def get_challenge(self, key_id: int) -> bytes:
+        self.threads.add(threading.get_ident())
+        return self._inner.get_challenge(key_id)
+
+    def internal_authenticate(self, key_id: int, block: bytes) -> bytes:
+        self.threads.add(threading.get_ident())
+        return self._inner.internal_authenticate(key_id, block)
+
+    def external_authenticate(self, key_id: int, challenge: bytes, cryptogram: bytes) -> bool:
+        self.threads.add(threading.get_ident())
+        return self._inner.external_authenticate(key_id, challenge, cryptogram)
+
+    def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
+        self.threads.add(threading.get_ident())
+        return self._inner.derive_key(enc_key_id, block)
+
+    def derive_keys(self, enc_key_id: int, blocks: Sequence[bytes]) -> list[RecordKey]:
+        self.threads.add(threading.get_ident())
+        return self._inner.derive_keys(enc_key_id, blocks)
+
+
+@pytest.mark.parametrize("enc_key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
+def test_no_key_holder_call_runs_on_the_event_loop(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], enc_key_id: int
+) -> None:
+    """A card takes 30-300 ms per command: one made on the loop would stall every other link. The
+    peer sends handshake messages in pairs (LINE_RP with AUTH_RQ, AUTH_RP with PASS1), and one read
+    returns both."""
+    config = Config(enc_key_id=enc_key_id)
+    server_holder, client_holder = _CallThreads(holders(hospitals.a)), _CallThreads(holders(hospitals.b))
+
+    async def echo(stream: IsclStream) -> None:
+        data = await stream.recv()
+        assert data is not None
+        await stream.send(data)
+        await until_closed(stream)
+
+    async def scenario() -> int:
+        async with serving(echo, server_holder, config) as port:
+            stream = await connect(port, client_holder, config)
+            await stream.send(b"ping")
+            assert await stream.recv() == b"ping"
+            await stream.close()
+        return threading.get_ident()
+
+    loop_thread = run(scenario())
+    assert server_holder.threads and client_holder.threads
+    assert loop_thread not in server_holder.threads
+    assert loop_thread not in client_holder.threads

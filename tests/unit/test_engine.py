@@ -833,6 +833,26 @@ def test_a_connection_that_says_it_will_not_block_makes_no_key_holder_call(
     assert server.holder.calls and client.holder.calls
 
 
+@pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
+def test_the_handshake_keeps_the_promise_when_messages_arrive_together(key_id: int) -> None:
+    """A transport feeds whatever one read returned: the client's LINE_RP with its AUTH_RQ, the
+    server's AUTH_RP with PASS1. The call that takes both must count as one that may block."""
+    config = Config(enc_key_id=key_id)
+    server = _CheckedConnection(Role.SERVER, _CountingKeyHolder(AUTH_KEYS, ENC_KEYS, name="server"), config)
+    client = _CheckedConnection(Role.CLIENT, _CountingKeyHolder(AUTH_KEYS, ENC_KEYS, name="client"), config)
+    server.initiate()
+    for _ in range(50):
+        moved = False
+        for sender, receiver in ((server, client), (client, server)):
+            if out := sender.data_to_send():  # (runs prepare(), as a transport does)
+                receiver.receive_data(out)
+                moved = True
+        if not moved:
+            break
+    assert client.state is State.READY and server.state is State.READY
+    assert server.broken_promises == [] and client.broken_promises == []
+
+
 def _ready_pair(config: Config, holder: type[MemoryKeyHolder] = MemoryKeyHolder) -> ConnectionPair:
     pair = ConnectionPair(
         config,
