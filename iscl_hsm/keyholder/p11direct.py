@@ -60,9 +60,17 @@ _ERRORS: Final[dict[int, type[p11.PKCS11Error]]] = {
 
 
 class KeyDerivationStringData(ctypes.Structure):
-    """CK_KEY_DERIVATION_STRING_DATA, the parameter of CKM_DES_ECB_ENCRYPT_DATA and its DES3 twin."""
+    """CK_KEY_DERIVATION_STRING_DATA, the parameter of CKM_DES_ECB_ENCRYPT_DATA and its DES3 twin
+    (python-pkcs11 marshals it only for AES); ``bytes()`` of it is what python-pkcs11 passes on."""
 
     _fields_ = [("pData", ctypes.c_void_p), ("ulLen", ctypes.c_ulong)]
+
+
+def derivation_param(data: bytes) -> tuple[KeyDerivationStringData, ctypes.Array[ctypes.c_char]]:
+    """The parameter for deriving from ``data``, and the buffer it points to: keep both alive
+    during the call."""
+    source = ctypes.create_string_buffer(data, len(data))
+    return KeyDerivationStringData(ctypes.addressof(source), len(data)), source
 
 
 class _Mechanism(ctypes.Structure):
@@ -127,8 +135,7 @@ class DirectCalls:
         """``data`` encrypted by ``key`` through an ECB_ENCRYPT_DATA ``mechanism``: a derived object
         (a session generic secret, readable, usable for nothing) read once and destroyed at once.
         """
-        source = ctypes.create_string_buffer(data, len(data))
-        param = KeyDerivationStringData(ctypes.addressof(source), len(data))
+        param, _source = derivation_param(data)  # (_source, the bytes it points at, lives until return)
         mech = _Mechanism(mechanism, ctypes.addressof(param), ctypes.sizeof(param))
         true, false = ctypes.c_ubyte(1), ctypes.c_ubyte(0)
         values = (_ULONG(ObjectClass.SECRET_KEY), _ULONG(KeyType.GENERIC_SECRET), _ULONG(len(data)))

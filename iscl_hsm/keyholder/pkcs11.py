@@ -50,7 +50,6 @@ the module on its next open, and holders inherited from the parent refuse to wor
 from __future__ import annotations
 
 import collections
-import ctypes
 import functools
 import hashlib
 import hmac
@@ -72,7 +71,7 @@ from iscl_hsm.errors import ErrorCode, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES, Buffer, KeyHolder, RecordKey
 
 from ..crypto.des import DesKey, enable_legacy_in_default_context, fix_parity, self_test_once
-from .p11direct import DirectCalls, KeyDerivationStringData, direct_calls
+from .p11direct import DirectCalls, derivation_param, direct_calls
 
 __all__ = [
     "DEFAULT_MODULE",
@@ -205,15 +204,6 @@ def _check_block(block: bytes, what: str) -> bytes:
     if len(block) != 8:
         raise KeyHolderError(f"{what} must be 8 bytes long, not {len(block)}", ErrorCode.BAD_LENGTH)
     return block
-
-
-def _derivation_param(block: bytes) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
-    """The packed CK_KEY_DERIVATION_STRING_DATA (python-pkcs11 marshals it only for AES) and the
-    buffer it points to: keep both alive during the call.
-    """
-    buffer = ctypes.create_string_buffer(block, len(block))
-    param = KeyDerivationStringData(ctypes.addressof(buffer), len(block))
-    return bytes(param), buffer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,12 +503,12 @@ def _self_test(entry: _TokenSession) -> None:
                 != _KAT_CBC
             ):
                 return "DES-CBC gave a wrong answer"
-            param, buffer = _derivation_param(_KAT_PLAIN)
+            param, buffer = derivation_param(_KAT_PLAIN)
             derived = key.derive_key(
                 KeyType._DES,
                 64,
                 mechanism=Mechanism.DES_ECB_ENCRYPT_DATA,
-                mechanism_param=param,
+                mechanism_param=bytes(param),
                 store=False,
                 capabilities=MechanismFlag(0),
                 template={
@@ -777,12 +767,12 @@ class Pkcs11KeyHolder(KeyHolder):
         """A sensitive, non-extractable session DES key (the token sets its parity), used in the token."""
 
         def derive(key: Any, key_type: KeyType) -> Any:
-            param, buffer = _derivation_param(block)
+            param, buffer = derivation_param(block)
             derived = key.derive_key(
                 KeyType._DES,
                 64,
                 mechanism=_ECB_ENCRYPT_DATA[key_type],
-                mechanism_param=param,
+                mechanism_param=bytes(param),
                 store=False,
                 capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
                 template={Attribute.VALUE_LEN: DEFAULT, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
