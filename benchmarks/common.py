@@ -10,6 +10,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -150,6 +151,39 @@ def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} was not ready within {timeout:g} s")
         time.sleep(0.02)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time that process ``pid`` (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU time (and wall time) of a ``with`` block: this process, its waited-for children and ``pids``.
+
+    Waited-for children are the short-lived commands a run starts (storescu); ``pids`` are the
+    long-lived ones it talks to (servers, tunnels), read from /proc.
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self._pids = list(pids)
+        self.seconds = 0.0
+        self.wall = 0.0
+
+    def _now(self) -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime
+                + sum(cpu_seconds(pid) for pid in self._pids))
+
+    def __enter__(self) -> Self:
+        self.seconds, self.wall = -self._now(), -time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += self._now()
+        self.wall += time.perf_counter()
 
 
 def resident_kib(pid: int) -> int:

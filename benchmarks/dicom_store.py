@@ -76,7 +76,7 @@ class StoreScp:
                         str(self.port)]
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"storescp-{self.port}.log").open("wb") as log_file:
-            children.popen(self.command, stdout=log_file, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+            self.pid = children.popen(self.command, stdout=log_file, stderr=subprocess.STDOUT, env=DCMTK_ENV).pid
         wait_until(self._answers, f"storescp on 127.0.0.1:{self.port}")
 
     def _answers(self) -> bool:

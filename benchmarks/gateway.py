@@ -6,7 +6,9 @@ Run: python3 benchmarks/gateway.py [--size BYTES] [--rounds N]
 Targets: tunnel none+md5 >= 0.5x plain TCP; tunnel DES-CBC+DES-MAC >= 0.9x the engine's DES-CBC+DES-MAC
 rate (1 MiB messages over the blocking transport, as benchmarks/core.py measures it). Every transport runs
 once per round, back to back, and each ratio is taken within its round (the machine is shared and noisy);
-medians over the rounds are printed. `benchmarks/run.py` has the wider DICOM comparison (every suite,
+medians over the rounds are printed. Beside each rate, the CPU time every process of that transfer used
+(storescu, storescp, the tunnels, or both ends of a link) per 100 MB: on two cores, a transfer that keeps
+both busy cannot go faster than its CPU per byte allows, whatever the scheduling. `benchmarks/run.py` has the wider DICOM comparison (every suite,
 pynetdicom, small objects); this script reuses its pieces.
 """
 
@@ -27,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import SPAWN, Children, make_token, median, use_token_in_child
+from benchmarks.common import SPAWN, Children, CpuMeter, make_token, median, use_token_in_child
 from benchmarks.dicom_store import StoreScp, Study, timed_store
 from benchmarks.gateway_pair import GatewayPair
 from benchmarks.links import iscl_rate, serve_iscl
@@ -111,14 +113,17 @@ def main() -> None:
         size = study.size
         logs = workdir / "logs"
         rates: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}  # CPU seconds per 100 MB
         with Children() as children:
             plain, secure = StoreScp(children, None, logs), StoreScp(children, credentials, logs)
             tunnels = {suite: GatewayPair(children, token, suite, plain.port, logs / suite.replace("/", "-"))
                        for suite in TUNNEL_SUITES}
             listener = socket.create_server(("127.0.0.1", 0))
-            children.spawn(serve_iscl, [(listener, Config())], str(token.data_dir), token.label, token.pin)
+            engine_server = children.spawn(serve_iscl, [(listener, Config())], str(token.data_dir), token.label,
+                                           token.pin)
             queue = SPAWN.Queue()
-            children.spawn(serve_aio, queue, list(TUNNEL_SUITES), str(token.data_dir), token.label, token.pin)
+            aio_server = children.spawn(serve_aio, queue, list(TUNNEL_SUITES), str(token.data_dir), token.label,
+                                        token.pin)
             aio_ports = {suite: queue.get(timeout=60) for suite in TUNNEL_SUITES}
             holder = Pkcs11KeyHolder(token.label, token.pin)
             payload = os.urandom(MESSAGE)
@@ -130,17 +135,23 @@ def main() -> None:
             def store_rate(port: int, tls: Credentials | None = None) -> Callable[[], float]:
                 return lambda: study.size / timed_store(port, study, tls)
 
-            runs: dict[str, Callable[[], float]] = {
-                "plain TCP": store_rate(plain.port),
-                "DCMTK TLS": store_rate(secure.port, credentials),
-                **{f"ISCL tunnel {suite}": store_rate(pair.port) for suite, pair in tunnels.items()},
-                ENGINE: engine_rate,
-                **{f"asyncio transport {suite}": functools.partial(
-                    aio_rate, port, suite, holder, payload, args.engine_seconds) for suite, port in aio_ports.items()},
+            # name: (run, the long-lived processes it keeps busy besides this one and storescu)
+            runs: dict[str, tuple[Callable[[], float], list[int]]] = {
+                "plain TCP": (store_rate(plain.port), [plain.pid]),
+                "DCMTK TLS": (store_rate(secure.port, credentials), [secure.pid]),
+                **{f"ISCL tunnel {suite}": (store_rate(pair.port), [plain.pid, *pair.pids])
+                   for suite, pair in tunnels.items()},
+                ENGINE: (engine_rate, [engine_server.pid]),
+                **{f"asyncio transport {suite}": (functools.partial(
+                    aio_rate, port, suite, holder, payload, args.engine_seconds), [aio_server.pid])
+                   for suite, port in aio_ports.items()},
             }
             for _ in range(args.rounds):
-                for name, run in runs.items():
-                    rates.setdefault(name, []).append(run())
+                for name, (run, pids) in runs.items():
+                    with CpuMeter(pids) as meter:
+                        rate = run()
+                    rates.setdefault(name, []).append(rate)
+                    cpu.setdefault(name, []).append(meter.seconds / (rate * meter.wall) * 1e8)
             holder.close()
 
     finally:
@@ -151,9 +162,9 @@ def main() -> None:
     print(f"command: python3 benchmarks/gateway.py {' '.join(sys.argv[1:])}")
     print(f"study: {study.name}, {size / 1e6:.1f} MB, one storescu association to storescp --ignore;"
           f" median of {args.rounds} rounds\n")
-    print("| transfer | MB/s |\n|---|---|")
+    print("| transfer | MB/s | CPU s per 100 MB, all its processes |\n|---|---|---|")
     for name, values in rates.items():
-        print(f"| {name} | {median(values) / 1e6:.1f} |")
+        print(f"| {name} | {median(values) / 1e6:.1f} | {median(cpu[name]):.2f} |")
     print("\n| ratio (within each round) | median | target |\n|---|---|---|")
     for name, (top, bottom, target) in RATIOS.items():
         ratio = median([t / b for t, b in zip(rates[top], rates[bottom], strict=True)])
