@@ -81,14 +81,14 @@ _KEY_HOLDER_STATES = frozenset(
         State.SERVER_WAIT_LINE_RP,  # the client sends AUTH_RQ right behind LINE_RP
         State.SERVER_WAIT_AUTH_RQ,  # GET CHALLENGE
         State.SERVER_WAIT_PASS2,  # EXTERNAL and INTERNAL AUTHENTICATE, key derivation
-        State.SERVER_WAIT_COMPLETION,  # the handshake MAC under a derived key
         State.CLIENT_WAIT_AUTH_RP,  # the server sends PASS1 right behind AUTH_RP
         State.CLIENT_WAIT_PASS1,  # INTERNAL AUTHENTICATE, GET CHALLENGE
         State.CLIENT_WAIT_PASS3,  # EXTERNAL AUTHENTICATE, key derivation, the handshake MACs
     }
 )
 """Handshake states in which the bytes received next may hold a message that makes key-holder calls
-(one read often returns two messages the peer sent together)."""
+(one read often returns two messages the peer sent together). SERVER_WAIT_COMPLETION is not one of
+them once the handshake-MAC key and the record keys are host keys derived ahead (see may_block)."""
 
 _LINK_MESSAGES = frozenset(
     {
@@ -353,6 +353,8 @@ class Connection:
         """
         if self._deferred is not None or self._state in _KEY_HOLDER_STATES:
             return True
+        if self._state is State.SERVER_WAIT_COMPLETION:
+            return not self._derived_on_host()
         if self._state not in (State.READY, State.CLOSING):
             return False
         suite = self._outbound_suite
@@ -360,6 +362,19 @@ class Connection:
             return False
         assert self._schedule is not None
         return not (self._holder.host_record_keys and self._schedule.derived(suite))
+
+    def _derived_on_host(self) -> bool:
+        """True when the handshake-MAC key and the record keys are derived and kept in this process.
+
+        The server's prepare() derives them while the client checks pass 3, so checking the client's
+        COMPLETION is then host DES only, not worth a thread hand-off in an asyncio transport.
+        """
+        assert self._schedule is not None
+        return (
+            self._fin_key is not None
+            and self._holder.host_record_keys
+            and not self._schedule.link_blocks(self._outbound_suite)
+        )
 
     @property
     def idle(self) -> bool:

@@ -853,6 +853,34 @@ def test_the_handshake_keeps_the_promise_when_messages_arrive_together(key_id: i
     assert server.broken_promises == [] and client.broken_promises == []
 
 
+@pytest.mark.parametrize(("holder", "blocks"), [(_CountingKeyHolder, False), (_TokenKeyHolder, True)], ids=["host", "token"])
+@pytest.mark.parametrize("key_id", [1, 2, wire.SESSION_KEYS], ids=["key1", "key2", "session"])
+def test_the_clients_completion_is_host_work_once_the_server_derived_its_keys(
+    holder: type[_CountingKeyHolder], blocks: bool, key_id: int
+) -> None:
+    """The server derives the handshake-MAC key and the record keys while the client checks pass 3,
+    so checking the client's COMPLETION needs no key holder (one thread hand-off fewer per asyncio
+    link); with the keys kept in a token it is still a token operation."""
+    config = Config(enc_key_id=key_id)
+    server = _CheckedConnection(Role.SERVER, holder(AUTH_KEYS, ENC_KEYS, name="server"), config)
+    client = _CheckedConnection(Role.CLIENT, holder(AUTH_KEYS, ENC_KEYS, name="client"), config)
+    server.initiate()
+    at_completion: list[bool] = []
+    for _ in range(50):
+        moved = False
+        for sender, receiver in ((server, client), (client, server)):
+            if out := sender.data_to_send():  # (runs prepare(), as a transport does)
+                if receiver is server and server.state is State.SERVER_WAIT_COMPLETION:
+                    at_completion.append(server.may_block)
+                receiver.receive_data(out)
+                moved = True
+        if not moved:
+            break
+    assert at_completion == [blocks]
+    assert client.state is State.READY and server.state is State.READY
+    assert server.broken_promises == [] and client.broken_promises == []
+
+
 def _ready_pair(config: Config, holder: type[MemoryKeyHolder] = MemoryKeyHolder) -> ConnectionPair:
     pair = ConnectionPair(
         config,
