@@ -3,8 +3,10 @@
 Run: python3 benchmarks/core.py [--seconds S] [--handshakes N]
 
 The server runs in its own process (as it would on another machine), so sender and receiver each
-have a core. Ratios are what to compare: this machine is shared and noisy. `python3 benchmarks/run.py`
-puts these figures next to TLS, plain TCP, DICOM and the gateway.
+have a core. Ratios are what to compare: this machine is shared and noisy. Each suite's row also shows
+the CPU each end used per MiB, and the last line one end's floor at OpenSSL's DES and MD5 speeds: what
+a change to the record path saves shows there first. `python3 benchmarks/run.py` puts these figures
+next to TLS, plain TCP, DICOM and the gateway.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Children, make_token, openssl_speed
+from benchmarks.common import Children, CpuMeter, make_token, openssl_speed
 from benchmarks.links import iscl_rate, serve_iscl
 from benchmarks.loopback import SUITES
 from iscl_hsm.allocator import keep_bulk_buffers
@@ -45,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="iscl-bench-") as directory, Children() as children:
         token = make_token(Path(directory))
         holder = Pkcs11KeyHolder(token.label, token.pin, record_keys=args.record_keys)
-        children.spawn(serve_iscl, [(listeners[name], config) for name, config in configs.items()],
+        server = children.spawn(serve_iscl, [(listeners[name], config) for name, config in configs.items()],
                        str(token.data_dir), token.label, token.pin, args.record_keys)
 
         def link(name: str) -> IsclSocket:
@@ -67,19 +69,28 @@ def main() -> None:
 
         payload = os.urandom(MESSAGE)
         print(f"\nprotected payload rate, 1 MiB messages, median of {args.rounds} rounds; each round runs"
-              " `openssl speed -elapsed -evp des-cbc` just before, and the ratio is taken pair by pair")
-        print("| suite | MB/s | openssl des-cbc MB/s | ratio |")
-        print("|---|---|---|---|")
+              " `openssl speed -elapsed -evp des-cbc` just before, and the ratio is taken pair by pair. CPU is"
+              " what each end used per MiB (sender: this process; receiver: the server process)")
+        print("| suite | MB/s | openssl des-cbc MB/s | ratio | sender CPU ms/MiB | receiver CPU ms/MiB |")
+        print("|---|---|---|---|---|---|")
         for name in configs:
-            rates, refs, ratios = [], [], []
+            rates, refs, ratios, sender, receiver = [], [], [], [], []
             for _ in range(args.rounds):
                 ref = openssl_speed("des-cbc", 1)
-                rate = iscl_rate(link(name), payload, args.seconds)
+                with CpuMeter([]) as own, CpuMeter([server.pid]) as both:
+                    rate = iscl_rate(link(name), payload, args.seconds)
+                mib = rate * both.wall / MESSAGE
                 rates.append(rate)
                 refs.append(ref)
                 ratios.append(rate / ref)
+                sender.append(own.seconds / mib * 1000)
+                receiver.append((both.seconds - own.seconds) / mib * 1000)
             print(f"| {name} | {statistics.median(rates) / 1e6:.1f} | {statistics.median(refs) / 1e6:.1f} |"
-                  f" {statistics.median(ratios):.2f} |")
+                  f" {statistics.median(ratios):.2f} | {statistics.median(sender):.2f} |"
+                  f" {statistics.median(receiver):.2f} |")
+        des, md5 = openssl_speed("des-cbc", 1), openssl_speed("md5", 1)
+        print(f"\none end's floor at OpenSSL's speeds: DES {MESSAGE / des * 1000:.2f} ms/MiB,"
+              f" MD5 {MESSAGE / md5 * 1000:.2f} ms/MiB")
 
 
 if __name__ == "__main__":

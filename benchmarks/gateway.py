@@ -8,8 +8,8 @@ rate (1 MiB messages over the blocking transport, as benchmarks/core.py measures
 once per round, back to back, and each ratio is taken within its round (the machine is shared and noisy);
 medians over the rounds are printed. Beside each rate, the CPU time every process of that transfer used
 (storescu, storescp, the tunnels, or both ends of a link) per 100 MB: on two cores, a transfer that keeps
-both busy cannot go faster than its CPU per byte allows, whatever the scheduling. `benchmarks/run.py` has the wider DICOM comparison (every suite,
-pynetdicom, small objects); this script reuses its pieces.
+both busy cannot go faster than its CPU per byte allows, whatever the scheduling. `benchmarks/run.py`
+has the wider DICOM comparison (every suite, pynetdicom, small objects); this script reuses its pieces.
 """
 
 from __future__ import annotations
