@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -42,6 +43,9 @@ FLUSH_BYTES = 64 * 1024
 
 Write = Callable[[bytes], None]
 
+Outcome = MessageSent | MessageRefused | Closed | CloseRefused
+"""The peer's answer to one of our requests (a message's, or the line disconnection's)."""
+
 HANDSHAKE_TIMEOUT = 30.0
 """Seconds a handshake may take before the link is dropped (a card may need a few of them)."""
 
@@ -55,7 +59,8 @@ class IsclStream:
         self._conn = conn
         self._lock = asyncio.Lock()
         self._received: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._outcome: asyncio.Queue[MessageSent | MessageRefused | Closed | CloseRefused] = asyncio.Queue()
+        self._outcomes: deque[Outcome] = deque()  # answers nobody waits for yet; see _next_outcome()
+        self._outcome_waiters: deque[asyncio.Future[Outcome]] = deque()
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[LinkParameters] = self._loop.create_future()
         # A cancelled handshake() leaves nobody awaiting the failure; it is still raised by recv().
@@ -172,20 +177,46 @@ class IsclStream:
             wrote += len(out)
         return wrote
 
-    async def _next_outcome(self) -> MessageSent | MessageRefused | Closed | CloseRefused:
-        getter = asyncio.ensure_future(self._outcome.get())
+    async def _next_outcome(self) -> Outcome:
+        """The peer's answer to our last request, once the pump has it; the link's error if it ends first.
+
+        A plain future the pump resolves: a queue read raced against the pump task with
+        ``asyncio.wait`` cost every message a task and a handful of callbacks.
+        """
+        if self._outcomes:
+            return self._outcomes.popleft()
         assert self._pump_task is not None
-        try:
-            done, _ = await asyncio.wait({getter, self._pump_task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not getter.done():  # the pump ended first, or the caller was cancelled
-                getter.cancel()
-        if getter in done:
-            return getter.result()
-        self._raise_failure()
-        raise RemoteProtocolError(ErrorCode.CONNECTION_LOST, "the link ended before the peer answered")
+        if self._pump_task.done():
+            raise self._lost()
+        waiter: asyncio.Future[Outcome] = self._loop.create_future()
+        self._outcome_waiters.append(waiter)
+        return await waiter
+
+    def _deliver_outcome(self, outcome: Outcome) -> None:
+        """To the longest waiting caller (answers come in the order of the requests)."""
+        while self._outcome_waiters:
+            waiter = self._outcome_waiters.popleft()
+            if not waiter.done():  # (a cancelled caller's slot is skipped)
+                waiter.set_result(outcome)
+                return
+        self._outcomes.append(outcome)
+
+    def _lost(self) -> BaseException:
+        """Why no answer will come: the link's failure, or the end of the link."""
+        return self._failure or RemoteProtocolError(
+            ErrorCode.CONNECTION_LOST, "the link ended before the peer answered"
+        )
 
     async def _pump(self) -> None:
+        try:
+            await self._pump_events()
+        finally:  # whoever waits for an answer now learns that none will come
+            for waiter in self._outcome_waiters:
+                if not waiter.done():
+                    waiter.set_exception(self._lost())
+            self._outcome_waiters.clear()
+
+    async def _pump_events(self) -> None:
         try:
             while True:
                 data = await self._reader.read(READ_SIZE)
@@ -200,7 +231,7 @@ class IsclStream:
                         self._received.put_nowait(None)
                         return
                     else:
-                        self._outcome.put_nowait(event)  # type: ignore[arg-type]
+                        self._deliver_outcome(event)  # type: ignore[arg-type]
                     if isinstance(event, Closed):
                         self._received.put_nowait(None)  # a recv() waiting now or later returns None
                         return

@@ -456,6 +456,60 @@ def test_a_message_longer_than_the_peer_accepts_is_refused_and_the_link_survives
     assert (refused.length, refused.peer_max_length) == (1001, 1000)
 
 
+def test_concurrent_senders_each_get_the_answer_to_their_own_message(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    """The peer answers requests in order; three tasks sending at once each get their own answer,
+    the refusal included."""
+    messages = [b"first", bytes(1001), b"third"]
+
+    async def server_script(stream: IsclStream) -> list[bytes | None]:
+        got = [await stream.recv(), await stream.recv()]
+        await until_closed(stream)
+        return got
+
+    async def main() -> tuple[Outcome, list[BaseException | None]]:
+        served = Served(server_script)
+        async with serving(served, holders(hospitals.a), Config(max_message=1000)) as port:
+            stream = await connect(port, holders(hospitals.b))
+            results = await asyncio.gather(*(stream.send(m) for m in messages), return_exceptions=True)
+            await stream.close()
+            (server,) = await served.wait()
+        return server, results
+
+    server, results = run(main())
+    first, refused, third = results
+    assert first is None and third is None
+    assert isinstance(refused, MessageRefusedError) and refused.length == 1001
+    assert server.get() == [b"first", b"third"]
+
+
+def test_a_sender_waiting_for_the_answer_learns_that_the_line_dropped(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder],
+    mitm: Callable[[int, Callable[[str, Frame], bytes]], TamperingProxy],
+) -> None:  # fmt: skip
+    """The server's acceptance never arrives (dropped in transit), then the server goes away: the
+    send() that waits for the acceptance fails with CONNECTION_LOST instead of waiting forever."""
+
+    def drop_acceptance(direction: str, frame: Frame) -> bytes:
+        return b"" if direction == "s2c" and frame.is_(MessageId.MESSAGE_TRANSMISSION_RP) else frame.raw
+
+    async def server_script(stream: IsclStream) -> None:
+        await asyncio.sleep(0.3)  # the client is waiting for the acceptance by now; then this end aborts
+
+    async def main() -> BaseException:
+        served = Served(server_script)
+        async with serving(served, holders(hospitals.a)) as port:
+            proxy = mitm(port, drop_acceptance)
+            stream = await connect(proxy.port, holders(hospitals.b))
+            with pytest.raises(RemoteProtocolError) as caught:
+                await stream.send(b"never accepted")
+            await served.wait()
+        return caught.value
+
+    Outcome(error=run(main())).failed(RemoteProtocolError, ErrorCode.CONNECTION_LOST)
+
+
 def test_an_algorithm_mismatch_is_refused_and_the_link_survives(
     hospitals: Hospitals, holders: Callable[..., KeyHolder]
 ) -> None:
