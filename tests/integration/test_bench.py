@@ -129,3 +129,21 @@ def test_a_row_that_could_not_run_says_why() -> None:
     assert section.to_json()["rows"][1] == {
         "label": "N=1, ISCL gateway", "unavailable": "gateway not available (`python3 -m iscl_hsm tunnel` is missing)"
     }
+
+
+def test_compare_measures_an_old_revision_beside_the_working_tree(tmp_path: Path) -> None:
+    """benchmarks/compare.py: each tree measured in its own processes, the summary table and the
+    round-by-round ratio printed, and the temporary worktree removed afterwards."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/compare.py", "HEAD", "--rounds", "1", "--seconds", "0.2", "--size", "65536",
+         "--suite", "des-cbc/des-mac"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)}, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
+    for name in ("old", "new"):
+        rate, sender, receiver = (float(cell) for cell in rows[name].split("|")[2:5])
+        assert rate > 0 and sender > 0 and receiver > 0
+    assert "new ÷ old rate, round by round:" in result.stdout
+    worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True, check=True)
+    assert str(tmp_path) not in worktrees.stdout

@@ -1,0 +1,165 @@
+"""Old code against new, interleaved: one suite's loopback rate and each end's CPU per MiB.
+
+Run: python3 benchmarks/compare.py REV [--suite des-cbc/md5] [--rounds 6] [--seconds 2] [--size BYTES]
+
+REV (a commit, branch or tag) is checked out into a temporary git worktree; the working tree is the
+new code. Every round measures both, in alternating order, each in a fresh process that imports its
+own tree's iscl_hsm and talks to a server process of the same tree over loopback (blocking
+transport, one link per measurement, both ends on the SoftHSM2 token this script makes). On a shared
+machine a rate moves by 5-20% from one minute to the next; CPU per MiB moves much less, and
+interleaving puts the same noise on both sides. Judge a change by both (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN_LABEL = "compare"
+_SUITES = {"none/none", "none/md5", "none/des-mac", "des-cbc/md5", "des-cbc/des-mac"}
+_MEASURE = "--measure-in"
+"""First argument of the measuring process (internal)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rev", help="the old code: a commit, branch or tag of this repository")
+    parser.add_argument("--suite", default="des-cbc/md5", choices=sorted(_SUITES), help="encryption/MAC")
+    parser.add_argument("--rounds", type=int, default=6, help="measurements of each tree (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=1 << 20, help="message size in bytes (default: 1 MiB)")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import make_token  # (the new tree's; measurements import their own)
+
+    with tempfile.TemporaryDirectory(prefix="iscl-compare-") as work:
+        old = Path(work) / "old"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(old), args.rev], check=True)
+        try:
+            token = make_token(Path(work) / "token")
+            trees = {"old": old, "new": REPO}
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+            print(f"# {args.suite}, {args.size} B messages, {args.rounds} rounds of {args.seconds:g} s;"
+                  f" old = {args.rev}, new = the working tree")
+            for round_ in range(args.rounds):
+                order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
+                for name in order:
+                    figures = _measure(trees[name], token.environment, token.label, token.pin, args)
+                    results[name].append(figures)
+                    print(f"round {round_ + 1} {name}: {figures['rate'] / 1e6:.1f} MB/s, sender"
+                          f" {figures['sender']:.2f} ms/MiB, receiver {figures['receiver']:.2f} ms/MiB", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
+    _summary(results)
+
+
+def _measure(tree: Path, environment: dict[str, str], label: str, pin: str, args: argparse.Namespace) -> dict[str, float]:
+    """One measurement in a fresh process that imports iscl_hsm from ``tree`` only."""
+    command = [sys.executable, __file__, _MEASURE, str(tree), label, pin, args.suite, str(args.seconds), str(args.size)]
+    env = {**environment, "PYTHONPATH": str(tree), "ISCL_PIN": pin}
+    out = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"the measurement in {tree} failed:\n{out.stderr[-3000:]}")
+    figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if not figures.pop("module").startswith(str(tree)):
+        raise RuntimeError(f"the measurement in {tree} imported iscl_hsm from elsewhere")
+    return figures
+
+
+def _summary(results: dict[str, list[dict[str, float]]]) -> None:
+    ratios = [new["rate"] / old["rate"] for old, new in zip(results["old"], results["new"], strict=True)]
+    print("\n| code | MB/s (median) | sender CPU ms/MiB | receiver CPU ms/MiB |\n|---|---|---|---|")
+    for name, rows in results.items():
+        print(f"| {name} | {statistics.median(r['rate'] for r in rows) / 1e6:.1f} |"
+              f" {statistics.median(r['sender'] for r in rows):.2f} | {statistics.median(r['receiver'] for r in rows):.2f} |")
+    print(f"\nnew ÷ old rate, round by round: {' '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
+
+
+# --- the measuring process (runs with the tree under test first on sys.path) -------------------------
+
+
+def _serve(listener: Any, label: str, pin: str, suite: str) -> None:
+    """Server process: accept one link and read every message until the line is disconnected.
+
+    Like the measuring process, it imports iscl_hsm from the tree under test (first on sys.path).
+    """
+    from iscl_hsm.engine import Config
+    from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
+    from iscl_hsm.transport.blocking import IsclSocket
+
+    sock, _ = listener.accept()
+    link = IsclSocket.accept(sock, key_holder=Pkcs11KeyHolder(label, pin), config=_config(Config, suite))
+    while link.recv() is not None:
+        pass
+
+
+def _config(config_type: Any, suite: str) -> Any:
+    from iscl_hsm.wire import Encryption, Mac
+
+    encryption, mac = suite.split("/")
+    return config_type(encryption=Encryption[encryption.upper().replace("-", "_")],
+                       mac=Mac[mac.upper().replace("-", "_")], max_message=max(1 << 20, int(sys.argv[7])))
+
+
+def _measure_here() -> None:
+    import multiprocessing
+    import socket
+
+    import iscl_hsm
+    from iscl_hsm.allocator import keep_bulk_buffers
+    from iscl_hsm.engine import Config
+    from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
+    from iscl_hsm.transport.blocking import IsclSocket
+
+    _tree, label, pin, suite, seconds, size = sys.argv[2:8]
+    keep_bulk_buffers()
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(listener, label, pin, suite), daemon=True)
+    server.start()
+    config = _config(Config, suite)
+    link = IsclSocket.connect("127.0.0.1", listener.getsockname()[1], key_holder=Pkcs11KeyHolder(label, pin),
+                              config=config)
+    payload = os.urandom(int(size))
+    warm_up = time.perf_counter() + 0.3  # fresh processes first fault in their buffers and caches
+    while time.perf_counter() < warm_up:
+        link.send(payload)
+    own, theirs, started = _own_cpu(), _cpu(server.pid), time.perf_counter()
+    sent = 0
+    while not sent or time.perf_counter() - started < float(seconds):
+        link.send(payload)
+        sent += len(payload)
+    link.close()  # returns once the server has verified every message
+    elapsed = time.perf_counter() - started
+    own, theirs = _own_cpu() - own, _cpu(server.pid) - theirs
+    server.join(10)
+    mib = sent / (1 << 20)
+    print(json.dumps({"rate": sent / elapsed, "sender": own / mib * 1000, "receiver": theirs / mib * 1000,
+                      "module": iscl_hsm.__file__}))
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == [_MEASURE]:
+        _measure_here()
+    else:
+        main()
