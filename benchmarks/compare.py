@@ -94,10 +94,12 @@ def _serve(listener: Any, label: str, pin: str, suite: str) -> None:
 
     Like the measuring process, it imports iscl_hsm from the tree under test (first on sys.path).
     """
+    from iscl_hsm.allocator import keep_bulk_buffers
     from iscl_hsm.engine import Config
     from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
     from iscl_hsm.transport.blocking import IsclSocket
 
+    keep_bulk_buffers()  # as `iscl` does, and as the measuring process does
     sock, _ = listener.accept()
     link = IsclSocket.accept(sock, key_holder=Pkcs11KeyHolder(label, pin), config=_config(Config, suite))
     while link.recv() is not None:
