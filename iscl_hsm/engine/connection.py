@@ -151,9 +151,10 @@ DEFAULT_GUARD = ChallengeGuard()
 _OUTBOUND_BATCH = 8
 """Data blocks sealed per :meth:`Connection.data_to_send` call (64 KiB at the largest block length):
 few enough that the receiver starts deciphering while the sender still enciphers, enough to keep the
-per-call work (Python, one send) small. Against 4, both ends of a loopback link spent 2-3% less CPU
-per MiB with DES-CBC + MD5 and 20% less with no protection; against 16, the receiver waited longer
-for each batch and the rate fell (docs/performance.md)."""
+per-call work (Python, one send) small. Against 4: with no protection both ends of a loopback link
+spent a fifth less CPU per MiB, with MD5 alone the rate rose 5-14%, and with DES the difference was
+within this machine's noise; against 16, the receiver waited longer for each batch and DES-CBC + MD5
+lost 8% (docs/performance.md)."""
 
 _BLOCK_HEAD = struct.Struct(">4xIII")
 """MessageId, DataLength and Option of a header, for the data-block fast path."""
