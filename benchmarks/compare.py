@@ -1,11 +1,12 @@
 """Old code against new, interleaved: one suite's loopback rate and each end's CPU per MiB.
 
-Run: python3 benchmarks/compare.py REV [--suite des-cbc/md5] [--rounds 6] [--seconds 2] [--size BYTES]
+Run: python3 benchmarks/compare.py REV [--suite des-cbc/md5] [--transport blocking|asyncio] [--rounds 6]
+        [--seconds 2] [--size BYTES]
 
 REV (a commit, branch or tag) is checked out into a temporary git worktree; the working tree is the
 new code. Every round measures both, in alternating order, each in a fresh process that imports its
-own tree's iscl_hsm and talks to a server process of the same tree over loopback (blocking
-transport, one link per measurement, both ends on the SoftHSM2 token this script makes). On a shared
+own tree's iscl_hsm and talks to a server process of the same tree over loopback (one link per
+measurement, both ends on the SoftHSM2 token this script makes). On a shared
 machine a rate moves by 5-20% from one minute to the next; CPU per MiB moves much less, and
 interleaving puts the same noise on both sides. Judge a change by both (docs/performance.md).
 """
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="measurements of each tree (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement (default: %(default)s)")
     parser.add_argument("--size", type=int, default=1 << 20, help="message size in bytes (default: 1 MiB)")
+    parser.add_argument("--transport", choices=("blocking", "asyncio"), default="blocking",
+                        help="both ends' transport (default: %(default)s)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -50,7 +53,7 @@ def main() -> None:
             token = make_token(Path(work) / "token")
             trees = {"old": old, "new": REPO}
             results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-            print(f"# {args.suite}, {args.size} B messages, {args.rounds} rounds of {args.seconds:g} s;"
+            print(f"# {args.suite}, {args.transport} transport, {args.size} B messages, {args.rounds} rounds of {args.seconds:g} s;"
                   f" old = {args.rev}, new = the working tree")
             for round_ in range(args.rounds):
                 order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
@@ -66,8 +69,9 @@ def main() -> None:
 
 def _measure(tree: Path, environment: dict[str, str], label: str, pin: str, args: argparse.Namespace) -> dict[str, float]:
     """One measurement in a fresh process that imports iscl_hsm from ``tree`` only."""
-    command = [sys.executable, __file__, _MEASURE, str(tree), label, pin, args.suite, str(args.seconds), str(args.size)]
-    env = {**environment, "PYTHONPATH": str(tree), "ISCL_PIN": pin}
+    command = [sys.executable, __file__, _MEASURE, str(tree), label, args.suite, str(args.seconds), str(args.size),
+               args.transport]
+    env = {**environment, "PYTHONPATH": str(tree), "ISCL_PIN": pin}  # (not in argv, where `ps` shows it)
     out = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"the measurement in {tree} failed:\n{out.stderr[-3000:]}")
@@ -89,32 +93,47 @@ def _summary(results: dict[str, list[dict[str, float]]]) -> None:
 # --- the measuring process (runs with the tree under test first on sys.path) -------------------------
 
 
-def _serve(listener: Any, label: str, pin: str, suite: str) -> None:
+def _serve(listener: Any, label: str, pin: str, suite: str, size: int, transport: str) -> None:
     """Server process: accept one link and read every message until the line is disconnected.
 
     Like the measuring process, it imports iscl_hsm from the tree under test (first on sys.path).
     """
+    import asyncio
+
     from iscl_hsm.allocator import keep_bulk_buffers
-    from iscl_hsm.engine import Config
+    from iscl_hsm.engine import Config, Role
     from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
+    from iscl_hsm.transport import aio
     from iscl_hsm.transport.blocking import IsclSocket
 
     keep_bulk_buffers()  # as `iscl` does, and as the measuring process does
     sock, _ = listener.accept()
-    link = IsclSocket.accept(sock, key_holder=Pkcs11KeyHolder(label, pin), config=_config(Config, suite))
-    while link.recv() is not None:
-        pass
+    holder, config = Pkcs11KeyHolder(label, pin), _config(Config, suite, size)
+    if transport == "blocking":
+        link = IsclSocket.accept(sock, key_holder=holder, config=config)
+        while link.recv() is not None:
+            pass
+        return
+
+    async def read_all() -> None:
+        stream = await aio.handshake_on(sock, Role.SERVER, key_holder=holder, config=config)
+        while await stream.recv() is not None:
+            pass
+
+    asyncio.run(read_all())
 
 
-def _config(config_type: Any, suite: str) -> Any:
+def _config(config_type: Any, suite: str, size: int) -> Any:
+    """The tree's Config for ``suite`` ("des-cbc/md5"), taking messages of ``size`` bytes."""
     from iscl_hsm.wire import Encryption, Mac
 
     encryption, mac = suite.split("/")
     return config_type(encryption=Encryption[encryption.upper().replace("-", "_")],
-                       mac=Mac[mac.upper().replace("-", "_")], max_message=max(1 << 20, int(sys.argv[7])))
+                       mac=Mac[mac.upper().replace("-", "_")], max_message=max(1 << 20, size))
 
 
 def _measure_here() -> None:
+    import asyncio
     import multiprocessing
     import socket
 
@@ -122,32 +141,50 @@ def _measure_here() -> None:
     from iscl_hsm.allocator import keep_bulk_buffers
     from iscl_hsm.engine import Config
     from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
+    from iscl_hsm.transport import aio
     from iscl_hsm.transport.blocking import IsclSocket
 
-    _tree, label, pin, suite, seconds, size = sys.argv[2:8]
+    _tree, label, suite, seconds, size_text, transport = sys.argv[2:8]
+    pin, size = os.environ["ISCL_PIN"], int(size_text)
     keep_bulk_buffers()
     listener = socket.create_server(("127.0.0.1", 0))
-    server = multiprocessing.get_context("spawn").Process(target=_serve, args=(listener, label, pin, suite), daemon=True)
+    server = multiprocessing.get_context("spawn").Process(
+        target=_serve, args=(listener, label, pin, suite, size, transport), daemon=True
+    )
     server.start()
-    config = _config(Config, suite)
-    link = IsclSocket.connect("127.0.0.1", listener.getsockname()[1], key_holder=Pkcs11KeyHolder(label, pin),
-                              config=config)
-    payload = os.urandom(int(size))
-    warm_up = time.perf_counter() + 0.3  # fresh processes first fault in their buffers and caches
-    while time.perf_counter() < warm_up:
-        link.send(payload)
-    own, theirs, started = _own_cpu(), _cpu(server.pid), time.perf_counter()
-    sent = 0
-    while not sent or time.perf_counter() - started < float(seconds):
-        link.send(payload)
-        sent += len(payload)
-    link.close()  # returns once the server has verified every message
-    elapsed = time.perf_counter() - started
-    own, theirs = _own_cpu() - own, _cpu(server.pid) - theirs
+    address, holder, config = listener.getsockname(), Pkcs11KeyHolder(label, pin), _config(Config, suite, size)
+    payload = os.urandom(size)
+
+    async def transfer() -> dict[str, float]:
+        """Send for ``seconds`` after a warm-up; the same loop for both transports."""
+        if transport == "blocking":
+            link = IsclSocket.connect(*address, key_holder=holder, config=config)
+
+            async def send(data: bytes) -> None:
+                link.send(data)
+
+            async def close() -> None:
+                link.close()
+        else:
+            stream = await aio.open_connection(*address, key_holder=holder, config=config)
+            send, close = stream.send, stream.close
+        warm_up = time.perf_counter() + 0.3  # fresh processes first fault in their buffers and caches
+        while time.perf_counter() < warm_up:
+            await send(payload)
+        own, theirs, started = _own_cpu(), _cpu(server.pid), time.perf_counter()
+        sent = 0
+        while not sent or time.perf_counter() - started < float(seconds):
+            await send(payload)
+            sent += len(payload)
+        await close()  # returns once the server has verified every message
+        elapsed = time.perf_counter() - started
+        mib = sent / (1 << 20)
+        return {"rate": sent / elapsed, "sender": (_own_cpu() - own) / mib * 1000,
+                "receiver": (_cpu(server.pid) - theirs) / mib * 1000}
+
+    figures = asyncio.run(transfer())
     server.join(10)
-    mib = sent / (1 << 20)
-    print(json.dumps({"rate": sent / elapsed, "sender": own / mib * 1000, "receiver": theirs / mib * 1000,
-                      "module": iscl_hsm.__file__}))
+    print(json.dumps({**figures, "module": iscl_hsm.__file__}))
 
 
 def _own_cpu() -> float:

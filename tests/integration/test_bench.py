@@ -131,12 +131,13 @@ def test_a_row_that_could_not_run_says_why() -> None:
     }
 
 
-def test_compare_measures_an_old_revision_beside_the_working_tree(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["blocking", "asyncio"])
+def test_compare_measures_an_old_revision_beside_the_working_tree(tmp_path: Path, transport: str) -> None:
     """benchmarks/compare.py: each tree measured in its own processes, the summary table and the
     round-by-round ratio printed, and the temporary worktree removed afterwards."""
     result = subprocess.run(
         [sys.executable, "benchmarks/compare.py", "HEAD", "--rounds", "1", "--seconds", "0.2", "--size", "65536",
-         "--suite", "des-cbc/des-mac"],
+         "--suite", "des-cbc/des-mac", "--transport", transport],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)}, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
