@@ -840,17 +840,27 @@ def test_the_handshake_keeps_the_promise_when_messages_arrive_together(key_id: i
     config = Config(enc_key_id=key_id)
     server = _CheckedConnection(Role.SERVER, _CountingKeyHolder(AUTH_KEYS, ENC_KEYS, name="server"), config)
     client = _CheckedConnection(Role.CLIENT, _CountingKeyHolder(AUTH_KEYS, ENC_KEYS, name="client"), config)
+    _handshake_in_whole_writes(server, client)
+    assert client.state is State.READY and server.state is State.READY
+    assert server.broken_promises == [] and client.broken_promises == []
+
+
+def _handshake_in_whole_writes(
+    server: _CheckedConnection, client: _CheckedConnection, before_server_reads: Callable[[], None] = lambda: None
+) -> None:
+    """Run the handshake as a transport would: each end's whole output (prepare() run after taking
+    it) delivered in one call, so messages sent together arrive together."""
     server.initiate()
     for _ in range(50):
         moved = False
         for sender, receiver in ((server, client), (client, server)):
             if out := sender.data_to_send():  # (runs prepare(), as a transport does)
+                if receiver is server:
+                    before_server_reads()
                 receiver.receive_data(out)
                 moved = True
         if not moved:
             break
-    assert client.state is State.READY and server.state is State.READY
-    assert server.broken_promises == [] and client.broken_promises == []
 
 
 @pytest.mark.parametrize(("holder", "blocks"), [(_CountingKeyHolder, False), (_TokenKeyHolder, True)], ids=["host", "token"])
@@ -864,18 +874,13 @@ def test_the_clients_completion_is_host_work_once_the_server_derived_its_keys(
     config = Config(enc_key_id=key_id)
     server = _CheckedConnection(Role.SERVER, holder(AUTH_KEYS, ENC_KEYS, name="server"), config)
     client = _CheckedConnection(Role.CLIENT, holder(AUTH_KEYS, ENC_KEYS, name="client"), config)
-    server.initiate()
     at_completion: list[bool] = []
-    for _ in range(50):
-        moved = False
-        for sender, receiver in ((server, client), (client, server)):
-            if out := sender.data_to_send():  # (runs prepare(), as a transport does)
-                if receiver is server and server.state is State.SERVER_WAIT_COMPLETION:
-                    at_completion.append(server.may_block)
-                receiver.receive_data(out)
-                moved = True
-        if not moved:
-            break
+
+    def note_completion_promise() -> None:
+        if server.state is State.SERVER_WAIT_COMPLETION:
+            at_completion.append(server.may_block)
+
+    _handshake_in_whole_writes(server, client, note_completion_promise)
     assert at_completion == [blocks]
     assert client.state is State.READY and server.state is State.READY
     assert server.broken_promises == [] and client.broken_promises == []
