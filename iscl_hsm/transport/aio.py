@@ -12,6 +12,7 @@ keeps engine calls and the writes of their output in order.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -68,9 +69,11 @@ class IsclStream:
         self._failure: BaseException | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self.parameters: LinkParameters | None = None
+        self._incoming = select.poll()  # tells whether the peer's answer has come, see _seal_until_answered()
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._incoming.register(sock.fileno(), select.POLLIN)
 
     @property
     def connection(self) -> Connection:
@@ -91,6 +94,7 @@ class IsclStream:
     async def send(self, data: bytes) -> None:
         """Send one secured message; raises :class:`MessageRefusedError` on NAK."""
         await self._call(self._conn.send_message, data)  # (prepare() seals its start ahead)
+        await self._seal_until_answered()
         outcome = await self._next_outcome()
         if isinstance(outcome, MessageRefused):
             raise refused_error(outcome)
@@ -169,6 +173,20 @@ class IsclStream:
             if not wrote:
                 return
             await self._writer.drain()
+
+    async def _seal_until_answered(self) -> None:
+        """Seal more of the requested message until the peer's answer comes, as the blocking transport does.
+
+        The peer answers once it has worked through the previous message, a batch or two behind us:
+        without this the sender would sit idle that long on every message. Each step is short, and
+        the loop stops as soon as anything arrives, so the pump reads the answer one step later at most.
+        """
+        assert self._pump_task is not None
+        while not (self._outcomes or self._pump_task.done() or self._incoming.poll(0)):
+            async with self._lock:
+                if not await self._engine(lambda _write: self._conn.seal_ahead()):
+                    return
+            await asyncio.sleep(0)  # (the pump, and every other link on the loop, run in between)
 
     def _seal_some(self, write: Write) -> int:
         wrote = 0

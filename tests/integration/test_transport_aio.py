@@ -430,8 +430,13 @@ def test_messages_verified_before_a_failure_are_still_delivered(
 # --- refusals that leave the link up ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("length", "server_max"),
+    [(1001, 1000), (3 << 20, 1 << 20)],  # the second is sealed ahead in steps while the refusal is on its way
+    ids=["short", "long"],
+)
 def test_a_message_longer_than_the_peer_accepts_is_refused_and_the_link_survives(
-    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], length: int, server_max: int
 ) -> None:
     async def server_script(stream: IsclStream) -> tuple[bytes | None, Any]:
         got = await stream.recv()
@@ -440,20 +445,63 @@ def test_a_message_longer_than_the_peer_accepts_is_refused_and_the_link_survives
 
     async def main() -> tuple[Outcome, MessageRefusedError]:
         served = Served(server_script)
-        async with serving(served, holders(hospitals.a), Config(max_message=1000)) as port:
-            stream = await connect(port, holders(hospitals.b))
+        async with serving(served, holders(hospitals.a), Config(max_message=server_max)) as port:
+            stream = await connect(port, holders(hospitals.b), Config(max_message=4 << 20))
             with pytest.raises(MessageRefusedError) as caught:
-                await stream.send(bytes(1001))
-            await stream.send(b"x" * 1000)
+                await stream.send(bytes(length))
+            await stream.send(b"x" * server_max)  # the chain is where it was before the refused message
             await stream.close()
             (server,) = await served.wait()
         return server, caught.value
 
     server, refused = run(main())
     got, peer_request = server.get()
-    assert got == b"x" * 1000 and peer_request.length == 1001
+    assert got == b"x" * server_max and peer_request.length == length
     assert refused.code is ErrorCode.PEER_LENGTH_TOO_SMALL
-    assert (refused.length, refused.peer_max_length) == (1001, 1000)
+    assert (refused.length, refused.peer_max_length) == (length, server_max)
+
+
+def test_the_sender_keeps_sealing_while_the_acceptance_is_on_its_way(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder],
+    mitm: Callable[[int, Callable[[str, Frame], bytes]], TamperingProxy],
+) -> None:  # fmt: skip
+    """The acceptance is held up in transit: send() seals more of the message in steps meanwhile
+    (not just the start that prepare() seals), and the message still arrives whole."""
+    message = os.urandom(1 << 20)
+
+    def slow_acceptance(direction: str, frame: Frame) -> bytes:
+        if direction == "s2c" and frame.is_(MessageId.MESSAGE_TRANSMISSION_RP):
+            threading.Event().wait(0.3)
+        return frame.raw
+
+    async def server_script(stream: IsclStream) -> bytes | None:
+        got = await stream.recv()
+        await until_closed(stream)
+        return got
+
+    async def main() -> tuple[Outcome, int]:
+        served = Served(server_script)
+        async with serving(served, holders(hospitals.a)) as port:
+            proxy = mitm(port, slow_acceptance)
+            stream = await connect(proxy.port, holders(hospitals.b))
+            conn, sealed = stream.connection, 0
+            seal_ahead = conn.seal_ahead
+
+            def counting() -> bool:
+                nonlocal sealed
+                step = seal_ahead()
+                sealed += step
+                return step
+
+            conn.seal_ahead = counting  # type: ignore[method-assign]
+            await stream.send(message)
+            await stream.close()
+            (server,) = await served.wait()
+        return server, sealed
+
+    server, sealed_steps = run(main())
+    assert server.get() == message
+    assert sealed_steps > 1  # prepare() seals one step; the rest came while the acceptance was held up
 
 
 def test_concurrent_senders_each_get_the_answer_to_their_own_message(
