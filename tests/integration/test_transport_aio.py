@@ -97,6 +97,13 @@ async def until_closed(stream: IsclStream) -> None:
     assert await stream.recv() is None, "expected the peer to disconnect the line"
 
 
+async def one_message(stream: IsclStream) -> bytes | None:
+    """A server script: the first message, once the peer has disconnected the line."""
+    got = await stream.recv()
+    await until_closed(stream)
+    return got
+
+
 # --- every suite, both ways ---------------------------------------------------------------------
 
 
@@ -474,13 +481,8 @@ def test_the_sender_keeps_sealing_while_the_acceptance_is_on_its_way(
             threading.Event().wait(0.3)
         return frame.raw
 
-    async def server_script(stream: IsclStream) -> bytes | None:
-        got = await stream.recv()
-        await until_closed(stream)
-        return got
-
     async def main() -> tuple[Outcome, int]:
-        served = Served(server_script)
+        served = Served(one_message)
         async with serving(served, holders(hospitals.a)) as port:
             proxy = mitm(port, slow_acceptance)
             stream = await connect(proxy.port, holders(hospitals.b))
@@ -607,13 +609,8 @@ def test_a_refused_close_leaves_the_link_up(hospitals: Hospitals, holders: Calla
 def test_a_message_longer_than_this_end_allows_is_refused_locally(
     hospitals: Hospitals, holders: Callable[..., KeyHolder]
 ) -> None:
-    async def server_script(stream: IsclStream) -> bytes | None:
-        got = await stream.recv()
-        await until_closed(stream)
-        return got
-
     async def main() -> tuple[Outcome, LocalProtocolError]:
-        served = Served(server_script)
+        served = Served(one_message)
         async with serving(served, holders(hospitals.a)) as port:
             stream = await connect(port, holders(hospitals.b), Config(max_message=100))
             with pytest.raises(LocalProtocolError) as caught:
