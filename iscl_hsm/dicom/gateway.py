@@ -31,6 +31,7 @@ from ..errors import ErrorCode, IsclError
 from ..keyholder.base import KeyHolder
 from ..transport import aio
 from ..transport.relay import DEFAULT_CHUNK, Address, Link, LinkRecord
+from .pdu import announces_data_set
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class Tunnel:
         s = self.settings
         return Link(
             LinkRecord(source, target), plain=plain, iscl=iscl, chunk_size=s.chunk_size, idle_timeout=s.idle_timeout,
-            logger=log,
+            logger=log, coalesce=announces_data_set,
         )
 
     async def _serve(self, link: Link, connect: Awaitable[None]) -> None:

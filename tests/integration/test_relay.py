@@ -13,12 +13,17 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+import pytest
+
+from iscl_hsm.dicom.pdu import announces_data_set
 from iscl_hsm.engine import Config
 from iscl_hsm.errors import ErrorCode, RemoteProtocolError
 from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.transport import aio
+from iscl_hsm.transport import relay as relay_module
 from iscl_hsm.transport.relay import Address, Link, LinkRecord
 from iscl_hsm.wire import MessageId
+from tests.dimse import echo_request, store_request
 from tests.helpers import Frame
 
 from .conftest import Hospitals, TamperingProxy
@@ -38,7 +43,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 async def relay(
     far: Far, app: App, a: KeyHolder, b: KeyHolder, *, far_config: Config | None = None,
-    via: Callable[[int], int] = lambda port: port,
+    via: Callable[[int], int] = lambda port: port, coalesce: Callable[[bytes], bool] | None = None,
 ) -> Link:  # fmt: skip
     """Run ``far`` on A's side of an ISCL link, ``app`` on the plain side of a Link to B's side; the Link."""
     far_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -56,7 +61,7 @@ async def relay(
         app_end, link_end = socket.socketpair()
         link = Link(
             LinkRecord(Address("app", 0), Address.of(stream.peer)), plain="the test application",
-            iscl=str(Address.of(stream.peer)), chunk_size=1024 * 1024,
+            iscl=str(Address.of(stream.peer)), chunk_size=1024 * 1024, coalesce=coalesce,
         )  # fmt: skip
         link.attach_plain(*await asyncio.open_connection(sock=link_end))
         link.attach_iscl(stream)
@@ -106,6 +111,72 @@ def test_a_message_refused_as_too_long_is_split_to_the_peers_maximum(hospitals: 
     assert b"".join(messages) == data
     assert max(len(m) for m in messages) == 1000  # nothing longer got through; the refused 5000 bytes came again
     assert link.record.plain_to_iscl == 5000
+
+
+async def collect(stream: aio.IsclStream, messages: list[bytes]) -> None:
+    """The far end: keep every message until the line is disconnected."""
+    while (message := await stream.recv()) is not None:
+        messages.append(message)
+
+
+def test_a_command_and_the_data_set_it_announces_go_out_as_one_message(
+    hospitals: Hospitals, holders: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The application writes the data set only once the link has read the command and is waiting for more."""
+    monkeypatch.setattr(relay_module, "COALESCE_WAIT", TIMEOUT)  # the wait's length is not what is tested
+    command, *data_set = store_request()
+    waiting = asyncio.Event()
+    messages: list[bytes] = []
+
+    def coalesce(data: bytes) -> bool:
+        if announces := announces_data_set(data):
+            waiting.set()
+        return announces
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(command)
+        await waiting.wait()
+        writer.write(b"".join(data_set))
+        writer.write_eof()
+        assert await reader.read() == b""
+
+    link = run(relay(lambda s: collect(s, messages), app, holders(hospitals.a), holders(hospitals.b), coalesce=coalesce))
+    assert link.error is None
+    assert messages == [command + b"".join(data_set)]
+
+
+@pytest.mark.parametrize(
+    ("first", "wait"),
+    [(store_request()[0], 0.01), (echo_request(), 10 * TIMEOUT)],
+    ids=["data-set-late", "nothing-announced"],
+)
+def test_a_read_goes_out_alone_when_nothing_more_comes_in_time_or_nothing_is_announced(
+    hospitals: Hospitals, holders: Any, monkeypatch: pytest.MonkeyPatch, first: bytes, wait: float
+) -> None:
+    """The application sends more only after the far end has received its first read: that read went alone.
+
+    With nothing announced the link must not wait at all: a wait longer than the test's timeout
+    would fail it.
+    """
+    monkeypatch.setattr(relay_module, "COALESCE_WAIT", wait)
+    later = os.urandom(100)
+    messages: list[bytes] = []
+
+    async def far(stream: aio.IsclStream) -> None:
+        messages.append(await stream.recv() or b"")
+        await stream.send(b"got it")
+        await collect(stream, messages)
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(first)
+        assert await reader.readexactly(6) == b"got it"
+        writer.write(later)
+        writer.write_eof()
+        assert await reader.read() == b""
+
+    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), coalesce=announces_data_set))
+    assert link.error is None
+    assert messages == [first, later]
 
 
 def test_a_failure_resets_the_plain_side_and_forwards_nothing_after_it(
