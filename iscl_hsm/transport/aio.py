@@ -60,8 +60,7 @@ class IsclStream:
         self._conn = conn
         self._lock = asyncio.Lock()
         self._received: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._outcomes: deque[Outcome] = deque()  # answers nobody waits for yet; see _next_outcome()
-        self._outcome_waiters: deque[asyncio.Future[Outcome]] = deque()
+        self._answers: deque[asyncio.Future[Outcome]] = deque()  # one per request awaiting its answer; see _request()
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[LinkParameters] = self._loop.create_future()
         # A cancelled handshake() leaves nobody awaiting the failure; it is still raised by recv().
@@ -93,9 +92,9 @@ class IsclStream:
 
     async def send(self, data: bytes) -> None:
         """Send one secured message; raises :class:`MessageRefusedError` on NAK."""
-        await self._call(self._conn.send_message, data)  # (prepare() seals its start ahead)
-        await self._seal_until_answered()
-        outcome = await self._next_outcome()
+        answer = await self._request(self._conn.send_message, data)  # (prepare() seals its start ahead)
+        await self._seal_until_answered(answer)
+        outcome = await self._answer(answer)
         if isinstance(outcome, MessageRefused):
             raise refused_error(outcome)
         await self._flush_all()
@@ -116,10 +115,11 @@ class IsclStream:
 
     async def close(self) -> None:
         """Line disconnection protocol, then close the socket (just that if the peer disconnected first)."""
-        if not await self._call(self._start_close):
+        answer: asyncio.Future[Outcome] = self._loop.create_future()
+        if not await self._call(self._start_close, answer=answer):
             await self._shutdown()
             return
-        outcome = await self._next_outcome()
+        outcome = await self._answer(answer)
         if isinstance(outcome, CloseRefused):
             raise RemoteProtocolError(ErrorCode.PEER_REFUSED_CLOSE, "the peer refused to disconnect the line")
         await self._shutdown()
@@ -137,18 +137,33 @@ class IsclStream:
         self._conn.close()
         return True
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """One engine call, the output it produced and the work it deferred, in order."""
+    async def _request(self, fn: Callable[..., object], *args: Any) -> asyncio.Future[Outcome]:
+        """Make a request the peer answers; the future its answer will resolve."""
+        answer: asyncio.Future[Outcome] = self._loop.create_future()
+        await self._call(fn, *args, answer=answer)
+        return answer
+
+    async def _call(self, fn: Callable[..., T], *args: Any, answer: asyncio.Future[Outcome] | None = None) -> T:
+        """One engine call, the output it produced and the work it deferred, in order.
+
+        With ``answer``, the call is a request the peer will answer: if the engine takes it (and
+        returns true, for a close), ``answer`` joins the queue of answers right there, under the
+        lock, so that answers reach the callers that asked even when several send at once.
+        """
         self._raise_failure()
         async with self._lock:
-            result, wrote = await self._engine(lambda write: self._step(write, fn, *args))
+            result, wrote = await self._engine(lambda write: self._step(write, fn, *args, answer=answer))
         if wrote:  # (draining a writer the pump has closed would raise)
             await self._writer.drain()
         return result
 
-    def _step(self, write: Write, fn: Callable[..., T], *args: Any) -> tuple[T, bool]:
+    def _step(
+        self, write: Write, fn: Callable[..., T], *args: Any, answer: asyncio.Future[Outcome] | None = None
+    ) -> tuple[T, bool]:
         """Call the engine, write its output, then run what it deferred (it overlaps with the peer)."""
         result = fn(*args)
+        if answer is not None and result is not False:
+            self._answers.append(answer)  # (deque appends are atomic: this may run in a worker thread)
         out = self._conn.data_to_send()
         if out:
             write(out)
@@ -174,7 +189,7 @@ class IsclStream:
                 return
             await self._writer.drain()
 
-    async def _seal_until_answered(self) -> None:
+    async def _seal_until_answered(self, answer: asyncio.Future[Outcome]) -> None:
         """Seal more of the requested message until the peer's answer comes, as the blocking transport does.
 
         The peer answers once it has worked through the previous message, a batch or two behind us:
@@ -182,7 +197,7 @@ class IsclStream:
         the loop stops as soon as anything arrives, so the pump reads the answer one step later at most.
         """
         assert self._pump_task is not None
-        while not (self._outcomes or self._pump_task.done() or self._incoming.poll(0)):
+        while not (answer.done() or self._pump_task.done() or self._incoming.poll(0)):
             async with self._lock:
                 if not await self._engine(lambda _write: self._conn.seal_ahead()):
                     return
@@ -195,29 +210,24 @@ class IsclStream:
             wrote += len(out)
         return wrote
 
-    async def _next_outcome(self) -> Outcome:
-        """The peer's answer to our last request, once the pump has it; the link's error if it ends first.
+    async def _answer(self, answer: asyncio.Future[Outcome]) -> Outcome:
+        """The peer's answer to a request, once the pump has it; the link's error if it ends first.
 
         A plain future the pump resolves: a queue read raced against the pump task with
         ``asyncio.wait`` cost every message a task and a handful of callbacks.
         """
-        if self._outcomes:
-            return self._outcomes.popleft()
         assert self._pump_task is not None
-        if self._pump_task.done():
+        if not answer.done() and self._pump_task.done():
             raise self._lost()
-        waiter: asyncio.Future[Outcome] = self._loop.create_future()
-        self._outcome_waiters.append(waiter)
-        return await waiter
+        return await answer
 
     def _deliver_outcome(self, outcome: Outcome) -> None:
-        """To the longest waiting caller (answers come in the order of the requests)."""
-        while self._outcome_waiters:
-            waiter = self._outcome_waiters.popleft()
-            if not waiter.done():  # (a cancelled caller's slot is skipped)
-                waiter.set_result(outcome)
-                return
-        self._outcomes.append(outcome)
+        """To the request it answers: the oldest one (answers come in the order of the requests).
+
+        A caller that stopped waiting (cancelled) leaves its slot, and the answer is dropped with it.
+        """
+        if self._answers and not (answer := self._answers.popleft()).done():
+            answer.set_result(outcome)
 
     def _lost(self) -> BaseException:
         """Why no answer will come: the link's failure, or the end of the link."""
@@ -229,10 +239,10 @@ class IsclStream:
         try:
             await self._pump_events()
         finally:  # whoever waits for an answer now learns that none will come
-            for waiter in self._outcome_waiters:
-                if not waiter.done():
-                    waiter.set_exception(self._lost())
-            self._outcome_waiters.clear()
+            for answer in self._answers:
+                if not answer.done():
+                    answer.set_exception(self._lost())
+            self._answers.clear()
 
     async def _pump_events(self) -> None:
         try:

@@ -506,12 +506,16 @@ def test_the_sender_keeps_sealing_while_the_acceptance_is_on_its_way(
     assert sealed_steps > 1  # prepare() seals one step; the rest came while the acceptance was held up
 
 
+@pytest.mark.parametrize(
+    ("messages", "limit"),
+    [([b"first", bytes(1001), b"third"], 1000), ([os.urandom(300_000), bytes(1 << 21), os.urandom(300_000)], 1 << 20)],
+    ids=["short", "long"],
+)
 def test_concurrent_senders_each_get_the_answer_to_their_own_message(
-    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], messages: list[bytes], limit: int
 ) -> None:
     """The peer answers requests in order; three tasks sending at once each get their own answer,
-    the refusal included."""
-    messages = [b"first", bytes(1001), b"third"]
+    the refusal included, also while the first still seals its message ahead of the answer."""
 
     async def server_script(stream: IsclStream) -> list[bytes | None]:
         got = [await stream.recv(), await stream.recv()]
@@ -520,8 +524,8 @@ def test_concurrent_senders_each_get_the_answer_to_their_own_message(
 
     async def main() -> tuple[Outcome, list[BaseException | None]]:
         served = Served(server_script)
-        async with serving(served, holders(hospitals.a), Config(max_message=1000)) as port:
-            stream = await connect(port, holders(hospitals.b))
+        async with serving(served, holders(hospitals.a), Config(max_message=limit)) as port:
+            stream = await connect(port, holders(hospitals.b), Config(max_message=2 * limit))
             results = await asyncio.gather(*(stream.send(m) for m in messages), return_exceptions=True)
             await stream.close()
             (server,) = await served.wait()
@@ -530,8 +534,8 @@ def test_concurrent_senders_each_get_the_answer_to_their_own_message(
     server, results = run(main())
     first, refused, third = results
     assert first is None and third is None
-    assert isinstance(refused, MessageRefusedError) and refused.length == 1001
-    assert server.get() == [b"first", b"third"]
+    assert isinstance(refused, MessageRefusedError) and refused.length == len(messages[1])
+    assert server.get() == [messages[0], messages[2]]
 
 
 def test_a_sender_waiting_for_the_answer_learns_that_the_line_dropped(
