@@ -131,6 +131,11 @@ class Frame:
         return f"<Frame {name} {len(self.payload)}B>"
 
 
+def everything_to_send(conn: Connection) -> bytes:
+    """All that ``conn`` has to send now: :meth:`Connection.data_to_send` until it returns nothing."""
+    return b"".join(iter(conn.data_to_send, b""))
+
+
 def split_frames(data: bytes) -> list[Frame]:
     """Cut a byte stream made of whole ISCL frames into frames."""
     frames = []

@@ -200,7 +200,10 @@ class Sealer:
     """Turns one outbound message into data blocks and a MAC block, a batch of blocks per call.
 
     A batch is one cipher call and one MAC call over several blocks (CBC over contiguous blocks is
-    the same as block by block), which keeps per-call overhead off the hot path.
+    the same as block by block), which keeps per-call overhead off the hot path. A batch's MAC work
+    waits for the next call, so the batch goes on the wire, and the receiver starts on it, before
+    the sender spends that time; the MAC block comes from the call after the last batch. At a
+    message's end the receiver then trails by one batch of its work less the sender's MAC of it.
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class Sealer:
         self._full_block_header = wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, block).encode()
         self._offset = 0
         self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, len(data)))
+        self._unmacked: memoryview | None = None  # the last batch, sent before its MAC work
         self.done = False
 
     @property
@@ -224,23 +228,24 @@ class Sealer:
 
     def next_frames(self, max_blocks: int) -> bytes:
         """Up to ``max_blocks`` MESSAGE_TRANSMISSION_NOTIFs; after the last, the MAC_TRANSMISSION_NOTIF."""
-        parts: list[bytes | memoryview] = []
-        if self._offset < len(self._data):
-            end = min(len(self._data), self._offset + max_blocks * self._block)
-            chunk = self._data[self._offset : end]
-            self._offset = end
-            self._mac.update(chunk)
-            wire_bytes: bytes | memoryview = chunk
-            if self._suite.encryption is Encryption.DES_CBC:
-                assert self._keys is not None
-                wire_bytes = memoryview(self.chain.encrypt(self._keys.cipher, pad_zero(chunk)))
-            for i in range(0, len(wire_bytes), self._block):
-                piece = wire_bytes[i : i + self._block]
-                header = self._full_block_header if len(piece) == self._block else (
-                    wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, len(piece)).encode())
-                parts += (header, piece)
+        if self._unmacked is not None:
+            self._mac.update(self._unmacked)
+            self._unmacked = None
         if self._offset >= len(self._data):
-            parts.append(self._mac_frame())
+            return self._mac_frame()
+        end = min(len(self._data), self._offset + max_blocks * self._block)
+        chunk = self._unmacked = self._data[self._offset : end]
+        self._offset = end
+        wire_bytes: bytes | memoryview = chunk
+        if self._suite.encryption is Encryption.DES_CBC:
+            assert self._keys is not None
+            wire_bytes = memoryview(self.chain.encrypt(self._keys.cipher, pad_zero(chunk)))
+        parts: list[bytes | memoryview] = []
+        for i in range(0, len(wire_bytes), self._block):
+            piece = wire_bytes[i : i + self._block]
+            header = self._full_block_header if len(piece) == self._block else (
+                wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, len(piece)).encode())
+            parts += (header, piece)
         return b"".join(parts)
 
     def _mac_frame(self) -> bytes:

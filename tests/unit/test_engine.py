@@ -35,6 +35,7 @@ from tests.helpers import (
     OTHER_KEY,
     ConnectionPair,
     assert_no_secrets,
+    everything_to_send,
     frames_of,
     make_holder,
     other,
@@ -194,11 +195,11 @@ def test_whole_stream_in_one_call() -> None:
     p.server.receive_data(p.client.data_to_send())
     p.client.receive_data(p.server.data_to_send())
     p.client.send_message(b"second")
-    stream = p.client.data_to_send()  # blocks + MAC of "first", then the request of "second"
+    stream = everything_to_send(p.client)  # blocks + MAC of "first", then the request of "second"
     events = p.server.receive_data(stream)
     assert received(events) == [b"first"]
     p.client.receive_data(p.server.data_to_send())
-    assert received(p.server.receive_data(p.client.data_to_send())) == [b"second"]
+    assert received(p.server.receive_data(everything_to_send(p.client))) == [b"second"]
 
 
 # --- block lengths -------------------------------------------------------------------------------
@@ -532,6 +533,27 @@ def test_a_message_longer_than_its_sealed_ahead_start_streams_out_and_verifies(e
     assert received(p.pump().server) == messages
 
 
+@pytest.mark.parametrize(("encryption", "mac"), itertools.product(ENCRYPTIONS, MACS))
+def test_each_batch_goes_out_before_its_mac_work_and_the_mac_block_after_the_last(
+    encryption: Encryption, mac: Mac
+) -> None:
+    """The receiver starts on a batch while the sender still works its MAC, so at a message's end it
+    trails by less than a whole batch of its own work."""
+    config = Config(encryption=encryption, mac=mac, max_message=1 << 20)
+    p = ConnectionPair(config, config)
+    p.handshake()
+    message = payload(LONG + 1000, 5)
+    p.client.send_message(message)
+    p.server.receive_data(p.client.data_to_send())
+    p.client.receive_data(p.server.data_to_send())  # the acceptance
+    outputs = list(iter(p.client.data_to_send, b""))
+    kinds = [{f.message_id for f in split_frames(out)} for out in outputs]
+    assert len(outputs) > 2
+    assert all(k == {MessageId.MESSAGE_TRANSMISSION_NOTIF} for k in kinds[:-1])
+    assert kinds[-1] == {MessageId.MAC_TRANSMISSION_NOTIF}
+    assert received(p.server.receive_data(b"".join(outputs))) == [message]
+
+
 def request_awaiting_acceptance(p: ConnectionPair, *messages: bytes) -> None:
     """Queue ``messages`` at the client and let the server answer the first request, unread as yet."""
     for message in messages:
@@ -593,7 +615,7 @@ def test_sealing_ahead_until_the_acceptance_stops_at_its_limit_and_the_message_v
     first = p.client.data_to_send()
     # What was sealed ahead goes out at once, nothing sealed after it: the receiver is waiting.
     assert _SEAL_AHEAD_LIMIT <= data_sent_in(first) < _SEAL_AHEAD_LIMIT + _SEAL_AHEAD_STEP
-    rest = b"".join(iter(p.client.data_to_send, b""))
+    rest = everything_to_send(p.client)
     assert received(p.server.receive_data(first + rest)) == [message]
 
 
@@ -601,7 +623,8 @@ def test_a_short_message_sealed_whole_ahead_goes_out_whole_with_the_next_request
     p = ConnectionPair(prepare=True)
     p.handshake()
     request_awaiting_acceptance(p, b"short", b"next")
-    assert not p.client.seal_ahead()  # prepare() sealed all of it, the MAC included
+    assert p.client.seal_ahead()  # prepare() sealed its block, the next step its MAC
+    assert not p.client.seal_ahead()  # and nothing is left
     p.client.receive_data(p.server.data_to_send())
     out = p.client.data_to_send()
     assert [f.message_id for f in split_frames(out)] == [
@@ -632,7 +655,7 @@ def test_under_unique_session_keys_sealing_starts_once_the_random_number_is_out(
     p.client.receive_data(p.server.data_to_send())  # the answer to the random number
     first = p.client.data_to_send()
     assert _SEAL_AHEAD_LIMIT <= data_sent_in(first) < _SEAL_AHEAD_LIMIT + _SEAL_AHEAD_STEP
-    rest = b"".join(iter(p.client.data_to_send, b""))
+    rest = everything_to_send(p.client)
     assert holder.calls - before == 2
     assert received(p.server.receive_data(first + rest)) == [message]
 
