@@ -14,7 +14,7 @@ import struct
 P_DATA_TF = 0x04
 """PDU type of P-DATA-TF (PS3.8 9.3.5)."""
 
-_PDU_HEAD = struct.Struct(">BxI")  # type, reserved, length of what follows
+_PDU_HEAD = struct.Struct(">BBI")  # type, reserved (zero), length of what follows
 _PDV_HEAD = struct.Struct(">IBB")  # item length (from the context id on), presentation context id, control header
 _ELEMENT_HEAD = struct.Struct("<HHI")  # group, element, value length (implicit VR little endian)
 
@@ -27,21 +27,24 @@ _NO_DATA_SET = 0x0101
 
 
 def announces_data_set(data: bytes) -> bool:
-    """True when ``data`` is whole PDUs, the last a P-DATA-TF ending with a command that has a data set.
+    """True when ``data`` is whole P-DATA-TF PDUs, the last ending with a command that has a data set.
 
     Anything else (part of a PDU, a data set fragment, an association PDU, a command split over
     several fragments, bytes that are not DICOM) is False: the caller then simply sends what it has.
+    The walk stops at the first header that is not a P-DATA-TF's, so bytes that are not PDUs (a
+    read from the middle of a PDU, a tunnel carrying something else) cost a step, not a walk.
     """
-    offset, last = 0, None
+    offset, start = 0, 0
     while offset < len(data):
         if offset + _PDU_HEAD.size > len(data):
             return False
-        pdu_type, length = _PDU_HEAD.unpack_from(data, offset)
-        last = (pdu_type, offset + _PDU_HEAD.size, offset + _PDU_HEAD.size + length)
-        offset = last[2]
-    if last is None or offset != len(data) or last[0] != P_DATA_TF:
+        pdu_type, reserved, length = _PDU_HEAD.unpack_from(data, offset)
+        if pdu_type != P_DATA_TF or reserved or length < _PDV_HEAD.size:
+            return False
+        start, offset = offset + _PDU_HEAD.size, offset + _PDU_HEAD.size + length
+    if offset != len(data) or not start:
         return False
-    return _last_pdv_announces_data_set(data, last[1], last[2])
+    return _last_pdv_announces_data_set(data, start, offset)
 
 
 def _last_pdv_announces_data_set(data: bytes, start: int, end: int) -> bool:

@@ -49,5 +49,6 @@ def test_other_pdus_and_other_bytes_do_not() -> None:
     assert not announces_data_set(A_RELEASE_RQ().encode())
     assert not announces_data_set(b"")
     assert not announces_data_set(os.urandom(200))
+    assert not announces_data_set(bytes(1 << 20))  # a tunnel carrying something else
     command = store_request()[0]
     assert not announces_data_set(b"\x05" + command[1:])  # the same bytes, another PDU type
