@@ -42,6 +42,11 @@ DEFAULT_IDLE_TIMEOUT = 12 * 3600.0
 does: a peer that vanished without closing (a pulled cable, a crashed host) would otherwise hold its
 link, and the application's connection behind it, for ever."""
 
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues for a tunnel before it accepts them (capped by net.core.somaxconn).
+asyncio's 100 let a burst of associations overflow it: the refused connection attempts are retried
+only after a second, which made the slowest of 256 simultaneous links wait that long."""
+
 
 def stopped_reason(drain_timeout: float) -> str:
     """Why a link was cancelled when its tunnel stopped (the link's log line says it)."""
@@ -93,12 +98,12 @@ class Tunnel:
         s = self.settings
         if s.mode is Mode.CLIENT:
             self._server = await asyncio.start_server(
-                self._accept_plain, s.listen.host, s.listen.port, limit=2 * s.chunk_size
+                self._accept_plain, s.listen.host, s.listen.port, limit=2 * s.chunk_size, backlog=LISTEN_BACKLOG
             )
         else:
             self._server = await aio.start_server(
                 self._accept_iscl, s.listen.host, s.listen.port,
-                key_holder=s.key_holder, config=s.config, on_error=self._handshake_failed,
+                key_holder=s.key_holder, config=s.config, on_error=self._handshake_failed, backlog=LISTEN_BACKLOG,
             )  # fmt: skip
         return self.address
 

@@ -341,11 +341,13 @@ async def start_server(
     config: Config | None = None,
     on_error: Callable[[tuple[Any, ...] | None, BaseException], None] | None = None,
     handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    backlog: int = 100,
 ) -> asyncio.Server:
     """Accept ISCL links; ``handler`` gets each authenticated stream.
 
     A handshake that fails, or does not finish within ``handshake_timeout`` seconds (a silent or
-    non-ISCL client), goes to ``on_error(peer, error)`` and its connection is dropped.
+    non-ISCL client), goes to ``on_error(peer, error)`` and its connection is dropped. ``backlog``
+    is the listening socket's queue of connections not yet accepted (asyncio's default).
     """
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -359,7 +361,7 @@ async def start_server(
             return
         await handler(stream)
 
-    return await asyncio.start_server(accept, host, port, limit=READ_SIZE)
+    return await asyncio.start_server(accept, host, port, limit=READ_SIZE, backlog=backlog)
 
 
 async def _handshake_within(stream: IsclStream, timeout: float | None) -> LinkParameters:
