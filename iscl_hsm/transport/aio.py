@@ -93,6 +93,7 @@ class IsclStream:
     async def send(self, data: bytes) -> None:
         """Send one secured message; raises :class:`MessageRefusedError` on NAK."""
         answer = await self._request(self._conn.send_message, data)  # (prepare() seals its start ahead)
+        assert answer is not None  # (send_message raises rather than decline)
         await self._seal_until_answered(answer)
         outcome = await self._answer(answer)
         if isinstance(outcome, MessageRefused):
@@ -115,8 +116,7 @@ class IsclStream:
 
     async def close(self) -> None:
         """Line disconnection protocol, then close the socket (just that if the peer disconnected first)."""
-        answer: asyncio.Future[Outcome] = self._loop.create_future()
-        if not await self._call(self._start_close, answer=answer):
+        if (answer := await self._request(self._start_close)) is None:
             await self._shutdown()
             return
         outcome = await self._answer(answer)
@@ -137,18 +137,19 @@ class IsclStream:
         self._conn.close()
         return True
 
-    async def _request(self, fn: Callable[..., object], *args: Any) -> asyncio.Future[Outcome]:
-        """Make a request the peer answers; the future its answer will resolve."""
+    async def _request(self, fn: Callable[..., object], *args: Any) -> asyncio.Future[Outcome] | None:
+        """Make a request the peer answers; the future its answer will resolve, None if ``fn``
+        declined to make one (returned False: a close after the peer's own)."""
         answer: asyncio.Future[Outcome] = self._loop.create_future()
-        await self._call(fn, *args, answer=answer)
-        return answer
+        made = await self._call(fn, *args, answer=answer)
+        return None if made is False else answer
 
     async def _call(self, fn: Callable[..., T], *args: Any, answer: asyncio.Future[Outcome] | None = None) -> T:
         """One engine call, the output it produced and the work it deferred, in order.
 
-        With ``answer``, the call is a request the peer will answer: if the engine takes it (and
-        returns true, for a close), ``answer`` joins the queue of answers right there, under the
-        lock, so that answers reach the callers that asked even when several send at once.
+        With ``answer``, the call is a request the peer will answer (see :meth:`_request`): unless
+        ``fn`` raises or declines, ``answer`` joins the queue of answers right there, under the lock,
+        so that answers reach the callers that asked even when several send at once.
         """
         self._raise_failure()
         async with self._lock:
