@@ -7,13 +7,17 @@ header of eight 32-bit fields, the version string) is marked PUBLIC below; what 
 CHOICE: every integer is an unsigned 32-bit big-endian number (network byte order, as DICOM's own
 PDUs), and every payload is a fixed sequence of such integers and fixed-length byte strings, with at
 most one variable-length byte string at the end, preceded by its length.
+
+Two wire profiles share these layouts (docs/protocol.md, "Profiles"): V1.00, the SDK builders' fields
+and nothing else, and hardened, which adds handshake MACs and always counts the authentication data.
+:class:`Layout` holds the few payload decisions that differ, one instance per profile.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, fields
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import ClassVar, Self
 
 from .errors import ErrorCode, RemoteProtocolError
@@ -27,6 +31,8 @@ MIN_BLOCK = 8  # CHOICE: one DES block
 DEFAULT_MAX_MESSAGE = 1 << 20
 MAX_AUTH_DATA = 128
 CHALLENGE_SIZE = 8
+CONTROL_LIMIT = 16 + 3 * 4 + MAX_AUTH_DATA
+"""CHOICE: no handshake or control payload is longer than this; larger lengths are refused unread."""
 ACK = 0x00000000
 NAK = 0xFFFFFFFF
 SESSION_KEYS = 0x10  # encryption key id meaning "unique session key per message"
@@ -71,6 +77,37 @@ class Mac(IntEnum):
 
 
 MAC_SIZE = {Mac.NONE: 0, Mac.MD5: 16, Mac.DES_MAC: 8}  # PUBLIC (MD5 128-bit, DES-MAC 64-bit)
+
+
+class Md5Order(Enum):
+    """PUBLIC (PS3.15 B.2): the two ways of making an MD5 MAC; a receiver must check either.
+
+    CHOICE: "encrypt the random number before applying MD5" is MD5(message || E_K(R)), the random
+    number R encrypted (one DES block, ECB) under the message's key and put after the message, so that
+    a receiver checks both orders with one MD5 pass. R is the message's session-key random number, or
+    with key ids 1..8 the link's server challenge.
+    """
+
+    ENCRYPT_OUTPUT = "encrypt-output"  # E(MD5(message)): what the LEADTOOLS SDK sends
+    ENCRYPT_RANDOM = "encrypt-random"  # MD5(message || E_K(R))
+
+
+# --- CHOICE: V1.00 padding -------------------------------------------------------------------
+# PUBLIC (LT headers): encryption always adds padding that decryption removes and checks.
+# CHOICE: the padding of RFC 1423 / PKCS#5: n bytes of value n, n = 1..8, so an aligned message gets
+# a whole block of padding. Used on the data and on the MAC block of the V1.00 profile.
+
+
+def pad_pkcs5(length: int) -> bytes:
+    """The padding that follows ``length`` bytes of plaintext: 1..8 bytes, each holding the count."""
+    n = 8 - length % 8
+    return bytes([n]) * n
+
+
+def is_pkcs5_padding(padding: bytes | memoryview) -> bool:
+    """True when ``padding`` is exactly what :func:`pad_pkcs5` adds (checked after the MAC)."""
+    n = len(padding)
+    return 1 <= n <= 8 and bytes(padding) == bytes([n]) * n
 
 # --- CHOICE: key-derivation labels -----------------------------------------------------------
 # A derived key is parity(E_KE(RS ^ RC ^ R ^ LABEL)): one ECB block under an encryption key, which
@@ -154,38 +191,93 @@ class LineConnectionRp(_Fixed):
 
 
 @dataclass(frozen=True, slots=True)
+class Layout:
+    """The payload decisions that differ between the two profiles (all CHOICE, docs/protocol.md §3).
+
+    V1.00 sends the SDK builders' fields and nothing else: authentication data only when there is
+    some (as a counted tail after the builder's fields), no handshake MACs, ErrNo always zero, and
+    MESSAGE_TRANSMISSION_RP's first field the ACK/NAK value itself. Hardened is the wire of the
+    releases before the profiles existed, unchanged.
+    """
+
+    name: str
+    finished_size: int
+    """Bytes of handshake MAC after the builder's fields of PASS3 and COMPLETION."""
+    auth_data_always_counted: bool
+    """MUTUAL_AUTH_RQ/RP carry (u32 length, data) even when there is no data."""
+    err_no_carries_code: bool
+    """A NAK's ErrNo holds the error code (else ErrNo is zero, and ignored on receipt)."""
+    rp_result_is_code: bool
+    """MESSAGE_TRANSMISSION_RP's first field holds the error code (else ACK or NAK)."""
+
+    def err_no(self, code: int) -> int:
+        """The ErrNo of a NAK refusing with ``code``."""
+        return code if self.err_no_carries_code else 0
+
+    def nak_code(self, header: Header, status: int) -> int:
+        """The error code a NAK (or a non-zero status) carries."""
+        return (header.err_no or status) if self.err_no_carries_code else status
+
+    def rp_result(self, code: int) -> int:
+        """MESSAGE_TRANSMISSION_RP's first field when refusing with ``code`` (0 accepts)."""
+        if code == 0 or self.rp_result_is_code:
+            return code
+        return NAK
+
+    def refusal_code(self, header: Header, rp: TransmissionRp, length: int) -> int:
+        """Why the peer refused our message of ``length`` bytes.
+
+        V1.00 says only NAK and the peer's largest message: a smaller largest message means 110
+        (the peer's length is too small), anything else 109 (encryption, key id or MAC differ).
+        """
+        if self.rp_result_is_code:
+            return header.err_no or rp.result
+        if rp.max_length < length:
+            return ErrorCode.PEER_LENGTH_TOO_SMALL
+        return ErrorCode.TRANSMISSION_MISMATCH
+
+
+V100_LAYOUT = Layout("v1.00", finished_size=0, auth_data_always_counted=False, err_no_carries_code=False,
+                     rp_result_is_code=False)
+HARDENED_LAYOUT = Layout("hardened", finished_size=8, auth_data_always_counted=True, err_no_carries_code=True,
+                         rp_result_is_code=True)
+
+
+@dataclass(frozen=True, slots=True)
 class MutualAuthRq:
-    """Client -> server: method, key-pair id, and the client's authentication data."""
+    """Client -> server: method, key-pair id (PUBLIC fields); then (CHOICE) the client's authentication data."""
 
     method: int
     key_id: int
-    auth_data: bytes
-    _fmt = struct.Struct(">III")
+    auth_data: bytes = b""
+    _fmt = struct.Struct(">II")
 
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.method, self.key_id, len(self.auth_data)) + self.auth_data
+    def encode(self, layout: Layout) -> bytes:
+        return self._fmt.pack(self.method, self.key_id) + _counted(self.auth_data, layout)
 
     @classmethod
-    def decode(cls, p: bytes) -> MutualAuthRq:
-        method, key_id, n = _unpack(cls._fmt, p[: cls._fmt.size], "mutual authentication request")
-        return cls(method, key_id, _tail(p, cls._fmt.size, n, "authentication data"))
+    def decode(cls, p: bytes, layout: Layout) -> MutualAuthRq:
+        what = "mutual authentication request"
+        method, key_id = _unpack(cls._fmt, p[: cls._fmt.size], what)
+        return cls(method, key_id, _counted_tail(p, cls._fmt.size, layout, what))
 
 
 @dataclass(frozen=True, slots=True)
 class MutualAuthRp:
-    """Server -> client: status and the server's authentication data."""
+    """Server -> client: status (PUBLIC field); then (CHOICE) the server's authentication data."""
 
     status: int
-    auth_data: bytes
-    _fmt = struct.Struct(">II")
+    auth_data: bytes = b""
+    _fmt = struct.Struct(">I")
 
-    def encode(self) -> bytes:
-        return self._fmt.pack(self.status, len(self.auth_data)) + self.auth_data
+    def encode(self, layout: Layout) -> bytes:
+        return self._fmt.pack(self.status) + _counted(self.auth_data, layout)
 
     @classmethod
-    def decode(cls, p: bytes) -> MutualAuthRp:
-        status, n = _unpack(cls._fmt, p[: cls._fmt.size], "mutual authentication response")
-        return cls(status, _tail(p, cls._fmt.size, n, "authentication data"))
+    def decode(cls, p: bytes, layout: Layout) -> MutualAuthRp:
+        what = "mutual authentication response"
+        (status,) = _unpack(cls._fmt, p[: cls._fmt.size], what)
+        return cls(status, _counted_tail(p, cls._fmt.size, layout, what))
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,25 +304,41 @@ class Pass2(_Fixed):
 
 
 @dataclass(frozen=True, slots=True)
-class Pass3(_Fixed):
-    """Server -> client: E_K(RC) and (CHOICE) the server's handshake MAC."""
+class Pass3:
+    """Server -> client: status, E_K(RC), option (PUBLIC fields); hardened adds the server's handshake MAC."""
 
     status: int
     response: bytes
-    option: int
-    finished: bytes
-    _fmt: ClassVar[struct.Struct] = struct.Struct(">I8sI8s")
-    _what: ClassVar[str] = "authentication pass 3"
+    option: int = 0
+    finished: bytes = b""
+    _fmt = struct.Struct(">I8sI")
+
+    def encode(self) -> bytes:
+        return self._fmt.pack(self.status, self.response, self.option) + self.finished
+
+    @classmethod
+    def decode(cls, p: bytes, layout: Layout) -> Pass3:
+        fixed = _sized(p, cls._fmt.size + layout.finished_size, "authentication pass 3")
+        status, response, option = cls._fmt.unpack_from(fixed)
+        return cls(status, response, option, bytes(fixed[cls._fmt.size :]))
 
 
 @dataclass(frozen=True, slots=True)
-class Completion(_Fixed):
-    """Client -> server: the result and (CHOICE) the client's handshake MAC."""
+class Completion:
+    """Client -> server: the authentication result (PUBLIC field); hardened adds the client's handshake MAC."""
 
     result: int
-    finished: bytes
-    _fmt: ClassVar[struct.Struct] = struct.Struct(">I8s")
-    _what: ClassVar[str] = "authentication completion"
+    finished: bytes = b""
+    _fmt = struct.Struct(">I")
+
+    def encode(self) -> bytes:
+        return self._fmt.pack(self.result) + self.finished
+
+    @classmethod
+    def decode(cls, p: bytes, layout: Layout) -> Completion:
+        fixed = _sized(p, cls._fmt.size + layout.finished_size, "authentication completion")
+        (result,) = cls._fmt.unpack_from(fixed)
+        return cls(result, bytes(fixed[cls._fmt.size :]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,9 +395,32 @@ def _unpack(fmt: struct.Struct, p: bytes, what: str) -> tuple:  # type: ignore[t
     return fmt.unpack(p)
 
 
-def _tail(p: bytes, offset: int, n: int, what: str) -> bytes:
-    if len(p) != offset + n:
+def _sized(p: bytes, size: int, what: str) -> bytes:
+    """``p`` itself, if it is ``size`` bytes long."""
+    if len(p) != size:
         raise RemoteProtocolError(
-            ErrorCode.BAD_LENGTH, f"the peer's {what} length field ({n}) does not match the message"
+            ErrorCode.BAD_LENGTH, f"the peer sent a {what} of {len(p)} bytes; {size} were expected"
         )
-    return bytes(p[offset:])
+    return p
+
+
+_COUNT = struct.Struct(">I")
+
+
+def _counted(data: bytes, layout: Layout) -> bytes:
+    """Authentication data as (u32 length, bytes); nothing at all for none under V1.00."""
+    if not data and not layout.auth_data_always_counted:
+        return b""
+    return _COUNT.pack(len(data)) + data
+
+
+def _counted_tail(p: bytes, offset: int, layout: Layout, what: str) -> bytes:
+    """The counted authentication data after the builder's fields (V1.00: may be absent)."""
+    if len(p) == offset and not layout.auth_data_always_counted:
+        return b""
+    (n,) = _unpack(_COUNT, p[offset : offset + _COUNT.size], f"{what}'s authentication data length")
+    if len(p) != offset + _COUNT.size + n:
+        raise RemoteProtocolError(
+            ErrorCode.BAD_LENGTH, f"the peer's {what} authentication data length field ({n}) does not match the message"
+        )
+    return bytes(p[offset + _COUNT.size :])

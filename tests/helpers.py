@@ -17,10 +17,38 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from iscl_hsm.engine import ChallengeGuard, Config, Connection, Event, LinkReady, Role
+import pytest
+
+from iscl_hsm.engine import ChallengeGuard, Config, Connection, Event, LinkReady, Profile, Role
 from iscl_hsm.errors import IsclError
 from iscl_hsm.keyholder.memory import MemoryKeyHolder
-from iscl_hsm.wire import HEADER_SIZE, MessageId
+from iscl_hsm.wire import HEADER_SIZE, Encryption, Mac, MessageId
+
+HARDENED_ONLY = pytest.mark.parametrize("profile", [Profile.HARDENED], ids=["hardened"])
+"""For a test of a protection only the hardened profile has."""
+V100_ONLY = pytest.mark.parametrize("profile", [Profile.V100], ids=["v1.00"])
+"""For a test of what only the V1.00 profile does."""
+
+
+def data_on_the_wire(profile: Profile, encryption: Encryption, length: int) -> int:
+    """Bytes of data blocks for a message of ``length`` bytes (docs/protocol.md, padding)."""
+    if encryption is Encryption.NONE:
+        return length
+    if profile is Profile.V100:
+        return length + 8 - length % 8  # PKCS#5: always 1..8 bytes
+    return length + -length % 8  # zeros, only up to the next multiple of 8
+
+
+def nak_err_no(profile: Profile, code: int) -> int:
+    """A NAK's ErrNo: the error code in hardened, zero in V1.00 (the SDK leaves ErrNo unused)."""
+    return code if profile is Profile.HARDENED else 0
+
+
+def cfg(profile: Profile, **settings: object) -> Config:
+    """A Config of ``profile``; V1.00's plain MD5 (encryption none) is allowed, as a test pair needs it."""
+    if profile is Profile.V100 and settings.get("encryption") is Encryption.NONE and settings.get("mac") is Mac.MD5:
+        settings.setdefault("allow_unkeyed_md5", True)
+    return Config(profile=profile, **settings)  # type: ignore[arg-type]
 
 # --- keys -------------------------------------------------------------------------------------
 
@@ -189,14 +217,18 @@ class ConnectionPair:
         server: Connection | None = None,
         client: Connection | None = None,
         prepare: bool = False,
+        profile: Profile = Profile.V100,
     ) -> None:
-        """``prepare=True`` calls each end's prepare() after taking its output, as transports do."""
+        """``prepare=True`` calls each end's prepare() after taking its output, as transports do.
+
+        ``profile`` is the profile of the ends whose Config is not given.
+        """
         guard = guard or ChallengeGuard()  # a private guard, so tests do not see each other's challenges
         self.server = server or Connection(
-            Role.SERVER, server_holder or make_holder(name="server"), server_config, guard=guard
+            Role.SERVER, server_holder or make_holder(name="server"), server_config or cfg(profile), guard=guard
         )
         self.client = client or Connection(
-            Role.CLIENT, client_holder or make_holder(name="client"), client_config, guard=guard
+            Role.CLIENT, client_holder or make_holder(name="client"), client_config or cfg(profile), guard=guard
         )
         self.intercept: Intercept | None = None
         self.prepare = prepare
@@ -277,3 +309,34 @@ class ConnectionPair:
         finally:
             self.events[to] += events
         return events
+
+
+def received(events: Iterable[object]) -> list[bytes]:
+    """The data of the verified messages among ``events``."""
+    from iscl_hsm.engine import MessageReceived
+
+    return [e.data for e in events if isinstance(e, MessageReceived)]
+
+
+def exchange(p: ConnectionPair, from_client: list[bytes], from_server: list[bytes]) -> None:
+    """Queue messages at both ends at once, pump, and check that each arrived whole and in order."""
+    for a, b in zip(from_client, from_server, strict=True):
+        p.client.send_message(a)
+        p.server.send_message(b)
+    got = p.pump()
+    assert received(got.server) == from_client
+    assert received(got.client) == from_server
+
+
+def reflecting_the_servers_challenge(p: ConnectionPair) -> Intercept:
+    """A tap that puts the server's own challenge into the client's PASS2 as the client's challenge."""
+    from iscl_hsm import wire
+
+    def reflect(role: Role, f: Frame) -> list[bytes]:
+        if role is Role.CLIENT and f.is_(MessageId.MUTUAL_AUTH_PASS2_NOTIF):
+            rs = wire.Pass1.decode(p.sent_by(Role.SERVER, MessageId.MUTUAL_AUTH_PASS1_NOTIF)[0].payload).challenge
+            p2 = wire.Pass2.decode(f.payload)
+            return [f.replace(payload=wire.Pass2(0, p2.response, rs).encode())]
+        return [f.raw]
+
+    return reflect

@@ -211,6 +211,11 @@ class DesKey:
         return f"<DesKey {_KEY_KINDS[len(self._key)]} kcv={self.kcv.hex().upper()}>"
 
     @property
+    def size(self) -> int:
+        """8 for single DES, 16 or 24 for triple DES."""
+        return len(self._key)
+
+    @property
     def kcv(self) -> bytes:
         """Key check value: the first 3 bytes of the key's encryption of eight zero bytes."""
         return self.encrypt_ecb(bytes(BLOCK_SIZE))[:3]

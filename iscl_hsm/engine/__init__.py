@@ -1,7 +1,8 @@
 """The sans-I/O ISCL engine."""
 
-from .config import Config, Role
-from .connection import DEFAULT_GUARD, ChallengeGuard, Connection, State
+from ..wire import Md5Order
+from .config import Config, Profile, Role
+from .connection import Connection
 from .events import (
     Closed,
     CloseRefused,
@@ -13,6 +14,8 @@ from .events import (
     MessageSent,
     NonSecureReceived,
 )
+from .handshake import DEFAULT_GUARD, ChallengeGuard
+from .state import Inbound, Outbound, State
 
 __all__ = [
     "DEFAULT_GUARD",
@@ -22,12 +25,16 @@ __all__ = [
     "Config",
     "Connection",
     "Event",
+    "Inbound",
     "LinkParameters",
     "LinkReady",
+    "Md5Order",
     "MessageReceived",
     "MessageRefused",
     "MessageSent",
     "NonSecureReceived",
+    "Outbound",
+    "Profile",
     "Role",
     "State",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..wire import Encryption, Mac
+from .config import Profile
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,7 @@ class LinkParameters:
     encryption: Encryption
     mac: Mac
     peer_auth_data: bytes = field(repr=False)
+    profile: Profile = Profile.V100
 
 
 class Event:

@@ -1,12 +1,11 @@
-"""Record protection: keys, the CBC chain, the MAC, and the streaming sealer and opener.
+"""Record protection: the CBC chain, the MAC, and the streaming sealer and opener.
 
-Theory (docs/protocol.md, "Message transfer"): each direction has its own keys and its own CBC chain.
-The chain starts from a zero IV when the link is authenticated and continues across every block of
-every message and across the MAC blocks (the LEADTOOLS SDK's behaviour). Data blocks go through the
-chain when encryption is DES-CBC; the MAC always does, so even with encryption "none" the MD5 digest
-is "MD5 encrypted with DES" (DICOM PS3.15 B.2). The MAC covers an 8-byte prefix, the message's
-sequence number in its direction and its length, then the message: replayed, reordered, dropped or
-truncated messages fail it.
+The two profiles differ in padding, in what the MAC covers and in how the MAC block travels; each
+supplies a :class:`RecordFormat` (iscl_hsm.engine.v100, iscl_hsm.engine.hardened) and this module
+does the rest. Data blocks go through the link's CBC chain when encryption is DES-CBC; the chain
+starts from a zero IV when the link is authenticated and runs on across every block of every message
+and across the MAC blocks (the LEADTOOLS SDK's behaviour). Which chain (one shared, or one per
+direction) is the profile's choice.
 
 Blocks are sealed and opened one communication block at a time, so that a sender and a receiver on
 two cores work in parallel on one message.
@@ -16,17 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import struct
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from .. import wire
 from ..errors import ErrorCode, RemoteProtocolError
-from ..keyholder.base import Buffer, KeyHolder, RecordKey
+from ..keyholder.base import Buffer, RecordKey
 from ..wire import Encryption, Mac
 
 ZERO_IV = bytes(8)
-_PREFIX = struct.Struct(">II")
 
 
 def xor8(*blocks: bytes) -> bytes:
@@ -57,127 +54,71 @@ class Suite:
     key_id: int
     mac: Mac
 
-    def wire_length(self, length: int) -> int:
-        """Bytes of data blocks on the wire for a message of ``length`` bytes."""
-        return length + (-length % 8) if self.encryption is Encryption.DES_CBC else length
-
     @property
-    def needs_keys(self) -> bool:
-        return self.encryption is not Encryption.NONE or self.mac is not Mac.NONE
+    def session_keys(self) -> bool:
+        return self.key_id == wire.SESSION_KEYS
 
 
 @dataclass(slots=True)
 class MessageKeys:
-    """The keys for one message in one direction (the MAC key only for DES-MAC)."""
+    """The keys for one message in one direction.
+
+    ``mac`` is the DES-MAC key (DES-MAC only). ``random`` is the random number R that V1.00's
+    "encrypt the random number" MD5 order encrypts under ``cipher``.
+    """
 
     cipher: RecordKey
     mac: RecordKey | None
-
-
-def finished_block(rs: bytes) -> bytes:
-    """The block whose derivation under encryption key N gives the handshake-MAC key: RS ^ "ISCLfini".
-
-    It depends on the server's challenge only, so each end can derive it while the other is busy
-    (the server after pass 1, the client after pass 2); the MACs cover both challenges anyway.
-    """
-    return xor8(rs, wire.LABEL_FINISHED)
-
-
-class KeySchedule:
-    """Derives the keys of one authenticated link from the two challenges.
-
-    A key is parity(E_KE(RS ^ RC ^ R ^ LABEL)) under encryption key KE, computed by the key holder
-    (INTERNAL AUTHENTICATE on a card, CKM_DES_ECB_ENCRYPT_DATA on a token). Connection keys (key id
-    1..8, R = 0) are derived once and cached; unique session keys (0x10) use encryption key number
-    ``pair_id`` (the key pair chosen for authentication) and the sender's random number R.
-    """
-
-    def __init__(self, holder: KeyHolder, pair_id: int, rs: bytes, rc: bytes, client: bool) -> None:
-        self._holder = holder
-        self._pair_id = pair_id
-        self._base = xor8(rs, rc)
-        self._client = client
-        self._cache: dict[tuple[bool, int], MessageKeys] = {}
-
-    def keys(self, outbound: bool, suite: Suite, random: bytes | None) -> MessageKeys:
-        """Keys for one message; ``random`` is R for unique session keys, else None."""
-        client_to_server = outbound == self._client
-        if suite.key_id == wire.SESSION_KEYS:
-            assert random is not None
-            blocks = self._blocks(client_to_server, suite.mac, random)
-            return self._message_keys(self._holder.derive_keys(self._pair_id, blocks))
-        if blocks := self.link_blocks(suite):  # a link's suite never changes, nor what it needs
-            self.store(suite, self._holder.derive_keys(suite.key_id, blocks))
-        return self._cache[client_to_server, suite.key_id]
-
-    def derived(self, suite: Suite) -> bool:
-        """True when no message under ``suite`` needs the key holder any more (keys cached both ways)."""
-        if suite.key_id == wire.SESSION_KEYS:
-            return False
-        return (True, suite.key_id) in self._cache and (False, suite.key_id) in self._cache
-
-    def link_blocks(self, suite: Suite) -> list[bytes]:
-        """The derivation blocks a fixed-key link still needs, both directions (client to server first).
-
-        None when the suite needs no keys, uses unique session keys, or has them derived already.
-        """
-        if not suite.needs_keys or suite.key_id == wire.SESSION_KEYS or self.derived(suite):
-            return []
-        return [*self._blocks(True, suite.mac, ZERO_IV), *self._blocks(False, suite.mac, ZERO_IV)]
-
-    def store(self, suite: Suite, keys: Sequence[RecordKey]) -> None:
-        """Cache the keys :meth:`link_blocks` derived, in the same order."""
-        half = len(keys) // 2
-        self._cache[True, suite.key_id] = self._message_keys(keys[:half])
-        self._cache[False, suite.key_id] = self._message_keys(keys[half:])
-
-    def _blocks(self, c2s: bool, mac: Mac, random: bytes) -> list[bytes]:
-        """One direction's blocks: the cipher key's, then (DES-MAC only) the MAC key's."""
-        seed = xor8(self._base, random)
-        enc_label, mac_label = (
-            (wire.LABEL_ENC_C2S, wire.LABEL_MAC_C2S) if c2s else (wire.LABEL_ENC_S2C, wire.LABEL_MAC_S2C)
-        )
-        blocks = [xor8(seed, enc_label)]
-        if mac is Mac.DES_MAC:
-            blocks.append(xor8(seed, mac_label))
-        return blocks
-
-    @staticmethod
-    def _message_keys(keys: Sequence[RecordKey]) -> MessageKeys:
-        return MessageKeys(keys[0], keys[1] if len(keys) > 1 else None)
+    random: bytes = ZERO_IV
 
 
 class Chain:
-    """One direction's CBC chain: the IV carries over from message to message."""
+    """A CBC chain: the IV carries over from message to message.
 
-    def __init__(self, iv: bytes = ZERO_IV, sequence: int = 0) -> None:
+    ``sequence`` counts the messages it carried (the hardened MAC covers it); ``moves`` counts every
+    use, so that a sealer working ahead on a :meth:`copy` can tell whether the chain moved meanwhile.
+    """
+
+    __slots__ = ("iv", "moves", "sequence")
+
+    def __init__(self, iv: bytes = ZERO_IV, sequence: int = 0, moves: int = 0) -> None:
         self.iv = iv
         self.sequence = sequence
+        self.moves = moves
 
     def copy(self) -> Chain:
         """A chain that goes on from here without moving this one (for sealing ahead of an ACK)."""
-        return Chain(self.iv, self.sequence)
+        return Chain(self.iv, self.sequence, self.moves)
+
+    def adopt(self, other: Chain) -> None:
+        """Take over where ``other`` (a copy of this chain) has got to."""
+        self.iv, self.sequence, self.moves = other.iv, other.sequence, other.moves
 
     def encrypt(self, key: RecordKey, data: Buffer) -> bytes:
         out = key.encrypt_cbc(self.iv, data)
         if out:
             self.iv = out[-8:]
+            self.moves += 1
         return out
 
     def decrypt(self, key: RecordKey, data: Buffer) -> bytes:
         out = key.decrypt_cbc(self.iv, data)
         if data:
             self.iv = bytes(data[-8:])
+            self.moves += 1
         return out
 
 
-class _MacState:
-    """Streaming MAC over prefix || message: MD5, or DES-MAC kept as a running CBC value."""
+class MacState:
+    """Streaming MAC over ``prefix`` and a message: MD5, or DES-MAC kept as a running CBC value."""
 
-    def __init__(self, mac: Mac, key: RecordKey | None, prefix: bytes) -> None:
+    def __init__(self, mac: Mac, key: RecordKey | None, prefix: bytes = b"") -> None:
         self._key = key if mac is Mac.DES_MAC else None
         self._md5 = hashlib.md5(prefix) if mac is Mac.MD5 else None
-        self._cbc = self._key.encrypt_cbc(ZERO_IV, prefix)[-8:] if self._key is not None else ZERO_IV
+        self._cbc = ZERO_IV
+        if self._key is not None and prefix:
+            self._cbc = self._key.encrypt_cbc(ZERO_IV, pad_zero(prefix))[-8:]
+        self._empty = not prefix
 
     def update(self, chunk: Buffer) -> None:
         """Add a chunk; every chunk but the last is a multiple of 8 bytes."""
@@ -185,15 +126,53 @@ class _MacState:
             self._md5.update(chunk)
         elif self._key is not None and chunk:
             self._cbc = self._key.encrypt_cbc(self._cbc, pad_zero(chunk))[-8:]
+            self._empty = False
 
-    def digest(self) -> bytes:
+    def digest(self, suffix: bytes = b"") -> bytes:
+        """The MAC of what was added; an MD5 can take a ``suffix`` first (the state is unchanged)."""
         if self._md5 is not None:
-            return self._md5.digest()
-        return self._cbc if self._key is not None else b""
+            if not suffix:
+                return self._md5.digest()
+            md5 = self._md5.copy()
+            md5.update(suffix)
+            return md5.digest()
+        if self._key is None:
+            return b""
+        if self._empty:  # ISO/IEC 9797-1 method 1: empty input is one block of zeros
+            return self._key.encrypt_cbc(ZERO_IV, bytes(8))
+        return self._cbc
 
 
-def _prefix(sequence: int, length: int) -> bytes:
-    return _PREFIX.pack(sequence & 0xFFFFFFFF, length)
+class RecordFormat(ABC):
+    """How one profile pads, MACs and sends the MAC of one link's messages (one suite per link)."""
+
+    def __init__(self, suite: Suite) -> None:
+        self.suite = suite
+        self.encrypts = suite.encryption is Encryption.DES_CBC
+
+    @abstractmethod
+    def wire_length(self, length: int) -> int:
+        """Bytes of data blocks on the wire for a message of ``length`` bytes."""
+
+    @abstractmethod
+    def padding(self, length: int) -> bytes:
+        """What follows a ``length``-byte message before encryption (DES-CBC only)."""
+
+    @abstractmethod
+    def padding_ok(self, padding: bytes) -> bool:
+        """Whether received padding is what :meth:`padding` adds (checked after the MAC)."""
+
+    @abstractmethod
+    def new_mac(self, keys: MessageKeys | None, chain: Chain, length: int) -> MacState:
+        """The MAC state for a message of ``length`` bytes about to move ``chain``."""
+
+    @abstractmethod
+    def seal_mac(self, mac: MacState, keys: MessageKeys | None, chain: Chain) -> bytes:
+        """The MAC_TRANSMISSION_NOTIF payload of a message whose data went into ``mac``."""
+
+    @abstractmethod
+    def mac_verifies(self, mac: MacState, keys: MessageKeys | None, chain: Chain, payload: bytes) -> bool:
+        """Whether a received MAC_TRANSMISSION_NOTIF payload matches; moves the chain as the sender did."""
 
 
 class Sealer:
@@ -207,18 +186,21 @@ class Sealer:
     """
 
     def __init__(
-        self, suite: Suite, keys: MessageKeys | None, chain: Chain, data: bytes, block: int
+        self, form: RecordFormat, keys: MessageKeys | None, chain: Chain, data: bytes, block: int
     ) -> None:
-        self._suite = suite
+        self._form = form
         self._keys = keys
         self.chain = chain
         """The CBC chain this message moves (a copy of the link's while it is sealed ahead)."""
+        self.moves_at_start = chain.moves
+        """Where the chain stood when sealing began: sealed-ahead blocks are good only from there."""
         self._data = memoryview(data)
         self._block = block
         self._full_block_header = wire.Header(wire.MessageId.MESSAGE_TRANSMISSION_NOTIF, block).encode()
         self._offset = 0
-        self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, len(data)))
+        self._mac = form.new_mac(keys, chain, len(data))
         self._unmacked: memoryview | None = None  # the last batch, sent before its MAC work
+        self._data_out = False  # every data block (padding included) is sealed
         self.done = False
 
     @property
@@ -231,15 +213,21 @@ class Sealer:
         if self._unmacked is not None:
             self._mac.update(self._unmacked)
             self._unmacked = None
-        if self._offset >= len(self._data):
+        if self._data_out:
             return self._mac_frame()
         end = min(len(self._data), self._offset + max_blocks * self._block)
         chunk = self._unmacked = self._data[self._offset : end]
         self._offset = end
+        self._data_out = end == len(self._data)
         wire_bytes: bytes | memoryview = chunk
-        if self._suite.encryption is Encryption.DES_CBC:
+        if self._form.encrypts:
             assert self._keys is not None
-            wire_bytes = memoryview(self.chain.encrypt(self._keys.cipher, pad_zero(chunk)))
+            plain: Buffer = chunk
+            if self._data_out and (padding := self._form.padding(len(self._data))):
+                plain = bytes(chunk) + padding
+            wire_bytes = memoryview(self.chain.encrypt(self._keys.cipher, plain))
+        if not wire_bytes:  # an empty message without padding: the MAC is all there is
+            return self.next_frames(max_blocks)
         parts: list[bytes | memoryview] = []
         for i in range(0, len(wire_bytes), self._block):
             piece = wire_bytes[i : i + self._block]
@@ -249,13 +237,10 @@ class Sealer:
         return b"".join(parts)
 
     def _mac_frame(self) -> bytes:
-        mac = self._mac.digest()
-        if mac:
-            assert self._keys is not None
-            mac = self.chain.encrypt(self._keys.cipher, mac)
+        payload = self._form.seal_mac(self._mac, self._keys, self.chain)
         self.chain.sequence += 1
         self.done = True
-        return wire.frame(wire.MessageId.MAC_TRANSMISSION_NOTIF, mac)
+        return wire.frame(wire.MessageId.MAC_TRANSMISSION_NOTIF, payload)
 
 
 class Opener:
@@ -266,19 +251,19 @@ class Opener:
     """
 
     def __init__(
-        self, suite: Suite, keys: MessageKeys | None, chain: Chain, length: int, block: int
+        self, form: RecordFormat, keys: MessageKeys | None, chain: Chain, length: int, block: int
     ) -> None:
-        self._suite = suite
+        self._form = form
         self._keys = keys
         self._chain = chain
         self.length = length
-        self.remaining = suite.wire_length(length)
+        self.remaining = form.wire_length(length)
         self._block = block
         self._plain: list[bytes] = []  # verified-to-be chunks, joined once by finish()
         self._plain_length = 0
         self._pending: list[bytes | memoryview] = []
         self.backlog = 0  # bytes received but not yet deciphered
-        self._mac = _MacState(suite.mac, keys.mac if keys else None, _prefix(chain.sequence, length))
+        self._mac = form.new_mac(keys, chain, length)
         self._padding = b""
 
     @property
@@ -305,7 +290,7 @@ class Opener:
         batch = b"".join(self._pending)
         self._pending.clear()
         self.backlog = 0
-        if self._suite.encryption is Encryption.DES_CBC:
+        if self._form.encrypts:
             assert self._keys is not None
             batch = self._chain.decrypt(self._keys.cipher, batch)
         if self.remaining == 0:
@@ -316,29 +301,29 @@ class Opener:
         self._plain_length += len(batch)
         self._mac.update(batch)
 
-    def finish(self, encrypted_mac: bytes) -> bytes:
+    def finish(self, mac_payload: bytes) -> bytes:
         """Check the MAC block and return the whole message; any failure is one uniform error."""
         self.process()
-        expected = self._mac.digest()
-        if len(encrypted_mac) != len(expected):
-            raise _integrity_failure()
-        received = b""
-        if expected:
-            assert self._keys is not None
-            received = self._chain.decrypt(self._keys.cipher, encrypted_mac)
+        verified = self._form.mac_verifies(self._mac, self._keys, self._chain, mac_payload)
         self._chain.sequence += 1
-        if not hmac.compare_digest(received, expected):
-            raise _integrity_failure()
-        if any(self._padding):
+        if not verified:
+            raise integrity_failure()
+        if not self._form.padding_ok(self._padding):
             raise RemoteProtocolError(
                 ErrorCode.DECRYPT, "the padding of a message could not be cleared; the link was dropped"
             )
         return b"".join(self._plain)
 
 
-def _integrity_failure() -> RemoteProtocolError:
+def integrity_failure() -> RemoteProtocolError:
+    """The one error every failed MAC check raises, whatever the cause."""
     return RemoteProtocolError(
         ErrorCode.BAD_MAC,
         "a message failed its integrity check (tampered, replayed, reordered or sent under another"
         " key); the link was dropped and nothing of the message was delivered",
     )
+
+
+def same(a: bytes, b: bytes) -> bool:
+    """Constant-time equality of two MACs."""
+    return hmac.compare_digest(a, b)

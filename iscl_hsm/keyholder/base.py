@@ -12,6 +12,9 @@ at one end and a token at the other compute identical bytes:
 * ``derive_key``             INTERNAL AUTHENTICATE under encryption key *n* of a host-built block, the
                              result parity-adjusted into a single-DES record key.
 * ``derive_keys``            the same for several blocks at once (a token does them in one call).
+* ``encryption_key``         encryption key *n* itself as a record key: the V1.00 profile uses keys
+                             1..8 as they are. A card never gives it out; a token only where the
+                             security officer's policy lets it be used so (docs/protocol.md).
 
 Implementations must be safe to call from several threads (one link per thread).
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Protocol
+
+from ..errors import ErrorCode, KeyHolderError
 
 Buffer = bytes | bytearray | memoryview
 """What record keys accept as data: the engine passes views to avoid copies."""
@@ -73,6 +78,18 @@ class KeyHolder(ABC):
     def derive_keys(self, enc_key_id: int, blocks: Sequence[bytes]) -> list[RecordKey]:
         """``derive_key`` of each block, in order; a token overrides this to make one call of it all."""
         return [self.derive_key(enc_key_id, block) for block in blocks]
+
+    def encryption_key(self, enc_key_id: int) -> RecordKey:
+        """Encryption key ``enc_key_id`` itself, as the single-DES record key of a V1.00 link.
+
+        Raises KeyHolderError (with what to do instead) where the key cannot be used so.
+        """
+        raise KeyHolderError(
+            f"{self.description} cannot use encryption key {enc_key_id} itself as a DES key, which V1.00"
+            " links with encryption key ids 1..8 need: use unique session keys (--enc-key-id session)"
+            " or the hardened profile (--profile hardened)",
+            ErrorCode.BAD_OPTION,
+        )
 
     def close(self) -> None:
         """Release sessions, card connections and the like."""

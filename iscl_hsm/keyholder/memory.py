@@ -10,6 +10,7 @@ import hmac
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ..crypto.des import DesKey, fix_parity, self_test_once
 from ..errors import ErrorCode, KeyHolderError
@@ -24,13 +25,22 @@ class MemoryKeyHolder(KeyHolder):
 
     host_record_keys = True
 
-    def __init__(self, auth: dict[int, bytes], enc: dict[int, bytes], name: str = "memory") -> None:
+    def __init__(
+        self,
+        auth: dict[int, bytes],
+        enc: dict[int, bytes],
+        name: str = "memory",
+        *,
+        random: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        """``random`` gives the challenges (a fixed sequence replays a recorded link, tests/vectors)."""
         self_test_once()
         for index in (*auth, *enc):
             if index not in KEY_INDEXES:
                 raise ValueError(f"key index {index} is not in 1..8")
         self._auth = {i: DesKey(k) for i, k in auth.items()}
         self._enc = {i: DesKey(k) for i, k in enc.items()}
+        self._random = random
         self._outstanding: OrderedDict[tuple[int, bytes], None] = OrderedDict()
         self._lock = threading.Lock()
         self.description = f"in-memory key holder '{name}'"
@@ -40,7 +50,7 @@ class MemoryKeyHolder(KeyHolder):
 
     def get_challenge(self, key_id: int) -> bytes:
         self._key(self._auth, "auth", key_id)
-        challenge = secrets.token_bytes(8)
+        challenge = self._random(8)
         with self._lock:
             self._outstanding[(key_id, challenge)] = None
             while len(self._outstanding) > MAX_OUTSTANDING:
@@ -58,6 +68,15 @@ class MemoryKeyHolder(KeyHolder):
 
     def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
         return DesKey(fix_parity(self._key(self._enc, "enc", enc_key_id).encrypt_ecb(block)))
+
+    def encryption_key(self, enc_key_id: int) -> RecordKey:
+        key = self._key(self._enc, "enc", enc_key_id)
+        if key.size != 8:
+            raise KeyHolderError(
+                f"encryption key {enc_key_id} of {self.description} is triple DES; V1.00 uses keys 1..8"
+                " as single-DES keys", ErrorCode.KEY_NOT_FOUND,
+            )
+        return key
 
     def _key(self, keys: dict[int, DesKey], purpose: str, index: int) -> DesKey:
         try:

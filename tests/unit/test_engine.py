@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -21,10 +22,11 @@ from iscl_hsm.engine import (
     MessageRefused,
     MessageSent,
     NonSecureReceived,
+    Profile,
     Role,
     State,
 )
-from iscl_hsm.engine.connection import _SEAL_AHEAD_LIMIT, _SEAL_AHEAD_STEP
+from iscl_hsm.engine.transfer import SEAL_AHEAD_LIMIT, SEAL_AHEAD_STEP
 from iscl_hsm.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from iscl_hsm.keyholder.base import Buffer, RecordKey
 from iscl_hsm.keyholder.memory import MemoryKeyHolder
@@ -32,12 +34,18 @@ from iscl_hsm.wire import Encryption, Mac, MessageId
 from tests.helpers import (
     AUTH_KEYS,
     ENC_KEYS,
+    HARDENED_ONLY,
     OTHER_KEY,
+    V100_ONLY,
     ConnectionPair,
     assert_no_secrets,
+    cfg,
+    data_on_the_wire,
     everything_to_send,
+    exchange,
     frames_of,
     make_holder,
+    nak_err_no,
     other,
     split_frames,
 )
@@ -72,6 +80,13 @@ def transfer(p: ConnectionPair, sender: Role, *messages: bytes) -> list[bytes]:
     return received(got.of(other(sender)))
 
 
+def mac_on_the_wire(profile: Profile, encryption: Encryption, mac: Mac) -> int:
+    """Bytes of a MAC_TRANSMISSION_NOTIF's payload."""
+    if profile is Profile.V100 and encryption is Encryption.DES_CBC and mac is not Mac.NONE:
+        return wire.MAC_SIZE[mac] + 8  # the MAC is padded, then encrypted with the data's cipher
+    return wire.MAC_SIZE[mac]
+
+
 # --- every suite, both directions ----------------------------------------------------------------
 
 
@@ -79,8 +94,8 @@ def transfer(p: ConnectionPair, sender: Role, *messages: bytes) -> list[bytes]:
 @pytest.mark.parametrize("key_id", KEY_IDS, ids=lambda k: f"key{k:#x}")
 @pytest.mark.parametrize("mac", MACS, ids=lambda m: m.name)
 @pytest.mark.parametrize("encryption", ENCRYPTIONS, ids=lambda e: e.name)
-def test_every_suite_both_directions(make_ready, encryption: Encryption, mac: Mac, key_id: int, sender: Role) -> None:
-    config = Config(encryption=encryption, mac=mac, enc_key_id=key_id, max_block=64)
+def test_every_suite_both_directions(profile: Profile, make_ready, encryption: Encryption, mac: Mac, key_id: int, sender: Role) -> None:
+    config = cfg(profile, encryption=encryption, mac=mac, enc_key_id=key_id, max_block=64)
     p = make_ready(config)
     for role in ROLES:
         params = p.conn(role).parameters
@@ -88,7 +103,7 @@ def test_every_suite_both_directions(make_ready, encryption: Encryption, mac: Ma
         assert (params.encryption, params.mac, params.enc_key_id, params.block_length) == (encryption, mac, key_id, 64)
     messages = [payload(200, 1), payload(77, 2), payload(64, 3)]
     assert transfer(p, sender, *messages) == messages
-    # The other direction still works on the same link afterwards (independent chains).
+    # The other direction works on the same link afterwards (on its own chain, or on the one shared chain).
     assert transfer(p, other(sender), payload(130, 4)) == [payload(130, 4)]
 
     blocks = p.sent_by(sender, MessageId.MESSAGE_TRANSMISSION_NOTIF)
@@ -99,7 +114,7 @@ def test_every_suite_both_directions(make_ready, encryption: Encryption, mac: Ma
     else:
         assert wire_data == b"".join(messages)
     macs = p.sent_by(sender, MessageId.MAC_TRANSMISSION_NOTIF)
-    assert [len(f.payload) for f in macs] == [wire.MAC_SIZE[mac]] * 3
+    assert [len(f.payload) for f in macs] == [mac_on_the_wire(profile, encryption, mac)] * 3
     session_rqs = p.sent_by(sender, MessageId.RNDNO_FOR_SESSION_KEY_RQ)
     assert len(session_rqs) == (3 if key_id == wire.SESSION_KEYS else 0)
     assert len({f.payload for f in session_rqs}) == len(session_rqs)  # a fresh random number per message
@@ -107,25 +122,31 @@ def test_every_suite_both_directions(make_ready, encryption: Encryption, mac: Ma
 
 @pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
 @pytest.mark.parametrize(("encryption", "mac"), list(itertools.product(ENCRYPTIONS, MACS)), ids=str)
-def test_same_message_twice_looks_different_on_the_wire(
-    make_ready, encryption: Encryption, mac: Mac, key_id: int
+def test_same_message_twice_looks_different_on_the_wire_unless_v100_sends_it_unencrypted(
+    profile: Profile, make_ready, encryption: Encryption, mac: Mac, key_id: int
 ) -> None:
-    """The CBC chain (and the MAC sequence number) carry over, so a repeat is not visible."""
-    p = make_ready(Config(encryption=encryption, mac=mac, enc_key_id=key_id))
+    """The CBC chain (and in hardened the MAC's sequence number) carry over, so a repeat is not visible.
+
+    V1.00 with encryption none sends the MAC in the clear over the message alone: under a fixed key
+    (or unkeyed MD5) a repeated message repeats its MAC, which is what lets a whole message be replayed
+    (docs/security.md).
+    """
+    p = make_ready(cfg(profile, encryption=encryption, mac=mac, enc_key_id=key_id))
     m = payload(40)
     assert transfer(p, Role.CLIENT, m, m) == [m, m]
     macs = [f.payload for f in p.sent_by(Role.CLIENT, MessageId.MAC_TRANSMISSION_NOTIF)]
     blocks = [f.payload for f in p.sent_by(Role.CLIENT, MessageId.MESSAGE_TRANSMISSION_NOTIF)]
+    repeats = profile is Profile.V100 and encryption is Encryption.NONE and (mac is Mac.MD5 or key_id != wire.SESSION_KEYS)
     if mac is not Mac.NONE:
-        assert macs[0] != macs[1]
+        assert (macs[0] == macs[1]) is repeats
     if encryption is Encryption.DES_CBC:
         assert blocks[0] != blocks[1]
 
 
 @pytest.mark.parametrize(("key_id", "works"), [(4, True), (5, False)])
-def test_key_id_selects_that_encryption_key(key_id: int, works: bool) -> None:
+def test_key_id_selects_that_encryption_key(profile: Profile, key_id: int, works: bool) -> None:
     """The two holders differ only in encryption key 5: key id 4 works, key id 5 fails its MAC."""
-    config = Config(enc_key_id=key_id)
+    config = cfg(profile, enc_key_id=key_id)
     p = ConnectionPair(config, config, client_holder=make_holder(enc={**ENC_KEYS, 5: OTHER_KEY}))
     p.handshake()
     p.client.send_message(payload(24))
@@ -149,22 +170,19 @@ SIZES = {"empty": 0, "one": 1, "block": BLOCK, "block+1": BLOCK + 1, "many": 7 *
 @pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
 @pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
 @pytest.mark.parametrize(("encryption", "mac"), list(itertools.product(ENCRYPTIONS, MACS)), ids=str)
-def test_message_sizes(make_ready, encryption: Encryption, mac: Mac, key_id: int, size: int, sender: Role) -> None:
-    config = Config(encryption=encryption, mac=mac, enc_key_id=key_id, max_block=BLOCK, max_message=MAX_MESSAGE)
+def test_message_sizes(profile: Profile, make_ready, encryption: Encryption, mac: Mac, key_id: int, size: int, sender: Role) -> None:
+    config = cfg(profile, encryption=encryption, mac=mac, enc_key_id=key_id, max_block=BLOCK, max_message=MAX_MESSAGE)
     p = make_ready(config)
     m = payload(size, size)
     assert transfer(p, sender, m) == [m]
     blocks = p.sent_by(sender, MessageId.MESSAGE_TRANSMISSION_NOTIF)
-    assert len(blocks) == -(-size // BLOCK)
-    if encryption is Encryption.NONE:
-        assert [len(f.payload) for f in blocks] == [min(BLOCK, size - i) for i in range(0, size, BLOCK)]
-    else:
-        assert sum(len(f.payload) for f in blocks) == size + (-size % 8)
+    on_wire = data_on_the_wire(profile, encryption, size)
+    assert [len(f.payload) for f in blocks] == [min(BLOCK, on_wire - i) for i in range(0, on_wire, BLOCK)]
     assert p.conn(sender).idle and p.conn(other(sender)).idle
 
 
-def test_default_max_message_exactly(make_ready) -> None:
-    p = make_ready(Config())
+def test_default_max_message_exactly(profile: Profile, make_ready) -> None:
+    p = make_ready(cfg(profile))
     m = payload(wire.DEFAULT_MAX_MESSAGE)
     assert transfer(p, Role.CLIENT, m) == [m]
     with pytest.raises(LocalProtocolError) as info:
@@ -173,9 +191,9 @@ def test_default_max_message_exactly(make_ready) -> None:
     assert_no_secrets(info.value, m[:64])
 
 
-def test_byte_at_a_time_delivery() -> None:
+def test_byte_at_a_time_delivery(profile: Profile) -> None:
     """Frames split anywhere (down to single bytes) are reassembled."""
-    p = ConnectionPair(Config(max_block=16), Config(max_block=16))
+    p = ConnectionPair(cfg(profile, max_block=16), cfg(profile, max_block=16))
     p.server.initiate()
     got = p.pump(chunk=1)
     assert [type(e) for e in got.server] == [LinkReady]
@@ -187,9 +205,9 @@ def test_byte_at_a_time_delivery() -> None:
     assert received(got.client) == [payload(3)]
 
 
-def test_whole_stream_in_one_call() -> None:
+def test_whole_stream_in_one_call(profile: Profile) -> None:
     """Several frames in one receive_data call: every event comes back, in order."""
-    p = ConnectionPair()
+    p = ConnectionPair(profile=profile)
     p.handshake()
     p.client.send_message(b"first")
     p.server.receive_data(p.client.data_to_send())
@@ -210,8 +228,8 @@ def test_whole_stream_in_one_call() -> None:
     [(8, 8, 8), (16, 16, 16), (8160, 8160, 8160), (8, 8160, 8), (8160, 8, 8), (64, 16, 16), (16, 64, 16),
      (4096, 8160, 4096), (8160, 4096, 4096)],
 )
-def test_block_length_is_the_minimum(server_max: int, client_max: int, agreed: int) -> None:
-    p = ConnectionPair(Config(max_block=server_max), Config(max_block=client_max, encryption=Encryption.DES_CBC))
+def test_block_length_is_the_minimum(profile: Profile, server_max: int, client_max: int, agreed: int) -> None:
+    p = ConnectionPair(cfg(profile, max_block=server_max), cfg(profile, max_block=client_max, encryption=Encryption.DES_CBC))
     assert p.server.block_length == p.client.block_length == 0
     p.handshake()
     assert p.server.block_length == p.client.block_length == agreed
@@ -231,9 +249,9 @@ def test_block_length_is_the_minimum(server_max: int, client_max: int, agreed: i
 
 
 @pytest.mark.parametrize("size", [1, 128])
-def test_auth_data_reaches_the_peer(size: int) -> None:
+def test_auth_data_reaches_the_peer(profile: Profile, size: int) -> None:
     server_data, client_data = b"S" * (size - 1) + b"s", b"C" * (size - 1) + b"c"
-    p = ConnectionPair(Config(auth_data=server_data), Config(auth_data=client_data))
+    p = ConnectionPair(cfg(profile, auth_data=server_data), cfg(profile, auth_data=client_data))
     got = p.handshake()
     (server_ready,) = got.server
     (client_ready,) = got.client
@@ -244,8 +262,8 @@ def test_auth_data_reaches_the_peer(size: int) -> None:
         assert client_data not in repr(server_ready).encode()  # repr=False on the field
 
 
-def test_link_parameters_name_what_was_agreed() -> None:
-    p = ConnectionPair(Config(auth_key_id=3, enc_key_id=5), Config(auth_key_id=3, enc_key_id=5))
+def test_link_parameters_name_what_was_agreed(profile: Profile) -> None:
+    p = ConnectionPair(cfg(profile, auth_key_id=3, enc_key_id=5), cfg(profile, auth_key_id=3, enc_key_id=5))
     got = p.handshake()
     for events in (got.server, got.client):
         params = events[0].parameters
@@ -254,11 +272,11 @@ def test_link_parameters_name_what_was_agreed() -> None:
         assert (params.encryption, params.mac) == (Encryption.DES_CBC, Mac.DES_MAC)
 
 
-def test_server_uses_the_key_pair_the_client_chose() -> None:
-    p = ConnectionPair(Config(auth_key_id=1), Config(auth_key_id=6))
+def test_server_uses_the_key_pair_the_client_chose(profile: Profile) -> None:
+    p = ConnectionPair(cfg(profile, auth_key_id=1), cfg(profile, auth_key_id=6))
     p.handshake()
     assert p.server.parameters.auth_key_id == 6  # type: ignore[union-attr]
-    rq = wire.MutualAuthRq.decode(p.sent_by(Role.CLIENT, MessageId.MUTUAL_AUTH_RQ)[0].payload)
+    rq = wire.MutualAuthRq.decode(p.sent_by(Role.CLIENT, MessageId.MUTUAL_AUTH_RQ)[0].payload, p.client.profile.layout)
     assert rq.key_id == 6
 
 
@@ -266,7 +284,7 @@ def test_server_uses_the_key_pair_the_client_chose() -> None:
 
 
 @pytest.mark.parametrize("closer", ROLES, ids=lambda r: r.value)
-def test_line_disconnection(ready_pair: ConnectionPair, closer: Role) -> None:
+def test_line_disconnection(profile: Profile, ready_pair: ConnectionPair, closer: Role) -> None:
     p = ready_pair
     p.conn(closer).close()
     assert p.conn(closer).state is State.CLOSING
@@ -288,9 +306,9 @@ def test_line_disconnection(ready_pair: ConnectionPair, closer: Role) -> None:
 
 
 @pytest.mark.parametrize("closer", ROLES, ids=lambda r: r.value)
-def test_refused_close_keeps_the_link(closer: Role) -> None:
-    refuser = Config(accept_close=False)
-    configs = {closer: Config(), other(closer): refuser}
+def test_refused_close_keeps_the_link(profile: Profile, closer: Role) -> None:
+    refuser = cfg(profile, accept_close=False)
+    configs = {closer: cfg(profile), other(closer): refuser}
     p = ConnectionPair(configs[Role.SERVER], configs[Role.CLIENT])
     p.handshake()
     p.conn(closer).close()
@@ -298,7 +316,7 @@ def test_refused_close_keeps_the_link(closer: Role) -> None:
     assert got.of(closer) == [CloseRefused(115)]
     assert got.of(other(closer)) == []
     (rp,) = p.sent_by(other(closer), MessageId.LINE_DISCONNECTION_RP)
-    assert (rp.option, rp.err_no) == (wire.NAK, ErrorCode.PEER_REFUSED_CLOSE)
+    assert (rp.option, rp.err_no) == (wire.NAK, nak_err_no(profile, ErrorCode.PEER_REFUSED_CLOSE))
     assert p.server.state is State.READY and p.client.state is State.READY
     for sender in ROLES:
         assert transfer(p, sender, b"still here") == [b"still here"]
@@ -306,7 +324,7 @@ def test_refused_close_keeps_the_link(closer: Role) -> None:
     assert p.pump().of(closer) == [CloseRefused(115)]
 
 
-def test_simultaneous_close(ready_pair: ConnectionPair) -> None:
+def test_simultaneous_close(profile: Profile, ready_pair: ConnectionPair) -> None:
     p = ready_pair
     p.server.close()
     p.client.close()
@@ -317,9 +335,9 @@ def test_simultaneous_close(ready_pair: ConnectionPair) -> None:
 
 
 @pytest.mark.parametrize("refuser", ROLES, ids=lambda r: r.value)
-def test_simultaneous_close_with_a_refusing_end(refuser: Role) -> None:
+def test_simultaneous_close_with_a_refusing_end(profile: Profile, refuser: Role) -> None:
     """accept_close=False refuses a close the peer starts; when both ask, both end up closed."""
-    configs = {refuser: Config(accept_close=False), other(refuser): Config()}
+    configs = {refuser: cfg(profile, accept_close=False), other(refuser): cfg(profile)}
     p = ConnectionPair(configs[Role.SERVER], configs[Role.CLIENT])
     p.handshake()
     p.server.close()
@@ -330,7 +348,7 @@ def test_simultaneous_close_with_a_refusing_end(refuser: Role) -> None:
     assert p.server.state is State.CLOSED and p.client.state is State.CLOSED
 
 
-def test_close_waits_for_queued_messages(ready_pair: ConnectionPair) -> None:
+def test_close_waits_for_queued_messages(profile: Profile, ready_pair: ConnectionPair) -> None:
     p = ready_pair
     big = payload(3 * wire.MAX_BLOCK + 9)
     p.client.send_message(big)
@@ -342,9 +360,9 @@ def test_close_waits_for_queued_messages(ready_pair: ConnectionPair) -> None:
     assert got.client[-1] == Closed(by_peer=False)
 
 
-def test_close_while_a_long_message_is_still_streaming() -> None:
+def test_close_while_a_long_message_is_still_streaming(profile: Profile) -> None:
     """close() after the request was accepted but before every block is out still closes cleanly."""
-    p = ConnectionPair(Config(max_block=8), Config(max_block=8))
+    p = ConnectionPair(cfg(profile, max_block=8), cfg(profile, max_block=8))
     p.handshake()
     m = payload(40 * 8)  # 40 blocks: more than one data_to_send() batch
     p.client.send_message(m)
@@ -360,9 +378,9 @@ def test_close_while_a_long_message_is_still_streaming() -> None:
 
 
 @pytest.mark.parametrize("size", [0, 5])
-def test_close_racing_a_message_is_refused(size: int) -> None:
+def test_close_racing_a_message_is_refused(profile: Profile, size: int) -> None:
     """The peer asks to close while our request is in flight: we refuse, the message still arrives."""
-    p = ConnectionPair()
+    p = ConnectionPair(profile=profile)
     p.handshake()
     p.client.send_message(payload(size))  # the request goes out, unanswered yet
     p.server.close()
@@ -379,8 +397,8 @@ def test_close_racing_a_message_is_refused(size: int) -> None:
 
 
 @pytest.mark.parametrize("sender", ROLES, ids=lambda r: r.value)
-def test_through_mode(sender: Role) -> None:
-    on = Config(through_mode=True)
+def test_through_mode(profile: Profile, sender: Role) -> None:
+    on = cfg(profile, through_mode=True)
     p = ConnectionPair(on, on)
     p.handshake()
     p.conn(sender).send_non_secure(b"plain text, as agreed")
@@ -392,8 +410,8 @@ def test_through_mode(sender: Role) -> None:
     assert frames[0].payload == b"plain text, as agreed"  # unprotected by definition
 
 
-def test_through_mode_alongside_secure_messages() -> None:
-    on = Config(through_mode=True, max_block=8)
+def test_through_mode_alongside_secure_messages(profile: Profile) -> None:
+    on = cfg(profile, through_mode=True, max_block=8)
     p = ConnectionPair(on, on)
     p.handshake()
     m = payload(200)
@@ -404,8 +422,8 @@ def test_through_mode_alongside_secure_messages() -> None:
     assert [e.data for e in got.server if isinstance(e, NonSecureReceived)] == [b"side note"]
 
 
-def test_through_mode_off_on_the_receiver() -> None:
-    p = ConnectionPair(Config(through_mode=False), Config(through_mode=True))
+def test_through_mode_off_on_the_receiver(profile: Profile) -> None:
+    p = ConnectionPair(cfg(profile, through_mode=False), cfg(profile, through_mode=True))
     p.handshake()
     p.client.send_non_secure(b"PLAINTEXT-7f3a")
     p.pump(raise_errors=False)
@@ -417,8 +435,8 @@ def test_through_mode_off_on_the_receiver() -> None:
     assert_no_secrets(err, b"PLAINTEXT-7f3a")
 
 
-def test_through_mode_off_locally() -> None:
-    p = ConnectionPair(Config(through_mode=True), Config(through_mode=False))
+def test_through_mode_off_locally(profile: Profile) -> None:
+    p = ConnectionPair(cfg(profile, through_mode=True), cfg(profile, through_mode=False))
     p.handshake()
     with pytest.raises(LocalProtocolError) as info:
         p.client.send_non_secure(b"nope")
@@ -427,8 +445,8 @@ def test_through_mode_off_locally() -> None:
     assert p.client.state is State.READY
 
 
-def test_through_mode_respects_the_local_maximum() -> None:
-    on = Config(through_mode=True, max_message=10)
+def test_through_mode_respects_the_local_maximum(profile: Profile) -> None:
+    on = cfg(profile, through_mode=True, max_message=10)
     p = ConnectionPair(on, on)
     p.handshake()
     with pytest.raises(LocalProtocolError) as info:
@@ -442,8 +460,8 @@ def test_through_mode_respects_the_local_maximum() -> None:
 
 
 @pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
-def test_queued_messages_arrive_in_order(make_ready, key_id: int) -> None:
-    p = make_ready(Config(enc_key_id=key_id, max_block=16))
+def test_queued_messages_arrive_in_order(profile: Profile, make_ready, key_id: int) -> None:
+    p = make_ready(cfg(profile, enc_key_id=key_id, max_block=16))
     messages = [payload(33, 1), b"", payload(5, 3)]
     for m in messages:
         p.client.send_message(m)
@@ -459,16 +477,10 @@ def test_queued_messages_arrive_in_order(make_ready, key_id: int) -> None:
 
 
 @pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
-def test_full_duplex(make_ready, key_id: int) -> None:
-    p = make_ready(Config(enc_key_id=key_id, max_block=8))
-    from_client = [payload(100, i) for i in range(3)]
-    from_server = [payload(90, 10 + i) for i in range(3)]
-    for a, b in zip(from_client, from_server):
-        p.client.send_message(a)
-        p.server.send_message(b)
-    got = p.pump()
-    assert received(got.server) == from_client
-    assert received(got.client) == from_server
+@HARDENED_ONLY
+def test_full_duplex(profile: Profile, make_ready, key_id: int) -> None:
+    p = make_ready(cfg(profile, enc_key_id=key_id, max_block=8))
+    exchange(p, [payload(100, i) for i in range(3)], [payload(90, 10 + i) for i in range(3)])
     # The two directions really overlapped: data blocks of both were in flight in the same stretch.
     order = [r for r, f in p.sent if f.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF)]
     first_server = order.index(Role.SERVER)
@@ -476,8 +488,8 @@ def test_full_duplex(make_ready, key_id: int) -> None:
     assert Role.SERVER in order[: len(order) - 1 - order[::-1].index(Role.CLIENT)]
 
 
-def test_message_refused_then_the_queue_continues() -> None:
-    p = ConnectionPair(Config(max_message=10), Config(max_message=100))
+def test_message_refused_then_the_queue_continues(profile: Profile) -> None:
+    p = ConnectionPair(cfg(profile, max_message=10), cfg(profile, max_message=100))
     p.handshake()
     p.client.send_message(bytes(50))
     p.client.send_message(b"short")
@@ -490,10 +502,10 @@ def test_message_refused_then_the_queue_continues() -> None:
 
 
 @pytest.mark.parametrize(("encryption", "mac", "key_id"), itertools.product(ENCRYPTIONS, MACS, [1, wire.SESSION_KEYS]))
-def test_messages_sealed_ahead_arrive_whole_in_order_both_ways(
+def test_messages_sealed_ahead_arrive_whole_in_order_both_ways(profile: Profile, 
     encryption: Encryption, mac: Mac, key_id: int
 ) -> None:
-    config = Config(encryption=encryption, mac=mac, enc_key_id=key_id)
+    config = cfg(profile, encryption=encryption, mac=mac, enc_key_id=key_id)
     p = ConnectionPair(config, config, prepare=True)
     p.handshake()
     messages = [payload(n, seed) for seed, n in enumerate((0, 1, 3 * wire.MAX_BLOCK + 5, 8, wire.MAX_BLOCK))]
@@ -505,9 +517,9 @@ def test_messages_sealed_ahead_arrive_whole_in_order_both_ways(
     assert received(got.client) == [m[::-1] for m in messages]
 
 
-def test_a_refused_message_sealed_ahead_leaves_the_chain_where_it_was() -> None:
+def test_a_refused_message_sealed_ahead_leaves_the_chain_where_it_was(profile: Profile) -> None:
     """The NAKed message moved only a copy of the CBC chain: the next one still deciphers and verifies."""
-    p = ConnectionPair(Config(max_message=10), Config(max_message=100), prepare=True)
+    p = ConnectionPair(cfg(profile, max_message=10), cfg(profile, max_message=100), prepare=True)
     p.handshake()
     p.client.send_message(b"accepted")
     p.pump()
@@ -523,8 +535,8 @@ LONG = 256 * 1024  # far more than the engine seals before the peer accepts
 
 
 @pytest.mark.parametrize(("encryption", "mac"), itertools.product(ENCRYPTIONS, MACS))
-def test_a_message_longer_than_its_sealed_ahead_start_streams_out_and_verifies(encryption: Encryption, mac: Mac) -> None:
-    config = Config(encryption=encryption, mac=mac, max_message=1 << 20)
+def test_a_message_longer_than_its_sealed_ahead_start_streams_out_and_verifies(profile: Profile, encryption: Encryption, mac: Mac) -> None:
+    config = cfg(profile, encryption=encryption, mac=mac, max_message=1 << 20)
     p = ConnectionPair(config, config, prepare=True)
     p.handshake()
     messages = [payload(n, seed) for seed, n in enumerate((2 * LONG + 77, LONG, 5, LONG + 1))]
@@ -534,12 +546,12 @@ def test_a_message_longer_than_its_sealed_ahead_start_streams_out_and_verifies(e
 
 
 @pytest.mark.parametrize(("encryption", "mac"), itertools.product(ENCRYPTIONS, MACS))
-def test_each_batch_goes_out_before_its_mac_work_and_the_mac_block_after_the_last(
+def test_each_batch_goes_out_before_its_mac_work_and_the_mac_block_after_the_last(profile: Profile, 
     encryption: Encryption, mac: Mac
 ) -> None:
     """The receiver starts on a batch while the sender still works its MAC, so at a message's end it
     trails by less than a whole batch of its own work."""
-    config = Config(encryption=encryption, mac=mac, max_message=1 << 20)
+    config = cfg(profile, encryption=encryption, mac=mac, max_message=1 << 20)
     p = ConnectionPair(config, config)
     p.handshake()
     message = payload(LONG + 1000, 5)
@@ -562,9 +574,9 @@ def request_awaiting_acceptance(p: ConnectionPair, *messages: bytes) -> None:
     p.client.prepare()
 
 
-def test_only_the_start_of_a_long_message_is_sealed_before_the_peer_accepts() -> None:
+def test_only_the_start_of_a_long_message_is_sealed_before_the_peer_accepts(profile: Profile) -> None:
     """The rest is sealed a batch at a time after the acceptance, so the receiver trails by little."""
-    p = ConnectionPair(Config(max_message=1 << 20), Config(max_message=1 << 20), prepare=True)
+    p = ConnectionPair(cfg(profile, max_message=1 << 20), cfg(profile, max_message=1 << 20), prepare=True)
     p.handshake()
     message = payload(3 * LONG, 1)
     request_awaiting_acceptance(p, message)  # prepare() seals ahead while the server decides
@@ -579,8 +591,8 @@ def test_only_the_start_of_a_long_message_is_sealed_before_the_peer_accepts() ->
     assert received(events) == [message]
 
 
-def test_a_refused_long_message_sealed_ahead_leaves_the_chain_where_it_was() -> None:
-    p = ConnectionPair(Config(max_message=LONG), Config(max_message=1 << 20), prepare=True)
+def test_a_refused_long_message_sealed_ahead_leaves_the_chain_where_it_was(profile: Profile) -> None:
+    p = ConnectionPair(cfg(profile, max_message=LONG), cfg(profile, max_message=1 << 20), prepare=True)
     p.handshake()
     p.client.send_message(payload(2 * LONG, 2))  # refused: longer than the server takes
     p.client.send_message(b"next")
@@ -602,10 +614,10 @@ def data_sent_in(stream: bytes) -> int:
 
 
 @pytest.mark.parametrize(("encryption", "mac"), itertools.product(ENCRYPTIONS, MACS))
-def test_sealing_ahead_until_the_acceptance_stops_at_its_limit_and_the_message_verifies(
+def test_sealing_ahead_until_the_acceptance_stops_at_its_limit_and_the_message_verifies(profile: Profile, 
     encryption: Encryption, mac: Mac
 ) -> None:
-    config = Config(encryption=encryption, mac=mac, max_message=1 << 20)
+    config = cfg(profile, encryption=encryption, mac=mac, max_message=1 << 20)
     p = ConnectionPair(config, config, prepare=True)
     p.handshake()
     message = payload(3 * LONG, 4)
@@ -614,13 +626,13 @@ def test_sealing_ahead_until_the_acceptance_stops_at_its_limit_and_the_message_v
     p.client.receive_data(p.server.data_to_send())  # the acceptance
     first = p.client.data_to_send()
     # What was sealed ahead goes out at once, nothing sealed after it: the receiver is waiting.
-    assert _SEAL_AHEAD_LIMIT <= data_sent_in(first) < _SEAL_AHEAD_LIMIT + _SEAL_AHEAD_STEP
+    assert SEAL_AHEAD_LIMIT <= data_sent_in(first) < SEAL_AHEAD_LIMIT + SEAL_AHEAD_STEP
     rest = everything_to_send(p.client)
     assert received(p.server.receive_data(first + rest)) == [message]
 
 
-def test_a_short_message_sealed_whole_ahead_goes_out_whole_with_the_next_request() -> None:
-    p = ConnectionPair(prepare=True)
+def test_a_short_message_sealed_whole_ahead_goes_out_whole_with_the_next_request(profile: Profile) -> None:
+    p = ConnectionPair(profile=profile, prepare=True)
     p.handshake()
     request_awaiting_acceptance(p, b"short", b"next")
     assert p.client.seal_ahead()  # prepare() sealed its block, the next step its MAC
@@ -635,10 +647,10 @@ def test_a_short_message_sealed_whole_ahead_goes_out_whole_with_the_next_request
     assert received(p.server.receive_data(out)) == [b"short"]
 
 
-def test_under_unique_session_keys_sealing_starts_once_the_random_number_is_out() -> None:
+def test_under_unique_session_keys_sealing_starts_once_the_random_number_is_out(profile: Profile) -> None:
     """A session key depends on the random number sent after the acceptance: nothing is sealed
     before it, and the keys derived to seal ahead are the message's (one derivation, not two)."""
-    config = Config(enc_key_id=wire.SESSION_KEYS, max_message=1 << 20)
+    config = cfg(profile, enc_key_id=wire.SESSION_KEYS, max_message=1 << 20)
     holder = _CountingKeyHolder(AUTH_KEYS, ENC_KEYS, name="client")
     p = ConnectionPair(config, config, client_holder=holder, prepare=True)
     p.handshake()
@@ -650,18 +662,19 @@ def test_under_unique_session_keys_sealing_starts_once_the_random_number_is_out(
     p.server.receive_data(p.client.data_to_send())  # the server derives its keys and answers
     before = holder.calls
     p.client.prepare()  # the client derives its own meanwhile and seals the start of the message
-    assert holder.calls - before == 2  # the DES-CBC and the DES-MAC key, client to server
+    derivations = {Profile.V100: 1, Profile.HARDENED: 2}[profile]  # one key for both, or DES-CBC's and DES-MAC's
+    assert holder.calls - before == derivations
     assert seal_ahead_until_done(p.client) > 0
     p.client.receive_data(p.server.data_to_send())  # the answer to the random number
     first = p.client.data_to_send()
-    assert _SEAL_AHEAD_LIMIT <= data_sent_in(first) < _SEAL_AHEAD_LIMIT + _SEAL_AHEAD_STEP
+    assert SEAL_AHEAD_LIMIT <= data_sent_in(first) < SEAL_AHEAD_LIMIT + SEAL_AHEAD_STEP
     rest = everything_to_send(p.client)
-    assert holder.calls - before == 2
+    assert holder.calls - before == derivations
     assert received(p.server.receive_data(first + rest)) == [message]
 
 
-def test_a_message_refused_after_sealing_ahead_to_the_limit_leaves_the_chain_where_it_was() -> None:
-    p = ConnectionPair(Config(max_message=LONG), Config(max_message=1 << 20), prepare=True)
+def test_a_message_refused_after_sealing_ahead_to_the_limit_leaves_the_chain_where_it_was(profile: Profile) -> None:
+    p = ConnectionPair(cfg(profile, max_message=LONG), cfg(profile, max_message=1 << 20), prepare=True)
     p.handshake()
     request_awaiting_acceptance(p, payload(3 * LONG, 5), b"next")
     assert seal_ahead_until_done(p.client) > 0
@@ -679,8 +692,8 @@ def step(p: ConnectionPair, sender: Role) -> None:
     p.conn(other(sender)).receive_data(data)
 
 
-def test_state_walk() -> None:
-    p = ConnectionPair()
+def test_state_walk(profile: Profile) -> None:
+    p = ConnectionPair(profile=profile)
     s, c = p.server, p.client
     assert (s.state, c.state) == (State.SERVER_START, State.CLIENT_WAIT_LINE_RQ)
     s.initiate()
@@ -719,9 +732,9 @@ def test_state_walk() -> None:
     assert c.state is State.CLOSED
 
 
-def test_intermediate_states_by_one_frame() -> None:
+def test_intermediate_states_by_one_frame(profile: Profile) -> None:
     """Each handshake frame delivered alone moves the receiver exactly one state."""
-    p = ConnectionPair()
+    p = ConnectionPair(profile=profile)
     seen = {Role.SERVER: [p.server.state], Role.CLIENT: [p.client.state]}
     p.server.initiate()
     seen[Role.SERVER].append(p.server.state)
@@ -745,7 +758,7 @@ def test_intermediate_states_by_one_frame() -> None:
     ]
 
 
-def test_events_never_show_message_data(ready_pair: ConnectionPair) -> None:
+def test_events_never_show_message_data(profile: Profile, ready_pair: ConnectionPair) -> None:
     secret = b"PATIENT NAME^SECRET"
     ready_pair.client.send_message(secret)
     got = ready_pair.pump()
@@ -838,13 +851,13 @@ class _TokenRecordKey:
 
 @pytest.mark.parametrize("holder", [_CountingKeyHolder, _TokenKeyHolder])
 @pytest.mark.parametrize(("encryption", "mac", "key_id"), itertools.product(ENCRYPTIONS, MACS, [1, wire.SESSION_KEYS]))
-def test_a_connection_that_says_it_will_not_block_makes_no_key_holder_call(
+def test_a_connection_that_says_it_will_not_block_makes_no_key_holder_call(profile: Profile, 
     holder: type[_CountingKeyHolder], encryption: Encryption, mac: Mac, key_id: int
 ) -> None:
-    config = Config(encryption=encryption, mac=mac, enc_key_id=key_id)
+    config = cfg(profile, encryption=encryption, mac=mac, enc_key_id=key_id)
     server = _CheckedConnection(Role.SERVER, holder(AUTH_KEYS, ENC_KEYS, name="server"), config)
     client = _CheckedConnection(Role.CLIENT, holder(AUTH_KEYS, ENC_KEYS, name="client"), config)
-    pair = ConnectionPair(server=server, client=client)
+    pair = ConnectionPair(profile=profile, server=server, client=client)
     server.initiate()
     for _ in range(3):  # handshake, then messages both ways
         pair.pump()
@@ -857,10 +870,10 @@ def test_a_connection_that_says_it_will_not_block_makes_no_key_holder_call(
 
 
 @pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
-def test_the_handshake_keeps_the_promise_when_messages_arrive_together(key_id: int) -> None:
+def test_the_handshake_keeps_the_promise_when_messages_arrive_together(profile: Profile, key_id: int) -> None:
     """A transport feeds whatever one read returned: the client's LINE_RP with its AUTH_RQ, the
     server's AUTH_RP with PASS1. The call that takes both must count as one that may block."""
-    config = Config(enc_key_id=key_id)
+    config = cfg(profile, enc_key_id=key_id)
     server = _CheckedConnection(Role.SERVER, _CountingKeyHolder(AUTH_KEYS, ENC_KEYS, name="server"), config)
     client = _CheckedConnection(Role.CLIENT, _CountingKeyHolder(AUTH_KEYS, ENC_KEYS, name="client"), config)
     _handshake_in_whole_writes(server, client)
@@ -886,15 +899,17 @@ def _handshake_in_whole_writes(
             break
 
 
-@pytest.mark.parametrize(("holder", "blocks"), [(_CountingKeyHolder, False), (_TokenKeyHolder, True)], ids=["host", "token"])
+@pytest.mark.parametrize(("holder", "token"), [(_CountingKeyHolder, False), (_TokenKeyHolder, True)], ids=["host", "token"])
 @pytest.mark.parametrize("key_id", [1, 2, wire.SESSION_KEYS], ids=["key1", "key2", "session"])
 def test_the_clients_completion_is_host_work_once_the_server_derived_its_keys(
-    holder: type[_CountingKeyHolder], blocks: bool, key_id: int
+    profile: Profile, holder: type[_CountingKeyHolder], token: bool, key_id: int
 ) -> None:
     """The server derives the handshake-MAC key and the record keys while the client checks pass 3,
     so checking the client's COMPLETION needs no key holder (one thread hand-off fewer per asyncio
-    link); with the keys kept in a token it is still a token operation."""
-    config = Config(enc_key_id=key_id)
+    link); with hardened keys kept in a token it is still a token operation (the MAC's prefix).
+    V1.00's COMPLETION carries no MAC, and a request behind it needs only the key fetched already."""
+    blocks = token and profile is Profile.HARDENED
+    config = cfg(profile, enc_key_id=key_id)
     server = _CheckedConnection(Role.SERVER, holder(AUTH_KEYS, ENC_KEYS, name="server"), config)
     client = _CheckedConnection(Role.CLIENT, holder(AUTH_KEYS, ENC_KEYS, name="client"), config)
     at_completion: list[bool] = []
@@ -920,8 +935,8 @@ def _ready_pair(config: Config, holder: type[MemoryKeyHolder] = MemoryKeyHolder)
     return pair
 
 
-def test_a_link_with_fixed_host_keys_stops_blocking_once_prepare_derived_them() -> None:
-    pair = _ready_pair(Config())
+def test_a_link_with_fixed_host_keys_stops_blocking_once_prepare_derived_them(profile: Profile) -> None:
+    pair = _ready_pair(cfg(profile))
     for role in ROLES:
         conn = pair.conn(role)
         assert conn.may_block, "the link keys are not derived yet"
@@ -933,31 +948,32 @@ def test_a_link_with_fixed_host_keys_stops_blocking_once_prepare_derived_them() 
 
 
 @pytest.mark.parametrize(
-    ("config", "holder", "why"),
+    ("settings", "holder", "why"),
     [
-        (Config(enc_key_id=wire.SESSION_KEYS), MemoryKeyHolder, "every message derives a fresh key"),
-        (Config(), _TokenKeyHolder, "every record is a token operation"),
+        ({"enc_key_id": wire.SESSION_KEYS}, MemoryKeyHolder, "every message derives a fresh key"),
+        ({}, _TokenKeyHolder, "every record is a token operation"),
     ],
 )
 def test_session_keys_and_token_record_keys_always_block(
-    config: Config, holder: type[MemoryKeyHolder], why: str
+    profile: Profile, settings: dict, holder: type[MemoryKeyHolder], why: str
 ) -> None:
-    pair = _ready_pair(config, holder)
+    pair = _ready_pair(cfg(profile, **settings), holder)
     for role in ROLES:
         pair.conn(role).prepare()
         assert pair.conn(role).may_block, why
 
 
-def test_a_link_without_keys_never_blocks_after_the_handshake() -> None:
-    pair = _ready_pair(Config(encryption=Encryption.NONE, mac=Mac.NONE))
+def test_a_link_without_keys_never_blocks_after_the_handshake(profile: Profile) -> None:
+    pair = _ready_pair(cfg(profile, encryption=Encryption.NONE, mac=Mac.NONE))
     for role in ROLES:
         pair.conn(role).prepare()  # (the handshake's own deferred derivation may still be queued)
         assert not pair.conn(role).may_block
 
 
-def test_a_missing_encryption_key_is_left_for_the_first_message_to_report() -> None:
+@HARDENED_ONLY
+def test_a_missing_encryption_key_is_left_for_the_first_message_to_report(profile: Profile) -> None:
     enc = {i: k for i, k in ENC_KEYS.items() if i != 2}
-    config = Config(enc_key_id=2)  # (encryption key 1 still serves the handshake MACs)
+    config = cfg(profile, enc_key_id=2)  # (encryption key 1 still serves the handshake MACs)
     pair = ConnectionPair(config, config, server_holder=make_holder(enc=enc, name="server"))
     pair.handshake()
     pair.server.prepare()  # does not raise: the message that needs the key tells the peer
@@ -966,3 +982,22 @@ def test_a_missing_encryption_key_is_left_for_the_first_message_to_report() -> N
     got = pair.pump(raise_errors=False)
     assert pair.errors[Role.SERVER].code is ErrorCode.KEY_NOT_FOUND
     assert got.of(Role.CLIENT) == [MessageRefused(ErrorCode.REMOTE_KEY_HOLDER, 1, wire.DEFAULT_MAX_MESSAGE)]
+
+
+@V100_ONLY
+@pytest.mark.parametrize("side", ROLES, ids=lambda r: r.value)
+def test_a_missing_encryption_key_fails_the_v100_handshake_with_the_peer_told(profile: Profile, side: Role) -> None:
+    """V1.00 uses encryption key N itself, so the handshake makes sure it is there: the end without
+    it fails with KEY_NOT_FOUND and tells the peer (PASS3 or COMPLETION as NAK 103)."""
+    enc = {i: k for i, k in ENC_KEYS.items() if i != 2}
+    config = cfg(profile, enc_key_id=2)
+    holders = {side: make_holder(enc=enc, name="without"), other(side): make_holder(name="with")}
+    pair = ConnectionPair(config, config, server_holder=holders[Role.SERVER], client_holder=holders[Role.CLIENT])
+    pair.server.initiate()
+    pair.pump(raise_errors=False)
+    assert pair.errors[side].code is ErrorCode.KEY_NOT_FOUND
+    assert pair.errors[other(side)].code is ErrorCode.REMOTE_KEY_HOLDER
+    told = MessageId.MUTUAL_AUTH_PASS3_NOTIF if side is Role.SERVER else MessageId.MUTUAL_AUTH_COMPLETION_NOTIF
+    (nak,) = pair.sent_by(side, told)
+    assert (nak.option, nak.err_no, struct.unpack_from(">I", nak.payload)[0]) == (wire.NAK, 0, ErrorCode.REMOTE_KEY_HOLDER)
+    assert not any(isinstance(e, LinkReady) for role in ROLES for e in pair.events[role])

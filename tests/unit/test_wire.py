@@ -109,16 +109,10 @@ SAMPLES = [
     wire.LineConnectionRq(8, b"MEDIS-ISCL V9.99"),
     wire.LineConnectionRp(0, 4096),
     wire.LineConnectionRp(ErrorCode.BAD_VERSION, 0),
-    wire.MutualAuthRq(AuthMethod.THREE_PASS_FOUR_WAY, 3, b"x"),
-    wire.MutualAuthRq(AuthMethod.THREE_PASS_FOUR_WAY, 8, bytes(range(128))),
-    wire.MutualAuthRp(0, b"server auth data"),
-    wire.MutualAuthRp(ErrorCode.BAD_OPTION, b""),
     wire.Pass1(0, b"\x01" * 8),
     wire.Pass1(0, bytes(range(8)), 7),
     wire.Pass2(0, b"\xaa" * 8, b"\x55" * 8),
     wire.Pass2(ErrorCode.REMOTE_KEY_HOLDER, bytes(8), bytes(8), 1),
-    wire.Pass3(0, b"\x12" * 8, 0, b"\x34" * 8),
-    wire.Completion(0, b"\x9a" * 8),
     wire.TransmissionRq(Encryption.DES_CBC, wire.SESSION_KEYS, Mac.MD5, 0xFFFFFFFF),
     wire.TransmissionRq(Encryption.NONE, 1, Mac.NONE, 0),
     wire.TransmissionRp(0, 1 << 20),
@@ -126,6 +120,23 @@ SAMPLES = [
     wire.RandomNumberRq(b"\xfe" * 8),
     wire.RandomNumberRq(b"\x01" * 8, 5),
 ]
+"""Payloads laid out the same in both profiles."""
+
+PROFILE_SAMPLES = [
+    (wire.HARDENED_LAYOUT, wire.MutualAuthRq(AuthMethod.THREE_PASS_FOUR_WAY, 3, b"x")),
+    (wire.HARDENED_LAYOUT, wire.MutualAuthRq(AuthMethod.THREE_PASS_FOUR_WAY, 8, bytes(range(128)))),
+    (wire.HARDENED_LAYOUT, wire.MutualAuthRp(0, b"server auth data")),
+    (wire.HARDENED_LAYOUT, wire.MutualAuthRp(ErrorCode.BAD_OPTION, b"")),
+    (wire.HARDENED_LAYOUT, wire.Pass3(0, b"\x12" * 8, 0, b"\x34" * 8)),
+    (wire.HARDENED_LAYOUT, wire.Completion(0, b"\x9a" * 8)),
+    (wire.V100_LAYOUT, wire.MutualAuthRq(AuthMethod.THREE_PASS_FOUR_WAY, 3)),
+    (wire.V100_LAYOUT, wire.MutualAuthRq(AuthMethod.THREE_PASS_FOUR_WAY, 8, bytes(range(128)))),
+    (wire.V100_LAYOUT, wire.MutualAuthRp(0)),
+    (wire.V100_LAYOUT, wire.MutualAuthRp(0, b"server auth data")),
+    (wire.V100_LAYOUT, wire.Pass3(0, b"\x12" * 8, 0)),
+    (wire.V100_LAYOUT, wire.Completion(0)),
+]
+"""Payloads whose layout is the profile's (wire.Layout)."""
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
@@ -134,19 +145,51 @@ def test_payload_round_trip(msg: object) -> None:
     assert type(msg).decode(raw) == msg  # type: ignore[attr-defined]
 
 
+def _encode(layout: wire.Layout, msg: object) -> bytes:
+    if isinstance(msg, wire.MutualAuthRq | wire.MutualAuthRp):
+        return msg.encode(layout)
+    return msg.encode()  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize(("layout", "msg"), PROFILE_SAMPLES, ids=lambda x: getattr(x, "name", type(x).__name__))
+def test_profile_payload_round_trip(layout: wire.Layout, msg: object) -> None:
+    assert type(msg).decode(_encode(layout, msg), layout) == msg  # type: ignore[attr-defined]
+
+
 def test_every_payload_class_is_covered() -> None:
     classes = {
         wire.LineConnectionRq, wire.LineConnectionRp, wire.MutualAuthRq, wire.MutualAuthRp, wire.Pass1,
         wire.Pass2, wire.Pass3, wire.Completion, wire.TransmissionRq, wire.TransmissionRp, wire.RandomNumberRq,
     }
-    assert {type(m) for m in SAMPLES} == classes
+    assert {type(m) for m in SAMPLES} | {type(m) for _, m in PROFILE_SAMPLES} == classes
+
+
+def test_v100_payloads_are_the_sdk_builders_fields_alone() -> None:
+    """MUTUAL_AUTH_RQ (method, key-pair id), RP (status), PASS3 (status, response, option), COMPLETION (result)."""
+    layout = wire.V100_LAYOUT
+    assert wire.MutualAuthRq(0, 2).encode(layout) == struct.pack(">2I", 0, 2)
+    assert wire.MutualAuthRp(5).encode(layout) == struct.pack(">I", 5)
+    assert wire.Pass3(0, b"R" * 8).encode() == struct.pack(">I", 0) + b"R" * 8 + bytes(4)
+    assert wire.Completion(7).encode() == struct.pack(">I", 7)
+    # Authentication data, when there is some, follows the builder's fields, counted.
+    assert wire.MutualAuthRq(0, 2, b"ab").encode(layout) == struct.pack(">3I", 0, 2, 2) + b"ab"
+
+
+@pytest.mark.parametrize("layout", [wire.V100_LAYOUT, wire.HARDENED_LAYOUT], ids=lambda x: x.name)
+def test_handshake_mac_fields_are_the_profiles(layout: wire.Layout) -> None:
+    size = 16 + layout.finished_size
+    with pytest.raises(RemoteProtocolError) as info:
+        wire.Pass3.decode(bytes(size + 8 if layout.finished_size == 0 else 16), layout)
+    assert info.value.code is ErrorCode.BAD_LENGTH
+    assert wire.Pass3.decode(bytes(size), layout).finished == bytes(layout.finished_size)
+    assert wire.Completion.decode(bytes(4 + layout.finished_size), layout).finished == bytes(layout.finished_size)
 
 
 def test_payload_layouts_are_big_endian_words() -> None:
     assert wire.LineConnectionRq(8160).encode() == b"\x00\x00\x1f\xe0" + b"MEDIS-ISCL V1.00"
     assert wire.TransmissionRq(0x1212, 0x10, 0x4001, 5).encode() == struct.pack(">4I", 0x1212, 0x10, 0x4001, 5)
-    assert wire.MutualAuthRq(0, 2, b"ab").encode() == struct.pack(">3I", 0, 2, 2) + b"ab"
-    assert wire.MutualAuthRp(0, b"abc").encode() == struct.pack(">2I", 0, 3) + b"abc"
+    assert wire.MutualAuthRq(0, 2, b"ab").encode(wire.HARDENED_LAYOUT) == struct.pack(">3I", 0, 2, 2) + b"ab"
+    assert wire.MutualAuthRp(0, b"abc").encode(wire.HARDENED_LAYOUT) == struct.pack(">2I", 0, 3) + b"abc"
     assert wire.Pass2(0, b"R" * 8, b"C" * 8).encode() == struct.pack(">I", 0) + b"R" * 8 + b"C" * 8 + bytes(4)
 
 
@@ -158,8 +201,8 @@ def test_status_round_trip(status: int) -> None:
 
 
 FIXED = [
-    wire.LineConnectionRq, wire.LineConnectionRp, wire.Pass1, wire.Pass2, wire.Pass3, wire.Completion,
-    wire.TransmissionRq, wire.TransmissionRp, wire.RandomNumberRq,
+    wire.LineConnectionRq, wire.LineConnectionRp, wire.Pass1, wire.Pass2, wire.TransmissionRq, wire.TransmissionRp,
+    wire.RandomNumberRq,
 ]
 
 
@@ -192,7 +235,7 @@ def test_status_of_wrong_length_is_bad_length(n: int) -> None:
 )
 def test_auth_rq_of_wrong_length_is_bad_length(raw: bytes) -> None:
     with pytest.raises(RemoteProtocolError) as info:
-        wire.MutualAuthRq.decode(raw)
+        wire.MutualAuthRq.decode(raw, wire.HARDENED_LAYOUT)
     assert info.value.code is ErrorCode.BAD_LENGTH
 
 
@@ -202,5 +245,23 @@ def test_auth_rq_of_wrong_length_is_bad_length(raw: bytes) -> None:
 )
 def test_auth_rp_of_wrong_length_is_bad_length(raw: bytes) -> None:
     with pytest.raises(RemoteProtocolError) as info:
-        wire.MutualAuthRp.decode(raw)
+        wire.MutualAuthRp.decode(raw, wire.HARDENED_LAYOUT)
     assert info.value.code is ErrorCode.BAD_LENGTH
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", struct.pack(">I", 0), struct.pack(">III", 0, 1, 5) + b"abcd", struct.pack(">II", 0, 1) + b"ab"],
+)
+def test_v100_auth_rq_is_the_builder_fields_or_those_and_counted_data(raw: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        wire.MutualAuthRq.decode(raw, wire.V100_LAYOUT)
+    assert info.value.code is ErrorCode.BAD_LENGTH
+
+
+def test_padding_carries_its_own_length() -> None:
+    """RFC 1423 / PKCS#5: always 1..8 bytes, each holding the count; checked exactly."""
+    assert [wire.pad_pkcs5(n) for n in (0, 1, 7, 8, 13)] == [bytes([8]) * 8, bytes([7]) * 7, b"\x01", bytes([8]) * 8, bytes([3]) * 3]
+    assert all(wire.is_pkcs5_padding(wire.pad_pkcs5(n)) for n in range(20))
+    for bad in (b"", b"\x00", b"\x02", b"\x02\x01", bytes([9]) * 9, b"\x03\x03\x02"):
+        assert not wire.is_pkcs5_padding(bad)
