@@ -1,4 +1,5 @@
-"""What every benchmark shares: statistics, `openssl speed`, the SoftHSM2 token, child processes.
+"""What every benchmark shares: statistics, `openssl speed`, the SoftHSM2 token, the wire profiles and
+their suites, child processes.
 
 Figures are medians over rounds; ratios are taken round by round (both sides measured back to back)
 and then their median is reported, so a slow moment on a shared machine hits both sides of a ratio.
@@ -6,6 +7,7 @@ and then their median is reported, so a slow moment on a shared machine hits bot
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import multiprocessing
 import os
@@ -22,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from iscl_hsm.engine import Config, Profile
 from iscl_hsm.keyholder.provision import ensure_token, softhsm_environment
+from iscl_hsm.wire import Encryption, Mac
 
 REPO = Path(__file__).resolve().parents[1]
 LEGACY_OPENSSL_CONF = REPO / "softhsm" / "openssl-legacy.cnf"
@@ -31,6 +35,61 @@ SPAWN = multiprocessing.get_context("spawn")
 TOKEN_LABEL = "bench"
 PLACEHOLDERS: dict[str, str] = {sys.executable: "python3"}
 """Text shown in place of long values in recorded commands (run.py adds the work folder)."""
+
+
+SUITES = {
+    "none/none": (Encryption.NONE, Mac.NONE),
+    "none/md5": (Encryption.NONE, Mac.MD5),
+    "none/des-mac": (Encryption.NONE, Mac.DES_MAC),
+    "des-cbc/md5": (Encryption.DES_CBC, Mac.MD5),
+    "des-cbc/des-mac": (Encryption.DES_CBC, Mac.DES_MAC),
+}
+"""ISCL's record protection choices, weakest first, by the names `iscl --encryption/--mac` take
+("none/none" shows the framing alone)."""
+PROFILES = tuple(Profile)
+"""Both wire profiles, in the order every table shows them: V1.00 (the default), then hardened."""
+BOTH = "both"
+
+
+def add_profile_option(parser: argparse.ArgumentParser, *, default: str = BOTH) -> None:
+    """``--profile v1.00|hardened|both``: which wire profiles to measure; read it with :func:`profiles_of`."""
+    parser.add_argument("--profile", choices=[p.value for p in PROFILES] + [BOTH], default=default,
+                        help="wire profile to measure: v1.00, hardened, or both side by side"
+                        " (default: %(default)s)")
+
+
+def profiles_of(choice: str) -> tuple[Profile, ...]:
+    """The profiles a ``--profile`` value names."""
+    return PROFILES if choice == BOTH else (Profile(choice),)
+
+
+def plain_md5(profile: Profile, suite: str) -> bool:
+    """True when ``suite`` in ``profile`` sends the SDK's plain, unkeyed MD5 (V1.00 none/md5).
+
+    The engine decides (Config.sends_unkeyed_md5), so the benchmarks follow whatever it refuses.
+    """
+    encryption, mac = SUITES[suite]
+    return Config(profile=profile, encryption=encryption, mac=mac, allow_unkeyed_md5=True).sends_unkeyed_md5
+
+
+def suite_config(profile: Profile, suite: str, **settings: Any) -> Config:
+    """The Config of ``suite`` ("des-cbc/md5") in ``profile``; V1.00's plain MD5 is allowed knowingly."""
+    encryption, mac = SUITES[suite]
+    return Config(profile=profile, encryption=encryption, mac=mac, allow_unkeyed_md5=plain_md5(profile, suite),
+                  **settings)
+
+
+def suite_label(profile: Profile, suite: str) -> str:
+    """How tables name ``suite`` in ``profile``: "v1.00 des-cbc/md5"; the plain MD5 says what it is."""
+    label = f"{profile.value} {suite}"
+    return f"{label} (the SDK's plain MD5, unkeyed)" if plain_md5(profile, suite) else label
+
+
+def link_options(profile: Profile, suite: str) -> list[str]:
+    """The `iscl` options (tunnel, serve, store) for ``suite`` in ``profile``."""
+    encryption, mac = suite.split("/")
+    options = ["--profile", profile.value, "--encryption", encryption, "--mac", mac]
+    return [*options, "--allow-unkeyed-md5"] if plain_md5(profile, suite) else options
 
 
 def median(values: Sequence[float]) -> float:
@@ -61,7 +120,12 @@ def openssl_speed_command(algorithm: str, seconds: int) -> list[str]:
 
 @dataclass(frozen=True)
 class BenchToken:
-    """A SoftHSM2 token with auth and enc keys 1..8, private to one benchmark run."""
+    """A SoftHSM2 token with auth and enc keys 1..8, private to one benchmark run.
+
+    Its encryption keys are host-readable: a V1.00 link with encryption key N uses key N itself as
+    the DES key, which the host then reads once and runs in OpenSSL, as the hardened profile's record
+    keys are. (With sensitive keys, or ``record_keys="token"``, V1.00 would run DES inside SoftHSM2.)
+    """
 
     data_dir: Path
     label: str
@@ -82,7 +146,7 @@ class BenchToken:
 
 def make_token(data_dir: Path) -> BenchToken:
     """Create the token (both ends of every link use it, as two hospitals sharing keys would)."""
-    label, pin_path, _ = ensure_token(data_dir, TOKEN_LABEL)
+    label, pin_path, _ = ensure_token(data_dir, TOKEN_LABEL, host_readable=True)
     return BenchToken(data_dir, label, pin_path)
 
 

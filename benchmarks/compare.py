@@ -1,7 +1,7 @@
 """Old code against new, interleaved: one suite's loopback rate and each end's CPU per MiB.
 
-Run: python3 benchmarks/compare.py REV [--suite des-cbc/md5] [--transport blocking|asyncio] [--rounds 6]
-        [--seconds 2] [--size BYTES]
+Run: python3 benchmarks/compare.py REV [--profile v1.00|hardened] [--suite des-cbc/md5]
+        [--transport blocking|asyncio] [--rounds 6] [--seconds 2] [--size BYTES]
 
 REV (a commit, branch or tag) is checked out into a temporary git worktree; the working tree is the
 new code. Every round measures both, in alternating order, each in a fresh process that imports its
@@ -9,6 +9,10 @@ own tree's iscl_hsm and talks to a server process of the same tree over loopback
 measurement, both ends on the SoftHSM2 token this script makes). On a shared
 machine a rate moves by 5-20% from one minute to the next; CPU per MiB moves much less, and
 interleaving puts the same noise on both sides. Judge a change by both (docs/performance.md).
+
+Both trees speak --profile (V1.00's none/md5 is the SDK's plain MD5, allowed knowingly). A revision
+from before the wire profiles has no Config.profile: it speaks its only wire, the hardened one, and
+the output says so; with --profile v1.00 that compares V1.00 in the working tree against the old wire.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("none/none", "none/md5", "none/des-mac", "des-cbc/md5", "des-cbc/des-mac")
-"""As benchmarks/loopback.py names them (not imported: this file also runs against old trees)."""
+"""As benchmarks/common.py names them (not imported: this file also runs against old trees)."""
+PROFILES = ("v1.00", "hardened")
+WIRE_BEFORE_PROFILES = "hardened"
+"""The wire of every revision from before Config.profile existed."""
 TOKEN_LABEL = "compare"
 _MEASURE = "--measure-in"
 """First argument of the measuring process (internal)."""
@@ -37,6 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rev", help="the old code: a commit, branch or tag of this repository")
     parser.add_argument("--suite", default="des-cbc/md5", choices=list(SUITES), help="encryption/MAC")
+    parser.add_argument("--profile", default=PROFILES[0], choices=PROFILES,
+                        help="wire profile of both trees (default: %(default)s; a revision without profiles"
+                        f" speaks {WIRE_BEFORE_PROFILES})")
     parser.add_argument("--rounds", type=int, default=6, help="measurements of each tree (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement (default: %(default)s)")
     parser.add_argument("--size", type=int, default=1 << 20, help="message size in bytes (default: 1 MiB)")
@@ -54,24 +64,35 @@ def main() -> None:
             token = make_token(Path(work) / "token")
             trees = {"old": old, "new": REPO}
             results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-            print(f"# {args.suite}, {args.transport} transport, {args.size} B messages, {args.rounds} rounds of {args.seconds:g} s;"
-                  f" old = {args.rev}, new = the working tree")
+            wires: dict[str, str | None] = {}
+            print(f"# {args.suite}, {args.profile} profile, {args.transport} transport, {args.size} B messages,"
+                  f" {args.rounds} rounds of {args.seconds:g} s; old = {args.rev}, new = the working tree")
             for round_ in range(args.rounds):
                 order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
                 for name in order:
-                    figures = _measure(trees[name], token.environment, token.label, token.pin, args)
+                    figures, wires[name] = _measure(trees[name], token.environment, token.label, token.pin, args)
                     results[name].append(figures)
                     print(f"round {round_ + 1} {name}: {figures['rate'] / 1e6:.1f} MB/s, sender"
                           f" {figures['sender']:.2f} ms/MiB, receiver {figures['receiver']:.2f} ms/MiB", flush=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
     _summary(results)
+    print(_wire_line(wires, args.rev))
 
 
-def _measure(tree: Path, environment: dict[str, str], label: str, pin: str, args: argparse.Namespace) -> dict[str, float]:
-    """One measurement in a fresh process that imports iscl_hsm from ``tree`` only."""
+def _wire_line(wires: dict[str, str | None], rev: str) -> str:
+    """Which wire each tree spoke (None: an old tree without profiles, which the line explains)."""
+    old = wires["old"] or (f"{WIRE_BEFORE_PROFILES} ({rev} has no Config.profile: its only wire is the"
+                           f" {WIRE_BEFORE_PROFILES} one)")
+    return f"wire profile: old {old}, new {wires['new']}"
+
+
+def _measure(tree: Path, environment: dict[str, str], label: str, pin: str, args: argparse.Namespace
+             ) -> tuple[dict[str, float], str | None]:
+    """One measurement in a fresh process that imports iscl_hsm from ``tree`` only; its figures and the
+    wire profile it spoke (None: the tree has no profiles)."""
     command = [sys.executable, __file__, _MEASURE, str(tree), label, args.suite, str(args.seconds), str(args.size),
-               args.transport]
+               args.transport, args.profile]
     env = {**environment, "PYTHONPATH": str(tree), "ISCL_PIN": pin}  # (not in argv, where `ps` shows it)
     out = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -79,7 +100,8 @@ def _measure(tree: Path, environment: dict[str, str], label: str, pin: str, args
     figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     if not figures.pop("module").startswith(str(tree)):
         raise RuntimeError(f"the measurement in {tree} imported iscl_hsm from elsewhere")
-    return figures
+    wire: str | None = figures.pop("wire")
+    return figures, wire
 
 
 def _summary(results: dict[str, list[dict[str, float]]]) -> None:
@@ -94,7 +116,7 @@ def _summary(results: dict[str, list[dict[str, float]]]) -> None:
 # --- the measuring process (runs with the tree under test first on sys.path) -------------------------
 
 
-def _serve(listener: Any, label: str, pin: str, suite: str, size: int, transport: str) -> None:
+def _serve(listener: Any, label: str, pin: str, suite: str, size: int, transport: str, profile: str) -> None:
     """Server process: accept one link and read every message until the line is disconnected.
 
     Like the measuring process, it imports iscl_hsm from the tree under test (first on sys.path).
@@ -109,7 +131,7 @@ def _serve(listener: Any, label: str, pin: str, suite: str, size: int, transport
 
     keep_bulk_buffers()  # as `iscl` does, and as the measuring process does
     sock, _ = listener.accept()
-    holder, config = Pkcs11KeyHolder(label, pin), _config(Config, suite, size)
+    holder, config = Pkcs11KeyHolder(label, pin), _config(Config, suite, size, profile)
     if transport == "blocking":
         link = IsclSocket.accept(sock, key_holder=holder, config=config)
         while link.recv() is not None:
@@ -124,12 +146,32 @@ def _serve(listener: Any, label: str, pin: str, suite: str, size: int, transport
     asyncio.run(read_all())
 
 
-def _config(config_type: Any, suite: str, size: int) -> Any:
-    """The tree's Config for ``suite`` ("des-cbc/md5"), taking messages of ``size`` bytes."""
+def _config(config_type: Any, suite: str, size: int, profile: str) -> Any:
+    """The tree's Config for ``suite`` ("des-cbc/md5") in ``profile``, taking messages of ``size`` bytes.
+
+    Only the settings the tree's Config knows are given: a tree from before the profiles has no
+    ``profile`` (it speaks hardened) and no ``allow_unkeyed_md5``. V1.00's plain MD5 is allowed when the
+    tree's Config says the suite sends it (``sends_unkeyed_md5``).
+    """
+    import dataclasses
+
     from iscl_hsm.cli.options import ENCRYPTIONS, MACS  # the names `iscl --encryption/--mac` take
 
     encryption, mac = suite.split("/")
-    return config_type(encryption=ENCRYPTIONS[encryption], mac=MACS[mac], max_message=max(1 << 20, size))
+    settings: dict[str, Any] = {"encryption": ENCRYPTIONS[encryption], "mac": MACS[mac],
+                                "max_message": max(1 << 20, size)}
+    known = {f.name for f in dataclasses.fields(config_type)}
+    if "profile" in known:
+        settings["profile"] = profile  # (Config takes the value: "v1.00", "hardened")
+    if "allow_unkeyed_md5" in known:
+        settings["allow_unkeyed_md5"] = config_type(**settings, allow_unkeyed_md5=True).sends_unkeyed_md5
+    return config_type(**settings)
+
+
+def _wire(config: Any) -> str | None:
+    """The wire profile ``config`` speaks ("v1.00"), or None for a tree from before the profiles."""
+    profile = getattr(config, "profile", None)
+    return None if profile is None else str(profile.value)
 
 
 def _measure_here() -> None:
@@ -144,15 +186,18 @@ def _measure_here() -> None:
     from iscl_hsm.transport import aio
     from iscl_hsm.transport.blocking import IsclSocket
 
-    _tree, label, suite, seconds, size_text, transport = sys.argv[2:8]
+    _tree, label, suite, seconds, size_text, transport, profile = sys.argv[2:9]
     pin, size = os.environ["ISCL_PIN"], int(size_text)
     keep_bulk_buffers()
     listener = socket.create_server(("127.0.0.1", 0))
     server = multiprocessing.get_context("spawn").Process(
-        target=_serve, args=(listener, label, pin, suite, size, transport), daemon=True
+        target=_serve, args=(listener, label, pin, suite, size, transport, profile), daemon=True
     )
     server.start()
-    address, holder, config = listener.getsockname(), Pkcs11KeyHolder(label, pin), _config(Config, suite, size)
+    assert server.pid is not None
+    server_pid = server.pid
+    address, holder = listener.getsockname(), Pkcs11KeyHolder(label, pin)
+    config = _config(Config, suite, size, profile)
     payload = os.urandom(size)
 
     async def transfer() -> dict[str, float]:
@@ -171,7 +216,7 @@ def _measure_here() -> None:
         warm_up = time.perf_counter() + 0.3  # fresh processes first fault in their buffers and caches
         while time.perf_counter() < warm_up:
             await send(payload)
-        own, theirs, started = _own_cpu(), _cpu(server.pid), time.perf_counter()
+        own, theirs, started = _own_cpu(), _cpu(server_pid), time.perf_counter()
         sent = 0
         while not sent or time.perf_counter() - started < float(seconds):
             await send(payload)
@@ -180,11 +225,11 @@ def _measure_here() -> None:
         elapsed = time.perf_counter() - started
         mib = sent / (1 << 20)
         return {"rate": sent / elapsed, "sender": (_own_cpu() - own) / mib * 1000,
-                "receiver": (_cpu(server.pid) - theirs) / mib * 1000}
+                "receiver": (_cpu(server_pid) - theirs) / mib * 1000}
 
     figures = asyncio.run(transfer())
     server.join(10)
-    print(json.dumps({**figures, "module": iscl_hsm.__file__}))
+    print(json.dumps({**figures, "module": iscl_hsm.__file__, "wire": _wire(config)}))
 
 
 # The two below repeat benchmarks/common.py's CPU reading on purpose: the measuring process imports

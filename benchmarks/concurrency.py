@@ -1,4 +1,5 @@
-"""N simultaneous links through one gateway pair (des-cbc/des-mac), beside N plain TCP connections.
+"""N simultaneous links through one gateway pair (des-cbc/des-mac) per wire profile, beside N plain TCP
+connections.
 
 Each link is a connection from this process to the client tunnel, carried over ISCL to the server
 tunnel and forwarded to a sink process. The sink greets every connection with one byte, so the time
@@ -20,6 +21,7 @@ from pathlib import Path
 from benchmarks.common import BenchToken, Children, Section, log, median, percentile, resident_kib
 from benchmarks.gateway_pair import GatewayPair, gateway_missing
 from iscl_hsm.allocator import keep_bulk_buffers
+from iscl_hsm.engine import Profile
 
 SUITE = "des-cbc/des-mac"
 GREETING, ACK = b"H", b"A"
@@ -90,8 +92,12 @@ async def _batch(port: int, count: int, share: int, pids: Sequence[int]) -> tupl
     return setup, count * share / (max(done) - started), resident
 
 
+def gateway_label(count: int, profile: Profile) -> str:
+    return f"N={count}, ISCL gateway {profile.value}"
+
+
 def run(children: Children, token: BenchToken, workdir: Path, rounds: int, counts: Sequence[int],
-        total_bytes: int) -> Section:
+        total_bytes: int, profiles: Sequence[Profile]) -> Section:
     section = Section(
         "concurrency", f"N simultaneous links through one gateway pair ({SUITE}) vs plain TCP",
         [("setup_p50_ms", "set-up p50 ms"), ("setup_p99_ms", "set-up p99 ms"), ("mb_s", "aggregate MB/s"),
@@ -103,11 +109,12 @@ def run(children: Children, token: BenchToken, workdir: Path, rounds: int, count
     missing = gateway_missing()
     for count in counts:
         share = max(16 << 10, total_bytes // count)
-        if missing:
-            section.unavailable(f"N={count}, ISCL gateway", missing)
-        else:
-            _measure(section, f"N={count}, ISCL gateway", count, share, rounds,
-                     lambda: GatewayPair(children, token, SUITE, sink_port, workdir / "concurrency"))
+        for profile in profiles:
+            if missing:
+                section.unavailable(gateway_label(count, profile), missing)
+            else:
+                _measure(section, gateway_label(count, profile), count, share, rounds,
+                         _pair_starter(children, token, profile, sink_port, workdir / "concurrency"))
         _measure(section, f"N={count}, plain TCP (no gateway)", count, share, rounds, lambda: None, sink_port)
     section.notes.append(
         f"{rounds} rounds per N; p50/p99 of the N set-up times per round, then the median over rounds. Each"
@@ -117,6 +124,11 @@ def run(children: Children, token: BenchToken, workdir: Path, rounds: int, count
         " both tunnels and the sink share the machine's cores."
     )
     return section
+
+
+def _pair_starter(children: Children, token: BenchToken, profile: Profile, sink_port: int, logs: Path
+                  ) -> Callable[[], GatewayPair]:
+    return lambda: GatewayPair(children, token, profile, SUITE, sink_port, logs / profile.value)
 
 
 def _measure(section: Section, label: str, count: int, share: int, rounds: int,

@@ -1,5 +1,6 @@
 """DICOM C-STORE: DCMTK storescu -> storescp directly, over DCMTK's TLS and through the ISCL gateway
-pair for each suite; and `iscl store` -> `iscl serve` (pynetdicom speaking ISCL itself).
+pair for each profile and suite; and `iscl store` -> `iscl serve` (pynetdicom speaking ISCL itself) in
+each profile.
 
 The study is generated (iscl_hsm.dicom.study) in a small-object and a large-object variant.
 storescp receives with --ignore (nothing written); `iscl serve` writes to tmpfs (/dev/shm), so the
@@ -19,14 +20,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import REPO, BenchToken, Children, Section, free_port, log, median, wait_until
+from benchmarks.common import (
+    REPO,
+    BenchToken,
+    Children,
+    Section,
+    free_port,
+    link_options,
+    log,
+    median,
+    suite_label,
+    wait_until,
+)
 from benchmarks.gateway_pair import GatewayPair, gateway_missing, start_service
 from benchmarks.tls import Credentials
 from iscl_hsm.dicom.study import StudySpec, write_study
+from iscl_hsm.engine import Profile
 
 GATEWAY_SUITES = ("none/md5", "none/des-mac", "des-cbc/md5", "des-cbc/des-mac")
 PYNETDICOM_SUITE = "des-cbc/des-mac"
-PYNETDICOM_ROW = f"iscl store -> iscl serve (pynetdicom, {PYNETDICOM_SUITE})"
 CALLED = "STORESCP"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 """DCMTK leaves Nagle's algorithm on unless TCP_NODELAY is set; with delayed ACKs that costs about 90 ms
@@ -85,18 +97,23 @@ class StoreScp:
         return subprocess.run(echo, capture_output=True, check=False, env=DCMTK_ENV).returncode == 0
 
 
+def pynetdicom_row(profile: Profile) -> str:
+    return f"iscl store -> iscl serve (pynetdicom, {suite_label(profile, PYNETDICOM_SUITE)})"
+
+
 class IsclServe:
     """`iscl serve` (pynetdicom behind ISCL, no gateway), storing into a tmpfs folder emptied after each run."""
 
-    def __init__(self, children: Children, token: BenchToken, suite: str, workdir: Path) -> None:
+    def __init__(self, children: Children, token: BenchToken, profile: Profile, suite: str, workdir: Path
+                 ) -> None:
         shm = Path("/dev/shm")
         self.output = Path(tempfile.mkdtemp(prefix="iscl-bench-serve-", dir=shm if shm.is_dir() else workdir))
-        encryption, mac = suite.split("/")
+        options = [*token.cli_options(), *link_options(profile, suite)]
         self.command = [sys.executable, "-m", "iscl_hsm", "serve", "--output", str(self.output),
-                        "--listen", "127.0.0.1:0", *token.cli_options(), "--encryption", encryption, "--mac", mac]
-        _, self.port = start_service(children, self.command, token, workdir / "logs" / "iscl-serve.log")
-        self.store = [sys.executable, "-m", "iscl_hsm", "store", *token.cli_options(), "--encryption", encryption,
-                      "--mac", mac, "127.0.0.1"]
+                        "--listen", "127.0.0.1:0", *options]
+        log_path = workdir / "logs" / f"iscl-serve-{profile.value}.log"
+        _, self.port = start_service(children, self.command, token, log_path)
+        self.store = [sys.executable, "-m", "iscl_hsm", "store", *options, "127.0.0.1"]
         self.environment = token.environment
         self.startups: dict[str, list[float]] = {}
 
@@ -139,7 +156,7 @@ def timed_store(port: int, study: Study, tls: Credentials | None = None) -> floa
 
 
 def run(children: Children, token: BenchToken, credentials: Credentials, workdir: Path, rounds: int,
-        small: StudySpec, large: StudySpec) -> Section:
+        small: StudySpec, large: StudySpec, profiles: Sequence[Profile]) -> Section:
     section = Section(
         "dicom", "DICOM C-STORE over loopback, one association per study (DCMTK storescu -> storescp)",
         [("files_s", "files/s"), ("mb_s", "MB/s"), ("vs_direct", "÷ direct")],
@@ -155,16 +172,21 @@ def run(children: Children, token: BenchToken, credentials: Credentials, workdir
     section.command(["TCP_NODELAY=1", *plain.command])
     section.command(["TCP_NODELAY=1", *secure.command])
     missing = gateway_missing()
-    gateways: dict[str, GatewayPair] = {}
+    gateways: list[GatewayPair] = []
     if not missing:
-        for suite in GATEWAY_SUITES:
-            gateways[suite] = GatewayPair(children, token, suite, plain.port, logs / suite.replace("/", "-"))
-            runners[f"ISCL gateway {suite}"] = functools.partial(timed_store, gateways[suite].port)
-            for command in gateways[suite].commands:
-                section.command(command)
-    serve = IsclServe(children, token, PYNETDICOM_SUITE, workdir)
-    runners[PYNETDICOM_ROW] = serve.timed_store
-    section.command(serve.command)
+        for profile in profiles:
+            for suite in GATEWAY_SUITES:
+                pair = GatewayPair(children, token, profile, suite, plain.port,
+                                   logs / f"{profile.value}-{suite.replace('/', '-')}")
+                gateways.append(pair)
+                runners[f"ISCL gateway {suite_label(profile, suite)}"] = functools.partial(timed_store, pair.port)
+                for command in pair.commands:
+                    section.command(command)
+    serves = {pynetdicom_row(profile): IsclServe(children, token, profile, PYNETDICOM_SUITE, workdir)
+              for profile in profiles}
+    for row, serve in serves.items():
+        runners[row] = serve.timed_store
+        section.command(serve.command)
     times: dict[tuple[str, str], list[float]] = {}
     for round_number in range(rounds):
         log(f"dicom: round {round_number + 1}/{rounds}")
@@ -173,21 +195,23 @@ def run(children: Children, token: BenchToken, credentials: Credentials, workdir
                 times.setdefault((study.name, path), []).append(runner(study))
     for study in studies:
         section.command(["TCP_NODELAY=1", *store_command(plain.port, study.files[:1], None), "..."])
-        section.command([*serve.store, str(serve.port), str(study.files[0]), "..."])
         direct = times[(study.name, "direct (plain DICOM)")]
         rows = {path: times[(study.name, path)] for path in runners}
-        rows[f"{PYNETDICOM_ROW}, less Python start-up"] = [
-            run - startup for run, startup in zip(rows[PYNETDICOM_ROW], serve.startups[study.name], strict=True)
-        ]
+        for row, serve in serves.items():
+            section.command([*serve.store, str(serve.port), str(study.files[0]), "..."])
+            rows[f"{row}, less Python start-up"] = [
+                run - startup for run, startup in zip(rows[row], serve.startups[study.name], strict=True)
+            ]
         for path, runs in rows.items():
             t = median(runs)
             section.add(f"{study.name}, {path}", files_s=len(study.files) / t, mb_s=study.size / t / 1e6,
                         vs_direct=median([d / r for d, r in zip(direct, runs, strict=True)]))
         if missing:
             section.unavailable(f"{study.name}, ISCL gateway", missing)
-    for pair in gateways.values():
+    for pair in gateways:
         pair.stop()
-    serve.close()
+    for serve in serves.values():
+        serve.close()
     section.notes.append(
         f"Median of {rounds} storescu runs per row, all paths in turn within each round; the time includes"
         " starting storescu and the association. '÷ direct' is each run's rate over the direct run of"

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import REPO, BenchToken, Children, wait_until
+from benchmarks.common import REPO, BenchToken, Children, link_options, wait_until
+from iscl_hsm.engine import Profile
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+),")
 
@@ -19,11 +20,11 @@ def gateway_missing() -> str:
     return "" if probe.returncode == 0 else "gateway not available (`python3 -m iscl_hsm tunnel` is missing)"
 
 
-def tunnel_command(mode: str, listen: str, target: str, token: BenchToken, suite: str) -> list[str]:
-    encryption, mac = suite.split("/")
+def tunnel_command(mode: str, listen: str, target: str, token: BenchToken, profile: Profile, suite: str
+                   ) -> list[str]:
     target_option = "--connect" if mode == "client" else "--forward"
     return [sys.executable, "-m", "iscl_hsm", "tunnel", mode, "--listen", listen, target_option, target,
-            *token.cli_options(), "--encryption", encryption, "--mac", mac]
+            *token.cli_options(), *link_options(profile, suite)]
 
 
 def start_service(children: Children, command: list[str], token: BenchToken, log_path: Path
@@ -50,13 +51,15 @@ def start_service(children: Children, command: list[str], token: BenchToken, log
 
 
 class GatewayPair:
-    """Both tunnels of one suite, started in front of ``target_port``; ``port`` is where applications connect."""
+    """Both tunnels of one profile and suite, started in front of ``target_port``; ``port`` is where
+    applications connect."""
 
-    def __init__(self, children: Children, token: BenchToken, suite: str, target_port: int, logs: Path) -> None:
+    def __init__(self, children: Children, token: BenchToken, profile: Profile, suite: str, target_port: int,
+                 logs: Path) -> None:
         self.children = children
-        server = tunnel_command("server", "127.0.0.1:0", f"127.0.0.1:{target_port}", token, suite)
+        server = tunnel_command("server", "127.0.0.1:0", f"127.0.0.1:{target_port}", token, profile, suite)
         server_process, server_port = start_service(children, server, token, logs / "server.log")
-        client = tunnel_command("client", "127.0.0.1:0", f"127.0.0.1:{server_port}", token, suite)
+        client = tunnel_command("client", "127.0.0.1:0", f"127.0.0.1:{server_port}", token, profile, suite)
         client_process, self.port = start_service(children, client, token, logs / "client.log")
         self.processes = [server_process, client_process]
         self.commands = [server, client]

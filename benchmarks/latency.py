@@ -1,4 +1,5 @@
-"""Handshake latency: ISCL on SoftHSM2, ISCL on virtual IC cards, Python `ssl` TLS 1.3, plain TCP.
+"""Handshake latency: ISCL on SoftHSM2 and on virtual IC cards in each wire profile, Python `ssl` TLS 1.3
+with mutual authentication, plain TCP.
 
 Each figure is the time from `connect()` until both ends have authenticated each other: ISCL's
 connect returns after the server's last handshake message; the TLS and TCP servers send one byte
@@ -10,14 +11,26 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Section, log, median, percentile
 from benchmarks.loopback import LoopbackServers
+from iscl_hsm.engine import Profile
 
-CARD_SUITE = "des-cbc/des-mac"
+SUITE = "des-cbc/des-mac"
+TLS = "Python ssl TLS 1.3, mutual (client and server certificates, RSA 2048)"
+TCP = "plain TCP connect"
+
+
+def token_label(profile: Profile) -> str:
+    return f"ISCL {profile.value}, SoftHSM2 token ({SUITE})"
+
+
+def card_label(profile: Profile) -> str:
+    keys = ", session keys" if profile is Profile.V100 else ""
+    return f"ISCL {profile.value}, virtual IC card (pcscd + vpcd, {SUITE}{keys})"
 
 
 def _timed(connect: Callable[[], Any], count: int) -> list[float]:
@@ -33,11 +46,12 @@ def _timed(connect: Callable[[], Any], count: int) -> list[float]:
 
 def run(servers: LoopbackServers, rounds: int, count: int, card: bool) -> Section:
     section = Section("handshake", "Handshake latency over loopback (connect until both ends are authenticated)",
-                      [("median_ms", "median ms"), ("p99_ms", "p99 ms"), ("per_s", "handshakes/s, one at a time")])
+                      [("median_ms", "median ms"), ("p99_ms", "p99 ms"), ("per_s", "handshakes/s, one at a time"),
+                       ("vs_tls", "÷ TLS 1.3 mutual")])  # fmt: skip
     kinds: dict[str, Callable[[], Any]] = {
-        f"ISCL, SoftHSM2 token ({CARD_SUITE})": lambda: servers.iscl(CARD_SUITE),
-        "Python ssl TLS 1.3, RSA 2048, mutual": servers.tls,
-        "plain TCP connect": servers.tcp,
+        **{token_label(p): _connector(servers, p) for p in servers.profiles},
+        TLS: servers.tls,
+        TCP: servers.tcp,
     }
     samples: dict[str, list[list[float]]] = {name: [] for name in kinds}
     for round_number in range(rounds):
@@ -45,44 +59,57 @@ def run(servers: LoopbackServers, rounds: int, count: int, card: bool) -> Sectio
         for name, connect in kinds.items():
             samples[name].append(_timed(connect, count))
     for name, runs in samples.items():
-        _add(section, name, runs)
+        _add(section, name, runs, samples[TLS])
     section.notes.append(
-        f"Median and p99 of {count} handshakes per run, then the median over {rounds} runs. All three "
-        "kinds run in the same rounds, in turn, against servers in their own processes."
+        f"Median and p99 of {count} handshakes per run, then the median over {rounds} runs. Every kind runs"
+        " in the same rounds, in turn, against servers in their own processes; '÷ TLS 1.3 mutual' is each"
+        " round's median over the TLS median of the same round (both ends present and verify a certificate)."
     )
     if card:
-        _card_row(section, rounds, count)
+        _card_rows(section, servers.profiles, rounds, count)
     else:
-        section.unavailable("ISCL, virtual IC card (pcscd + vpcd)", "left out (--no-card)")
+        for profile in servers.profiles:
+            section.unavailable(card_label(profile), "left out (--no-card)")
     return section
 
 
-def _add(section: Section, name: str, runs: list[list[float]]) -> None:
+def _connector(servers: LoopbackServers, profile: Profile) -> Callable[[], Any]:
+    return lambda: servers.iscl(profile, SUITE)
+
+
+def _add(section: Section, name: str, runs: list[list[float]], tls: list[list[float]] | None = None) -> None:
     medians = [median(r) for r in runs]
-    section.add(name, median_ms=median(medians) * 1e3, p99_ms=median([percentile(r, 0.99) for r in runs]) * 1e3,
-                per_s=1 / median(medians))
+    figures = {"median_ms": median(medians) * 1e3, "p99_ms": median([percentile(r, 0.99) for r in runs]) * 1e3,
+               "per_s": 1 / median(medians)}
+    if tls is not None:
+        figures["vs_tls"] = median([m / median(t) for m, t in zip(medians, tls, strict=True)])
+    section.add(name, **figures)
 
 
-def _card_row(section: Section, rounds: int, count: int) -> None:
-    """Virtual cards through a private pcscd (root only); a row saying why when that cannot run."""
-    label = "ISCL, virtual IC card (pcscd + vpcd, des-cbc/des-mac)"
+def _card_rows(section: Section, profiles: Sequence[Profile], rounds: int, count: int) -> None:
+    """Virtual cards through a private pcscd (root only); rows saying why when that cannot run."""
     reason = _card_unavailable()
     if reason:
-        section.unavailable(label, reason)
+        for profile in profiles:
+            section.unavailable(card_label(profile), reason)
         return
     from benchmarks import card  # needs pyscard
 
-    runs = []
+    runs: dict[Profile, list[list[float]]] = {profile: [] for profile in profiles}
     with (tempfile.TemporaryDirectory(prefix="iscl-bench-card-") as directory,
           card.virtual_cards(Path(directory)) as client_card):
         for round_number in range(rounds):
             log(f"handshake: virtual card round {round_number + 1}/{rounds}")
-            times, _, _ = card.handshakes(client_card, card.SUITES[CARD_SUITE], count + card.WARM_UP)
-            runs.append(times)
-    _add(section, label, runs)
+            for profile in profiles:
+                times, _, _ = card.handshakes(client_card, card.link_config(profile, SUITE), count + card.WARM_UP)
+                runs[profile].append(times)
+    for profile in profiles:
+        _add(section, card_label(profile), runs[profile])
     section.notes.append(
         "The virtual card answers in about 0.2 ms per APDU; a real card takes 10 to 300 ms per command,"
-        " which `python3 benchmarks/card.py` turns into an estimate for real cards."
+        " which `python3 benchmarks/card.py` turns into an estimate for real cards. A card never gives a key"
+        " out, so its V1.00 row uses unique session keys; its rounds run after the others, so it has no ratio"
+        " to TLS."
     )
 
 

@@ -30,7 +30,10 @@ def markdown(meta: dict[str, Any], sections: list[Section]) -> str:
     lines += [f"- command: `{meta['command']}`", f"- machine: {meta['machine']}",
               f"- load average before / after: {meta['load_before']} / {meta['load_after']}",
               f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-              f"- rounds per figure: {meta['rounds']} (medians; ratios taken round by round)", ""]  # fmt: skip
+              f"- rounds per figure: {meta['rounds']} (medians; ratios taken round by round)"]  # fmt: skip
+    if "profiles" in meta:  # (results written before the wire profiles existed have none)
+        lines.append(f"- wire profiles: {', '.join(meta['profiles'])}")
+    lines.append("")
     for section in sections:
         lines += [f"## {section.title}", ""]
         lines.append("| | " + " | ".join(header for _, header in section.columns) + " |")

@@ -1,12 +1,14 @@
 """ISCL beside TLS and plain TCP, on one machine in one run: handshakes, record-layer throughput,
-throughput against message size, DICOM C-STORE with DCMTK, and N simultaneous gateway links.
+throughput against message size, DICOM C-STORE with DCMTK, and N simultaneous gateway links, for the
+V1.00 and the hardened wire profile side by side.
 
-Run: python3 benchmarks/run.py [--quick] [--rounds N] [--out DIR]   (or: make bench / make bench-quick)
+Run: python3 benchmarks/run.py [--quick] [--rounds N] [--profile v1.00|hardened|both] [--out DIR]
+     (or: make bench / make bench-quick)
 
 Writes DIR/latest.json (every figure, the machine, versions and commands), DIR/latest.md (the
-tables) and DIR/latest.png (the plots; needs matplotlib: pip install 'iscl-hsm[bench]'). Each figure
-is the median of --rounds runs, and each ratio the median of per-round ratios. docs/performance.md
-explains what limits each figure.
+tables, headed by the headline figures of each profile) and DIR/latest.png (the plots; needs
+matplotlib: pip install 'iscl-hsm[bench]'). Each figure is the median of --rounds runs, and each
+ratio the median of per-round ratios. docs/performance.md explains what limits each figure.
 """
 
 from __future__ import annotations
@@ -27,8 +29,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import concurrency, dicom_store, latency, report, throughput
-from benchmarks.common import PLACEHOLDERS, REPO, Children, Section, log, make_token
+from benchmarks import concurrency, dicom_store, headline, latency, report, throughput
+from benchmarks.common import (
+    PLACEHOLDERS,
+    REPO,
+    Children,
+    Section,
+    add_profile_option,
+    log,
+    make_token,
+    profiles_of,
+)
 from benchmarks.loopback import LoopbackServers
 from benchmarks.tls import make_credentials
 from iscl_hsm import __version__
@@ -40,7 +51,7 @@ KIB, MIB = 1 << 10, 1 << 20
 
 
 @dataclass(frozen=True)
-class Profile:
+class Sizes:
     """How long and how big: the full run (about 10 minutes on 2 cores) or --quick (1..2 minutes)."""
 
     rounds: int
@@ -54,12 +65,12 @@ class Profile:
     concurrency_bytes: int
 
 
-FULL = Profile(
+FULL = Sizes(
     rounds=5, handshakes=100, seconds=1.0, sizes=tuple(KIB << (2 * i) for i in range(9)), size_seconds=0.3,
     small=StudySpec(images=200, rows=128, columns=128), large=StudySpec(images=6, rows=2048, columns=2048),
     counts=(1, 16, 64, 256), concurrency_bytes=32 * MIB,
 )  # fmt: skip
-QUICK = Profile(
+QUICK = Sizes(
     rounds=3, handshakes=20, seconds=0.3, sizes=(KIB, 16 * KIB, 256 * KIB, 4 * MIB), size_seconds=0.1,
     small=StudySpec(images=20, rows=64, columns=64), large=StudySpec(images=2, rows=1024, columns=1024),
     counts=(1, 16, 64, 256), concurrency_bytes=4 * MIB,
@@ -74,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--counts", help="simultaneous links for the concurrency section (default: 1,16,64,256)")
     parser.add_argument("--no-card", action="store_true", help="leave out the virtual-card handshake (needs root)")
+    add_profile_option(parser)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                         help="folder for latest.json, latest.md and latest.png (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -127,15 +139,17 @@ def _load() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    profile = QUICK if args.quick else FULL
-    rounds = args.rounds or profile.rounds
-    counts = tuple(int(n) for n in args.counts.split(",")) if args.counts else profile.counts
+    sizes = QUICK if args.quick else FULL
+    rounds = args.rounds or sizes.rounds
+    counts = tuple(int(n) for n in args.counts.split(",")) if args.counts else sizes.counts
     wanted = args.sections.split(",")
+    profiles = profiles_of(args.profile)
     keep_bulk_buffers()  # as `iscl` does
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(["python3", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": describe_machine(), "load_before": _load(), "versions": versions(), "rounds": rounds,
+        "profiles": [p.value for p in profiles],
     }  # fmt: skip
     sections: list[Section] = []
     started = time.monotonic()
@@ -145,17 +159,22 @@ def main(argv: list[str] | None = None) -> int:
         token = make_token(workdir / "token")
         credentials = make_credentials(workdir / "tls")
         if {"handshake", "throughput", "sizes"} & set(wanted):
-            servers = LoopbackServers(children, token, credentials)
+            servers = LoopbackServers(children, token, credentials, profiles)
             if "handshake" in wanted:
-                sections.append(latency.run(servers, rounds, profile.handshakes, card=not args.no_card))
+                sections.append(latency.run(servers, rounds, sizes.handshakes, card=not args.no_card))
             if "throughput" in wanted:
-                sections.append(throughput.run_suites(servers, rounds, profile.seconds))
+                sections.append(throughput.run_suites(servers, rounds, sizes.seconds))
             if "sizes" in wanted:
-                sections.append(throughput.run_sizes(servers, rounds, profile.size_seconds, profile.sizes))
+                sections.append(throughput.run_sizes(servers, rounds, sizes.size_seconds, sizes.sizes))
         if "dicom" in wanted:
-            sections.append(dicom_store.run(children, token, credentials, workdir, rounds, profile.small, profile.large))
+            sections.append(dicom_store.run(children, token, credentials, workdir, rounds, sizes.small,
+                                            sizes.large, profiles))
         if "concurrency" in wanted:
-            sections.append(concurrency.run(children, token, workdir, rounds, counts, profile.concurrency_bytes))
+            sections.append(concurrency.run(children, token, workdir, rounds, counts, sizes.concurrency_bytes,
+                                            profiles))
+    summary = headline.summarize(sections, profiles)
+    if summary is not None:
+        sections.insert(0, summary)
     meta["load_after"] = _load()
     meta["seconds"] = round(time.monotonic() - started, 1)
     written = report.write(args.out, meta, sections)

@@ -1,4 +1,5 @@
-"""Record-layer throughput: each ISCL suite beside plain TCP, Python `ssl` TLS 1.3 and `openssl speed`.
+"""Record-layer throughput: each ISCL suite in each wire profile beside plain TCP, Python `ssl` TLS 1.3
+and `openssl speed`.
 
 A round measures every column back to back, so each ratio compares two figures taken seconds apart;
 the tables show medians over rounds of the figures and of the per-round ratios. A second table
@@ -11,9 +12,10 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 
-from benchmarks.common import Section, log, median, openssl_speed, openssl_speed_command
+from benchmarks.common import SUITES, Section, log, median, openssl_speed, openssl_speed_command, suite_label
 from benchmarks.links import framed_rate, iscl_rate
-from benchmarks.loopback import SUITES, LoopbackServers
+from benchmarks.loopback import LoopbackServers
+from iscl_hsm.engine import Profile
 
 MESSAGE = 1 << 20
 SWEEP_SUITES = ("none/md5", "des-cbc/des-mac")
@@ -21,18 +23,27 @@ MB = 1e6
 
 
 def _transports(servers: LoopbackServers, suites: Sequence[str]) -> dict[str, Callable[[bytes, float], float]]:
-    """Name -> rate(payload, seconds) in bytes/s; each call opens a new link (untimed) first."""
+    """Name -> rate(payload, seconds) in bytes/s; each call opens a new link (untimed) first.
+
+    ISCL rows come profile by profile ("ISCL v1.00 des-cbc/md5", see :func:`iscl_name`).
+    """
     rates: dict[str, Callable[[bytes, float], float]] = {
         "plain TCP": lambda payload, seconds: framed_rate(servers.tcp(), payload, seconds),
         "TLS 1.3": lambda payload, seconds: framed_rate(servers.tls(), payload, seconds),
     }
-    for suite in suites:
-        rates[f"ISCL {suite}"] = functools.partial(_iscl_rate, servers, suite)
+    for profile in servers.profiles:
+        for suite in suites:
+            rates[iscl_name(profile, suite)] = functools.partial(_iscl_rate, servers, profile, suite)
     return rates
 
 
-def _iscl_rate(servers: LoopbackServers, suite: str, payload: bytes, seconds: float) -> float:
-    return iscl_rate(servers.iscl(suite), payload, seconds)
+def iscl_name(profile: Profile, suite: str) -> str:
+    """The row of ``suite`` in ``profile``, in both tables (benchmarks/headline.py finds it by this)."""
+    return f"ISCL {suite_label(profile, suite)}"
+
+
+def _iscl_rate(servers: LoopbackServers, profile: Profile, suite: str, payload: bytes, seconds: float) -> float:
+    return iscl_rate(servers.iscl(profile, suite), payload, seconds)
 
 
 def run_suites(servers: LoopbackServers, rounds: int, seconds: float) -> Section:
@@ -62,7 +73,9 @@ def run_suites(servers: LoopbackServers, rounds: int, seconds: float) -> Section
     section.notes.append(
         f"{rounds} rounds of {seconds:g} s per transport; `openssl speed` is one core encrypting (or hashing)"
         " 8 KiB buffers, the ceiling for one direction of a DES-CBC or MD5 link. An ISCL DES-CBC/DES-MAC link"
-        " runs DES twice per byte on each side (encrypt and MAC, decrypt and MAC)."
+        " runs DES twice per byte on each side (encrypt and MAC, decrypt and MAC). V1.00 uses encryption key 1"
+        " itself as the DES key (read once from the token, run by OpenSSL); hardened derives record keys from"
+        " it per link. V1.00's none/md5 is the plain MD5 the SDK sends there (Config allow_unkeyed_md5)."
     )
     return section
 

@@ -18,11 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import wire
-from ..engine import Config
-from ..errors import IsclError
+from ..engine import Config, Profile, check_key_holder
+from ..errors import IsclError, KeyHolderError
 from ..keyholder.base import KeyHolder
 from ..transport import aio
-from .options import ENCRYPTION_NAMES, ENCRYPTIONS, MAC_NAMES, MACS, add_key_holder_options, open_key_holder
+from ..wire import Encryption, Mac
+from .options import (
+    ENCRYPTION_NAMES,
+    ENCRYPTIONS,
+    MAC_NAMES,
+    MACS,
+    PROFILES,
+    add_key_holder_options,
+    open_key_holder,
+)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,6 +46,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     parser.add_argument("--images", type=int, default=DEMO_IMAGES,
                         help="CT images in the generated study (default: %(default)s)")
+    parser.add_argument("--profile", choices=PROFILES, default=Profile.V100.value,
+                        help="wire profile of every link: v1.00 or hardened (default: %(default)s)")
     add_key_holder_options(parser)
     parser.set_defaults(run=run)
 
@@ -110,25 +121,54 @@ async def exchange(holder: KeyHolder, config: Config, payloads: list[tuple[str, 
 
 def run(args: argparse.Namespace) -> int:
     holder = open_key_holder(args)
-    print(f"Key holder: {holder.description}", file=sys.stderr)
+    profile = PROFILES[args.profile]
+    print(f"Key holder: {holder.description}; profile {profile.value}", file=sys.stderr)
     payloads = demo_payloads()
     rows: list[Row] = []
+    left_out: list[str] = []
     for enc, mac, key_id in itertools.product(ENCRYPTIONS.values(), MACS.values(), (1, wire.SESSION_KEYS)):
-        config = Config(encryption=enc, mac=mac, enc_key_id=key_id)
+        config = demo_config(profile, encryption=enc, mac=mac, enc_key_id=key_id)
+        try:
+            check_key_holder(config, holder)
+        except KeyHolderError:
+            left_out.append(f"{ENCRYPTION_NAMES[enc]} + {MAC_NAMES[mac]} with key {key_id}")
+            continue
         try:
             rows.append(asyncio.run(exchange(holder, config, payloads)))
         except IsclError as exc:
             rows.append(Row(ENCRYPTION_NAMES[enc], MAC_NAMES[mac], str(key_id), 0, 0, 0, 0, f"FAILED: {exc}"))
     print(format_table(rows, payloads))
+    if left_out:
+        print(f"(left out, since {holder.description} never gives encryption key 1 out and V1.00 uses it as the"
+              f" DES key: {', '.join(left_out)}; session keys serve instead)")
+    if profile is Profile.V100:
+        print("(none + md5 is the SDK's plain MD5, which anyone on the path can recompute: shown here, refused"
+              " by the other commands unless --allow-unkeyed-md5)")
     print()
-    dicom_ok = dicom_story(holder, args.images)
+    dicom_ok = dicom_story(holder, args.images, dicom_config(profile, holder))
     return 0 if all(row.result == "ok" for row in rows) and dicom_ok else 1
+
+
+def dicom_config(profile: Profile, holder: KeyHolder) -> Config:
+    """DES-CBC + DES-MAC under key 1, or under session keys where the key holder cannot give key 1 out."""
+    config = Config(profile=profile)
+    try:
+        check_key_holder(config, holder)
+    except KeyHolderError:
+        return Config(profile=profile, enc_key_id=wire.SESSION_KEYS)
+    return config
+
+
+def demo_config(profile: Profile, encryption: Encryption, mac: Mac, enc_key_id: int) -> Config:
+    """One row's settings; V1.00's plain MD5 (encryption none) is allowed, to show it."""
+    plain_md5 = profile is Profile.V100 and encryption is Encryption.NONE and mac is Mac.MD5
+    return Config(profile=profile, encryption=encryption, mac=mac, enc_key_id=enc_key_id, allow_unkeyed_md5=plain_md5)
 
 
 DEMO_IMAGES = 16
 
 
-def dicom_story(holder: KeyHolder, images: int) -> bool:
+def dicom_story(holder: KeyHolder, images: int, config: Config) -> bool:
     """Storage SCP and SCU over ISCL on loopback; True if every file was stored and equals what was sent."""
     from pynetdicom import AE
 
@@ -140,14 +180,14 @@ def dicom_story(holder: KeyHolder, images: int) -> bool:
         stored_dir.mkdir()
         paths = write_study(sent_dir, StudySpec(images=images, rows=256, columns=256))
         server = start_scp(
-            storage_ae(), ("127.0.0.1", 0), key_holder=holder,
+            storage_ae(), ("127.0.0.1", 0), key_holder=holder, config=config,
             evt_handlers=StorageFolder(stored_dir).evt_handlers,
         )  # fmt: skip
         port = server.server_address[1]
         try:
             files, _ = find_files([sent_dir])
             started = time.perf_counter()
-            results = store_files(AE(ae_title="ISCL-DEMO"), "127.0.0.1", port, files, key_holder=holder)
+            results = store_files(AE(ae_title="ISCL-DEMO"), "127.0.0.1", port, files, key_holder=holder, config=config)
             seconds = time.perf_counter() - started
         finally:
             server.shutdown()
@@ -162,7 +202,7 @@ def dicom_story(holder: KeyHolder, images: int) -> bool:
             f"DICOM over ISCL: a storage SCP (as `iscl serve`) on 127.0.0.1:{port}, a CT study of {len(paths)}"
             f" images ({size / 1e6:.1f} MB) sent with C-STORE (as `iscl store`).\n"
             f"  stored {stored} of {len(paths)} files in {seconds:.2f} s ({size / seconds / 1e6:.1f} MB/s,"
-            f" DES-CBC + DES-MAC); {equal} of {len(paths)} stored files equal the files sent"
+            f" DES-CBC + DES-MAC, {config.profile.value}); {equal} of {len(paths)} stored files equal the files sent"
         )
         for result in results:
             if not result.ok:

@@ -21,7 +21,7 @@ from ..dicom.sender import DicomFile, Sent, Skipped, find_files, store_files
 from ..engine import Config
 from ..keyholder.base import KeyHolder
 from .link import split_address
-from .options import add_link_options, build_config, describe, open_key_holder
+from .options import add_link_options, build_config, describe, open_link_holder
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 SCU_TITLE, SCP_TITLE = "ISCL-SCU", "ISCL-SCP"
@@ -112,7 +112,7 @@ def _application_entity(title: str, timeout: float) -> AE:
 def run_echo(args: argparse.Namespace) -> int:
     quiet_pynetdicom(args)
     config = build_config(args)
-    holder = open_key_holder(args)
+    holder = open_link_holder(args, config)
     try:
         return _echo(args, holder, config)
     finally:
@@ -208,7 +208,7 @@ def run_store(args: argparse.Namespace) -> int:
     if not files:
         print("iscl store: no DICOM files found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
         return EXIT_FAILURE
-    holder = open_key_holder(args)
+    holder = open_link_holder(args, config)
     progress = Progress(files, sys.stderr)
     try:
         store_files(
@@ -233,7 +233,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"iscl serve: {line}", file=sys.stderr, flush=True)
 
     folder = StorageFolder(args.output, notify=lambda line, ok: say(line))
-    holder = open_key_holder(args)
+    holder = open_link_holder(args, config)
     ae = storage_ae(args.aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     server = start_scp(

@@ -37,11 +37,16 @@ from ..keys.components import (
     split,
 )
 from ..keys.store import (
+    EXPORTABLE,
+    HOST_READABLE,
+    KINDS,
+    LOOSELY_EXTRACTABLE,
     NEW,
     REPLACE,
     ROTATE,
     KeyInfo,
     KeyStore,
+    check_kind,
     parse_wrapped,
     trusted_transport_value,
     verify_so_pin,
@@ -51,6 +56,20 @@ from .options import add_key_holder_options, open_key_holder, read_pin
 
 CLEAR_SCREEN = "\x1b[2J\x1b[H"
 MUTATING = True
+HOST_READABLE_HELP = (
+    "enc keys only, for V1.00 links: a V1.00 link with encryption key id 1..8 uses encryption key N itself"
+    " as the DES key of every message. A host-readable key is read by the host once per process, so that"
+    " OpenSSL protects the records (fast); without this option the key stays sensitive and is used inside"
+    " the token (slower). Anyone logged in with the user PIN can read a host-readable key's value."
+    " Not with --exportable"
+)
+_KIND_LEGEND = {
+    EXPORTABLE: "its value leaves the token only wrapped under a trusted transport key",
+    HOST_READABLE: "V1.00 links read it once per process and protect records with OpenSSL;"
+    " anyone logged in with the user PIN can read it",
+    LOOSELY_EXTRACTABLE: "off the ISCL policy: any wrapping key can take it out; create it again",
+}
+"""What ``iscl keys list`` says below its table about the kinds other than non-extractable."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,6 +145,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument(
         "--exportable", action="store_true", help="let the key be exported again (trusted wrap only)"
     )
+    p.add_argument("--host-readable", action="store_true", help=HOST_READABLE_HELP)
 
     p = _action(actions, "check", "does this token hold the key with this KCV?", _check, mutating=False)
     _key_arguments(p)
@@ -201,7 +221,9 @@ def _action(actions: Any, name: str, text: str, run: Callable[..., int], *, muta
             help="read the new user PIN from FILE (else prompt twice)",
         )
     add_audit_arguments(parser, officer_required=mutating)
-    parser.set_defaults(run=audited(f"keys {name}", name, _token_named(name), run, changes="the token" if mutating else None))
+    parser.set_defaults(
+        run=audited(f"keys {name}", name, _token_named(name), run, changes="the token" if mutating else None)
+    )
     return parser
 
 
@@ -220,6 +242,7 @@ def _creation_arguments(parser: argparse.ArgumentParser, *, replace: bool = True
         action="store_true",
         help="the key may later be exported, wrapped under a trusted transport key only",
     )
+    parser.add_argument("--host-readable", action="store_true", help=HOST_READABLE_HELP)
     if replace:
         parser.add_argument("--replace", action="store_true", help="replace a key already at that index")
     parser.add_argument(
@@ -277,6 +300,17 @@ def _record_key(entry: AuditEntry, info: KeyInfo, store: KeyStore | None = None)
     entry.fields.update(purpose=info.purpose, index=info.index, version=info.version, kcv=info.kcv)
     if store is not None:
         entry.fields["serial"] = store.serial
+
+
+def _add_detail(entry: AuditEntry, text: str) -> None:
+    """Append ``text`` to the audit entry's detail (details are joined with '; ')."""
+    entry.fields["detail"] = "; ".join(filter(None, [entry.fields["detail"], text]))
+
+
+def _record_created(entry: AuditEntry, info: KeyInfo, store: KeyStore) -> None:
+    """The key a command created, with its kind (who can read or move its value) in the detail."""
+    _record_key(entry, info, store)
+    _add_detail(entry, f"kind {info.kind}")
 
 
 class Console:
@@ -415,7 +449,7 @@ def _so_pin(args: argparse.Namespace, console: Console, label: str) -> str:
 
 
 def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
-    kind = "exportable (trusted wrap only)" if info.extractable else "non-extractable"
+    kind = info.kind_text
     if info.purpose == "transport":
         kind += ", trusted" if info.trusted else ", NOT trusted"
     print(
@@ -475,7 +509,7 @@ def _list(args: argparse.Namespace, action: AuditEntry) -> int:
         if infos:
             print(
                 f"{'PURPOSE':9} {'INDEX':5} {'VERSION':7} {'ALGORITHM':9} {'KCV':6}  {'CREATED':20}"
-                f" {'EXTRACTABLE':11} STATE"
+                f" {'KIND':15} STATE"
             )
         for info in infos:
             state = "current" if info.current else "previous"
@@ -483,11 +517,12 @@ def _list(args: argparse.Namespace, action: AuditEntry) -> int:
                 state += f", retire after {info.retire_after}"
             if info.purpose == "transport":
                 state += ", trusted" if info.trusted else ", not trusted"
-            extractable = "wrap-only" if info.extractable else "no"
             print(
                 f"{info.purpose:9} {info.index:<5} {info.version:<7} {info.algorithm:9} {info.kcv or '-':6}"
-                f"  {info.created or '-':20} {extractable:11} {state}"
+                f"  {info.created or '-':20} {info.kind:15} {state}"
             )
+        for kind in sorted({info.kind for info in infos} & set(_KIND_LEGEND)):
+            print(f"{KINDS[kind]}: {_KIND_LEGEND[kind]}")
     return 0
 
 
@@ -535,7 +570,7 @@ def _rotate(args: argparse.Namespace, action: AuditEntry) -> int:
         )
     else:
         source = "generate"
-    action.fields["detail"] = f"grace {args.grace}"
+    _add_detail(action, f"grace {args.grace}")
     return _create(args, action, purpose, index, algorithm, ROTATE, grace, source)
 
 
@@ -550,8 +585,7 @@ def _create(
     source: str,
 ) -> int:
     """Every way of putting a key on the token: check first, then collect, then store at once."""
-    if args.exportable and purpose == "transport":
-        raise KeyHolderError("a transport key cannot be made exportable", ErrorCode.BAD_OPTION)
+    check_kind(purpose, exportable=args.exportable, host_readable=args.host_readable)
     console = Console(args)
     count = component_count(args.components) if source != "generate" else 0
     files: list[Path] = getattr(args, "component_file", [])
@@ -568,6 +602,7 @@ def _create(
         store = KeyStore(holder)
         action.fields["serial"] = store.serial
         store.ensure_free(purpose, index, mode)  # before custodians type or read anything
+        previous = store.newest(purpose, index)
         if trusted_needed:
             holder.close()  # the SO cannot log in while this process is logged in as user
             so_pin = _so_pin(args, console, label)
@@ -598,6 +633,7 @@ def _create(
                 algorithm,
                 value,
                 exportable=args.exportable,
+                host_readable=args.host_readable,
                 mode=mode,
                 grace=grace,
                 origin=origin,
@@ -605,12 +641,16 @@ def _create(
         del value
     finally:
         holder.close()
-    _record_key(action, info, store)
+    _record_created(action, info, store)
     if source != "generate":
-        action.fields["detail"] = ", ".join(
-            filter(None, [action.fields["detail"], f"{count} components ({source})"])
-        )
+        _add_detail(action, f"{count} components ({source})")
     _print_key("stored", info, store)
+    if previous is not None and previous.kind != info.kind:
+        print(
+            f"note: {previous.name} was {previous.kind_text}; {info.name} is {info.kind_text}"
+            + (" (pass --host-readable to keep V1.00 links on the host)" if previous.host_readable else ""),
+            flush=True,
+        )
     if mode == ROTATE:
         assert grace is not None
         until = datetime.datetime.now(datetime.UTC) + grace
@@ -762,11 +802,13 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
     mode = ROTATE if grace is not None else _mode(args)
     with _opened(args) as store:
         action.fields["serial"] = store.serial
-        info = store.import_wrapped(document, mode=mode, grace=grace, exportable=args.exportable)
-    _record_key(action, info, store)
-    action.fields["detail"] = (
-        f"from token {document['source'].get('token')} serial {document['source'].get('serial')}"
+        info = store.import_wrapped(
+            document, mode=mode, grace=grace, exportable=args.exportable, host_readable=args.host_readable
+        )
+    _add_detail(
+        action, f"from token {document['source'].get('token')} serial {document['source'].get('serial')}"
     )
+    _record_created(action, info, store)
     _print_key("imported", info, store)
     return 0
 

@@ -12,7 +12,7 @@ from ..engine import Config
 from ..errors import ErrorCode, RemoteProtocolError
 from ..keyholder.base import KeyHolder
 from ..transport import aio
-from .options import add_link_options, build_config, describe, open_key_holder
+from .options import add_link_options, build_config, describe, open_link_holder
 
 CHUNK = 64 * 1024
 
@@ -112,7 +112,7 @@ def link_config(args: argparse.Namespace) -> Config:
 def run_server(args: argparse.Namespace) -> int:
     config = link_config(args)  # option errors before any token is touched
     host, port = split_address(args.listen)
-    return asyncio.run(_serve_one(open_key_holder(args), host, port, config))
+    return asyncio.run(_serve_one(open_link_holder(args, config), host, port, config))
 
 
 async def _serve_one(holder: KeyHolder, host: str, port: int, config: Config) -> int:
@@ -143,7 +143,7 @@ async def _serve_one(holder: KeyHolder, host: str, port: int, config: Config) ->
 
 def run_client(args: argparse.Namespace) -> int:
     config = link_config(args)  # option errors before any token is touched
-    holder = open_key_holder(args)
+    holder = open_link_holder(args, config)
 
     async def main() -> int:
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
-from ..engine import Config
+from ..engine import Config, Md5Order, Profile, check_key_holder
 from ..errors import ErrorCode, IsclError, KeyHolderError
 from ..keyholder.base import KEY_INDEXES, KeyHolder
 from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 ENCRYPTIONS = {"none": Encryption.NONE, "des-cbc": Encryption.DES_CBC}
 MACS = {"none": Mac.NONE, "md5": Mac.MD5, "des-mac": Mac.DES_MAC}
+PROFILES = {p.value: p for p in Profile}
+MD5_ORDERS = {o.value: o for o in Md5Order}
 ENCRYPTION_NAMES = {v: k for k, v in ENCRYPTIONS.items()}
 MAC_NAMES = {v: k for k, v in MACS.items()}
 
@@ -70,8 +72,9 @@ def add_key_holder_options(
     if not record_keys:
         return
     group.add_argument("--record-keys", choices=("host", "token"), default="host",
-                       help="where the derived per-link DES keys live: 'host' (OpenSSL, fast) or"
-                       " 'token' (never leave the token, slower) (default: %(default)s)")
+                       help="where the DES keys that protect messages are used: 'host' (OpenSSL, fast:"
+                       " derived keys, and V1.00's encryption key N where its policy lets the host read it,"
+                       " else inside the token) or 'token' (never leave the token, slower) (default: %(default)s)")
     add_reader_arguments(group)
 
 
@@ -125,7 +128,12 @@ def reader_description(args: argparse.Namespace) -> str:
 def add_link_options(parser: argparse.ArgumentParser) -> None:
     """The key-holder options plus key ids, algorithms and limits."""
     add_key_holder_options(parser)
-    group = parser.add_argument_group("link", "Both ends must use the same algorithms and key ids.")
+    group = parser.add_argument_group("link", "Both ends must use the same profile, algorithms and key ids.")
+    group.add_argument("--profile", choices=PROFILES, default=Profile.V100.value,
+                       help="wire profile: 'v1.00' follows the published ISCL V1.00 wire, to talk to equipment"
+                       " that speaks it; 'hardened' adds this project's protections (handshake MACs, keys per"
+                       " link and direction, sequence numbers), which both ends must choose (default:"
+                       " %(default)s; docs/protocol.md, \"Profiles\")")
     group.add_argument("--auth-key-id", metavar="N", type=_key_index, default=1,
                        help="authentication key pair 1..8 the client asks for (default: %(default)s);"
                        " a server takes the client's choice, within --allow-key-id")
@@ -133,7 +141,9 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
                        help="server: accept only this authentication key pair (repeat for several;"
                        " default: all of 1..8)")
     group.add_argument("--enc-key-id", metavar="N|session", type=_enc_key, default=1,
-                       help="encryption key 1..8, or 'session' for a fresh key per message (default: 1)")
+                       help="encryption key 1..8, or 'session' for a fresh key per message (default: 1). In"
+                       " v1.00 key N is itself the DES key, so an IC card (which never gives a key out) needs"
+                       " 'session'")
     group.add_argument("--encryption", choices=ENCRYPTIONS, default="des-cbc",
                        help="data encryption (default: %(default)s)")
     group.add_argument("--mac", choices=MACS, default="des-mac", help="message MAC (default: %(default)s)")
@@ -141,8 +151,16 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
                        help="largest communication block (default: %(default)s)")
     group.add_argument("--max-message", metavar="BYTES", type=int, default=wire.DEFAULT_MAX_MESSAGE,
                        help="largest message accepted or sent (default: %(default)s)")
-    group.add_argument("--auth-data", metavar="TEXT", default="iscl-hsm",
-                       help="1..128 bytes shown to the peer during authentication (default: %(default)s)")
+    group.add_argument("--auth-data", metavar="TEXT",
+                       help="up to 128 bytes shown to the peer during authentication (default: none in v1.00,"
+                       " which then sends the SDK's bare messages; 'iscl-hsm' in hardened, which needs 1..128)")
+    group.add_argument("--md5-order", choices=MD5_ORDERS, default=Md5Order.ENCRYPT_OUTPUT.value,
+                       help="v1.00, --mac md5: 'encrypt-output' sends E(MD5(message)) as the SDK does,"
+                       " 'encrypt-random' MD5(message || E(random number)); a receiver checks either, as"
+                       " DICOM PS3.15 asks (default: %(default)s)")
+    group.add_argument("--allow-unkeyed-md5", action="store_true",
+                       help="v1.00 with --encryption none --mac md5: send and accept the plain MD5 the SDK"
+                       " sends there, which anyone on the path can recompute after changing a message")
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -155,6 +173,9 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def _config(args: argparse.Namespace) -> Config:
     return Config(
+        profile=PROFILES[args.profile],
+        md5_order=MD5_ORDERS[args.md5_order],
+        allow_unkeyed_md5=args.allow_unkeyed_md5,
         allowed_auth_key_ids=frozenset(args.allow_key_id or KEY_INDEXES),
         auth_key_id=args.auth_key_id,
         enc_key_id=args.enc_key_id,
@@ -162,7 +183,7 @@ def _config(args: argparse.Namespace) -> Config:
         mac=MACS[args.mac],
         max_block=args.max_block,
         max_message=args.max_message,
-        auth_data=args.auth_data.encode(),
+        auth_data=None if args.auth_data is None else args.auth_data.encode(),
     )
 
 
@@ -198,6 +219,17 @@ def open_key_holder(args: argparse.Namespace) -> KeyHolder:
     return Pkcs11KeyHolder(label, pin, args.pkcs11_module, record_keys=getattr(args, "record_keys", "host"))
 
 
+def open_link_holder(args: argparse.Namespace, config: Config) -> KeyHolder:
+    """The key holder the options name, checked to serve links of ``config`` before any link is made."""
+    holder = open_key_holder(args)
+    try:
+        check_key_holder(config, holder)
+    except BaseException:
+        holder.close()
+        raise
+    return holder
+
+
 def describe(parameters: object) -> str:
     """One line for stderr: the link's parameters."""
     from ..engine import LinkParameters
@@ -206,11 +238,11 @@ def describe(parameters: object) -> str:
     key = "session keys" if parameters.enc_key_id == wire.SESSION_KEYS else f"key {parameters.enc_key_id}"
     peer = parameters.peer_auth_data.decode("utf-8", "replace")
     return (
-        f"ISCL link up: {parameters.version}, block {parameters.block_length} bytes,"
-        f" auth key {parameters.auth_key_id}, {ENCRYPTION_NAMES[parameters.encryption]} +"
-        f" {MAC_NAMES[parameters.mac]} with {key}, peer auth data {peer!r}"
+        f"ISCL link up: {parameters.version}, {parameters.profile.value} profile, block {parameters.block_length}"
+        f" bytes, auth key {parameters.auth_key_id}, {ENCRYPTION_NAMES[parameters.encryption]} +"
+        f" {MAC_NAMES[parameters.mac]} with {key}, " + (f"peer auth data {peer!r}" if peer else "no peer auth data")
     )
 
 
 __all__ = ["DEMO_LABEL", "add_key_holder_options", "add_link_options", "build_config", "describe",
-           "open_key_holder", "read_pin"]
+           "open_key_holder", "open_link_holder", "read_pin"]

@@ -27,7 +27,7 @@ from ..dicom.gateway import (
     Tunnel,
     TunnelSettings,
 )
-from .options import add_link_options, build_config, open_key_holder
+from .options import add_link_options, build_config, open_link_holder
 
 _UNSET: Any = object()
 """Marks an option the command line did not give (so the config file or the default applies)."""
@@ -42,6 +42,7 @@ _EXAMPLE_CONFIG = """\
   token = "hospital-a"
   pin-file = "/etc/iscl/hospital-a.pin"
   allow-key-id = [1, 2]
+  profile = "v1.00"
   encryption = "des-cbc"
   mac = "des-mac"
 """
@@ -112,6 +113,10 @@ def _read_config_file(path: Path, parser: _ConfigFileParser) -> dict[str, Any]:
 
 
 def _convert(action: argparse.Action, value: Any) -> Any:
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise TypeError(f"{value!r} is not true or false")
+        return value
     if isinstance(value, dict | list | bool):
         raise TypeError(f"{value!r} is not a single string or number")
     text = str(value)
@@ -218,7 +223,7 @@ def run_tunnel(args: argparse.Namespace) -> int:
     gateway_log = logging.getLogger("iscl_hsm.dicom.gateway")
     if not gateway_log.isEnabledFor(logging.INFO):
         gateway_log.setLevel(logging.INFO)  # the per-link lines are the gateway's output
-    holder = open_key_holder(args)
+    holder = open_link_holder(args, config)
     settings = TunnelSettings(
         mode=args.mode, listen=args.listen, target=target, key_holder=holder, config=config,
         chunk_size=args.chunk_size, connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout or None,

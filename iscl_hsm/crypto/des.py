@@ -197,6 +197,8 @@ class DesKey:
 
     __slots__ = ("_cbc", "_contexts", "_ecb", "_key", "_openssl")
 
+    in_process = True
+
     def __init__(self, key: BytesLike) -> None:
         key = bytes(key)
         if len(key) not in _KEY_KINDS:

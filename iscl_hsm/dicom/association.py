@@ -28,7 +28,7 @@ from pynetdicom.transport import (
 )
 
 from .. import wire
-from ..engine import Config, Role
+from ..engine import Config, Role, check_key_holder
 from ..errors import ErrorCode, IsclError
 from ..keyholder.base import KeyHolder
 from ..transport.aio import HANDSHAKE_TIMEOUT
@@ -237,8 +237,10 @@ def start_scp(
     Like ``ae.start_server(address, block=False, ...)``: stop it with ``server.shutdown()`` or
     ``ae.shutdown()``; ``server.server_address`` has the bound port. ``timeout`` bounds each ISCL
     handshake; a link that fails (wrong keys, a client that does not speak ISCL, a bad MAC later)
-    goes to ``on_link_error(peer, error)`` (default: logged) and never reaches pynetdicom.
+    goes to ``on_link_error(peer, error)`` (default: logged) and never reaches pynetdicom. A key
+    holder that can never serve ``config`` raises KeyHolderError here, before anything listens.
     """
+    check_key_holder(config or Config(), key_holder)
     settings = LinkSettings(key_holder, config, timeout)
 
     def request_handler(request: socket.socket, client_address: Any, server: Any) -> _IsclRequestHandler:

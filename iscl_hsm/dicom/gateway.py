@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ..engine import Config
+from ..engine import Config, check_key_holder
 from ..errors import ErrorCode, IsclError
 from ..keyholder.base import KeyHolder
 from ..transport import aio
@@ -96,6 +96,7 @@ class Tunnel:
     async def start(self) -> Address:
         """Listen; links are served in the background until :meth:`stop`."""
         s = self.settings
+        check_key_holder(s.config, s.key_holder)  # a hopeless setting fails now, not on every link
         if s.mode is Mode.CLIENT:
             self._server = await asyncio.start_server(
                 self._accept_plain, s.listen.host, s.listen.port, limit=2 * s.chunk_size, backlog=LISTEN_BACKLOG

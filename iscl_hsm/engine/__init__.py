@@ -15,6 +15,7 @@ from .events import (
     NonSecureReceived,
 )
 from .handshake import DEFAULT_GUARD, ChallengeGuard
+from .profile import check_key_holder
 from .state import Inbound, Outbound, State
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "Profile",
     "Role",
     "State",
+    "check_key_holder",
 ]

@@ -41,7 +41,7 @@ class Config:
     ``auth_data`` None means the profile's default (:data:`DEFAULT_AUTH_DATA`).
     """
 
-    profile: Profile = Profile.HARDENED
+    profile: Profile = Profile.V100
     auth_key_id: int = 1
     allowed_auth_key_ids: frozenset[int] = field(default_factory=lambda: frozenset(KEY_INDEXES))
     enc_key_id: int = 1

@@ -59,6 +59,7 @@ class Connection:
         self.role = role
         self._config = config or Config()
         self.profile: WireProfile = profile_for(self._config)
+        self.profile.check_key_holder(self._config, key_holder)
         self._random = random
         self._inbuf = bytearray()
         self._out: list[bytes] = []  # frames for the peer, joined by data_to_send()

@@ -92,6 +92,9 @@ class WireProfile(ABC):
     uniform_auth_failure: bool
     """Every authentication failure is told to the peer with the same NAK (V1.00)."""
 
+    def check_key_holder(self, config: Config, holder: KeyHolder) -> None:
+        """Raise KeyHolderError now if ``holder`` cannot serve links of ``config`` at all."""
+
     @abstractmethod
     def transcript(self) -> Transcript:
         """A fresh transcript for one handshake."""
@@ -115,6 +118,12 @@ class WireProfile(ABC):
 def suite_of(config: Config) -> Suite:
     """The suite this end's messages use, and the one it accepts."""
     return Suite(config.encryption, config.enc_key_id, config.mac)
+
+
+def check_key_holder(config: Config, holder: KeyHolder) -> None:
+    """Raise KeyHolderError if ``holder`` can never serve links of ``config`` (servers call it before
+    they listen, so a hopeless configuration fails at start rather than on every link)."""
+    profile_for(config).check_key_holder(config, holder)
 
 
 def profile_for(config: Config) -> WireProfile:

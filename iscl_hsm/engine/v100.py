@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from .. import wire
+from ..errors import ErrorCode, KeyHolderError
 from ..keyholder.base import KeyHolder, RecordKey
 from ..wire import Encryption, Mac, Md5Order
 from .config import Config, Profile
@@ -48,21 +49,21 @@ class V100Keys(LinkKeys):
     def __init__(self, holder: KeyHolder, suite: Suite, pair_id: int, rs: bytes, *, client: bool) -> None:
         super().__init__(holder, suite, pair_id, rs, client=client)
         self._needs_keys = suite.encryption is not Encryption.NONE or suite.mac is not Mac.NONE
-        self._fixed = self._needs_keys and not suite.session_keys
+        self.uses_encryption_key = self._needs_keys and not suite.session_keys
         self._key: RecordKey | None = None
 
     def proof(self, label: bytes, transcript: bytes) -> bytes:
         return b""
 
     def require(self) -> None:
-        if self._fixed and self._key is None:
+        if self.uses_encryption_key and self._key is None:
             self._key = self.holder.encryption_key(self.suite.key_id)
 
     def ahead(self) -> None:
         self.require()
 
     def ahead_pending(self) -> bool:
-        return self._fixed and self._key is None
+        return self.uses_encryption_key and self._key is None
 
     def keys(self, outbound: bool, random: bytes | None) -> MessageKeys | None:
         if not self._needs_keys:
@@ -79,7 +80,7 @@ class V100Keys(LinkKeys):
     def holder_free(self) -> bool:
         if not self._needs_keys:
             return True
-        return self._key is not None and self.holder.host_record_keys
+        return self._key is not None and self._key.in_process
 
     def completion_on_host(self) -> bool:
         return not self.ahead_pending()
@@ -149,6 +150,17 @@ class V100Profile(WireProfile):
     layout = wire.V100_LAYOUT
     half_duplex = True
     uniform_auth_failure = True
+
+    def check_key_holder(self, config: Config, holder: KeyHolder) -> None:
+        """Encryption keys 1..8 are used as they are, which a key holder must be able to give."""
+        keys = V100Keys(holder, suite_of(config), config.auth_key_id, b"", client=True)
+        if keys.uses_encryption_key and not holder.gives_encryption_keys:
+            raise KeyHolderError(
+                f"V1.00 links with encryption key {config.enc_key_id} use that key itself as the DES key, and"
+                f" {holder.description} never gives a key out: use unique session keys (--enc-key-id session),"
+                " which it derives for each message, or the hardened profile (--profile hardened)",
+                ErrorCode.BAD_OPTION,
+            )
 
     def transcript(self) -> Transcript:
         return NoTranscript()

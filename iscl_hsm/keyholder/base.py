@@ -37,6 +37,9 @@ KEY_INDEXES = range(1, 9)
 class RecordKey(Protocol):
     """A single-DES key that protects records; it may live in host memory or inside a token."""
 
+    in_process: bool
+    """True when the key computes in this process (no token or card call per record)."""
+
     def encrypt_cbc(self, iv: bytes, data: Buffer) -> bytes:
         """DES-CBC encrypt ``data`` (a multiple of 8 bytes) from ``iv``; no padding."""
         ...
@@ -54,6 +57,9 @@ class KeyHolder(ABC):
     #: True when the keys ``derive_key`` returns compute in this process (no token or card call per
     #: record), so a transport may run record protection on its event loop.
     host_record_keys: bool = False
+    #: True when ``encryption_key`` can give encryption keys themselves (V1.00 with key ids 1..8); an
+    #: IC card never can.
+    gives_encryption_keys: bool = False
 
     @abstractmethod
     def get_challenge(self, key_id: int) -> bytes:

@@ -24,6 +24,7 @@ class MemoryKeyHolder(KeyHolder):
     """Keys given as bytes: ``auth`` and ``enc`` map an index 1..8 to an 8/16/24-byte key."""
 
     host_record_keys = True
+    gives_encryption_keys = True
 
     def __init__(
         self,

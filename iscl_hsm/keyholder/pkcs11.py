@@ -7,17 +7,20 @@ Every ISCL key is a token object (CKA_TOKEN true) of class CKO_SECRET_KEY, found
 
     purpose     number  CKA_LABEL          CKA_ID (3 bytes)        CKA_KEY_TYPE        capabilities
     auth        1       "iscl-auth-N"      01 N version            DES (or DES2/DES3)  ENCRYPT only
-    enc         2       "iscl-enc-N"       02 N version            DES (or DES2/DES3)  DERIVE only
+    enc         2       "iscl-enc-N"       02 N version            DES (or DES2/DES3)  DERIVE, ENCRYPT, DECRYPT
     transport   3       "iscl-transport-N" 03 N version            AES                 WRAP and UNWRAP
 
 N is the ISCL key id 1..8; version starts at 1 and ``iscl keys rotate`` adds version+1 under the same
 label (when several objects share a label, the one with the highest version is used). All keys are
 CKA_PRIVATE, CKA_SENSITIVE, not CKA_EXTRACTABLE, and created with CKA_MODIFIABLE and CKA_COPYABLE
-false, so their capabilities cannot be widened later; every capability not listed above (DECRYPT,
-SIGN, VERIFY, WRAP, UNWRAP, and DERIVE or ENCRYPT) is false. An auth or enc key created *exportable*
-is CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED (still sensitive): only a transport key the security
-officer marked CKA_TRUSTED can wrap it (see :mod:`iscl_hsm.keys`). A key that breaks this policy but
-has the one capability it needs is used, with a logged warning.
+false, so their capabilities cannot be widened later; every capability not listed above is false. An
+auth or enc key created *exportable* is CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED (still sensitive):
+only a transport key the security officer marked CKA_TRUSTED can wrap it (see :mod:`iscl_hsm.keys`).
+An enc key created *host-readable* is not sensitive and is extractable: the V1.00 profile uses
+encryption key N itself as every message's DES key, and reads such a key once so that OpenSSL
+protects the records; a sensitive one is used inside the token (CKM_DES_CBC, slower). A key that
+breaks this policy but has the capability a use needs is used, with a logged warning. Enc keys made
+before the V1.00 profile existed are DERIVE only: they serve the hardened profile and session keys.
 
 What the token computes (identical bytes to an ISO 7816-4 card holding the same keys):
 
@@ -25,6 +28,7 @@ What the token computes (identical bytes to an ISO 7816-4 card holding the same 
   (CKM_DES3_ECB for a DES2/DES3 key).
 * EXTERNAL AUTHENTICATE: the same encryption of our own outstanding challenge, compared in constant
   time with the peer's cryptogram; each challenge is consumed by its first check.
+* V1.00 with encryption key N (1..8): the key itself (:meth:`Pkcs11KeyHolder.encryption_key`).
 * Record key from enc key N: C_DeriveKey with CKM_DES_ECB_ENCRYPT_DATA (CKM_DES3_ECB_ENCRYPT_DATA for
   a DES2/DES3 key) of the 8-byte block: the record key is parity(E_KE(block)). With
   ``record_keys="host"`` (the default) all the blocks a link needs at once go into one derivation of
@@ -101,12 +105,14 @@ MAX_OUTSTANDING_CHALLENGES: Final = 4096
 
 _PURPOSE_NAMES: Final = {"auth": "authentication key", "enc": "encryption key", "transport": "transport key"}
 _NEEDED_CAPABILITY: Final = {"auth": Attribute.ENCRYPT, "enc": Attribute.DERIVE}
+"""What the handshake and the derivations need of each purpose."""
 _POLICY_CAPABILITIES: Final = {
     "auth": (Attribute.ENCRYPT,),
-    "enc": (Attribute.DERIVE,),
+    "enc": (Attribute.DERIVE, Attribute.ENCRYPT, Attribute.DECRYPT),
     "transport": (Attribute.WRAP, Attribute.UNWRAP),
 }
-_CAPABILITIES: Final = {"auth": MechanismFlag.ENCRYPT, "enc": MechanismFlag.DERIVE}
+_DIRECT_USE: Final = (Attribute.ENCRYPT, Attribute.DECRYPT)
+"""What V1.00 needs of encryption key N to use it inside the token as every message's DES key."""
 _ALL_CAPABILITY_ATTRIBUTES: Final = (
     Attribute.ENCRYPT,
     Attribute.DECRYPT,
@@ -156,11 +162,12 @@ def key_id(purpose: str, index: int, version: int = KEY_VERSION) -> bytes:
     return bytes([PURPOSES[purpose], index, version])
 
 
-def key_policy(purpose: str, *, exportable: bool = False) -> dict[Attribute, Any]:
+def key_policy(purpose: str, *, exportable: bool = False, host_readable: bool = False) -> dict[Attribute, Any]:
     """The attributes (besides class, type, label, id, value) an ISCL key of ``purpose`` carries.
 
     ``exportable`` (auth and enc keys only) makes the key extractable, but only under a trusted
-    wrapping key (CKA_WRAP_WITH_TRUSTED); it stays sensitive.
+    wrapping key (CKA_WRAP_WITH_TRUSTED); it stays sensitive. ``host_readable`` (enc keys only)
+    makes it readable by a logged-in user, for V1.00 links that use it as their DES key on the host.
     """
     if purpose not in _POLICY_CAPABILITIES:
         raise KeyHolderError(
@@ -179,11 +186,18 @@ def key_policy(purpose: str, *, exportable: bool = False) -> dict[Attribute, Any
             Attribute.COPYABLE: False,
         }
     )
+    if exportable and host_readable:
+        raise KeyHolderError("a key is either exportable (wrapped) or host-readable, not both", ErrorCode.BAD_OPTION)
     if exportable:
         if purpose == "transport":
             raise KeyHolderError("a transport key cannot be made exportable", ErrorCode.BAD_OPTION)
         policy[Attribute.EXTRACTABLE] = True
         policy[Attribute.WRAP_WITH_TRUSTED] = True
+    if host_readable:
+        if purpose != "enc":
+            raise KeyHolderError("only encryption keys can be made host-readable (for V1.00)", ErrorCode.BAD_OPTION)
+        policy[Attribute.SENSITIVE] = False
+        policy[Attribute.EXTRACTABLE] = True
     return policy
 
 
@@ -329,7 +343,7 @@ class _TokenSession:
         self.pid = os.getpid()
         self._pin_salt = secrets.token_bytes(16)
         self._pin_digest = self._digest(pin)
-        self.keys: dict[tuple[str, int], tuple[Any, KeyType]] = {}
+        self.keys: dict[tuple[str, int], tuple[Any, KeyType, dict[Attribute, Any]]] = {}
         self._doomed: collections.deque[Any] = collections.deque()
 
     def _digest(self, pin: str) -> bytes:
@@ -574,22 +588,25 @@ def _operation_error(exc: BaseException, description: str, what: str) -> KeyHold
 
 
 class TokenDesKey:
-    """A single-DES record key living (sensitive, non-extractable) inside the token.
+    """A single-DES record key used inside the token (a derived session key, or V1.00's encryption key N).
 
-    Implements the RecordKey protocol through CKM_DES_CBC in the token. ``close()`` destroys the
-    token object; a key dropped without ``close()`` is destroyed at the token's next call.
+    Implements the RecordKey protocol through CKM_DES_CBC in the token. ``close()`` destroys a
+    derived key's token object; a derived key dropped without ``close()`` is destroyed at the token's
+    next call. A long-term key (``owned`` false) is never destroyed.
     """
 
-    __slots__ = ("__weakref__", "_entry", "_finalizer", "_key")
+    __slots__ = ("__weakref__", "_entry", "_finalizer", "_key", "_open")
 
-    def __init__(self, entry: _TokenSession, key: Any) -> None:
+    in_process = False
+
+    def __init__(self, entry: _TokenSession, key: Any, *, owned: bool = True) -> None:
         self._entry = entry
         self._key = key
-        self._finalizer = weakref.finalize(self, entry.doom, key)
+        self._open = True
+        self._finalizer = weakref.finalize(self, entry.doom, key) if owned else None
 
     def __repr__(self) -> str:
-        state = "closed" if not self._finalizer.alive else "open"
-        return f"<TokenDesKey single-DES in {self._entry.description}, {state}>"
+        return f"<TokenDesKey single-DES in {self._entry.description}, {'open' if self._open else 'closed'}>"
 
     def encrypt_cbc(self, iv: bytes, data: Buffer) -> bytes:
         """DES-CBC encrypt ``data`` (a multiple of 8 bytes) from ``iv`` inside the token; no padding."""
@@ -606,7 +623,7 @@ class TokenDesKey:
             raise ValueError(f"a DES IV is 8 bytes long, not {len(iv)}")
         if len(data) % 8:
             raise ValueError(f"DES data must be a multiple of 8 bytes long, not {len(data)}")
-        if not self._finalizer.alive:
+        if not self._open:
             raise KeyHolderError(f"this record key in {self._entry.description} was closed")
         if not data:
             return b""
@@ -624,7 +641,11 @@ class TokenDesKey:
             raise _operation_error(exc, self._entry.description, what) from None
 
     def close(self) -> None:
-        """Destroy the key in the token now (idempotent)."""
+        """Destroy a derived key in the token now (idempotent). A long-term key stays usable: the key
+        holder hands the same one to every V1.00 link, so one link's end must not close it for the next."""
+        if self._finalizer is None:
+            return
+        self._open = False
         if self._finalizer.detach() is None:
             return
         entry = self._entry
@@ -646,6 +667,8 @@ class TokenDesKey:
 class Pkcs11KeyHolder(KeyHolder):
     """ISCL keys on a PKCS#11 token, found by label (see the module docstring for the convention)."""
 
+    gives_encryption_keys = True
+
     def __init__(
         self,
         token_label: str,
@@ -666,6 +689,7 @@ class Pkcs11KeyHolder(KeyHolder):
         self.description = f"PKCS#11 token '{token_label}' (module {module})"
         self._challenge_lock = threading.Lock()
         self._challenges: dict[int, collections.OrderedDict[bytes, None]] = {}
+        self._direct_keys: dict[int, RecordKey] = {}  # V1.00's encryption keys, once fetched
         self._closed = False
         registry_key = (os.path.realpath(module), token_label)
         with _registry_lock:
@@ -698,7 +722,7 @@ class Pkcs11KeyHolder(KeyHolder):
     # -- the KeyHolder interface --------------------------------------------------------------------
 
     def get_challenge(self, key_id: int) -> bytes:
-        self._key("auth", key_id)  # a challenge for a key we do not hold is an error now, not later
+        self._usable("auth", key_id)  # a challenge for a key we do not hold is an error now, not later
         challenge = bytes(
             self._run(lambda session: session.generate_random(64), "generate a random challenge")
         )
@@ -726,6 +750,48 @@ class Pkcs11KeyHolder(KeyHolder):
 
     def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
         return self.derive_keys(enc_key_id, [block])[0]
+
+    def encryption_key(self, enc_key_id: int) -> RecordKey:
+        """Encryption key N itself, for V1.00: read once (host-readable key and ``record_keys="host"``),
+        else used inside the token, which its ENCRYPT and DECRYPT capabilities must allow."""
+        with self._challenge_lock:
+            cached = self._direct_keys.get(enc_key_id)
+        if cached is not None:
+            return cached
+        key, key_type, attributes = self._key("enc", enc_key_id)
+        name = f"encryption key {enc_key_id} ({key_label('enc', enc_key_id)}) on {self.description}"
+        if key_type is not KeyType._DES:
+            raise KeyHolderError(
+                f"{name} is triple DES; V1.00 links with encryption key {enc_key_id} use it as a single-DES key."
+                " Use unique session keys (--enc-key-id session) or the hardened profile, or have the security"
+                " officer create a single-DES key there",
+                ErrorCode.KEY_NOT_FOUND,
+            )
+        readable = not attributes.get(Attribute.SENSITIVE) and attributes.get(Attribute.EXTRACTABLE)
+        record: RecordKey
+        if self.record_keys == "host" and readable:
+            value = self._run(lambda session: bytes(key[Attribute.VALUE]), f"read {key_label('enc', enc_key_id)}")
+            record = DesKey(value)
+        elif all(attributes.get(capability) for capability in _DIRECT_USE):
+            if self.record_keys == "host":
+                log.info(
+                    "%s is kept sensitive, so V1.00 links protect their records with it inside the token"
+                    " (slower than on the host); the security officer can make it host-readable"
+                    " (iscl keys generate --host-readable), or choose --record-keys token to say so",
+                    name,
+                )
+            record = TokenDesKey(self._entry, key, owned=False)
+        else:
+            raise KeyHolderError(
+                f"{name} can only derive keys (it was made for the hardened profile); a V1.00 link with"
+                f" encryption key {enc_key_id} uses the key itself. Have the security officer make it again for"
+                " V1.00, with the same value (iscl keys rotate --purpose enc --index"
+                f" {enc_key_id} --import-components N; docs/security-officer.md, section 2.3), or use unique"
+                " session keys (--enc-key-id session) or the hardened profile (--profile hardened)",
+                ErrorCode.KEY_NOT_FOUND,
+            )
+        with self._challenge_lock:
+            return self._direct_keys.setdefault(enc_key_id, record)
 
     def derive_keys(self, enc_key_id: int, blocks: Sequence[bytes]) -> list[RecordKey]:
         """Host record keys: one C_DeriveKey over all the blocks; token record keys: one per block.
@@ -796,6 +862,7 @@ class Pkcs11KeyHolder(KeyHolder):
                 entry.close()
         with self._challenge_lock:
             self._challenges.clear()
+            self._direct_keys.clear()
 
     # -- provisioning access ------------------------------------------------------------------------
 
@@ -830,7 +897,7 @@ class Pkcs11KeyHolder(KeyHolder):
     def _with_key(self, purpose: str, index: int, operation: Callable[[Any, KeyType], T], what: str) -> T:
         """Run ``operation(key, key_type)`` alone on the session; look the key up again if stale."""
         for attempt in (1, 2):
-            key, key_type = self._key(purpose, index)
+            key, key_type = self._usable(purpose, index)
             self._check_open()
             try:
                 return self._entry.run(functools.partial(_call_with_key, operation, key, key_type))
@@ -851,8 +918,8 @@ class Pkcs11KeyHolder(KeyHolder):
             f"encrypt with {key_label('auth', key_id)}",
         )
 
-    def _key(self, purpose: str, index: int) -> tuple[Any, KeyType]:
-        """Return (key object, key type) of ``purpose`` key ``index``, looked up once and then cached."""
+    def _key(self, purpose: str, index: int) -> tuple[Any, KeyType, dict[Attribute, Any]]:
+        """(key object, key type, attributes) of ``purpose`` key ``index``, looked up once and then cached."""
         _check_index(index)
         cached = self._entry.keys.get((purpose, index))
         if cached is not None:
@@ -863,7 +930,20 @@ class Pkcs11KeyHolder(KeyHolder):
         self._entry.keys[(purpose, index)] = found
         return found
 
-    def _lookup(self, session: Any, purpose: str, index: int) -> tuple[Any, KeyType]:
+    def _usable(self, purpose: str, index: int) -> tuple[Any, KeyType]:
+        """The key and its type, if it has the capability the handshake or a derivation needs of it."""
+        key, key_type, attributes = self._key(purpose, index)
+        needed = _NEEDED_CAPABILITY[purpose]
+        if not attributes.get(needed):
+            raise KeyHolderError(
+                f"{_PURPOSE_NAMES[purpose]} {index} (label '{key_label(purpose, index)}') on {self.description}"
+                f" lacks the {needed.name} capability it needs; the security officer must recreate it under the"
+                " ISCL key convention",
+                ErrorCode.KEY_NOT_FOUND,
+            )
+        return key, key_type
+
+    def _lookup(self, session: Any, purpose: str, index: int) -> tuple[Any, KeyType, dict[Attribute, Any]]:
         label = key_label(purpose, index)
         what = f"{_PURPOSE_NAMES[purpose]} {index} (label '{label}')"
         prefix = key_id(purpose, index)[:2]
@@ -897,11 +977,9 @@ class Pkcs11KeyHolder(KeyHolder):
                 ErrorCode.KEY_NOT_FOUND,
             )
         obj = candidates[-1][1]
-        needed = _NEEDED_CAPABILITY[purpose]
         attributes = obj.get_attributes(
-            [Attribute.KEY_TYPE, needed, Attribute.SENSITIVE, Attribute.EXTRACTABLE]
-            + [Attribute.WRAP_WITH_TRUSTED]
-            + [attribute for attribute in _ALL_CAPABILITY_ATTRIBUTES if attribute != needed]
+            [Attribute.KEY_TYPE, Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.WRAP_WITH_TRUSTED,
+             *_ALL_CAPABILITY_ATTRIBUTES]
         )
         key_type = attributes.get(Attribute.KEY_TYPE)
         if key_type not in _DES_TYPES:
@@ -909,18 +987,14 @@ class Pkcs11KeyHolder(KeyHolder):
                 f"{what} on {self.description} is not a DES, DES2 or DES3 key; ISCL needs a DES key there",
                 ErrorCode.KEY_NOT_FOUND,
             )
-        if not attributes.get(needed):
-            raise KeyHolderError(
-                f"{what} on {self.description} lacks the {needed.name} capability it needs; the security"
-                " officer must recreate it under the ISCL key convention",
-                ErrorCode.KEY_NOT_FOUND,
-            )
-        extra = [a.name for a in _ALL_CAPABILITY_ATTRIBUTES if a != needed and attributes.get(a)]
-        # Extractable is within policy only under trusted wrapping keys (iscl keys ... --exportable).
-        loosely_extractable = attributes.get(Attribute.EXTRACTABLE) and not attributes.get(
-            Attribute.WRAP_WITH_TRUSTED
-        )
-        if extra or not attributes.get(Attribute.SENSITIVE) or loosely_extractable:
+        allowed = _POLICY_CAPABILITIES[purpose]
+        extra = [a.name for a in _ALL_CAPABILITY_ATTRIBUTES if a not in allowed and attributes.get(a)]
+        sensitive, extractable = attributes.get(Attribute.SENSITIVE), attributes.get(Attribute.EXTRACTABLE)
+        # Within policy: extractable under trusted wrapping keys only (iscl keys ... --exportable), or an
+        # enc key readable by design (--host-readable, for V1.00).
+        host_readable = purpose == "enc" and not sensitive and extractable
+        loosely_extractable = extractable and not attributes.get(Attribute.WRAP_WITH_TRUSTED) and not host_readable
+        if extra or (not sensitive and not host_readable) or loosely_extractable:
             log.warning(
                 "%s on %s breaks the ISCL key policy (extra capabilities: %s; sensitive: %s;"
                 " extractable: %s);"
@@ -928,7 +1002,7 @@ class Pkcs11KeyHolder(KeyHolder):
                 what,
                 self.description,
                 ", ".join(extra) or "none",
-                bool(attributes.get(Attribute.SENSITIVE)),
-                bool(attributes.get(Attribute.EXTRACTABLE)),
+                bool(sensitive),
+                bool(extractable),
             )
-        return obj, KeyType(key_type)
+        return obj, KeyType(key_type), attributes

@@ -1,7 +1,8 @@
 """Create SoftHSM2 tokens and ISCL keys on them (the demo, the tests, and later ``iscl keys``).
 
 Keys follow the convention in :mod:`iscl_hsm.keyholder.pkcs11` (labels ``iscl-auth-N`` and
-``iscl-enc-N``, CKA_ID purpose|N|version, ENCRYPT-only or DERIVE-only, sensitive, never extractable).
+``iscl-enc-N``, CKA_ID purpose|N|version; auth keys ENCRYPT only, enc keys DERIVE, ENCRYPT and DECRYPT;
+sensitive and never extractable, except enc keys made host-readable for V1.00 links).
 Nothing here prints, logs or returns a key value or a PIN: keys are shown by label and key check
 value (KCV: first 3 bytes of the key's encryption of a zero block).
 
@@ -16,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -53,7 +55,7 @@ __all__ = [
 
 DEMO_LABEL = "iscl-demo"
 _KEY_TYPES = {8: KeyType._DES, 16: KeyType.DES2, 24: KeyType.DES3}
-_CAPABILITY = {"auth": MechanismFlag.ENCRYPT, "enc": MechanismFlag.DERIVE}
+_CAPABILITY = {"auth": MechanismFlag.ENCRYPT, "enc": MechanismFlag.DERIVE | MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT}
 _GENERATED_TYPES = {8: (KeyType._DES, Mechanism._DES_KEY_GEN), 24: (KeyType.DES3, Mechanism.DES3_KEY_GEN)}
 
 
@@ -228,6 +230,7 @@ def store_key(
     *,
     version: int = KEY_VERSION,
     exportable: bool = False,
+    host_readable: bool = False,
     key_length: int = 8,
 ) -> bytes:
     """Create auth or enc key ``index`` (1..8) on the token and return its 3-byte KCV.
@@ -237,9 +240,10 @@ def store_key(
     key (24, CKM_DES3_KEY_GEN) inside the token; 8, 16 or 24 bytes import a DES, DES2 or DES3 key
     (parity fixed first; weak keys refused). Refuses a label already present, unless every version
     present is lower than ``version`` (a rotation: the new version becomes the current one).
-    ``exportable`` creates the key extractable under trusted wrapping keys only (see key_policy).
+    ``exportable`` creates the key extractable under trusted wrapping keys only; ``host_readable`` (enc
+    keys) lets a logged-in user read it, for V1.00 links that use it on the host (see key_policy).
     """
-    policy = key_policy(purpose, exportable=exportable)
+    policy = key_policy(purpose, exportable=exportable, host_readable=host_readable)
     if index not in KEY_INDEXES:
         raise KeyHolderError(f"key id {index!r} is outside 1..8", ErrorCode.BAD_OPTION)
     if not 1 <= version <= 255:
@@ -371,6 +375,8 @@ def ensure_token(
     pin_file: Path | None = None,
     keys: Mapping[tuple[str, int], bytes] | None = None,
     module: str = DEFAULT_MODULE,
+    *,
+    host_readable: bool = False,
 ) -> tuple[str, Path, dict[str, bytes]]:
     """Make sure SoftHSM2 token ``label`` exists in ``data_dir`` with auth and enc keys 1..8.
 
@@ -378,7 +384,8 @@ def ensure_token(
     user PIN is read from ``pin_file`` (default <data_dir>/pin), or made up and written there
     (mode 0600) when the file is absent; the SO PIN is random and not kept (delete the token to
     start over). Missing keys are imported from ``keys`` ((purpose, index) -> value) or generated in
-    the token; a present key that differs from a value in ``keys`` is an error.
+    the token; a present key that differs from a value in ``keys`` is an error. ``host_readable``
+    makes the enc keys it creates readable by the host (for V1.00 links at OpenSSL's speed).
     Returns (label, PIN file, KCV by key label).
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -406,7 +413,8 @@ def ensure_token(
                     name = key_label(purpose, index)
                     value = keys.get((purpose, index))
                     if name not in present:
-                        present[name] = store_key(session, purpose, index, value)
+                        readable = host_readable and purpose == "enc"
+                        present[name] = store_key(session, purpose, index, value, host_readable=readable)
                     elif value is not None and present[name] != kcv(fix_parity(value)):
                         raise KeyHolderError(
                             f"key {name} on token '{label}' has KCV {present[name].hex().upper()},"
@@ -417,10 +425,48 @@ def ensure_token(
     return label, pin_path, {name: present[name] for name in order}
 
 
+DEMO_TOKEN_FORMAT = "2"
+"""The demo token's make: 2 has host-readable encryption keys, which V1.00 links use as they are."""
+
+
 def ensure_demo_token(data_dir: Path | None = None) -> tuple[str, Path]:
-    """Token "iscl-demo" with 16 keys generated inside it; returns (label, path of the PIN file)."""
-    label, pin_path, _ = ensure_token(data_dir, DEMO_LABEL)
+    """Token "iscl-demo" with 16 keys generated inside it; returns (label, path of the PIN file).
+
+    Its encryption keys are host-readable, so that the default V1.00 link (encryption key 1 used as
+    the DES key) runs at OpenSSL's speed. A demo token of an earlier make is deleted and made anew:
+    it holds nothing but random demo keys.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    marker = data_dir / "demo-token-format"
+    if (data_dir / "tokens").is_dir() and not _marker_says(marker, DEMO_TOKEN_FORMAT):
+        _forget_demo_token(data_dir)
+    label, pin_path, _ = ensure_token(data_dir, DEMO_LABEL, host_readable=True)
+    marker.write_text(DEMO_TOKEN_FORMAT + "\n")
     return label, pin_path
+
+
+def _marker_says(marker: Path, expected: str) -> bool:
+    try:
+        return marker.read_text().strip() == expected
+    except FileNotFoundError:
+        return False
+
+
+def _forget_demo_token(data_dir: Path) -> None:
+    """Delete an old demo token (files and PIN), before any process of ours has loaded SoftHSM2."""
+    if is_module_loaded(DEFAULT_MODULE):
+        raise KeyHolderError(
+            f"the demo token in {data_dir} is of an earlier make (its encryption keys cannot serve V1.00 links);"
+            f" delete {data_dir / 'tokens'} and {data_dir / 'pin'} to have it made anew"
+        )
+    print(f"iscl: making the demo token in {data_dir} anew (V1.00 links need its encryption keys host-readable)",
+          file=sys.stderr)
+    for entry in (data_dir / "tokens").iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (data_dir / "pin").unlink(missing_ok=True)
 
 
 def _read_key_file(path: Path) -> dict[tuple[str, int], bytes]:
@@ -460,11 +506,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="keys to import, lines 'auth|enc N HEX' (others are generated)",
     )
+    parser.add_argument(
+        "--host-readable",
+        action="store_true",
+        help="make the encryption keys readable by a logged-in host, so V1.00 links with fixed key ids"
+        " protect records with OpenSSL (else inside the token, slower)",
+    )
     args = parser.parse_args(argv)
     data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
     try:
         keys = _read_key_file(args.key_file) if args.key_file else None
-        label, pin_path, kcvs = ensure_token(data_dir, args.label, args.pin_file, keys)
+        label, pin_path, kcvs = ensure_token(data_dir, args.label, args.pin_file, keys, host_readable=args.host_readable)
     except KeyHolderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

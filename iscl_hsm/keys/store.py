@@ -41,6 +41,15 @@ the transport key. The file says which key it is (purpose, index, version, algor
 which transport key (label and KCV), with a SHA-256 checksum against accidental damage; the importing
 token checks the transport key's KCV, unwraps into a temporary session key to check the KCV of what
 came out, and only then unwraps it into the token (non-extractable unless asked otherwise).
+
+Host-readable encryption keys
+-----------------------------
+An enc key created *host-readable* is not CKA_SENSITIVE and is CKA_EXTRACTABLE: any process logged in
+with the user PIN can read its value. V1.00 links with encryption key ids 1..8 use encryption key N
+itself as every message's DES key; the key holder reads a host-readable key once per process, so
+that OpenSSL protects the records, and uses a sensitive one inside the token (slower). Auth and
+transport keys are never host-readable, and a key is either exportable or host-readable. A
+host-readable key is not exported: the other site gets it by a component ceremony.
 """
 
 from __future__ import annotations
@@ -76,13 +85,19 @@ from iscl_hsm.keyholder.provision import store_key
 from iscl_hsm.keys.components import ALGORITHMS, Algorithm, check_key
 
 __all__ = [
+    "EXPORTABLE",
+    "HOST_READABLE",
+    "KINDS",
+    "LOOSELY_EXTRACTABLE",
     "NEW",
+    "NON_EXTRACTABLE",
     "RECORD_APPLICATION",
     "REPLACE",
     "ROTATE",
     "WRAPPED_FORMAT",
     "KeyInfo",
     "KeyStore",
+    "check_kind",
     "parse_wrapped",
     "trusted_transport_value",
     "verify_so_pin",
@@ -100,7 +115,24 @@ _ECB: Final = {
     KeyType.DES2: Mechanism.DES3_ECB,
     KeyType.DES3: Mechanism.DES3_ECB,
 }
-_CAPABILITY: Final = {"auth": MechanismFlag.ENCRYPT, "enc": MechanismFlag.DERIVE}
+_CAPABILITY: Final = {
+    "auth": MechanismFlag.ENCRYPT,
+    "enc": MechanismFlag.DERIVE | MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+}
+"""What an unwrapped key may do; key_policy's template sets the same, and wins."""
+NON_EXTRACTABLE, EXPORTABLE, HOST_READABLE, LOOSELY_EXTRACTABLE = (
+    "non-extractable",
+    "exportable",
+    "host-readable",
+    "extractable",
+)
+KINDS: Final = {
+    NON_EXTRACTABLE: "non-extractable",
+    EXPORTABLE: "exportable (trusted wrap only)",
+    HOST_READABLE: "host-readable (V1.00 on the host)",
+    LOOSELY_EXTRACTABLE: "extractable under any wrapping key (off the ISCL policy)",
+}
+"""A key's kind (what can read or move its value) and how ``iscl keys`` describes it."""
 
 
 def _utc(moment: datetime.datetime | None = None) -> str:
@@ -122,6 +154,20 @@ def _check_purpose_index(purpose: str, index: int) -> str:
     return key_label(purpose, index)
 
 
+def check_kind(purpose: str, *, exportable: bool = False, host_readable: bool = False) -> None:
+    """Refuse a kind ``purpose`` keys cannot have (key_policy's rules), before anything is typed."""
+    key_policy(purpose, exportable=exportable, host_readable=host_readable)
+
+
+def _kind_of(attributes: dict[Attribute, Any]) -> str:
+    """The kind of a key from its CKA_SENSITIVE, CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED."""
+    if not attributes.get(Attribute.EXTRACTABLE):
+        return NON_EXTRACTABLE
+    if not attributes.get(Attribute.SENSITIVE):
+        return HOST_READABLE
+    return EXPORTABLE if attributes.get(Attribute.WRAP_WITH_TRUSTED) else LOOSELY_EXTRACTABLE
+
+
 @dataclass(frozen=True)
 class KeyInfo:
     """One key version on the token, as ``iscl keys list`` shows it (never its value)."""
@@ -137,9 +183,19 @@ class KeyInfo:
     retire_after: str | None
     label: str
     trusted: bool = False
+    kind: str = NON_EXTRACTABLE
+    """One of KINDS: non-extractable, exportable (trusted wrap only), host-readable (V1.00 on the host)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "host_readable": self.host_readable}
+
+    @property
+    def host_readable(self) -> bool:
+        return self.kind == HOST_READABLE
+
+    @property
+    def kind_text(self) -> str:
+        return KINDS[self.kind]
 
     @property
     def name(self) -> str:
@@ -231,7 +287,14 @@ class KeyStore:
         record: dict[str, Any] | None,
     ) -> KeyInfo:
         attributes = obj.get_attributes(
-            [Attribute.KEY_TYPE, Attribute.CHECK_VALUE, Attribute.EXTRACTABLE, Attribute.TRUSTED]
+            [
+                Attribute.KEY_TYPE,
+                Attribute.CHECK_VALUE,
+                Attribute.SENSITIVE,
+                Attribute.EXTRACTABLE,
+                Attribute.WRAP_WITH_TRUSTED,
+                Attribute.TRUSTED,
+            ]
         )
         if attributes.get(Attribute.KEY_TYPE) == KeyType.AES:
             attributes.update(obj.get_attributes([Attribute.VALUE_LEN]))
@@ -250,6 +313,7 @@ class KeyStore:
             retire_after=record.get("retire_after"),
             label=key_label(purpose, index),
             trusted=bool(attributes.get(Attribute.TRUSTED)),
+            kind=_kind_of(attributes),
         )
 
     def _infos(self, session: Any, purpose: str | None = None, index: int | None = None) -> list[KeyInfo]:
@@ -268,18 +332,24 @@ class KeyStore:
         with self._session("list its keys") as session:
             return self._infos(session)
 
-    def current(self, purpose: str, index: int) -> KeyInfo:
-        """The version of ``purpose`` key ``index`` the key holder uses."""
+    def newest(self, purpose: str, index: int) -> KeyInfo | None:
+        """The version of ``purpose`` key ``index`` the key holder uses, or None when there is none."""
         label = _check_purpose_index(purpose, index)
         with self._session(f"look up {label}") as session:
             infos = self._infos(session, purpose, index)
-        if not infos:
+        return infos[-1] if infos else None
+
+    def current(self, purpose: str, index: int) -> KeyInfo:
+        """The version of ``purpose`` key ``index`` the key holder uses."""
+        label = _check_purpose_index(purpose, index)
+        info = self.newest(purpose, index)
+        if info is None:
             raise KeyHolderError(
                 f"key {label} is not on token '{self.token_label}'; check the purpose and index with"
                 " 'iscl keys list'",
                 ErrorCode.KEY_NOT_FOUND,
             )
-        return infos[-1]
+        return info
 
     def check(self, purpose: str, index: int, kcv: bytes) -> tuple[KeyInfo, KeyInfo | None]:
         """(current version, the version whose KCV is ``kcv`` or None)."""
@@ -326,6 +396,7 @@ class KeyStore:
         value: bytes | None = None,
         *,
         exportable: bool = False,
+        host_readable: bool = False,
         mode: str = NEW,
         grace: datetime.timedelta | None = None,
         origin: str = "generated",
@@ -333,12 +404,15 @@ class KeyStore:
     ) -> KeyInfo:
         """Store a key at ``purpose``/``index``: ``value`` None generates it inside the token.
 
+        ``exportable`` and ``host_readable`` (enc keys, for V1.00 on the host) choose its kind.
+
         A transport key needs ``trusted``: the label of the session object made by
         :func:`trusted_transport_value` (its value was given there). ``mode`` is NEW (the index must
         be free), REPLACE (older versions are destroyed once the new one is stored) or ROTATE (they
         stay until ``grace`` has passed). Returns the new current version.
         """
         label = _check_purpose_index(purpose, index)
+        check_kind(purpose, exportable=exportable, host_readable=host_readable)
         if algorithm.name not in ALGORITHMS or (purpose == "transport") != (algorithm.family == "aes"):
             raise KeyHolderError(f"a {purpose} key cannot be {algorithm.name}", ErrorCode.BAD_OPTION)
         if value is not None:
@@ -364,6 +438,7 @@ class KeyStore:
                     value,
                     version=version,
                     exportable=exportable,
+                    host_readable=host_readable,
                     key_length=algorithm.length,
                 )
                 return self._object(session, purpose, index, version), check
@@ -544,6 +619,13 @@ class KeyStore:
                     f"key {label} is not on token '{self.token_label}'", ErrorCode.KEY_NOT_FOUND
                 )
             info = infos[-1]
+            if info.host_readable:
+                raise KeyHolderError(
+                    f"{info.name} is host-readable (for V1.00 on the host), not exportable; give the other"
+                    " site the same key by a component ceremony (generate-components here, import-components"
+                    " there)",
+                    ErrorCode.BAD_OPTION,
+                )
             if not info.extractable:
                 raise KeyHolderError(
                     f"{info.name} was created non-exportable, so it cannot leave token"
@@ -588,14 +670,19 @@ class KeyStore:
         mode: str = NEW,
         grace: datetime.timedelta | None = None,
         exportable: bool = False,
+        host_readable: bool = False,
     ) -> KeyInfo:
-        """Unwrap a document from :meth:`export` (checked by :func:`parse_wrapped`) into the token."""
+        """Unwrap a document from :meth:`export` (checked by :func:`parse_wrapped`) into the token.
+
+        The key is stored non-extractable, or of the kind ``exportable`` / ``host_readable`` ask for.
+        """
         purpose, index, algorithm = (
             document["purpose"],
             int(document["index"]),
             ALGORITHMS[document["algorithm"]],
         )
         label = _check_purpose_index(purpose, index)
+        check_kind(purpose, exportable=exportable, host_readable=host_readable)
         expected = bytes.fromhex(document["kcv"])
         transport_label = document["wrapping"]["transport_label"]
         match = _LABEL.match(transport_label)
@@ -658,7 +745,7 @@ class KeyStore:
             versions = [v for _, _, v, _ in self._objects(session, purpose, index)]
             version = self._next_version(label, versions, mode, preferred=int(document["version"]))
             # SoftHSM2 applies the template in order, and nothing may follow CKA_MODIFIABLE false.
-            template = key_policy(purpose, exportable=exportable)
+            template = key_policy(purpose, exportable=exportable, host_readable=host_readable)
             modifiable = template.pop(Attribute.MODIFIABLE)
             template.update(
                 {

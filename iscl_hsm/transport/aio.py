@@ -32,6 +32,7 @@ from ..engine import (
     NonSecureReceived,
     Role,
     State,
+    check_key_holder,
 )
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
 from ..keyholder.base import KeyHolder
@@ -151,8 +152,8 @@ class IsclStream:
         ``fn`` raises or declines, ``answer`` joins the queue of answers right there, under the lock,
         so that answers reach the callers that asked even when several send at once.
         """
-        self._raise_failure()
         async with self._lock:
+            self._raise_failure()  # (the link may have failed while this call waited for the lock)
             result, wrote = await self._engine(lambda write: self._step(write, fn, *args, answer=answer))
         if wrote:  # (draining a writer the pump has closed would raise)
             await self._writer.drain()
@@ -324,7 +325,12 @@ async def _authenticated(
     config: Config | None,
     handshake_timeout: float | None,
 ) -> IsclStream:
-    stream = IsclStream(reader, writer, Connection(role, key_holder, config))
+    try:
+        conn = Connection(role, key_holder, config)
+    except BaseException:
+        writer.close()  # the peer is not left waiting for a handshake that cannot come
+        raise
+    stream = IsclStream(reader, writer, conn)
     try:
         await _handshake_within(stream, handshake_timeout)
     except BaseException:
@@ -348,8 +354,10 @@ async def start_server(
 
     A handshake that fails, or does not finish within ``handshake_timeout`` seconds (a silent or
     non-ISCL client), goes to ``on_error(peer, error)`` and its connection is dropped. ``backlog``
-    is the listening socket's queue of connections not yet accepted (asyncio's default).
+    is the listening socket's queue of connections not yet accepted (asyncio's default). A key holder
+    that can never serve ``config`` raises KeyHolderError here, before anything listens.
     """
+    check_key_holder(config or Config(), key_holder)
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config))

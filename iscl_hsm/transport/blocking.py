@@ -66,14 +66,14 @@ class IsclSocket:
         cls, sock: socket.socket, *, key_holder: KeyHolder, config: Config | None = None
     ) -> IsclSocket:
         """Run the client side of the handshake on a connected socket."""
-        return cls._handshake(sock, Connection(Role.CLIENT, key_holder, config))
+        return cls._handshake(sock, _engine(sock, Role.CLIENT, key_holder, config))
 
     @classmethod
     def accept(
         cls, sock: socket.socket, *, key_holder: KeyHolder, config: Config | None = None
     ) -> IsclSocket:
         """Run the server side of the handshake on an accepted socket."""
-        conn = Connection(Role.SERVER, key_holder, config)
+        conn = _engine(sock, Role.SERVER, key_holder, config)
         conn.initiate()
         return cls._handshake(sock, conn)
 
@@ -215,6 +215,15 @@ class IsclSocket:
         except (OSError, IsclError):
             pass
         self._sock.close()
+
+
+def _engine(sock: socket.socket, role: Role, key_holder: KeyHolder, config: Config | None) -> Connection:
+    """The engine of a new link; the socket is closed if there can be none (the peer is not left waiting)."""
+    try:
+        return Connection(role, key_holder, config)
+    except BaseException:
+        sock.close()
+        raise
 
 
 __all__ = ["IsclSocket", "MessageRefusedError"]

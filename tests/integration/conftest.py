@@ -23,9 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pkcs11 import Attribute, KeyType, ObjectClass
 
+from iscl_hsm.engine import Profile
 from iscl_hsm.keyholder.base import KeyHolder
-from iscl_hsm.keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder, is_module_loaded
+from iscl_hsm.keyholder.pkcs11 import (
+    DEFAULT_MODULE,
+    Pkcs11KeyHolder,
+    is_module_loaded,
+    key_id,
+    key_label,
+    key_policy,
+)
 from iscl_hsm.keyholder.provision import init_token, softhsm_environment
 from iscl_hsm.wire import SESSION_KEYS, Encryption, Mac
 
@@ -106,6 +115,47 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
         yield SoftHsm(data_dir=data_dir, env=env, pool=pool)
 
 
+def pkcs11_tool(softhsm: SoftHsm, label: str, pin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """OpenSC's pkcs11-tool logged in to token ``label`` (found by slot: --token-label matches prefixes)."""
+    slot = softhsm.slot_id(label)
+    return subprocess.run(
+        ["pkcs11-tool", "--module", softhsm.module, "--slot", slot, "--login", "--pin", pin, *args],
+        env=softhsm.tool_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def secret_key_objects(softhsm: SoftHsm, label: str, pin: str) -> list[dict[str, str]]:
+    """The secret keys pkcs11-tool lists on token ``label``: "type" (DES, DES3...), then each line."""
+    done = pkcs11_tool(softhsm, label, pin, "--list-objects", "--type", "secrkey")
+    assert done.returncode == 0, done.stderr
+    objects: list[dict[str, str]] = []
+    for line in done.stdout.splitlines():
+        if line.startswith("Secret Key Object"):
+            objects.append({"type": line.split(";")[1].strip()})
+        elif ":" in line and objects:
+            name, value = line.split(":", 1)
+            objects[-1][name.strip()] = value.strip()
+    return objects
+
+
+def pre_v100_enc_key(index: int, value: bytes) -> dict[Attribute, Any]:
+    """The template of single-DES enc key ``index`` as releases before the V1.00 profile made it:
+    today's policy less ENCRYPT and DECRYPT, so DERIVE only."""
+    return {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: KeyType._DES,
+        Attribute.VALUE: value,
+        Attribute.LABEL: key_label("enc", index),
+        Attribute.ID: key_id("enc", index),
+        **key_policy("enc"),
+        Attribute.ENCRYPT: False,
+        Attribute.DECRYPT: False,
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # Two hospitals holding the same keys, and a stranger (transport and command-line tests)
 
@@ -151,7 +201,11 @@ class Hospitals:
 
 @pytest.fixture(scope="session")
 def hospitals(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> Hospitals:
-    """Hospital A and B import HOSPITAL_KEYS through ensure_token; the stranger through store_key."""
+    """Hospital A and B import HOSPITAL_KEYS through ensure_token; the stranger through store_key.
+
+    A's encryption keys are host-readable, B's are not: a V1.00 link with a fixed key id uses A's key
+    with OpenSSL and B's inside the token, so every A-B link also checks that the two agree.
+    """
     from iscl_hsm.keyholder.provision import ensure_token, store_key
 
     pins = tmp_path_factory.mktemp("pins")
@@ -163,8 +217,10 @@ def hospitals(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> Hos
         path.chmod(0o600)
         pin_files[token.label] = path
     check_values = []
-    for token in (a, b):
-        label, _, kcvs = ensure_token(softhsm.data_dir, token.label, pin_files[token.label], HOSPITAL_KEYS)
+    for token, readable in ((a, True), (b, False)):
+        label, _, kcvs = ensure_token(
+            softhsm.data_dir, token.label, pin_files[token.label], HOSPITAL_KEYS, host_readable=readable
+        )
         assert label == token.label and len(kcvs) == 16
         check_values.append(kcvs)
         # Idempotent: a second run finds the same keys and creates nothing.
@@ -277,6 +333,19 @@ SUITES = [
 """Every encryption x MAC x key mode (key 1, or unique session keys), as (Encryption, Mac, enc key id)."""
 MAC_SUITES = [p for p in SUITES if p.values[1] is not Mac.NONE]
 """The suites with a MAC, which detect tampering."""
+
+
+@pytest.fixture(params=list(Profile), ids=lambda p: p.value)
+def profile(request: pytest.FixtureRequest) -> Profile:
+    """Each wire profile in turn, for a test of what both profiles must do."""
+    return request.param  # type: ignore[no-any-return]
+
+
+def first_message_malleable(profile: Profile, encryption: Encryption, mac: Mac) -> bool:
+    """V1.00 with DES-CBC and DES-MAC: on a link's first message the MAC (CBC-MAC from a zero IV under
+    the data's own key) follows the CBC chain, which starts at zero too, so a change to any but the
+    message's last DES block goes unnoticed (docs/security.md). Later messages, and other suites, catch it."""
+    return profile is Profile.V100 and (encryption, mac) == (Encryption.DES_CBC, Mac.DES_MAC)
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""The benchmark producer itself (benchmarks/run.py): a --quick run on tiny sizes, one round.
+"""The benchmark producer itself (benchmarks/run.py): a --quick run on tiny sizes, one round, of both
+wire profiles; and benchmarks/compare.py.
 
-No timing is asserted: only that every section is there, that every row was measured (the real
-SoftHSM2, DCMTK, pcscd + vpcd and the gateway are all required) and that every figure is a positive
-number, and that bad options are refused with their message.
+No timing is asserted: only that every section is there, that every row was measured in each
+profile (the real SoftHSM2, DCMTK, pcscd + vpcd and the gateway are all required), that every figure
+is a positive number and every ratio is taken against the row it names, and that bad options are
+refused with their message.
 """
 
 from __future__ import annotations
@@ -19,7 +21,22 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ["handshake", "throughput", "sizes", "dicom", "concurrency"]
+SECTIONS = ["headline", "handshake", "throughput", "sizes", "dicom", "concurrency"]
+PROFILES = ["v1.00", "hardened"]
+SUITES = ("none/md5", "none/des-mac", "des-cbc/md5", "des-cbc/des-mac")
+PLAIN_MD5 = "(the SDK's plain MD5, unkeyed)"
+HEADLINE = {  # headline row: (section, row label with {profile}, figure)
+    "handshake on SoftHSM2 (des-cbc/des-mac), median ms": (
+        "handshake", "ISCL {profile}, SoftHSM2 token (des-cbc/des-mac)", "median_ms"),
+    "handshake ÷ Python TLS 1.3 mutual handshake": (
+        "handshake", "ISCL {profile}, SoftHSM2 token (des-cbc/des-mac)", "vs_tls"),
+    "des-cbc/des-mac, MB/s": ("throughput", "ISCL {profile} des-cbc/des-mac", "mb_s"),
+    "des-cbc/des-mac ÷ openssl speed des-cbc": ("throughput", "ISCL {profile} des-cbc/des-mac", "vs_des"),
+    "des-cbc/md5, MB/s": ("throughput", "ISCL {profile} des-cbc/md5", "mb_s"),
+    "des-cbc/md5 ÷ openssl speed des-cbc": ("throughput", "ISCL {profile} des-cbc/md5", "vs_des"),
+    "none/md5, MB/s": ("throughput", "ISCL {profile} none/md5", "mb_s"),
+    "none/md5 ÷ openssl speed md5": ("throughput", "ISCL {profile} none/md5", "vs_md5"),
+}
 
 
 def run_bench(tmp_path: Path, *options: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -44,12 +61,30 @@ def figures_of(row: dict[str, Any]) -> dict[str, float]:
     return figures
 
 
+def sections_of(out: Path) -> dict[str, dict[str, Any]]:
+    return {section["key"]: section for section in json.loads((out / "latest.json").read_text())["sections"]}
+
+
+def row_of(section: dict[str, Any], label: str) -> dict[str, float]:
+    """The figures of the one row of ``section`` whose label is ``label``, or of the V1.00 none/md5 row
+    that ``label`` names without its plain-MD5 note."""
+    rows = [row for row in section["rows"] if row["label"] in (label, f"{label} {PLAIN_MD5}")]
+    assert len(rows) == 1, (label, [row["label"] for row in section["rows"]])
+    return figures_of(rows[0])
+
+
+def assert_positive(label: str, figures: dict[str, float]) -> None:
+    for name, value in figures.items():
+        assert isinstance(value, float | int) and math.isfinite(value) and value > 0, (label, name, value)
+
+
 def test_every_section_and_figure(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     out, _ = quick_run
     results = json.loads((out / "latest.json").read_text())
     assert [section["key"] for section in results["sections"]] == SECTIONS
     meta = results["meta"]
     assert meta["rounds"] == 1
+    assert meta["profiles"] == PROFILES
     assert meta["command"].startswith("python3 benchmarks/run.py --quick")
     assert {"iscl-hsm", "Python", "OpenSSL", "SoftHSM2", "DCMTK"} <= set(meta["versions"])
     assert "cores" in meta["machine"]
@@ -60,27 +95,105 @@ def test_every_section_and_figure(quick_run: tuple[Path, subprocess.CompletedPro
             figures = figures_of(row)
             assert figures, row["label"]
             assert set(figures) <= set(columns), row["label"]
-            for name, value in figures.items():
-                assert isinstance(value, float | int) and math.isfinite(value) and value > 0, (row["label"], name)
+            assert_positive(row["label"], figures)
 
 
-def test_rows_compare_like_with_like(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+@pytest.mark.parametrize("profile", PROFILES)
+def test_rows_compare_like_with_like(quick_run: tuple[Path, subprocess.CompletedProcess[str]], profile: str
+                                     ) -> None:
+    """Every ISCL row is there once per profile, beside the same references."""
     out, _ = quick_run
-    sections = {s["key"]: s for s in json.loads((out / "latest.json").read_text())["sections"]}
+    sections = sections_of(out)
     labels = {key: [row["label"] for row in section["rows"]] for key, section in sections.items()}
-    assert any("SoftHSM2" in label for label in labels["handshake"])
-    assert any("virtual IC card" in label for label in labels["handshake"])
-    assert any("TLS 1.3" in label for label in labels["handshake"])
-    for suite in ("none/md5", "none/des-mac", "des-cbc/md5", "des-cbc/des-mac"):
-        assert f"ISCL {suite}" in labels["throughput"]
-        assert sum(f"ISCL gateway {suite}" in label for label in labels["dicom"]) == 2  # small and large study
+    handshake = row_of(sections["handshake"], f"ISCL {profile}, SoftHSM2 token (des-cbc/des-mac)")
+    assert set(handshake) == {"median_ms", "p99_ms", "per_s", "vs_tls"}
+    card = [label for label in labels["handshake"] if label.startswith(f"ISCL {profile}, virtual IC card")]
+    assert len(card) == 1
+    assert ("session keys" in card[0]) == (profile == "v1.00")  # a card gives no key out: V1.00 needs session keys
+    for suite in ("none/none", *SUITES):
+        assert set(row_of(sections["throughput"], f"ISCL {profile} {suite}")) == {
+            "mb_s", "vs_tcp", "vs_tls", "vs_des", "vs_md5"}
+    for suite in SUITES:
+        gateway = [label for label in labels["dicom"] if f"ISCL gateway {profile} {suite}" in label]
+        assert [label.split(",")[0] for label in gateway] == ["small: 20 x 64x64 CT (8 KiB each)",
+                                                             "large: 2 x 1024x1024 CT (2048 KiB each)"]
+    pynetdicom = f"iscl store -> iscl serve (pynetdicom, {profile} des-cbc/des-mac)"
+    assert sum(label.endswith(pynetdicom) for label in labels["dicom"]) == 2
+    assert sum(label.endswith(f"{pynetdicom}, less Python start-up") for label in labels["dicom"]) == 2
+    assert f"N=16, ISCL gateway {profile}" in labels["concurrency"]
+    assert len(sections["sizes"]["series"][f"ISCL {profile} des-cbc/des-mac"]["x"]) == 4  # the --quick sizes
+
+
+def test_references_are_shared_by_both_profiles(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, _ = quick_run
+    sections = sections_of(out)
+    labels = {key: [row["label"] for row in section["rows"]] for key, section in sections.items()}
     assert {"plain TCP", "TLS 1.3", "openssl des-cbc", "openssl md5"} <= set(labels["throughput"])
+    assert sum("TLS 1.3, mutual" in label for label in labels["handshake"]) == 1
     assert sum("DCMTK TLS" in label for label in labels["dicom"]) == 2
-    assert labels["concurrency"] == ["N=16, ISCL gateway", "N=16, plain TCP (no gateway)"]
+    assert labels["concurrency"] == ["N=16, ISCL gateway v1.00", "N=16, ISCL gateway hardened",
+                                     "N=16, plain TCP (no gateway)"]
     # a ratio to itself is 1 whatever the speed: proves the ratios are taken against the named column
-    tcp = next(row for row in sections["throughput"]["rows"] if row["label"] == "plain TCP")
-    assert tcp["figures"]["vs_tcp"] == pytest.approx(1.0)
-    assert len(sections["sizes"]["series"]["ISCL des-cbc/des-mac"]["x"]) == 4  # the --quick sizes
+    assert row_of(sections["throughput"], "plain TCP")["vs_tcp"] == pytest.approx(1.0)
+    assert row_of(sections["throughput"], "openssl des-cbc")["vs_des"] == pytest.approx(1.0)
+    assert row_of(sections["handshake"], "Python ssl TLS 1.3, mutual (client and server certificates, RSA 2048)"
+                  )["vs_tls"] == pytest.approx(1.0)
+
+
+def test_only_v100_none_md5_is_the_plain_md5(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """V1.00's none/md5 runs as the SDK's unkeyed MD5 (allowed knowingly) and every table says so."""
+    out, _ = quick_run
+    sections = sections_of(out)
+    marked = [row["label"] for key in ("throughput", "sizes", "dicom") for row in sections[key]["rows"]
+              if PLAIN_MD5 in row["label"]]
+    assert marked == ["ISCL v1.00 none/md5 " + PLAIN_MD5, "ISCL v1.00 none/md5 " + PLAIN_MD5,
+                      "small: 20 x 64x64 CT (8 KiB each), ISCL gateway v1.00 none/md5 " + PLAIN_MD5,
+                      "large: 2 x 1024x1024 CT (2048 KiB each), ISCL gateway v1.00 none/md5 " + PLAIN_MD5]
+    tunnels = [command for command in sections["dicom"]["commands"] if "tunnel" in command]
+    unkeyed = [command for command in tunnels if "--allow-unkeyed-md5" in command]
+    assert len(tunnels) == 16 and len(unkeyed) == 2
+    assert all("--profile v1.00 --encryption none --mac md5 --allow-unkeyed-md5" in command for command in unkeyed)
+    assert "plain, unkeyed MD5" in " ".join(sections["headline"]["notes"])
+
+
+def test_headline_puts_the_profiles_side_by_side(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """One column per profile; each figure is the one of the row it names (ratios taken in the rounds)."""
+    out, result = quick_run
+    sections = sections_of(out)
+    headline = sections["headline"]
+    assert headline["columns"] == [["v100", "v1.00"], ["hardened", "hardened"]]
+    assert [row["label"] for row in headline["rows"]] == list(HEADLINE)
+    for row in headline["rows"]:
+        figures = figures_of(row)
+        assert set(figures) == {"v100", "hardened"}, row["label"]
+        assert_positive(row["label"], figures)
+        section, label, figure = HEADLINE[row["label"]]
+        for column, profile in (("v100", "v1.00"), ("hardened", "hardened")):
+            assert figures[column] == row_of(sections[section], label.format(profile=profile))[figure]
+    notes = " ".join(headline["notes"])
+    tls = row_of(sections["handshake"], "Python ssl TLS 1.3, mutual (client and server certificates, RSA 2048)")
+    assert f"Python ssl TLS 1.3 mutual handshake {tls['median_ms']:.2f} ms" in notes
+    assert "## Headline figures, the wire profiles side by side\n\n| | v1.00 | hardened |" in result.stdout
+
+
+def test_one_profile_alone(tmp_path: Path) -> None:
+    """--profile hardened: no V1.00 row anywhere, and a headline of one column."""
+    out = tmp_path / "out"
+    result = run_bench(tmp_path, "--quick", "--rounds", "1", "--sections", "handshake", "--no-card",
+                       "--profile", "hardened", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "latest.json").read_text())
+    assert results["meta"]["profiles"] == ["hardened"]
+    sections = {section["key"]: section for section in results["sections"]}
+    assert list(sections) == ["headline", "handshake"]
+    assert [row["label"] for row in sections["handshake"]["rows"]] == [
+        "ISCL hardened, SoftHSM2 token (des-cbc/des-mac)",
+        "Python ssl TLS 1.3, mutual (client and server certificates, RSA 2048)", "plain TCP connect",
+        "ISCL hardened, virtual IC card (pcscd + vpcd, des-cbc/des-mac)"]
+    assert sections["handshake"]["rows"][-1]["unavailable"] == "left out (--no-card)"
+    assert sections["headline"]["columns"] == [["hardened", "hardened"]]
+    assert [row["label"] for row in sections["headline"]["rows"]] == list(HEADLINE)[:2]  # no throughput ran
+    assert "plain, unkeyed MD5" not in " ".join(sections["headline"]["notes"])
 
 
 def test_markdown_and_plot(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
@@ -105,6 +218,7 @@ def test_markdown_and_plot(quick_run: tuple[Path, subprocess.CompletedProcess[st
         (["--sections", "handshake,bogus"], ("unknown section(s) bogus; choose from handshake, throughput, sizes,"
                                             " dicom, concurrency")),
         (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--profile", "v1.0"], "argument --profile: invalid choice: 'v1.0'"),
     ],
 )
 def test_bad_options_are_refused(tmp_path: Path, options: list[str], message: str) -> None:
@@ -131,15 +245,16 @@ def test_a_row_that_could_not_run_says_why() -> None:
     }
 
 
-@pytest.mark.parametrize("transport", ["blocking", "asyncio"])
-def test_compare_measures_an_old_revision_beside_the_working_tree(tmp_path: Path, transport: str) -> None:
-    """benchmarks/compare.py: each tree measured in its own processes, the summary table and the
-    round-by-round ratio printed, and the temporary worktree removed afterwards."""
-    result = subprocess.run(
-        [sys.executable, "benchmarks/compare.py", "HEAD", "--rounds", "1", "--seconds", "0.2", "--size", "65536",
-         "--suite", "des-cbc/des-mac", "--transport", transport],
+def run_compare(tmp_path: Path, rev: str, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "benchmarks/compare.py", rev, "--rounds", "1", "--seconds", "0.2", "--size", "65536",
+         *options],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)}, check=False,
     )  # fmt: skip
+
+
+def assert_compared(result: subprocess.CompletedProcess[str], tmp_path: Path) -> None:
+    """Both trees measured, the summary table and the round-by-round ratio printed, the worktree gone."""
     assert result.returncode == 0, result.stderr[-4000:]
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
     for name in ("old", "new"):
@@ -148,3 +263,37 @@ def test_compare_measures_an_old_revision_beside_the_working_tree(tmp_path: Path
     assert "new ÷ old rate, round by round:" in result.stdout
     worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True, check=True)
     assert str(tmp_path) not in worktrees.stdout
+
+
+@pytest.mark.parametrize("transport", ["blocking", "asyncio"])
+def test_compare_measures_an_old_revision_beside_the_working_tree(tmp_path: Path, transport: str) -> None:
+    """benchmarks/compare.py: each tree measured in its own processes, both in the profile asked for."""
+    result = run_compare(tmp_path, "HEAD", "--suite", "des-cbc/des-mac", "--transport", transport,
+                         "--profile", "hardened")
+    assert_compared(result, tmp_path)
+    assert result.stdout.startswith("# des-cbc/des-mac, hardened profile, ")
+    assert result.stdout.rstrip().endswith("wire profile: old hardened, new hardened")
+
+
+def test_compare_runs_a_revision_from_before_the_profiles(tmp_path: Path) -> None:
+    """A revision whose Config has no profile still runs, on its only wire (hardened), and the output says
+    so; the working tree speaks V1.00, here its plain MD5 (allowed knowingly, as Config demands)."""
+    introduced = subprocess.run(
+        ["git", "-C", str(REPO), "log", "--reverse", "--format=%H", "-S", "class Profile", "--",
+         "iscl_hsm/engine/config.py"], capture_output=True, text=True, check=True,
+    ).stdout.split()[0]  # fmt: skip
+    before = f"{introduced}^"
+    config = subprocess.run(["git", "-C", str(REPO), "show", f"{before}:iscl_hsm/engine/config.py"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "profile" not in config  # the premise: that revision knows no profiles
+    result = run_compare(tmp_path, before, "--suite", "none/md5", "--profile", "v1.00")
+    assert_compared(result, tmp_path)
+    assert result.stdout.rstrip().endswith(
+        f"wire profile: old hardened ({before} has no Config.profile: its only wire is the hardened one),"
+        " new v1.00")
+
+
+def test_compare_refuses_an_unknown_profile(tmp_path: Path) -> None:
+    result = run_compare(tmp_path, "HEAD", "--profile", "both")
+    assert result.returncode == 2
+    assert "argument --profile: invalid choice: 'both'" in result.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from iscl_hsm import __version__
+from iscl_hsm.engine import Profile
 
 from .background import TIMEOUT, Background
 from .conftest import Hospitals, SoftHsmToken
@@ -25,10 +26,13 @@ from .conftest import Hospitals, SoftHsmToken
 REPO = Path(__file__).resolve().parents[2]
 """Seconds a child may run: a safety net against hangs, never an assertion."""
 
-LINK_LINE = (
-    "ISCL link up: MEDIS-ISCL V1.00, block 8160 bytes, auth key 1, des-cbc + des-mac with key 1,"
-    " peer auth data 'iscl-hsm'"
-)
+LINK_LINE = {
+    Profile.V100: "ISCL link up: MEDIS-ISCL V1.00, v1.00 profile, block 8160 bytes, auth key 1, des-cbc + des-mac"
+    " with key 1, no peer auth data",
+    Profile.HARDENED: "ISCL link up: MEDIS-ISCL V1.00, hardened profile, block 8160 bytes, auth key 1, des-cbc +"
+    " des-mac with key 1, peer auth data 'iscl-hsm'",
+}
+"""What each end prints on stderr once the link is up, with the default settings of each profile."""
 KEY_HOLDER_OPTIONS = ["--pkcs11-module", "--token", "--pin-file", "--record-keys"]
 LINK_OPTIONS = [
     "--auth-key-id", "--enc-key-id", "--encryption", "--mac", "--max-block", "--max-message", "--auth-data",
@@ -170,22 +174,25 @@ def _transfer(
 
 @pytest.mark.parametrize("direction", ["client-to-server", "server-to-client", "both-ways"])
 def test_stdin_arrives_on_the_peers_stdout_byte_identical(
-    hospitals: Hospitals, servers: list[Server], tmp_path: Path, direction: str
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path, profile: Profile, direction: str
 ) -> None:
     to_server = os.urandom(3_000_000) if direction != "server-to-client" else b""
     to_client = os.urandom(3_000_017) if direction != "client-to-server" else b""
-    server, client, server_out, client_out = _transfer(hospitals, servers, tmp_path, to_server, to_client)
+    chosen = ["--profile", profile.value]
+    server, client, server_out, client_out = _transfer(
+        hospitals, servers, tmp_path, to_server, to_client, chosen, chosen
+    )
     assert server_out == to_server
     assert client_out == to_client
-    assert server.lines[1:] == [LINK_LINE]
-    assert client.stderr.splitlines() == [LINK_LINE]
+    assert server.lines[1:] == [LINK_LINE[profile]]
+    assert client.stderr.splitlines() == [LINK_LINE[profile]]
 
 
 def test_the_link_options_reach_both_ends(
-    hospitals: Hospitals, servers: list[Server], tmp_path: Path
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path, profile: Profile
 ) -> None:
-    common = ["--encryption", "none", "--mac", "md5", "--enc-key-id", "session", "--auth-key-id", "6",
-              "--record-keys", "token"]  # fmt: skip
+    common = ["--profile", profile.value, "--encryption", "none", "--mac", "md5", "--enc-key-id", "session",
+              "--auth-key-id", "6", "--record-keys", "token", "--allow-unkeyed-md5"]  # fmt: skip
     to_server, to_client = os.urandom(300_001), os.urandom(200_003)
     server, client, server_out, client_out = _transfer(
         hospitals, servers, tmp_path, to_server, to_client,
@@ -193,9 +200,22 @@ def test_the_link_options_reach_both_ends(
         [*common, "--max-block", "4096", "--auth-data", "Hospital B"],
     )  # fmt: skip
     assert (server_out, client_out) == (to_server, to_client)
-    link = "ISCL link up: MEDIS-ISCL V1.00, block 1024 bytes, auth key 6, none + md5 with session keys"
+    link = (f"ISCL link up: MEDIS-ISCL V1.00, {profile.value} profile, block 1024 bytes, auth key 6, none + md5"
+            " with session keys")
     assert server.lines[1:] == [f"{link}, peer auth data 'Hospital B'"]
     assert client.stderr.splitlines() == [f"{link}, peer auth data 'Hospital A'"]
+
+
+def test_a_profile_mismatch_fails_both_ends_naming_the_profile(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path
+) -> None:
+    env = child_env(hospitals)
+    server = start_server(servers, [*token_args(hospitals, hospitals.a), "--profile", "hardened"], env, None,
+                          tmp_path / "server.out")  # fmt: skip
+    client = iscl("client", "127.0.0.1", server.port, *token_args(hospitals, hospitals.b), env=env)
+    assert client.returncode == 1
+    assert "profile" in one_line(client.stderr)
+    assert "profile" in server.wait_for("failed during the handshake").string
 
 
 def test_a_peer_with_a_smaller_max_message_gets_smaller_messages(
@@ -281,11 +301,22 @@ def test_the_server_accepts_only_the_allowed_key_pairs(
     assert server.finish() == 0, server.lines
 
 
-def test_a_value_the_protocol_cannot_take_is_refused_before_any_token_is_made(tmp_path: Path) -> None:
-    done = iscl("client", "127.0.0.1", "2761", "--auth-data", "", env=child_env(XDG_DATA_HOME=str(tmp_path)))
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--auth-data", "x" * 129], "authentication data must be 0..128 bytes in the v1.00 profile"),
+        (["--profile", "hardened", "--auth-data", ""], "authentication data must be 1..128 bytes in the hardened"),
+        (["--encryption", "none", "--mac", "md5"], "no protection against tampering"),
+    ],
+    ids=["auth-data-too-long", "hardened-without-auth-data", "plain-md5"],
+)
+def test_a_value_the_protocol_cannot_take_is_refused_before_any_token_is_made(
+    tmp_path: Path, options: list[str], says: str
+) -> None:
+    done = iscl("client", "127.0.0.1", "2761", *options, env=child_env(XDG_DATA_HOME=str(tmp_path)))
     assert done.returncode == 1
     line = one_line(done.stderr)
-    assert "authentication data must be 1..128 bytes" in line and "BAD_OPTION" in line
+    assert says in line and "BAD_OPTION" in line
     assert list(tmp_path.iterdir()) == []  # the demo token was not created
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from iscl_hsm.engine import Config, MessageReceived, Role
+from iscl_hsm.crypto.des import DesKey, kcv
+from iscl_hsm.engine import Config, MessageReceived, Profile, Role
 from iscl_hsm.errors import ErrorCode
-from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
+from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder, TokenDesKey
 from tests.helpers import ConnectionPair
 
-from .conftest import SoftHsm, SoftHsmToken
+from .conftest import SoftHsm, SoftHsmToken, pkcs11_tool, secret_key_objects
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,9 +91,17 @@ def _kcv(output: str, what: str = "key KCV") -> str:
 
 
 def _ceremony(
-    a: Site, b: Site, purpose: str, index: int, folder: Path, count: int = 2, corrupt: int | None = None
+    a: Site,
+    b: Site,
+    purpose: str,
+    index: int,
+    folder: Path,
+    count: int = 2,
+    corrupt: int | None = None,
+    a_options: tuple[str, ...] = (),
 ) -> tuple[str, str]:
-    """generate-components on A, import-components on B (component ``corrupt`` changed); both KCVs."""
+    """generate-components on A (with ``a_options``), import-components on B (component ``corrupt``
+    changed); both KCVs."""
     files = [folder / f"{purpose}-{index}-component-{n}" for n in range(1, count + 1)]
     done = a.keys(
         "generate-components",
@@ -103,6 +112,7 @@ def _ceremony(
         "--components",
         str(count),
         *[arg for f in files for arg in ("--component-file", str(f))],
+        *a_options,
     )
     kcv_a = _kcv(done.stdout)
     component_kcvs = re.findall(r"component \d written to .*, KCV ([0-9A-F]{6})", done.stdout)
@@ -200,46 +210,85 @@ def test_one_wrong_component_fails_with_the_authentication_error(
         _close(pair)
 
 
+def test_one_site_host_readable_the_other_not_still_gives_a_v100_link(
+    sites: tuple[Site, Site], softhsm: SoftHsm, tmp_path: Path
+) -> None:
+    """A chose --host-readable (OpenSSL protects its records), B did not (its token does): the same key
+    at both ends, so a V1.00 link with that key id works. A's value can be read with the user PIN, which
+    is the price of host-readable; B's cannot."""
+    a, b = sites
+    kcv_a, kcv_b = _ceremony(a, b, "enc", 2, tmp_path, a_options=("--host-readable",))
+    assert kcv_a == kcv_b
+    kinds = {
+        site.token.label: {
+            (k["purpose"], k["index"]): k for k in json.loads(site.keys("list", "--json").stdout)["keys"]
+        }
+        for site in sites
+    }
+    assert kinds[a.token.label][("enc", 2)]["kind"] == "host-readable"
+    assert kinds[b.token.label][("enc", 2)]["kind"] == "non-extractable"
+    for value, site in ((True, a), (False, b)):
+        assert kinds[site.token.label][("enc", 2)]["host_readable"] is value
+
+    pair = _handshake(a, b, Config(profile=Profile.V100, auth_key_id=1, enc_key_id=2))
+    try:
+        assert not pair.errors, pair.errors
+        server_holder, client_holder = pair.holders  # type: ignore[attr-defined]
+        assert isinstance(server_holder.encryption_key(2), DesKey)
+        assert isinstance(client_holder.encryption_key(2), TokenDesKey)
+        pair.client.send_message(b"CT image from hospital B" * 100)
+        pair.pump()
+        pair.server.send_message(b"report from hospital A")
+        pair.pump()
+        received = {
+            role: [e.data for e in pair.events[role] if isinstance(e, MessageReceived)] for role in Role
+        }
+        assert received[Role.SERVER] == [b"CT image from hospital B" * 100]
+        assert received[Role.CLIENT] == [b"report from hospital A"]
+    finally:
+        _close(pair)
+
+    for site, readable in ((a, True), (b, False)):
+        out = tmp_path / f"{site.token.label}-enc-2.bin"
+        read = pkcs11_tool(
+            softhsm, site.token.label, site.token.pin,
+            "--read-object", "--type", "secrkey", "--label", "iscl-enc-2", "--output-file", str(out),
+        )  # fmt: skip
+        assert (read.returncode == 0) is readable, read.stderr
+        if readable:
+            read_kcv = kcv(out.read_bytes()).hex().upper()  # compared by KCV: the value is never shown
+            assert read_kcv == kcv_a
+        else:
+            assert not out.exists() or out.stat().st_size == 0
+
+
 def test_pkcs11_tool_lists_the_keys_and_reads_no_value(
     sites: tuple[Site, Site], softhsm: SoftHsm, tmp_path: Path
 ) -> None:
-    """OpenSC, an independent client: documented labels and IDs, usages, and no readable CKA_VALUE."""
+    """OpenSC, an independent client: documented labels and IDs, usages, and no readable CKA_VALUE
+    (but for host-readable keys, which are not sensitive)."""
     a, _ = sites
     a.keys("generate", "--purpose", "auth", "--index", "5")
     a.keys("rotate", "--purpose", "auth", "--index", "5", "--grace", "7d")
     listing = json.loads(a.keys("list", "--json").stdout)
-    slot = softhsm.slot_id(a.token.label)
-    tool = ["pkcs11-tool", "--module", a.token.module, "--slot", slot, "--login", "--pin", a.token.pin]
-    done = subprocess.run(
-        [*tool, "--list-objects", "--type", "secrkey"],
-        env=softhsm.tool_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    seen = set()
-    current: dict[str, str] = {}
-    for line in done.stdout.splitlines() + ["Secret Key Object; end"]:
-        if line.startswith("Secret Key Object"):
-            if current:
-                seen.add(
-                    (current["label"], current["ID"], current["Usage"], "sensitive" in current["Access"])
-                )
-            current = {}
-        elif ":" in line:
-            name, value = line.split(":", 1)
-            current[name.strip()] = value.strip()
-    usage = {"auth": "encrypt", "enc": "derive"}
+    seen = {
+        (obj["label"], obj["ID"], obj["Usage"], "sensitive" in obj["Access"])
+        for obj in secret_key_objects(softhsm, a.token.label, a.token.pin)
+    }
+    usage = {
+        "auth": "encrypt",
+        "enc": "encrypt, decrypt, derive",
+    }  # enc: derive (hardened), the key itself (V1.00)
     expected = {
         (
             k["label"],
             f"{ {'auth': 1, 'enc': 2}[k['purpose']]:02x}{k['index']:02x}{k['version']:02x}",
             usage[k["purpose"]],
-            True,
+            not k["host_readable"],
         )
         for k in listing["keys"]
     }
-    assert expected <= seen, done.stdout
+    assert expected <= seen, seen
     assert ("iscl-auth-5", "010502", "encrypt", True) in seen and (
         "iscl-auth-5",
         "010501",
@@ -248,13 +297,10 @@ def test_pkcs11_tool_lists_the_keys_and_reads_no_value(
     ) in seen
     for label in ("iscl-auth-1", "iscl-enc-1", "iscl-auth-5"):
         out = tmp_path / f"{label}.bin"
-        read = subprocess.run(
-            [*tool, "--read-object", "--type", "secrkey", "--label", label, "--output-file", str(out)],
-            env=softhsm.tool_env(),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        read = pkcs11_tool(
+            softhsm, a.token.label, a.token.pin, "--read-object", "--type", "secrkey", "--label", label,
+            "--output-file", str(out),
+        )  # fmt: skip
         assert read.returncode != 0, f"pkcs11-tool read the value of {label}"
         assert not out.exists() or out.stat().st_size == 0
     # The audit logs name every action and hold no PIN.

@@ -25,6 +25,8 @@ import pytest
 
 from iscl_hsm.keyholder.provision import softhsm_environment
 
+from .conftest import SoftHsm, secret_key_objects
+
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
@@ -277,7 +279,7 @@ def test_generate_list_check_and_delete(hsm: Hsm) -> None:
     ] == [("auth", 1, 1, "des", False, True), ("enc", 2, 1, "des3", False, True)]
     assert keys[0]["kcv"] == kcv1 and keys[0]["created"].endswith("Z")
     table = hsm.ok(*hsm.on(token, "list"))
-    assert re.search(rf"auth\s+1\s+1\s+des\s+{kcv1}\s+\S+Z\s+no\s+current", table)
+    assert re.search(rf"auth\s+1\s+1\s+des\s+{kcv1}\s+\S+Z\s+non-extractable\s+current", table)
 
     assert "match" in hsm.ok(
         *hsm.on(token, "check", "--purpose", "auth", "--index", "1", "--kcv", kcv1.lower())
@@ -332,6 +334,217 @@ def test_algorithms_are_checked_against_the_purpose(hsm: Hsm) -> None:
         *hsm.on(token, "generate", "--purpose", "transport", "--index", "1"), match="same on both tokens"
     )
     assert hsm.keys_of(token) == []
+
+
+# --- host-readable encryption keys (V1.00 on the host) ---------------------------------------------
+
+
+def _tool(hsm: Hsm) -> SoftHsm:
+    """This module's SoftHSM2 directory as conftest's SoftHsm, for the pkcs11-tool helpers."""
+    return SoftHsm(data_dir=hsm.folder / "softhsm", env=hsm.env, pool=[])
+
+
+def _audit_entries(hsm: Hsm, token: Token) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, hsm.audit_log.read_text().splitlines()) if e["token"] == token.label]
+
+
+def _component_files(hsm: Hsm, name: str, count: int = 2) -> list[str]:
+    """--component-file arguments for ``count`` new files."""
+    stem = f"{name}-{secrets.token_hex(3)}"
+    return [a for n in range(1, count + 1) for a in ("--component-file", str(hsm.folder / f"{stem}-{n}"))]
+
+
+def test_every_way_of_creating_an_enc_key_gives_it_v100_capabilities_and_the_kind_asked_for(hsm: Hsm) -> None:
+    token = hsm.token()
+    readable = "host-readable (V1.00 on the host)"
+    assert "des, non-extractable, KCV" in hsm.ok(
+        *hsm.on(token, "generate", "--purpose", "enc", "--index", "1")
+    )
+    out = hsm.ok(*hsm.on(token, "generate", "--purpose", "enc", "--index", "2", "--host-readable"))
+    assert f"stored iscl-enc-2 version 1 on token '{token.label}': des, {readable}, KCV" in out
+    out = hsm.ok(
+        *_components_in(hsm, token, "enc", 3, C1, C2, extra=("--host-readable",)), stdin=_typed(C1, C2)
+    )
+    assert f"des, {readable}, KCV" in out
+    out = hsm.ok(
+        *hsm.on(token, "generate-components", "--purpose", "enc", "--index", "4", "--components", "2",
+                "--host-readable", *_component_files(hsm, "enc-4"))
+    )  # fmt: skip
+    assert f"des, {readable}, KCV" in out
+    # Rotation chooses the new version's kind; a change is pointed out.
+    out = hsm.ok(
+        *hsm.on(token, "rotate", "--purpose", "enc", "--index", "1", "--grace", "1d", "--host-readable")
+    )
+    assert f"note: iscl-enc-1 version 1 was non-extractable; iscl-enc-1 version 2 is {readable}" in out
+    out = hsm.ok(*hsm.on(token, "rotate", "--purpose", "enc", "--index", "2", "--grace", "1d"))
+    assert (
+        f"note: iscl-enc-2 version 1 was {readable}; iscl-enc-2 version 2 is non-extractable (pass"
+        " --host-readable to keep V1.00 links on the host)"
+    ) in out
+
+    kinds = [
+        (k["index"], k["version"], k["kind"], k["host_readable"], k["extractable"])
+        for k in hsm.keys_of(token)
+    ]
+    assert kinds == [
+        (1, 1, "non-extractable", False, False),
+        (1, 2, "host-readable", True, True),
+        (2, 1, "host-readable", True, True),
+        (2, 2, "non-extractable", False, False),
+        (3, 1, "host-readable", True, True),
+        (4, 1, "host-readable", True, True),
+    ]
+    table = hsm.ok(*hsm.on(token, "list"))
+    assert re.search(r"enc\s+1\s+2\s+des\s+\w{6}\s+\S+Z\s+host-readable\s+current", table), table
+    assert re.search(r"enc\s+2\s+2\s+des\s+\w{6}\s+\S+Z\s+non-extractable\s+current", table), table
+    assert f"{readable}: V1.00 links read it once per process" in table and "user PIN can read it" in table
+    assert "exportable (trusted wrap only):" not in table  # the legend explains the kinds present only
+
+    # OpenSC sees ENCRYPT, DECRYPT and DERIVE on every one, and CKA_SENSITIVE only where asked.
+    objects = secret_key_objects(_tool(hsm), token.label, token.pin)
+    assert len(objects) == 6
+    for obj in objects:
+        assert obj["Usage"] == "encrypt, decrypt, derive", obj
+        host_readable = (int(obj["ID"][2:4], 16), int(obj["ID"][4:6], 16)) in {(1, 2), (2, 1), (3, 1), (4, 1)}
+        assert ("sensitive" in obj["Access"]) is not host_readable, obj
+    # The audit log records each key's kind.
+    created = [e for e in _audit_entries(hsm, token) if e["action"] not in ("init-token", "list")]
+    assert [
+        (e["action"], e["index"], e["version"], re.findall(r"\bkind ([\w-]+)", e["detail"])) for e in created
+    ] == [
+        ("generate", 1, 1, ["non-extractable"]),
+        ("generate", 2, 1, ["host-readable"]),
+        ("import-components", 3, 1, ["host-readable"]),
+        ("generate-components", 4, 1, ["host-readable"]),
+        ("rotate", 1, 2, ["host-readable"]),
+        ("rotate", 2, 2, ["non-extractable"]),
+    ]
+
+
+def test_host_readable_is_refused_for_auth_and_transport_keys_and_with_exportable(hsm: Hsm) -> None:
+    token = hsm.token()
+    only_enc = "only encryption keys can be made host-readable"
+    hsm.fails(
+        *hsm.on(token, "generate", "--purpose", "auth", "--index", "1", "--host-readable"), match=only_enc
+    )
+    hsm.fails(
+        *hsm.on(token, "generate", "--purpose", "enc", "--index", "1", "--host-readable", "--exportable"),
+        match=r"either exportable \(wrapped\) or host-readable, not both",
+    )
+    hsm.ok(*hsm.on(token, "generate", "--purpose", "auth", "--index", "2"))
+    hsm.fails(
+        *hsm.on(token, "rotate", "--purpose", "auth", "--index", "2", "--grace", "0", "--host-readable"),
+        match=only_enc,
+    )
+    # Refused before anyone types or is shown a component, and before the SO PIN is asked for.
+    hsm.fails(
+        *_components_in(hsm, token, "auth", 3, C1, C2, extra=("--host-readable",)), stdin="", match=only_enc
+    )
+    files = _component_files(hsm, "transport", 3)
+    hsm.fails(
+        *hsm.on(token, "generate-components", "--purpose", "transport", "--index", "1", "--components", "3",
+                "--host-readable", *files),
+        match=only_enc,
+    )  # fmt: skip
+    assert not any(Path(f).exists() for f in files[1::2])
+    assert [(k["purpose"], k["index"], k["version"]) for k in hsm.keys_of(token)] == [("auth", 2, 1)]
+    refused = [e["result"] for e in _audit_entries(hsm, token) if e["result"] != "ok"]
+    assert len(refused) == 5 and all(r.startswith("failed: ") for r in refused), refused
+
+
+def test_import_wrapped_can_make_a_key_host_readable_and_a_host_readable_key_is_not_exported(
+    hsm: Hsm, pair: tuple[Token, Token], tmp_path: Path
+) -> None:
+    c, d = pair
+    kcv = _kcv(hsm.ok(*hsm.on(c, "generate", "--purpose", "enc", "--index", "2", "--exportable")))
+    wrapped = tmp_path / "enc-2.json"
+    hsm.ok(
+        *hsm.on(c, "export", "--purpose", "enc", "--index", "2", "--wrap-with", "1", "--out", str(wrapped))
+    )
+    into_d = ("import-wrapped", str(wrapped), "--token", d.label, "--pin-file", str(d.pin_file))
+    hsm.fails(*into_d, "--host-readable", "--exportable", match="either exportable .* or host-readable")
+    out = hsm.ok(*into_d, "--host-readable")
+    stored = f"imported iscl-enc-2 version 1 on token '{d.label}': des, host-readable (V1.00 on the host)"
+    assert f"{stored}, KCV {kcv}" in out
+    entry = _audit_entries(hsm, d)[-1]
+    assert entry["action"] == "import-wrapped" and entry["detail"].endswith("; kind host-readable")
+    (imported,) = [o for o in secret_key_objects(_tool(hsm), d.label, d.pin) if o["label"] == "iscl-enc-2"]
+    assert imported["Usage"] == "encrypt, decrypt, derive" and "sensitive" not in imported["Access"], imported
+    hsm.fails(
+        *hsm.on(d, "export", "--purpose", "enc", "--index", "2", "--wrap-with", "1"),
+        match="is host-readable .* not exportable; give the other site the same key by a component ceremony",
+    )
+    # An authentication key never becomes host-readable, however it arrives.
+    hsm.ok(*hsm.on(c, "generate", "--purpose", "auth", "--index", "2", "--exportable"))
+    auth = tmp_path / "auth-2.json"
+    hsm.ok(*hsm.on(c, "export", "--purpose", "auth", "--index", "2", "--wrap-with", "1", "--out", str(auth)))
+    hsm.fails(
+        "import-wrapped", str(auth), "--token", d.label, "--pin-file", str(d.pin_file), "--host-readable",
+        match="only encryption keys can be made host-readable",
+    )  # fmt: skip
+    assert not [k for k in hsm.keys_of(d) if (k["purpose"], k["index"]) == ("auth", 2)]
+
+
+def _encryption_key_as_v100_sees_it(hsm: Hsm, token: Token, index: int) -> str:
+    """What Pkcs11KeyHolder.encryption_key(index) gives in a fresh process: a class name or an error code."""
+    code = (
+        "import sys\n"
+        "from iscl_hsm.errors import KeyHolderError\n"
+        "from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder\n"
+        "label, pin_file, index = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+        "with Pkcs11KeyHolder(label, open(pin_file).read().strip()) as holder:\n"
+        "    try:\n"
+        "        print(type(holder.encryption_key(index)).__name__)\n"
+        "    except KeyHolderError as error:\n"
+        "        print(error.code.name)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, token.label, str(token.pin_file), str(index)],
+        env=hsm.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_pre_v100_enc_key_is_made_again_for_v100_from_the_same_components(hsm: Hsm) -> None:
+    """docs/security-officer.md: rotating to the same components keeps the key's value (the peer site
+    need not change anything) and gives it the capabilities V1.00 needs."""
+    from iscl_hsm.keys.components import ALGORITHMS, combine, parse_component
+
+    token = hsm.token()
+    value = combine(
+        ALGORITHMS["des"], [parse_component(c, ALGORITHMS["des"], n)[0] for n, c in ((1, C1), (2, C2))]
+    )
+    code = (
+        "import sys\n"
+        "from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder\n"
+        "from tests.integration.conftest import pre_v100_enc_key\n"
+        "with Pkcs11KeyHolder(sys.argv[1], open(sys.argv[2]).read().strip()) as holder:\n"
+        "    with holder.session() as session:\n"
+        "        session.create_object(pre_v100_enc_key(1, bytes.fromhex(sys.stdin.read())))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, token.label, str(token.pin_file)],
+        input=value.hex(), env=hsm.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (old,) = hsm.keys_of(token)
+    assert _encryption_key_as_v100_sees_it(hsm, token, 1) == "KEY_NOT_FOUND"
+
+    files = [hsm.folder / f"pre-v100-{secrets.token_hex(3)}-{n}" for n in (1, 2)]
+    for path, component in zip(files, (C1, C2), strict=True):
+        path.write_text(component + "\n")
+    out = hsm.ok(
+        *hsm.on(token, "rotate", "--purpose", "enc", "--index", "1", "--grace", "1d", "--import-components",
+                "2", "--host-readable", "--yes", *[a for f in files for a in ("--component-file", str(f))])
+    )  # fmt: skip
+    assert f"key KCV: {old['kcv']}" in out and "version 2" in out
+    assert [(k["version"], k["kcv"], k["kind"], k["current"]) for k in hsm.keys_of(token)] == [
+        (1, old["kcv"], "non-extractable", False),
+        (2, old["kcv"], "host-readable", True),
+    ]
+    assert _encryption_key_as_v100_sees_it(hsm, token, 1) == "DesKey"
+    assert "retired iscl-enc-1 version 1" in hsm.ok(*hsm.on(token, "retire", "--now"))
 
 
 # --- bad input and faults --------------------------------------------------------------------------

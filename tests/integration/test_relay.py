@@ -2,7 +2,8 @@
 
 Hospital A serves ISCL on loopback (the far end, driven by the test); hospital B's ISCL stream and one
 end of a socket pair (the "application", also driven by the test) are joined by a Link. Each test runs
-its own event loop with asyncio.run.
+its own event loop with asyncio.run. Every test runs in both wire profiles: V1.00 carries one
+transmission at a time on the link, hardened both directions at once, and the relay must not care.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 
 from iscl_hsm.dicom.pdu import announces_data_set
-from iscl_hsm.engine import Config
+from iscl_hsm.engine import Config, Profile
 from iscl_hsm.errors import ErrorCode, RemoteProtocolError
 from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.transport import aio
@@ -42,10 +43,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def relay(
-    far: Far, app: App, a: KeyHolder, b: KeyHolder, *, far_config: Config | None = None,
+    far: Far, app: App, a: KeyHolder, b: KeyHolder, profile: Profile, *, far_config: Config | None = None,
     via: Callable[[int], int] = lambda port: port, coalesce: Callable[[bytes], bool] | None = None,
 ) -> Link:  # fmt: skip
-    """Run ``far`` on A's side of an ISCL link, ``app`` on the plain side of a Link to B's side; the Link."""
+    """Run ``far`` on A's side of an ISCL link, ``app`` on the plain side of a Link to B's side; the Link.
+
+    Both ends speak ``profile``; ``far_config`` (of the same profile) replaces A's settings."""
+    config = Config(profile=profile)
     far_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def serve(stream: aio.IsclStream) -> None:
@@ -55,9 +59,11 @@ async def relay(
         except BaseException as exc:  # noqa: BLE001 - raised in the test below
             far_done.set_exception(exc)
 
-    server = await aio.start_server(serve, "127.0.0.1", 0, key_holder=a, config=far_config)
+    server = await aio.start_server(serve, "127.0.0.1", 0, key_holder=a, config=far_config or config)
     async with server:
-        stream = await aio.open_connection("127.0.0.1", via(server.sockets[0].getsockname()[1]), key_holder=b)
+        stream = await aio.open_connection(
+            "127.0.0.1", via(server.sockets[0].getsockname()[1]), key_holder=b, config=config
+        )
         app_end, link_end = socket.socketpair()
         link = Link(
             LinkRecord(Address("app", 0), Address.of(stream.peer)), plain="the test application",
@@ -72,7 +78,9 @@ async def relay(
     return link
 
 
-def test_clean_end_carries_both_ways_and_disconnects_the_line(hospitals: Hospitals, holders: Any) -> None:
+def test_clean_end_carries_both_ways_and_disconnects_the_line(
+    hospitals: Hospitals, holders: Any, profile: Profile
+) -> None:
     received: list[bytes | None] = []
 
     async def far(stream: aio.IsclStream) -> None:
@@ -85,7 +93,7 @@ def test_clean_end_carries_both_ways_and_disconnects_the_line(hospitals: Hospita
         writer.write_eof()
         assert await reader.read() == b""  # the line disconnection half-closes the application's side
 
-    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b)))
+    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), profile))
     assert received == [b"hello", None]
     assert link.error is None
     assert (link.record.plain_to_iscl, link.record.iscl_to_plain) == (5, 5)
@@ -93,7 +101,9 @@ def test_clean_end_carries_both_ways_and_disconnects_the_line(hospitals: Hospita
     assert "plain_to_iscl=5 iscl_to_plain=5 " in line and line.endswith(" result=closed")
 
 
-def test_a_message_refused_as_too_long_is_split_to_the_peers_maximum(hospitals: Hospitals, holders: Any) -> None:
+def test_a_message_refused_as_too_long_is_split_to_the_peers_maximum(
+    hospitals: Hospitals, holders: Any, profile: Profile
+) -> None:
     data = os.urandom(5000)
     messages: list[bytes] = []
 
@@ -106,7 +116,8 @@ def test_a_message_refused_as_too_long_is_split_to_the_peers_maximum(hospitals: 
         writer.write_eof()
         assert await reader.read() == b""
 
-    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), far_config=Config(max_message=1000)))
+    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), profile,
+                     far_config=Config(profile=profile, max_message=1000)))  # fmt: skip
     assert link.error is None
     assert b"".join(messages) == data
     assert max(len(m) for m in messages) == 1000  # nothing longer got through; the refused 5000 bytes came again
@@ -120,7 +131,7 @@ async def collect(stream: aio.IsclStream, messages: list[bytes]) -> None:
 
 
 def test_a_command_and_the_data_set_it_announces_go_out_as_one_message(
-    hospitals: Hospitals, holders: Any, monkeypatch: pytest.MonkeyPatch
+    hospitals: Hospitals, holders: Any, monkeypatch: pytest.MonkeyPatch, profile: Profile
 ) -> None:
     """The application writes the data set only once the link has read the command and is waiting for more."""
     monkeypatch.setattr(relay_module, "COALESCE_WAIT", TIMEOUT)  # the wait's length is not what is tested
@@ -140,7 +151,8 @@ def test_a_command_and_the_data_set_it_announces_go_out_as_one_message(
         writer.write_eof()
         assert await reader.read() == b""
 
-    link = run(relay(lambda s: collect(s, messages), app, holders(hospitals.a), holders(hospitals.b), coalesce=coalesce))
+    link = run(relay(lambda s: collect(s, messages), app, holders(hospitals.a), holders(hospitals.b), profile,
+                     coalesce=coalesce))  # fmt: skip
     assert link.error is None
     assert messages == [command + b"".join(data_set)]
 
@@ -151,8 +163,9 @@ def test_a_command_and_the_data_set_it_announces_go_out_as_one_message(
     ids=["data-set-late", "nothing-announced"],
 )
 def test_a_read_goes_out_alone_when_nothing_more_comes_in_time_or_nothing_is_announced(
-    hospitals: Hospitals, holders: Any, monkeypatch: pytest.MonkeyPatch, first: bytes, wait: float
-) -> None:
+    hospitals: Hospitals, holders: Any, monkeypatch: pytest.MonkeyPatch, first: bytes, wait: float,
+    profile: Profile,
+) -> None:  # fmt: skip
     """The application sends more only after the far end has received its first read: that read went alone.
 
     With nothing announced the link must not wait at all: a wait longer than the test's timeout
@@ -174,14 +187,17 @@ def test_a_read_goes_out_alone_when_nothing_more_comes_in_time_or_nothing_is_ann
         writer.write_eof()
         assert await reader.read() == b""
 
-    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), coalesce=announces_data_set))
+    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), profile, coalesce=announces_data_set))
     assert link.error is None
     assert messages == [first, later]
 
 
 def test_a_failure_resets_the_plain_side_and_forwards_nothing_after_it(
-    hospitals: Hospitals, holders: Any, mitm: Callable[[int, Callable[[str, Frame], bytes]], TamperingProxy]
+    hospitals: Hospitals, holders: Any, mitm: Callable[[int, Callable[[str, Frame], bytes]], TamperingProxy],
+    profile: Profile,
 ) -> None:
+    """The same in both profiles: the bit is flipped in the link's second message ("first" is the first,
+    which V1.00's DES-CBC + DES-MAC could not protect: first_message_malleable)."""
     notifications: list[Frame] = []
     proxies: list[TamperingProxy] = []
 
@@ -215,7 +231,7 @@ def test_a_failure_resets_the_plain_side_and_forwards_nothing_after_it(
         except ConnectionResetError:
             app_read.append(b"<reset>")
 
-    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), via=via_proxy))
+    link = run(relay(far, app, holders(hospitals.a), holders(hospitals.b), profile, via=via_proxy))
     assert len(notifications) == 2
     assert b"".join(app_read).removesuffix(b"<reset>") == b"first"  # not a byte of "second"
     assert link.error is not None and link.error.code is ErrorCode.BAD_MAC

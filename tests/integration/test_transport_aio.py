@@ -11,19 +11,20 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import pytest
 
 from iscl_hsm import wire
-from iscl_hsm.engine import Config, State
-from iscl_hsm.errors import ErrorCode, KeyHolderError, LocalProtocolError, RemoteProtocolError
-from iscl_hsm.keyholder.base import KeyHolder, RecordKey
+from iscl_hsm.engine import Config, Connection, Profile, State
+from iscl_hsm.errors import ErrorCode, IsclError, KeyHolderError, LocalProtocolError, RemoteProtocolError
+from iscl_hsm.keyholder.base import Buffer, KeyHolder, RecordKey
 from iscl_hsm.transport import aio
 from iscl_hsm.transport.aio import IsclStream, MessageRefusedError
 from iscl_hsm.wire import Encryption, Mac, MessageId
-from tests.helpers import Frame, split_frames
+from tests.helpers import Frame, cfg, split_frames
 
 from .conftest import (
     MAC_SUITES,
@@ -110,10 +111,10 @@ async def one_message(stream: IsclStream) -> bytes | None:
 @pytest.mark.parametrize("record_keys", ["host", "token"])
 @pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), SUITES)
 def test_every_suite_carries_messages_both_ways(
-    hospitals: Hospitals, holders: Callable[..., KeyHolder], record_keys: str,
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], profile: Profile, record_keys: str,
     encryption: Encryption, mac: Mac, enc_key_id: int,
 ) -> None:  # fmt: skip
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    config = cfg(profile, encryption=encryption, mac=mac, enc_key_id=enc_key_id)
     sizes = [0, 1, wire.MAX_BLOCK]
     to_server = [os.urandom(n) for n in sizes]
     to_client = [os.urandom(n) for n in sizes]
@@ -145,7 +146,7 @@ def test_every_suite_carries_messages_both_ways(
     assert after_close is None and client_state is State.CLOSED
     for parameters in (server_parameters, client_parameters):
         assert (parameters.encryption, parameters.mac, parameters.enc_key_id) == (encryption, mac, enc_key_id)
-        assert parameters.block_length == wire.MAX_BLOCK
+        assert parameters.block_length == wire.MAX_BLOCK and parameters.profile is profile
 
 
 @pytest.mark.parametrize("record_keys", ["host", "token"])
@@ -366,18 +367,25 @@ def test_recv_after_a_dropped_line_raises_the_error(
 def test_a_bit_flipped_in_transit_fails_recv_at_both_ends(
     hospitals: Hospitals, holders: Callable[..., KeyHolder],
     mitm: Callable[[int, Callable[[str, Frame], bytes]], TamperingProxy],
-    encryption: Encryption, mac: Mac, enc_key_id: int,
+    profile: Profile, encryption: Encryption, mac: Mac, enc_key_id: int,
 ) -> None:  # fmt: skip
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    """The last bit of the first data block of the link's second message (the first message of a V1.00
+    DES-CBC + DES-MAC link is malleable, tests/integration/test_transport_blocking.py)."""
+    config = cfg(profile, encryption=encryption, mac=mac, enc_key_id=enc_key_id)
     flipped: list[Frame] = []
 
+    macs: list[Frame] = []
+
     def tamper(direction: str, frame: Frame) -> bytes:
-        if direction == "c2s" and frame.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF) and not flipped:
+        if direction == "c2s" and frame.is_(MessageId.MAC_TRANSMISSION_NOTIF):
+            macs.append(frame)
+        elif direction == "c2s" and frame.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF) and macs and not flipped:
             flipped.append(frame)
             return frame.flip_bit(-1, 7)
         return frame.raw
 
     async def receiver(stream: IsclStream) -> bytes | None:
+        assert await stream.recv() == b"first"
         return await stream.recv()
 
     async def main() -> tuple[Outcome, Outcome]:
@@ -386,6 +394,7 @@ def test_a_bit_flipped_in_transit_fails_recv_at_both_ends(
         async with serving(served, holders(hospitals.a), config) as port:
             proxy = mitm(port, tamper)
             stream = await connect(proxy.port, holders(hospitals.b), config)
+            await stream.send(b"first")
             await stream.send(os.urandom(2 * wire.MAX_BLOCK + 1))
             try:
                 client.value = await stream.recv()
@@ -719,12 +728,17 @@ def test_a_silent_server_fails_open_connection_after_the_handshake_timeout(
 
 
 class _CallThreads(KeyHolder):
-    """Passes every call on to a real key holder and notes the thread that made it."""
+    """Passes every call on to a real key holder and notes the thread that made it, and the thread of
+    every record operation made with a key that lives in the token."""
 
     def __init__(self, inner: KeyHolder) -> None:
         self._inner = inner
         self.host_record_keys = inner.host_record_keys
+        self.gives_encryption_keys = inner.gives_encryption_keys
         self.threads: set[int] = set()
+
+    def _noted(self, key: RecordKey) -> RecordKey:
+        return key if key.in_process else _NotedKey(key, self.threads)
 
     def get_challenge(self, key_id: int) -> bytes:
         self.threads.add(threading.get_ident())
@@ -740,21 +754,43 @@ class _CallThreads(KeyHolder):
 
     def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
         self.threads.add(threading.get_ident())
-        return self._inner.derive_key(enc_key_id, block)
+        return self._noted(self._inner.derive_key(enc_key_id, block))
 
     def derive_keys(self, enc_key_id: int, blocks: Sequence[bytes]) -> list[RecordKey]:
         self.threads.add(threading.get_ident())
-        return self._inner.derive_keys(enc_key_id, blocks)
+        return [self._noted(key) for key in self._inner.derive_keys(enc_key_id, blocks)]
+
+    def encryption_key(self, enc_key_id: int) -> RecordKey:
+        self.threads.add(threading.get_ident())
+        return self._noted(self._inner.encryption_key(enc_key_id))
+
+
+class _NotedKey:
+    """A record key in the token whose every use notes its thread."""
+
+    in_process = False
+
+    def __init__(self, inner: RecordKey, threads: set[int]) -> None:
+        self._inner, self._threads = inner, threads
+
+    def encrypt_cbc(self, iv: bytes, data: Buffer) -> bytes:
+        self._threads.add(threading.get_ident())
+        return self._inner.encrypt_cbc(iv, data)
+
+    def decrypt_cbc(self, iv: bytes, data: Buffer) -> bytes:
+        self._threads.add(threading.get_ident())
+        return self._inner.decrypt_cbc(iv, data)
 
 
 @pytest.mark.parametrize("enc_key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
 def test_no_key_holder_call_runs_on_the_event_loop(
-    hospitals: Hospitals, holders: Callable[..., KeyHolder], enc_key_id: int
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], profile: Profile, enc_key_id: int
 ) -> None:
     """A card takes 30-300 ms per command: one made on the loop would stall every other link. The
     peer sends handshake messages in pairs (LINE_RP with AUTH_RQ, AUTH_RP with PASS1), and one read
-    returns both."""
-    config = Config(enc_key_id=enc_key_id)
+    returns both. Hospital B's encryption keys stay in its token, so under V1.00 with key 1 every
+    record it protects is a token call too."""
+    config = cfg(profile, enc_key_id=enc_key_id)
     server_holder, client_holder = _CallThreads(holders(hospitals.a)), _CallThreads(holders(hospitals.b))
 
     async def echo(stream: IsclStream) -> None:
@@ -775,3 +811,33 @@ def test_no_key_holder_call_runs_on_the_event_loop(
     assert server_holder.threads and client_holder.threads
     assert loop_thread not in server_holder.threads
     assert loop_thread not in client_holder.threads
+
+
+def test_a_send_waiting_for_the_link_gets_the_failure_that_ended_it(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], profile: Profile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer hangs up while the pump is in a slow engine call (a token call in a worker thread):
+    a send() that waited for the link meanwhile reports the lost connection, not a link "in error"."""
+    real = Connection.receive_data
+
+    def slow_at_end_of_stream(self: Connection, data: bytes) -> list[Any]:
+        if not data:
+            time.sleep(0.2)
+        return real(self, data)
+
+    monkeypatch.setattr(Connection, "receive_data", slow_at_end_of_stream)
+    config = cfg(profile)
+
+    async def hang_up(stream: IsclStream) -> None:
+        await stream.abort()
+
+    async def main() -> IsclError:
+        async with serving(hang_up, holders(hospitals.a), config) as port:
+            stream = await connect(port, holders(hospitals.b), config)
+            await asyncio.sleep(0.1)  # the pump has read the end of stream and is in receive_data
+            with pytest.raises(IsclError) as caught:
+                await stream.send(b"x")
+            return caught.value
+
+    error = run(main())
+    assert error.code is ErrorCode.CONNECTION_LOST, error

@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 
 from iscl_hsm import wire
-from iscl_hsm.engine import Config, State
+from iscl_hsm.engine import Config, Profile, State
+from iscl_hsm.engine.config import DEFAULT_AUTH_DATA
 from iscl_hsm.errors import ErrorCode, IsclError, KeyHolderError, LocalProtocolError, RemoteProtocolError
 from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.transport.blocking import IsclSocket, MessageRefusedError
 from iscl_hsm.wire import Encryption, Mac, MessageId
-from tests.helpers import Frame, split_frames
+from tests.helpers import Frame, cfg, split_frames
 
 from .conftest import (
     MAC_SUITES,
@@ -34,6 +35,7 @@ from .conftest import (
     Outcome,
     SoftHsm,
     TamperingProxy,
+    first_message_malleable,
     header,
     raw_client_handshake,
     raw_sealed_message,
@@ -117,10 +119,10 @@ def _wait_for_close(link: IsclSocket) -> None:
 @pytest.mark.parametrize("record_keys", ["host", "token"])
 @pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), SUITES)
 def test_every_suite_carries_messages_both_ways(
-    hospitals: Hospitals, holders: Callable[..., KeyHolder], record_keys: str,
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], profile: Profile, record_keys: str,
     encryption: Encryption, mac: Mac, enc_key_id: int,
 ) -> None:  # fmt: skip
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    config = cfg(profile, encryption=encryption, mac=mac, enc_key_id=enc_key_id)
     sizes = [0, 1, wire.MAX_BLOCK, wire.MAX_BLOCK + 1, config.max_message]
     to_server = [os.urandom(n) for n in sizes]
     to_client = [os.urandom(n) for n in sizes]
@@ -155,7 +157,7 @@ def test_every_suite_carries_messages_both_ways(
         assert (parameters.encryption, parameters.mac, parameters.enc_key_id) == (encryption, mac, enc_key_id)
         assert parameters.version == "MEDIS-ISCL V1.00"
         assert parameters.block_length == wire.MAX_BLOCK and parameters.auth_key_id == 1
-        assert parameters.peer_auth_data == b"iscl-hsm"
+        assert parameters.peer_auth_data == DEFAULT_AUTH_DATA[profile] and parameters.profile is profile
 
 
 @pytest.mark.parametrize(
@@ -552,26 +554,29 @@ def test_messages_verified_before_a_failure_are_still_delivered(
     assert received == [first]
 
 
-def _flip_first_data_block(direction: str) -> Callable[[str, Frame], bytes]:
-    flipped = []
+def _flip_a_data_block(direction: str, which: str) -> Callable[[str, Frame], bytes]:
+    """Flip a bit of the first or the last data block going ``direction``."""
+    seen = []
 
     def tamper(way: str, frame: Frame) -> bytes:
-        if way == direction and frame.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF) and not flipped:
-            flipped.append(frame)
-            return frame.flip_bit(0, 3)
+        if way == direction and frame.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF):
+            seen.append(frame)
+            if (which == "first" and len(seen) == 1) or (which == "last" and len(seen) == 3):
+                return frame.flip_bit(0 if which == "first" else -1, 3)
         return frame.raw
 
     return tamper
 
 
+@pytest.mark.parametrize("which", ["first", "last"])
 @pytest.mark.parametrize("direction", ["c2s", "s2c"])
 @pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), MAC_SUITES)
 def test_a_bit_flipped_by_a_man_in_the_middle_fails_both_ends(
     hospitals: Hospitals, holders: Callable[..., KeyHolder],
     mitm: Callable[[int, Callable[[str, Frame], bytes]], TamperingProxy],
-    direction: str, encryption: Encryption, mac: Mac, enc_key_id: int,
+    profile: Profile, direction: str, which: str, encryption: Encryption, mac: Mac, enc_key_id: int,
 ) -> None:  # fmt: skip
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    config = cfg(profile, encryption=encryption, mac=mac, enc_key_id=enc_key_id)
     message = os.urandom(3 * wire.MAX_BLOCK - 5)
     delivered: list[bytes | None] = []
 
@@ -585,27 +590,33 @@ def test_a_bit_flipped_by_a_man_in_the_middle_fails_both_ends(
     scripts = (receiver, sender) if direction == "c2s" else (sender, receiver)
     server, client = run_link(
         holders(hospitals.a), holders(hospitals.b), *scripts, config, config,
-        via=lambda port: mitm(port, _flip_first_data_block(direction)).port,
+        via=lambda port: mitm(port, _flip_a_data_block(direction, which)).port,
     )  # fmt: skip
     sending, receiving = (client, server) if direction == "c2s" else (server, client)
+    if which == "first" and first_message_malleable(profile, encryption, mac):
+        (altered,) = delivered  # V1.00's documented gap: the altered first message is delivered
+        assert altered is not None and altered != message and altered[16:] == message[16:]
+        return
     assert "integrity" in str(receiving.failed(RemoteProtocolError, ErrorCode.BAD_MAC))
     sending.failed(RemoteProtocolError, ErrorCode.CONNECTION_LOST)
     assert delivered == []
 
 
-def test_a_handshake_altered_in_transit_fails(
+def test_a_handshake_altered_in_transit_fails_in_the_hardened_profile(
     hospitals: Hospitals, holders: Callable[..., KeyHolder],
     mitm: Callable[[int, Callable[[str, Frame], bytes]], TamperingProxy],
 ) -> None:  # fmt: skip
-    """Changing the server's auth data breaks the handshake MACs that bind the transcript."""
+    """Changing the server's auth data breaks the handshake MACs that bind the transcript (V1.00 has
+    none: its handshake's parameters travel unprotected, docs/security.md)."""
 
     def tamper(direction: str, frame: Frame) -> bytes:
         if frame.is_(MessageId.MUTUAL_AUTH_RP):
             return frame.flip_bit(-1, 0)
         return frame.raw
 
+    hardened = Config(profile=Profile.HARDENED)
     server, client = run_link(
-        holders(hospitals.a), holders(hospitals.b), lambda link: None, lambda link: None,
+        holders(hospitals.a), holders(hospitals.b), lambda link: None, lambda link: None, hardened, hardened,
         via=lambda port: mitm(port, tamper).port,
     )  # fmt: skip
     assert "altered in transit" in str(client.failed(RemoteProtocolError, ErrorCode.AUTHENTICATION_FAILED))
@@ -693,10 +704,11 @@ def test_a_client_of_a_server_that_is_not_iscl(
         thread.join(TIMEOUT)
         assert not thread.is_alive()
     assert caught.value.code is code, caught.value
-    if code is ErrorCode.BAD_VERSION:  # the client says why with a NAK'd response
+    if code is ErrorCode.BAD_VERSION:  # the client says why with a NAK'd response (V1.00: in the status)
         (nak,) = split_frames(b"".join(heard))
         assert nak.is_(MessageId.LINE_CONNECTION_CHECK_RP)
-        assert (nak.option, nak.err_no) == (wire.NAK, ErrorCode.BAD_VERSION)
+        assert (nak.option, nak.err_no) == (wire.NAK, 0)
+        assert wire.LineConnectionRp.decode(nak.payload).status == ErrorCode.BAD_VERSION
     else:
         assert heard == []  # nothing but silence for garbage
 

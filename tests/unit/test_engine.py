@@ -792,6 +792,10 @@ class _CountingKeyHolder(MemoryKeyHolder):
         self.calls += 1
         return super().derive_key(enc_key_id, block)
 
+    def encryption_key(self, enc_key_id: int) -> RecordKey:
+        self.calls += 1
+        return super().encryption_key(enc_key_id)
+
 
 class _CheckedConnection(Connection):
     """A connection that records every call made while it said it would not block."""
@@ -835,8 +839,13 @@ class _TokenKeyHolder(_CountingKeyHolder):
     def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
         return _TokenRecordKey(self, super().derive_key(enc_key_id, block))
 
+    def encryption_key(self, enc_key_id: int) -> RecordKey:
+        return _TokenRecordKey(self, super().encryption_key(enc_key_id))
+
 
 class _TokenRecordKey:
+    in_process = False
+
     def __init__(self, holder: _CountingKeyHolder, key: RecordKey) -> None:
         self._holder, self._key = holder, key
 

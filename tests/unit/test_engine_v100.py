@@ -12,17 +12,22 @@ from iscl_hsm import wire
 from iscl_hsm.engine import (
     CloseRefused,
     Config,
+    Connection,
     Md5Order,
     MessageReceived,
     MessageRefused,
     Profile,
     Role,
     State,
+    check_key_holder,
 )
-from iscl_hsm.errors import ErrorCode, RemoteProtocolError
+from iscl_hsm.errors import ErrorCode, KeyHolderError, RemoteProtocolError
+from iscl_hsm.keyholder.base import RecordKey
+from iscl_hsm.keyholder.memory import MemoryKeyHolder
 from iscl_hsm.wire import Encryption, Mac, MessageId
 from tests.helpers import (
     AUTH_KEYS,
+    ENC_KEYS,
     OTHER_KEY,
     ConnectionPair,
     Frame,
@@ -290,3 +295,36 @@ def test_frames_sent_together_split_anywhere_still_take_turns() -> None:
     p.client.send_message(bytes(70))
     got = p.pump(chunk=1)
     assert received(got.client) == [bytes(50)] and received(got.server) == [bytes(70)]
+
+
+class _CardLike(MemoryKeyHolder):
+    """A key holder that, like an IC card, never gives an encryption key out."""
+
+    gives_encryption_keys = False
+
+    def encryption_key(self, enc_key_id: int) -> RecordKey:
+        raise AssertionError("a card-like holder was asked for encryption key N")
+
+
+@pytest.mark.parametrize(("settings", "servable"), [
+    ({}, False),
+    ({"enc_key_id": wire.SESSION_KEYS}, True),
+    ({"encryption": Encryption.NONE, "mac": Mac.NONE}, True),
+    ({"profile": Profile.HARDENED}, True),
+], ids=["key1", "session", "no-keys", "hardened"])
+def test_a_key_holder_that_never_gives_a_key_out_is_refused_before_any_link(settings: dict, servable: bool) -> None:
+    holder = _CardLike(AUTH_KEYS, ENC_KEYS, name="card")
+    config = Config(**{"profile": V100, **settings})
+    if servable:
+        check_key_holder(config, holder)
+        p = ConnectionPair(config, config, server_holder=holder, client_holder=holder)
+        p.handshake()
+        p.client.send_message(b"over a card")
+        assert received(p.pump().server) == [b"over a card"]
+        return
+    with pytest.raises(KeyHolderError) as caught:
+        check_key_holder(config, holder)
+    assert caught.value.code is ErrorCode.BAD_OPTION
+    assert "--enc-key-id session" in str(caught.value) and "never gives a key out" in str(caught.value)
+    with pytest.raises(KeyHolderError):
+        Connection(Role.SERVER, holder, config)

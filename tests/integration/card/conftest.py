@@ -6,6 +6,12 @@ vpcd ports) and points PCSCLITE_CSOCK_NAME at it before this process first uses 
 virtual cards (``iscl card emulate`` processes) into the two readers and pulls them after the test;
 ``cards.insert_on_token`` inserts one whose keys stay in a SoftHSM2 token. Both fail, never skip,
 when pcscd, vsmartcard-vpcd or pyscard are missing.
+
+A card never gives a key out, and V1.00 uses encryption key N itself as the DES key of every
+message, so a V1.00 link with a card uses unique session keys: :func:`card_key_id`,
+:func:`card_config`, :func:`card_suites` and :func:`card_link_options` choose the settings a card
+link has in each profile, so that a test of what both profiles share runs under both;
+:func:`session_derivations` counts what such a link asks of the card.
 """
 
 from __future__ import annotations
@@ -15,16 +21,20 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from iscl_hsm import wire
 from iscl_hsm.cardsim.daemon import READER_NAMES, SOCKET_ENV, PrivatePcscd, missing_components
 from iscl_hsm.cardsim.state import CardState
 from iscl_hsm.crypto.des import fix_parity
+from iscl_hsm.engine import Config, Profile
 from iscl_hsm.keys.components import format_hex
+from iscl_hsm.wire import Encryption, Mac, Md5Order
 
 from ..conftest import HOSPITAL_KEYS, Hospitals, SoftHsmToken
 from ..gateway.conftest import gateway_loop, link_lines, start_tunnel, storescp  # noqa: F401 - for test_card_gateway.py
@@ -38,6 +48,81 @@ CARD_TIMEOUT = 30.0
 
 INSERT_ATTEMPTS = 3
 """Times a virtual card is inserted before pcscd's failure to see it fails the test."""
+
+
+# --------------------------------------------------------------------------------------------------
+# A card link's settings in each profile
+
+
+def card_key_id(profile: Profile, encryption: Encryption, mac: Mac, enc_key_id: int = 1) -> int:
+    """The encryption key id a link with a card uses in ``profile`` where others use ``enc_key_id``.
+
+    V1.00 uses encryption key N itself as the DES key (and DES-MAC key) of every message, and a card
+    never gives a key out, so wherever a V1.00 link needs a key at all it takes unique session keys,
+    parity(E_EK[N](R)), one INTERNAL AUTHENTICATE per message. Hardened derives its record keys on the
+    card from key N, so a card serves ``enc_key_id`` as it is.
+    """
+    if profile is Profile.V100 and (encryption, mac) != (Encryption.NONE, Mac.NONE):
+        return wire.SESSION_KEYS
+    return enc_key_id
+
+
+def card_config(
+    profile: Profile, encryption: Encryption = Encryption.DES_CBC, mac: Mac = Mac.DES_MAC, enc_key_id: int = 1,
+    **settings: Any,
+) -> Config:  # fmt: skip
+    """The Config of a link with a card at one end or both: ``enc_key_id`` as :func:`card_key_id` says.
+
+    V1.00 with encryption none and MD5 makes its MACs as MD5(message || E_K(R)), the order PS3.15
+    keys with the message's session key, so that the card takes part (the SDK's other order would be
+    a plain, unkeyed MD5, which a card has nothing to do with).
+    """
+    keyed_md5 = profile is Profile.V100 and (encryption, mac) == (Encryption.NONE, Mac.MD5)
+    return Config(
+        profile=profile, encryption=encryption, mac=mac, enc_key_id=card_key_id(profile, encryption, mac, enc_key_id),
+        md5_order=Md5Order.ENCRYPT_RANDOM if keyed_md5 else Md5Order.ENCRYPT_OUTPUT, **settings,
+    )  # fmt: skip
+
+
+def card_suites(suites: Iterable[Any]) -> list[Any]:
+    """``suites`` (pytest.param of encryption, mac, enc key id) in each profile, as pytest.param of
+    (profile, encryption, mac, enc key id).
+
+    The key id is the one a card link uses (:func:`card_key_id`), so under V1.00 a suite with key 1
+    becomes its session-key twin; a suite met twice is run once.
+    """
+    params: dict[str, Any] = {}
+    for profile in Profile:
+        for suite in suites:
+            encryption, mac = Encryption(suite.values[0]), Mac(suite.values[1])
+            key = card_key_id(profile, encryption, mac, int(suite.values[2]))
+            keys = "session" if key == wire.SESSION_KEYS else f"key{key}"
+            name = f"{profile.value}-{encryption.name}-{mac.name}-{keys}"
+            params.setdefault(name, pytest.param(profile, encryption, mac, key, id=name))
+    return list(params.values())
+
+
+def session_derivations(profile: Profile, mac: Mac) -> tuple[int, int]:
+    """INTERNAL AUTHENTICATEs under an encryption key that one end's card makes with unique session keys
+    (a keyed suite): (during the handshake, for each message it sends or receives).
+
+    Hardened derives its handshake-MAC key during the handshake, and for each message a cipher key
+    plus, with DES-MAC, a MAC key. V1.00 has no handshake MACs, and one key per message serves as its
+    cipher key and its DES-MAC key.
+    """
+    if profile is Profile.V100:
+        return 0, 1
+    return 1, 2 if mac is Mac.DES_MAC else 1
+
+
+def card_link_options(profile: Profile) -> list[str]:
+    """The `iscl` link options that choose ``profile`` for a link with a card and a keyed suite."""
+    options = ["--profile", profile.value]
+    return [*options, "--enc-key-id", "session"] if profile is Profile.V100 else options
+
+
+# --------------------------------------------------------------------------------------------------
+# pcscd and the virtual cards
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,11 @@
 Three mixes: a card client with a SoftHSM2 server (every suite), a SoftHSM2 client with a card
 server, and card to card (the two vpcd readers). The cards hold HOSPITAL_KEYS, like the hospitals'
 tokens. Unhappy paths check the exact error at the card's end and an aborted link at the peer.
+
+What both wire profiles share runs under both, with the settings a card link has in each
+(conftest.card_config: unique session keys under V1.00, which uses encryption key N itself and so
+cannot take it from a card). Where the profiles differ (which APDUs a handshake sends, when a
+missing encryption key is noticed) a test is pinned to its profile or expects each profile's answer.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import pytest
 from iscl_hsm import wire
 from iscl_hsm.cardsim.daemon import PrivatePcscd
 from iscl_hsm.crypto.des import DesKey
-from iscl_hsm.engine import Config
+from iscl_hsm.engine import Config, Connection, Profile, Role
 from iscl_hsm.errors import ErrorCode, KeyHolderError, RemoteProtocolError
 from iscl_hsm.keyholder import apdu
 from iscl_hsm.keyholder.apdu import Ins, Sw
@@ -29,11 +34,22 @@ from iscl_hsm.wire import Encryption, Mac
 
 from ..conftest import HOSPITAL_KEYS, STRANGER_AUTH_1, SUITES, Hospitals
 from ..test_transport_blocking import run_link
-from .conftest import USER_PIN, CardRack, VirtualCard, card_state
+from .conftest import (
+    USER_PIN,
+    CardRack,
+    VirtualCard,
+    card_config,
+    card_state,
+    card_suites,
+    session_derivations,
+)
 
 READER_0 = "Virtual PCD 00 00"
 SUBSET = [p for p in SUITES if p.id in ("DES_CBC-DES_MAC-key1", "DES_CBC-MD5-session", "NONE-NONE-key1")]
 """A representative subset: the default suite, unique session keys, and no protection at all."""
+CARD_SUITES = card_suites(SUITES)
+CARD_SUBSET = card_suites(SUBSET)
+"""SUITES and SUBSET in each profile, as (profile, encryption, mac, enc key id) of a card link."""
 
 
 def exchange(config: Config, sizes: tuple[int, ...] = (0, 1, 4096, 70_000)) -> tuple[Any, Any, list[bytes]]:
@@ -64,35 +80,64 @@ def assert_link_carries(server_holder: KeyHolder, client_holder: KeyHolder, conf
 # --- the three mixes -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), SUITES)
+@pytest.mark.parametrize(("profile", "encryption", "mac", "enc_key_id"), CARD_SUITES)
 def test_card_client_with_token_server_every_suite(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
-    card_holders: Callable[..., SmartCardKeyHolder], encryption: Encryption, mac: Mac, enc_key_id: int,
+    card_holders: Callable[..., SmartCardKeyHolder], profile: Profile, encryption: Encryption, mac: Mac,
+    enc_key_id: int,
 ) -> None:  # fmt: skip
+    """Hospital A's encryption keys are host-readable; with V1.00 session keys it derives as the card does."""
     card = card_holders(cards.insert(0))
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
-    assert_link_carries(holders(hospitals.a), card, config)
+    assert_link_carries(holders(hospitals.a), card, card_config(profile, encryption, mac, enc_key_id))
 
 
-@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), SUBSET)
+@pytest.mark.parametrize(("profile", "encryption", "mac", "enc_key_id"), CARD_SUBSET)
 def test_token_client_with_card_server(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
-    card_holders: Callable[..., SmartCardKeyHolder], encryption: Encryption, mac: Mac, enc_key_id: int,
+    card_holders: Callable[..., SmartCardKeyHolder], profile: Profile, encryption: Encryption, mac: Mac,
+    enc_key_id: int,
 ) -> None:  # fmt: skip
+    """Key pair 5: under V1.00 session keys come from encryption key 5, the pair's, on both ends."""
     card = card_holders(cards.insert(1))
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id, auth_key_id=5)
+    config = card_config(profile, encryption, mac, enc_key_id, auth_key_id=5)
     assert_link_carries(card, holders(hospitals.b), config)
 
 
-@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), SUBSET)
+@pytest.mark.parametrize(("profile", "encryption", "mac", "enc_key_id"), CARD_SUBSET)
 def test_card_to_card(
-    cards: CardRack, card_holders: Callable[..., SmartCardKeyHolder], encryption: Encryption, mac: Mac,
-    enc_key_id: int,
+    cards: CardRack, card_holders: Callable[..., SmartCardKeyHolder], profile: Profile, encryption: Encryption,
+    mac: Mac, enc_key_id: int,
 ) -> None:  # fmt: skip
     server, client = card_holders(cards.insert(0)), card_holders(cards.insert(1))
     assert server.description == "card in reader 'Virtual PCD 00 00'"
     assert client.description == "card in reader 'Virtual PCD 00 01'"
-    assert_link_carries(server, client, Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id))
+    assert_link_carries(server, client, card_config(profile, encryption, mac, enc_key_id))
+
+
+@pytest.mark.parametrize("role", list(Role), ids=lambda role: role.value)
+@pytest.mark.parametrize(("encryption", "mac"), [(Encryption.DES_CBC, Mac.DES_MAC), (Encryption.NONE, Mac.MD5)])
+def test_a_v100_link_with_a_card_and_a_fixed_encryption_key_is_refused_at_start(
+    cards: CardRack, card_holders: Callable[..., SmartCardKeyHolder], role: Role, encryption: Encryption, mac: Mac,
+) -> None:  # fmt: skip
+    """V1.00 would use encryption key 2 itself as the DES key; the card never gives it out.
+
+    Refused when the link is made, before any byte is sent or any APDU is spent, at either end. Even
+    encryption none needs the key when MD5 hides E_K(R) in its MAC. Hardened takes the same settings.
+    """
+    card = card_holders(cards.insert(0))
+    before = card.channel.commands_sent
+    settings: dict[str, Any] = {"encryption": encryption, "mac": mac, "enc_key_id": 2,
+                                "md5_order": wire.Md5Order.ENCRYPT_RANDOM}  # fmt: skip
+    with pytest.raises(KeyHolderError) as info:
+        Connection(role, card, Config(profile=Profile.V100, **settings))
+    assert info.value.code is ErrorCode.BAD_OPTION
+    assert info.value.args[0] == (
+        f"V1.00 links with encryption key 2 use that key itself as the DES key, and card in reader '{READER_0}'"
+        " never gives a key out: use unique session keys (--enc-key-id session), which it derives for each"
+        " message, or the hardened profile (--profile hardened)"
+    )
+    assert card.channel.commands_sent == before
+    Connection(role, card, Config(profile=Profile.HARDENED, **settings))  # no error
 
 
 def test_a_card_derives_the_same_record_keys_as_the_token(
@@ -158,20 +203,21 @@ def test_a_blocked_pin_stays_blocked(cards: CardRack) -> None:
 
 def test_wrong_key_in_the_card_fails_authentication_at_both_ends(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
-    card_holders: Callable[..., SmartCardKeyHolder],
+    card_holders: Callable[..., SmartCardKeyHolder], profile: Profile,
 ) -> None:  # fmt: skip
     card = card_holders(cards.insert(0, card_state(replace={("auth", 1): STRANGER_AUTH_1})))
-    server, client = run_link(holders(hospitals.a), card, lambda link: None, lambda link: None)
+    config = card_config(profile)
+    server, client = run_link(holders(hospitals.a), card, lambda link: None, lambda link: None, config, config)
     server.failed(RemoteProtocolError, ErrorCode.AUTHENTICATION_FAILED)
     client.failed(RemoteProtocolError, ErrorCode.AUTHENTICATION_FAILED)
 
 
 def test_a_missing_key_slot_is_named_and_aborts_the_link(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
-    card_holders: Callable[..., SmartCardKeyHolder],
+    card_holders: Callable[..., SmartCardKeyHolder], profile: Profile,
 ) -> None:  # fmt: skip
     card = card_holders(cards.insert(0, card_state(skip=(("auth", 3),))))
-    config = Config(auth_key_id=3)
+    config = card_config(profile, auth_key_id=3)
     server, client = run_link(holders(hospitals.a), card, lambda link: None, lambda link: None, config, config)
     error = client.failed(KeyHolderError, ErrorCode.KEY_NOT_FOUND)
     assert error.args[0] == (
@@ -181,17 +227,39 @@ def test_a_missing_key_slot_is_named_and_aborts_the_link(
     server.failed(RemoteProtocolError, ErrorCode.REMOTE_KEY_HOLDER)
 
 
-def test_a_card_server_without_the_encryption_key_naks_the_client(
+NO_ENC_KEY_1 = "holds no enc key 1 (6A88); load it with 'iscl card load-key'"
+
+
+def test_a_card_server_without_the_encryption_key_naks_the_client_during_the_handshake(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
     card_holders: Callable[..., SmartCardKeyHolder],
 ) -> None:  # fmt: skip
+    """Hardened only: its handshake MACs need a key derived from encryption key 1, V1.00 has none."""
     card = card_holders(cards.insert(0, card_state(skip=(("enc", 1),))))
-    server, client = run_link(card, holders(hospitals.b), lambda link: None, lambda link: None)
-    assert server.failed(KeyHolderError, ErrorCode.KEY_NOT_FOUND).args[0].endswith(
-        "holds no enc key 1 (6A88); load it with 'iscl card load-key'"
-    )
+    config = card_config(Profile.HARDENED)
+    server, client = run_link(card, holders(hospitals.b), lambda link: None, lambda link: None, config, config)
+    assert server.failed(KeyHolderError, ErrorCode.KEY_NOT_FOUND).args[0].endswith(NO_ENC_KEY_1)
     # Whether the handshake-MAC key is derived ahead (prepare()) or when needed, the client is told.
     client.failed(RemoteProtocolError, ErrorCode.REMOTE_KEY_HOLDER)
+
+
+def test_a_v100_card_server_without_the_encryption_key_fails_at_the_first_message(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
+    card_holders: Callable[..., SmartCardKeyHolder],
+) -> None:  # fmt: skip
+    """V1.00 only: its handshake needs no encryption key, and a session key is derived per message.
+
+    The link comes up; the client's first message asks the server's card for its session key, which
+    the card does not have: the server fails, the client is told, and nothing is delivered.
+    """
+    card = card_holders(cards.insert(0, card_state(skip=(("enc", 1),))))
+    config = card_config(Profile.V100)
+    received: list[bytes | None] = []
+    server, client = run_link(card, holders(hospitals.b), lambda link: received.append(link.recv()),
+                              lambda link: link.send(b"first"), config, config)  # fmt: skip
+    assert server.failed(KeyHolderError, ErrorCode.KEY_NOT_FOUND).args[0].endswith(NO_ENC_KEY_1)
+    client.failed(RemoteProtocolError, ErrorCode.REMOTE_KEY_HOLDER)
+    assert received == []
 
 
 def test_a_replayed_external_authenticate_fails(
@@ -257,11 +325,12 @@ def removed(doing: str) -> str:
 
 def test_card_pulled_during_the_handshake(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
-    card_holders: Callable[..., SmartCardKeyHolder],
+    card_holders: Callable[..., SmartCardKeyHolder], profile: Profile,
 ) -> None:  # fmt: skip
     card = cards.insert(0)
     pulling = PullingHolder(card_holders(card), card, "internal_authenticate")
-    server, client = run_link(holders(hospitals.a), pulling, lambda link: None, lambda link: None)
+    config = card_config(profile)
+    server, client = run_link(holders(hospitals.a), pulling, lambda link: None, lambda link: None, config, config)
     assert client.failed(KeyHolderError, ErrorCode.LOCAL_KEY_HOLDER).args[0] == removed(
         "INTERNAL AUTHENTICATE with auth key 1"
     )
@@ -270,25 +339,25 @@ def test_card_pulled_during_the_handshake(
 
 def test_card_pulled_from_a_server_during_the_handshake(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
-    card_holders: Callable[..., SmartCardKeyHolder],
+    card_holders: Callable[..., SmartCardKeyHolder], profile: Profile,
 ) -> None:  # fmt: skip
     card = cards.insert(0)
     pulling = PullingHolder(card_holders(card), card, "external_authenticate")
-    server, client = run_link(pulling, holders(hospitals.b), lambda link: None, lambda link: None)
+    config = card_config(profile)
+    server, client = run_link(pulling, holders(hospitals.b), lambda link: None, lambda link: None, config, config)
     assert server.failed(KeyHolderError, ErrorCode.LOCAL_KEY_HOLDER).args[0] == removed("EXTERNAL AUTHENTICATE")
     client.failed(RemoteProtocolError, ErrorCode.REMOTE_KEY_HOLDER)
 
 
 def test_card_pulled_during_a_transfer(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack,
-    card_holders: Callable[..., SmartCardKeyHolder],
+    card_holders: Callable[..., SmartCardKeyHolder], profile: Profile,
 ) -> None:  # fmt: skip
     """With unique session keys every message asks the card; the second message finds it gone."""
     card = cards.insert(0)
-    config = Config(enc_key_id=wire.SESSION_KEYS)
-    derivations_per_message = 2  # cipher and DES-MAC key
-    first_of_second_message = 1 + derivations_per_message + 1  # after the handshake-MAC key and message 1
-    pulling = PullingHolder(card_holders(card), card, "derive_key", nth=first_of_second_message)
+    config = card_config(profile, enc_key_id=wire.SESSION_KEYS)
+    handshake, per_message = session_derivations(profile, config.mac)
+    pulling = PullingHolder(card_holders(card), card, "derive_key", nth=handshake + per_message + 1)
 
     received: list[bytes | None] = []
 
@@ -310,11 +379,12 @@ def test_card_pulled_during_a_transfer(
 
 def test_pcscd_stopped_under_a_server(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], cards: CardRack, pcscd: PrivatePcscd,
-    card_holders: Callable[..., SmartCardKeyHolder],
+    card_holders: Callable[..., SmartCardKeyHolder], profile: Profile,
 ) -> None:  # fmt: skip
     card = card_holders(cards.insert(0))
     pcscd.stop()
-    server, client = run_link(card, holders(hospitals.b), lambda link: None, lambda link: None)
+    config = card_config(profile)
+    server, client = run_link(card, holders(hospitals.b), lambda link: None, lambda link: None, config, config)
     assert server.failed(KeyHolderError, ErrorCode.LOCAL_KEY_HOLDER).args[0] == (
         f"pcscd stopped while using the card in reader '{READER_0}' (GET CHALLENGE); start pcscd again"
         " (mkdir -p /run/pcscd; pcscd -f) and start again"
@@ -376,7 +446,7 @@ def test_an_exclusive_connection_keeps_other_programs_out(
 
 # --- the APDU trace -------------------------------------------------------------------------------------
 
-CLIENT_TRACE = [
+HARDENED_CLIENT_TRACE = [
     "INTERNAL_AUTHENTICATE 00 88 00 81",  # pass 2: E_AK1(RS)
     "GET_CHALLENGE 00 84 00 00",  # pass 2: RC
     "INTERNAL_AUTHENTICATE 00 88 00 91",  # while the server works: the handshake-MAC key,
@@ -386,7 +456,7 @@ CLIENT_TRACE = [
     "INTERNAL_AUTHENTICATE 00 88 00 91",
     "EXTERNAL_AUTHENTICATE 00 82 00 81",  # pass 3: the server's E_AK1(RC)
 ]
-SERVER_TRACE = [
+HARDENED_SERVER_TRACE = [
     "GET_CHALLENGE 00 84 00 00",  # pass 1: RS
     "INTERNAL_AUTHENTICATE 00 88 00 91",  # the handshake-MAC key, while the client works
     "EXTERNAL_AUTHENTICATE 00 82 00 81",  # pass 2: the client's E_AK1(RS)
@@ -396,16 +466,43 @@ SERVER_TRACE = [
     "INTERNAL_AUTHENTICATE 00 88 00 91",
     "INTERNAL_AUTHENTICATE 00 88 00 91",
 ]
-"""docs/smart-cards.md, "One handshake": DES-CBC + DES-MAC with keys 1, after SELECT and VERIFY."""
+V100_CLIENT_TRACE = [
+    "INTERNAL_AUTHENTICATE 00 88 00 81",  # pass 2: E_AK1(RS)
+    "GET_CHALLENGE 00 84 00 00",  # pass 2: RC
+    "EXTERNAL_AUTHENTICATE 00 82 00 81",  # pass 3: the server's E_AK1(RC)
+    "INTERNAL_AUTHENTICATE 00 88 00 91",  # the message's session key parity(E_EK1(R)), to send it
+]
+V100_SERVER_TRACE = [
+    "GET_CHALLENGE 00 84 00 00",  # pass 1: RS
+    "EXTERNAL_AUTHENTICATE 00 82 00 81",  # pass 2: the client's E_AK1(RS)
+    "INTERNAL_AUTHENTICATE 00 88 00 81",  # pass 3: E_AK1(RC)
+    "INTERNAL_AUTHENTICATE 00 88 00 91",  # the message's session key, from the client's R, to read it
+]
+TRACES = {
+    Profile.HARDENED: (HARDENED_SERVER_TRACE, HARDENED_CLIENT_TRACE),
+    Profile.V100: (V100_SERVER_TRACE, V100_CLIENT_TRACE),
+}
+"""docs/smart-cards.md, "One handshake": (server, client) after SELECT and VERIFY, for a handshake and
+one message from the client, DES-CBC + DES-MAC with key pair 1: hardened with encryption key 1,
+V1.00 with unique session keys."""
+
+HANDSHAKE_APDUS = {Profile.V100: 3, Profile.HARDENED: 8}
+"""APDUs each side's card gets in one DES-CBC + DES-MAC handshake (measured): V1.00 GET CHALLENGE,
+INTERNAL and EXTERNAL AUTHENTICATE; hardened those and five INTERNAL AUTHENTICATEs under encryption
+key 1 (the handshake-MAC key and four record keys)."""
+V100_APDU_BUDGET = 4
+"""The V1.00 budget (issue 16): at most four APDUs per side per handshake with a card."""
 
 
 def test_the_apdu_trace_of_one_handshake(
     cards: CardRack, card_holders: Callable[..., SmartCardKeyHolder], caplog: pytest.LogCaptureFixture,
+    profile: Profile,
 ) -> None:  # fmt: skip
     server_card, client_card = cards.insert(0), cards.insert(1)
+    config = card_config(profile)
     with caplog.at_level(logging.DEBUG, logger="iscl_hsm.keyholder.smartcard"):
         server, client = card_holders(server_card), card_holders(client_card)
-        outcome = run_link(server, client, lambda link: link.recv(), lambda link: link.send(b"x"))
+        outcome = run_link(server, client, lambda link: link.recv(), lambda link: link.send(b"x"), config, config)
         assert outcome[0].get() == b"x"
     traces: dict[str, list[str]] = {server_card.reader: [], client_card.reader: []}
     for record in caplog.records:
@@ -414,8 +511,27 @@ def test_the_apdu_trace_of_one_handshake(
         assert sw == "9000", entry
         traces[reader].append(command)
     opening = ["SELECT 00 A4 04 0C", "VERIFY 00 20 00 81"]
-    assert traces[server_card.reader] == opening + SERVER_TRACE
-    assert traces[client_card.reader] == opening + CLIENT_TRACE
+    server_trace, client_trace = TRACES[profile]
+    assert traces[server_card.reader] == opening + server_trace
+    assert traces[client_card.reader] == opening + client_trace
+
+
+def test_apdus_per_side_of_one_handshake(
+    cards: CardRack, card_holders: Callable[..., SmartCardKeyHolder], profile: Profile,
+) -> None:  # fmt: skip
+    """CardChannel.commands_sent of each card, from the card's opening until its end of the link is up."""
+    server, client = card_holders(cards.insert(0)), card_holders(cards.insert(1))
+    opened = {card: card.channel.commands_sent for card in (server, client)}  # SELECT and VERIFY
+
+    def at_link_up(card: SmartCardKeyHolder) -> Callable[[IsclSocket], int]:
+        return lambda link: card.channel.commands_sent - opened[card]
+
+    config = card_config(profile)
+    outcome = run_link(server, client, at_link_up(server), at_link_up(client), config, config)
+    per_side = (outcome[0].get(), outcome[1].get())
+    assert per_side == (HANDSHAKE_APDUS[profile],) * 2
+    if profile is Profile.V100:
+        assert max(per_side) <= V100_APDU_BUDGET
 
 
 def test_wait_card_waits_for_the_insertion(cards: CardRack) -> None:

@@ -17,7 +17,7 @@ from iscl_hsm.cardsim.applet import IsclApplet
 from iscl_hsm.cardsim.keys import TokenKeys
 from iscl_hsm.cardsim.state import CardState
 from iscl_hsm.crypto.des import DesKey, fix_parity
-from iscl_hsm.engine import Config
+from iscl_hsm.engine import Profile
 from iscl_hsm.errors import ErrorCode, KeyHolderError
 from iscl_hsm.keyholder import apdu
 from iscl_hsm.keyholder.apdu import Ins, Pin, Sw
@@ -28,8 +28,8 @@ from iscl_hsm.wire import Encryption, Mac
 
 from ..conftest import HOSPITAL_KEYS, Hospitals
 from ..test_cli import child_env, iscl, one_line
-from .conftest import SO_PIN, USER_PIN, CardRack, VirtualCard, card_state, load_key
-from .test_card_links import SUBSET, assert_link_carries
+from .conftest import SO_PIN, USER_PIN, CardRack, VirtualCard, card_config, card_state, load_key
+from .test_card_links import CARD_SUBSET, assert_link_carries
 
 READER_0 = "Virtual PCD 00 00"
 
@@ -49,13 +49,14 @@ def token_card(hospitals: Hospitals, cards: CardRack) -> VirtualCard:
 # --- over a real link ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), SUBSET)
+@pytest.mark.parametrize(("profile", "encryption", "mac", "enc_key_id"), CARD_SUBSET)
 def test_a_card_on_a_token_links_with_a_plain_token(
     hospitals: Hospitals, holders: Callable[..., KeyHolder], token_card: VirtualCard,
-    card_holders: Callable[..., SmartCardKeyHolder], encryption: Encryption, mac: Mac, enc_key_id: int,
+    card_holders: Callable[..., SmartCardKeyHolder], profile: Profile, encryption: Encryption, mac: Mac,
+    enc_key_id: int,
 ) -> None:  # fmt: skip
     card = card_holders(token_card)
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    config = card_config(profile, encryption, mac, enc_key_id)
     assert_link_carries(holders(hospitals.b), card, config)  # the card as client
     assert_link_carries(card, holders(hospitals.b), config)  # and as server
 

@@ -1,6 +1,8 @@
 """`iscl echo`, `iscl store` and `iscl serve` as child processes, against each other and DCMTK.
 
-Hospital A serves, hospital B sends; the stranger's token holds a different auth key 1.
+Hospital A serves, hospital B sends; the stranger's token holds a different auth key 1. What runs a
+link end to end (echo and store to serve, a stranger, a flipped byte, DCMTK through a tunnel, the demo)
+runs in both wire profiles, chosen with --profile on every command.
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ from typing import Any
 
 import pytest
 
+from iscl_hsm.engine import Profile
 from iscl_hsm.wire import MessageId
 
 from ..conftest import Hospitals
-from ..test_cli import TIMEOUT, child_env, iscl, one_line, token_args
+from ..test_cli import LINK_LINE, TIMEOUT, child_env, iscl, one_line, token_args
 from .conftest import Background, assert_stored_exactly, dcmtk, make_study, python_iscl
 
-LINK_LINE = (
-    "ISCL link up: MEDIS-ISCL V1.00, block 8160 bytes, auth key 1, des-cbc + des-mac with key 1,"
-    " peer auth data 'iscl-hsm'"
-)
+
+def profile_args(profile: Profile) -> list[str]:
+    return ["--profile", profile.value]
 
 
 def start_serve(background: list[Background], hospitals: Hospitals, output: Path, *extra: object) -> tuple[Background, int]:
@@ -43,22 +45,23 @@ def start_serve(background: list[Background], hospitals: Hospitals, output: Path
 
 
 def test_echo_and_store_a_study_through_iscl_serve(
-    hospitals: Hospitals, background: list[Background], tmp_path: Path
+    hospitals: Hospitals, background: list[Background], tmp_path: Path, profile: Profile
 ) -> None:
     output = tmp_path / "stored"
     output.mkdir()
-    serve, port = start_serve(background, hospitals, output)
+    serve, port = start_serve(background, hospitals, output, *profile_args(profile))
     env = child_env(hospitals)
+    client = [*token_args(hospitals, hospitals.b), *profile_args(profile)]
 
-    echo = iscl("echo", "127.0.0.1", port, *token_args(hospitals, hospitals.b), "--aec", "ISCL-SCP", env=env)
+    echo = iscl("echo", "127.0.0.1", port, *client, "--aec", "ISCL-SCP", env=env)
     assert echo.returncode == 0, echo.stderr
     lines = echo.stdout.splitlines()
-    assert lines[0] == LINK_LINE
+    assert lines[0] == LINK_LINE[profile]
     assert lines[1].startswith(f"C-ECHO ISCL-SCP at 127.0.0.1:{port}: status 0x0000 (Success), round trip ")
     assert lines[1].endswith(" ms") and len(lines) == 2
 
     sent = make_study(tmp_path / "study" / "series", images=5)
-    store = iscl("store", "127.0.0.1", port, tmp_path / "study", *token_args(hospitals, hospitals.b), env=env)
+    store = iscl("store", "127.0.0.1", port, tmp_path / "study", *client, env=env)
     assert store.returncode == 0, store.stderr
     summary = store.stderr.splitlines()
     assert len(summary) == 1 and summary[0].startswith("iscl store: stored 5 of 5 files (")
@@ -130,19 +133,36 @@ def test_serve_refuses_an_output_folder_it_cannot_use(tmp_path: Path, hospitals:
 
 @pytest.mark.parametrize("command", ["echo", "store"])
 def test_a_stranger_is_refused_with_one_line(
-    hospitals: Hospitals, background: list[Background], tmp_path: Path, command: str
+    hospitals: Hospitals, background: list[Background], tmp_path: Path, command: str, profile: Profile
 ) -> None:
+    """The same line in both profiles: the server finds the stranger's response wrong, which hardened
+    tells the client with its own NAK and V1.00 with the one NAK it gives for every authentication failure."""
     output = tmp_path / "stored"
     output.mkdir()
-    serve, port = start_serve(background, hospitals, output)
+    serve, port = start_serve(background, hospitals, output, *profile_args(profile))
     paths = make_study(tmp_path / "in", images=1) if command == "store" else []
     done = iscl(command, "127.0.0.1", port, *paths, *token_args(hospitals, hospitals.stranger),
-                env=child_env(hospitals))  # fmt: skip
+                *profile_args(profile), env=child_env(hospitals))  # fmt: skip
     assert done.returncode == 1
     line = one_line(done.stderr)
     assert "different keys at authentication index 1" in line and "AUTHENTICATION_FAILED" in line
     assert done.stdout == ""
     assert "AUTHENTICATION_FAILED" in serve.wait_for(r"^iscl serve: ISCL link from 127\.0\.0\.1:\d+ failed: ").string
+    assert list(output.iterdir()) == []
+
+
+def test_a_peer_of_the_other_profile_is_named_in_one_line(
+    hospitals: Hospitals, background: list[Background], tmp_path: Path
+) -> None:
+    """`iscl serve` in hardened, `iscl echo` in the default V1.00: no negotiation, both ends say why."""
+    output = tmp_path / "stored"
+    output.mkdir()
+    serve, port = start_serve(background, hospitals, output, *profile_args(Profile.HARDENED))
+    echo = iscl("echo", "127.0.0.1", port, *token_args(hospitals, hospitals.b), env=child_env(hospitals))
+    assert echo.returncode == 1
+    hint = "is the peer using the other profile? This end uses {}, and both ends must choose the same profile"
+    assert hint.format("v1.00") in one_line(echo.stderr)
+    assert hint.format("hardened") in serve.wait_for(r"^iscl serve: ISCL link from 127\.0\.0\.1:\d+ failed: ").string
     assert list(output.iterdir()) == []
 
 
@@ -197,14 +217,14 @@ def test_a_plain_dicom_client_on_serves_port_fails_and_serve_carries_on(
 
 
 def test_dcmtk_storescu_through_iscl_tunnel_client_to_iscl_serve(
-    hospitals: Hospitals, background: list[Background], tmp_path: Path
+    hospitals: Hospitals, background: list[Background], tmp_path: Path, profile: Profile
 ) -> None:
     output = tmp_path / "stored"
     output.mkdir()
-    _, port = start_serve(background, hospitals, output)
+    _, port = start_serve(background, hospitals, output, *profile_args(profile))
     tunnel = Background(
         python_iscl("tunnel", "client", "--listen", "127.0.0.1:0", "--connect", f"127.0.0.1:{port}",
-                    *token_args(hospitals, hospitals.b)),
+                    *token_args(hospitals, hospitals.b), *profile_args(profile)),
         child_env(hospitals),
     )  # fmt: skip
     background.append(tunnel)
@@ -218,8 +238,9 @@ def test_dcmtk_storescu_through_iscl_tunnel_client_to_iscl_serve(
     assert_stored_exactly(output, sent)
 
 
-def test_the_demo_stores_a_study_over_iscl_and_checks_every_file(hospitals: Hospitals) -> None:
-    done = iscl("demo", "--images", "4", *token_args(hospitals, hospitals.a), env=child_env(hospitals))
+def test_the_demo_stores_a_study_over_iscl_and_checks_every_file(hospitals: Hospitals, profile: Profile) -> None:
+    done = iscl("demo", "--images", "4", *token_args(hospitals, hospitals.a), *profile_args(profile),
+                env=child_env(hospitals))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("| ok |") == 12
     dicom = done.stdout.splitlines()[-2:]
@@ -243,11 +264,14 @@ def test_the_pynetdicom_example_in_the_docs_runs(tmp_path: Path) -> None:
 
 
 def test_a_flipped_byte_makes_store_fail_and_serve_keep_only_what_came_before(
-    hospitals: Hospitals, background: list[Background], tmp_path: Path, mitm: Callable[..., Any]
-) -> None:
+    hospitals: Hospitals, background: list[Background], tmp_path: Path, mitm: Callable[..., Any],
+    profile: Profile,
+) -> None:  # fmt: skip
+    """The same in both profiles: the 6th data frame is past the link's first message (the A-ASSOCIATE-RQ),
+    the only one V1.00's DES-CBC + DES-MAC cannot protect (first_message_malleable)."""
     output = tmp_path / "stored"
     output.mkdir()
-    serve, port = start_serve(background, hospitals, output)
+    serve, port = start_serve(background, hospitals, output, *profile_args(profile))
     data_frames = 0
 
     def tamper(direction: str, frame: Any) -> bytes:
@@ -262,7 +286,7 @@ def test_a_flipped_byte_makes_store_fail_and_serve_keep_only_what_came_before(
     proxy = mitm(port, tamper)
     sent = make_study(tmp_path / "in", images=6)
     store = iscl("store", "127.0.0.1", proxy.port, *sent, *token_args(hospitals, hospitals.b),
-                 env=child_env(hospitals))  # fmt: skip
+                 *profile_args(profile), env=child_env(hospitals))  # fmt: skip
     assert store.returncode == 1
     lines = store.stderr.splitlines()
     assert all(line.startswith("iscl store: ") for line in lines), lines  # no pynetdicom log lines

@@ -1,7 +1,8 @@
 """pynetdicom over ISCL in one process: iscl_hsm.dicom.associate (SCU) against start_scp (SCP).
 
 Hospital A runs the SCP, hospital B the SCU, on real SoftHSM2 tokens; the SCP stores with
-StorageFolder, as `iscl serve` does.
+StorageFolder, as `iscl serve` does. What touches the link (suites, strangers, tampering, a peer's
+smaller limit, several links at once) runs in both wire profiles.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from iscl_hsm.dicom import (
     store_files,
 )
 from iscl_hsm.dicom.storage import OUT_OF_RESOURCES
-from iscl_hsm.engine import Config
+from iscl_hsm.engine import Config, Profile
 from iscl_hsm.errors import ErrorCode, IsclError
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
 from iscl_hsm.wire import Encryption, Mac, MessageId
+from tests.helpers import cfg
 
 from ..conftest import SUITES, Hospitals
 from .conftest import assert_stored_exactly, make_study, stored_copy
@@ -98,9 +100,9 @@ def scu() -> AE:
 @pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), CHOSEN_SUITES)
 def test_echo_and_a_study_arrive_unchanged_under_each_suite(
     scp: Callable[..., Scp], holders: Callable[..., Pkcs11KeyHolder], hospitals: Hospitals, tmp_path: Path,
-    encryption: Encryption, mac: Mac, enc_key_id: int,
+    profile: Profile, encryption: Encryption, mac: Mac, enc_key_id: int,
 ) -> None:  # fmt: skip
-    config = Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id)
+    config = cfg(profile, encryption=encryption, mac=mac, enc_key_id=enc_key_id)
     server = scp(config)
     sent = make_study(tmp_path / "study", images=4)
     holder = holders(hospitals.b)
@@ -144,13 +146,15 @@ def test_each_file_keeps_its_own_transfer_syntax(
 
 
 def test_a_stranger_is_refused_before_pynetdicom_sees_anything(
-    scp: Callable[..., Scp], holders: Callable[..., Pkcs11KeyHolder], hospitals: Hospitals
+    scp: Callable[..., Scp], holders: Callable[..., Pkcs11KeyHolder], hospitals: Hospitals, profile: Profile
 ) -> None:
-    server = scp()
+    config = Config(profile=profile)
+    server = scp(config)
     ae = scu()
     ae.add_requested_context(Verification)
     with pytest.raises(IsclError) as caught:
-        associate(ae, "127.0.0.1", server.port, key_holder=holders(hospitals.stranger), timeout=TIMEOUT)
+        associate(ae, "127.0.0.1", server.port, key_holder=holders(hospitals.stranger), config=config,
+                  timeout=TIMEOUT)  # fmt: skip
     assert caught.value.code is ErrorCode.AUTHENTICATION_FAILED
     assert "different keys at authentication index 1" in str(caught.value)
     assert isinstance(server.wait_for_link_error(), IsclError)
@@ -260,10 +264,14 @@ def test_files_that_are_not_dicom_are_reported_and_skipped(tmp_path: Path) -> No
 
 def test_a_flipped_byte_aborts_the_association_and_nothing_after_it_is_stored(
     scp: Callable[..., Scp], holders: Callable[..., Pkcs11KeyHolder], hospitals: Hospitals, tmp_path: Path,
-    mitm: Callable[..., Any],
+    mitm: Callable[..., Any], profile: Profile,
 ) -> None:  # fmt: skip
-    """A man in the middle flips one byte in the 6th secured data frame from the SCU (MAC on)."""
-    server = scp()
+    """A man in the middle flips one byte in the 6th secured data frame from the SCU (DES-CBC + DES-MAC).
+
+    The same in both profiles: that frame is well past the link's first message (the A-ASSOCIATE-RQ),
+    the only one V1.00's DES-CBC + DES-MAC cannot protect (first_message_malleable)."""
+    config = Config(profile=profile)
+    server = scp(config)
     sent = make_study(tmp_path / "study", images=6)
     data_frames = 0
 
@@ -279,7 +287,7 @@ def test_a_flipped_byte_aborts_the_association_and_nothing_after_it_is_stored(
 
     proxy = mitm(server.port, tamper)
     files, _ = find_files([tmp_path / "study"])
-    results = store_files(scu(), "127.0.0.1", proxy.port, files, key_holder=holders(hospitals.b))
+    results = store_files(scu(), "127.0.0.1", proxy.port, files, key_holder=holders(hospitals.b), config=config)
     error = server.wait_for_link_error()
     assert isinstance(error, IsclError) and error.code is ErrorCode.BAD_MAC
     stored = [r.file.path for r in results if r.ok]
@@ -290,28 +298,33 @@ def test_a_flipped_byte_aborts_the_association_and_nothing_after_it_is_stored(
 
 
 def test_an_scp_with_a_smaller_max_message_gets_smaller_messages(
-    scp: Callable[..., Scp], holders: Callable[..., Pkcs11KeyHolder], hospitals: Hospitals, tmp_path: Path
-) -> None:
+    scp: Callable[..., Scp], holders: Callable[..., Pkcs11KeyHolder], hospitals: Hospitals, tmp_path: Path,
+    profile: Profile,
+) -> None:  # fmt: skip
     """The SCU's bridge learns the SCP's limit from its refusal (PEER_LENGTH_TOO_SMALL) and splits."""
-    server = scp(Config(max_message=5000))
+    server = scp(Config(profile=profile, max_message=5000))
     sent = make_study(tmp_path / "study", images=2)
     files, _ = find_files([tmp_path / "study"])
-    results = store_files(scu(), "127.0.0.1", server.port, files, key_holder=holders(hospitals.b))
+    results = store_files(scu(), "127.0.0.1", server.port, files, key_holder=holders(hospitals.b),
+                          config=Config(profile=profile))  # fmt: skip
     assert all(r.ok for r in results), [r.describe() for r in results]
     assert_stored_exactly(server.output, sent)
 
 
 def test_several_scus_store_at_once(
-    scp: Callable[..., Scp], holders: Callable[..., Pkcs11KeyHolder], hospitals: Hospitals, tmp_path: Path
-) -> None:
-    server = scp()
+    scp: Callable[..., Scp], holders: Callable[..., Pkcs11KeyHolder], hospitals: Hospitals, tmp_path: Path,
+    profile: Profile,
+) -> None:  # fmt: skip
+    config = Config(profile=profile)
+    server = scp(config)
     holder = holders(hospitals.b)
     studies = [make_study(tmp_path / f"study{n}", images=3) for n in range(3)]
     outcomes: list[list[bool]] = []
 
     def send(folder: Path) -> None:
         files, _ = find_files([folder])
-        outcomes.append([r.ok for r in store_files(scu(), "127.0.0.1", server.port, files, key_holder=holder)])
+        results = store_files(scu(), "127.0.0.1", server.port, files, key_holder=holder, config=config)
+        outcomes.append([r.ok for r in results])
 
     threads = [threading.Thread(target=send, args=(tmp_path / f"study{n}",)) for n in range(3)]
     for thread in threads:

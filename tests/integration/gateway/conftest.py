@@ -32,7 +32,7 @@ from iscl_hsm.dicom.gateway import Address, Mode, Tunnel, TunnelSettings
 from iscl_hsm.engine import Config
 from iscl_hsm.keyholder.base import KeyHolder
 
-from ..conftest import Hospitals, SoftHsmToken
+from ..conftest import Hospitals, SoftHsmToken, TamperingProxy
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[3]
@@ -202,6 +202,18 @@ def tunnel_pair(
         return TunnelPair(server, client)
 
     return make
+
+
+def via_proxy(
+    mitm: Callable[[int, Callable[[str, Any], bytes]], TamperingProxy], tamper: Callable[[str, Any], bytes]
+) -> Callable[[int], int]:
+    """A ``via`` for ``tunnel_pair``: the client tunnel connects through a man in the middle who applies
+    ``tamper`` (see TamperingProxy) to every frame."""
+
+    def via(server_port: int) -> int:
+        return mitm(server_port, tamper).port
+
+    return via
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 
 from iscl_hsm.cli.main import main
 from iscl_hsm.dicom.study import StudySpec, write_study
+from iscl_hsm.engine import Profile
 
 from ..conftest import Hospitals
 from .conftest import TIMEOUT, StoreScp, TunnelCommand, assert_stored_identical, dcmtk, parse_line, scu
@@ -27,11 +28,13 @@ def link_lines(output: str) -> list[dict[str, str]]:
 
 
 def start_pair(
-    tunnel_command: Callable[..., TunnelCommand], hospitals: Hospitals, storescp: StoreScp, *client_options: object
+    tunnel_command: Callable[..., TunnelCommand], hospitals: Hospitals, storescp: StoreScp, profile: Profile
 ) -> tuple[TunnelCommand, TunnelCommand]:
-    server = tunnel_command("server", hospitals.a, "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{storescp.port}")
+    """A server tunnel in front of ``storescp`` and a client tunnel to it, both in ``profile``."""
+    server = tunnel_command("server", hospitals.a, "--listen", "127.0.0.1:0", "--forward",
+                            f"127.0.0.1:{storescp.port}", "--profile", profile.value)  # fmt: skip
     client = tunnel_command("client", hospitals.b, "--listen", "127.0.0.1:0", "--connect",
-                            f"127.0.0.1:{server.port}", *client_options)
+                            f"127.0.0.1:{server.port}", "--profile", profile.value)  # fmt: skip
     return server, client
 
 
@@ -44,9 +47,10 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
 
 
 def test_a_study_through_two_tunnel_commands_and_sigterm_drains_the_open_link(
-    tmp_path: Path, storescp: StoreScp, hospitals: Hospitals, tunnel_command: Callable[..., TunnelCommand]
+    tmp_path: Path, storescp: StoreScp, hospitals: Hospitals, tunnel_command: Callable[..., TunnelCommand],
+    profile: Profile,
 ) -> None:
-    server, client = start_pair(tunnel_command, hospitals, storescp)
+    server, client = start_pair(tunnel_command, hospitals, storescp, profile)
     files = write_study(tmp_path / "study", StudySpec(images=30, rows=512, columns=512))
     store = subprocess.Popen(
         [dcmtk("storescu"), "-v", "127.0.0.1", str(client.port), *map(str, files)],
@@ -105,22 +109,29 @@ def test_sigterm_aborts_links_still_open_after_the_drain_timeout(
     )
 
 
+@pytest.mark.parametrize("profile", list(Profile), ids=lambda p: p.value)
 def test_config_file_with_command_line_overrides(
-    tmp_path: Path, storescp: StoreScp, hospitals: Hospitals, tunnel_command: Callable[..., TunnelCommand]
+    tmp_path: Path, storescp: StoreScp, hospitals: Hospitals, tunnel_command: Callable[..., TunnelCommand],
+    profile: Profile,
 ) -> None:
+    """The file chooses the profile and allows V1.00's plain MD5, which the command line's none + md5 needs
+    (in hardened the MD5 is keyed anyway and the allowance changes nothing)."""
     config = tmp_path / "server.toml"
     config.write_text(
         f'forward = "127.0.0.1:{storescp.port}"\n'
         f'token = "{hospitals.a.label}"\n'
         f'pin-file = "{hospitals.pin_file(hospitals.a)}"\n'
+        f'profile = "{profile.value}"\n'
+        "allow-unkeyed-md5 = true\n"
         'encryption = "none"\n'
         'mac = "des-mac"\n'
         "allow-key-id = [1, 2]\n"
         "max-message = 262144\n"
     )
     server = tunnel_command("server", None, "--config", config, "--listen", "127.0.0.1:0", "--mac", "md5")
-    client = tunnel_command("client", hospitals.b, "--listen", "127.0.0.1:0", "--connect", f"127.0.0.1:{server.port}",
-                            "--encryption", "none", "--mac", "md5", "--auth-key-id", "2")
+    client = tunnel_command("client", hospitals.b, "--listen", "127.0.0.1:0", "--connect",
+                            f"127.0.0.1:{server.port}", "--profile", profile.value, "--allow-unkeyed-md5",
+                            "--encryption", "none", "--mac", "md5", "--auth-key-id", "2")  # fmt: skip
 
     echo = scu("echoscu", client.port)
     server_status, server_output = server.stop()
@@ -132,6 +143,53 @@ def test_config_file_with_command_line_overrides(
     assert (line["auth_key"], line["algorithms"], line["result"]) == ("2", "none+md5", "closed")
 
 
+def test_v100_plain_md5_without_the_allowance_in_the_file_stops_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The file's encryption none + md5 in V1.00 without allow-unkeyed-md5: one line, before any token."""
+    config = tmp_path / "tunnel.toml"
+    config.write_text('forward = "127.0.0.1:104"\nencryption = "none"\nmac = "md5"\n')
+
+    assert main(["tunnel", "server", "--config", str(config)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "iscl: V1.00 with encryption none and MD5 sends the MD5 unencrypted and unkeyed, which gives no"
+        " protection against tampering"
+    )
+
+
+@pytest.mark.parametrize(("server_profile", "client_profile"), [
+    (Profile.HARDENED, Profile.V100), (Profile.V100, Profile.HARDENED),
+], ids=["hardened-server", "hardened-client"])  # fmt: skip
+def test_tunnels_with_different_profiles_fail_the_link_and_name_the_profile(
+    tmp_path: Path, storescp: StoreScp, hospitals: Hospitals, tunnel_command: Callable[..., TunnelCommand],
+    server_profile: Profile, client_profile: Profile,
+) -> None:
+    """There is no negotiation: the first handshake message of the other profile's size fails the link,
+    and the end that sees it, or sees the peer hang up, says the profile is the likely cause."""
+    config = tmp_path / "server.toml"
+    config.write_text(f'profile = "{server_profile.value}"\n')
+    server = tunnel_command("server", hospitals.a, "--config", config, "--listen", "127.0.0.1:0", "--forward",
+                            f"127.0.0.1:{storescp.port}")  # fmt: skip
+    client = tunnel_command("client", hospitals.b, "--listen", "127.0.0.1:0", "--connect",
+                            f"127.0.0.1:{server.port}", "--profile", client_profile.value)  # fmt: skip
+
+    echo = scu("echoscu", client.port)
+    server_status, server_output = server.stop()
+    client_status, client_output = client.stop()
+
+    assert echo.returncode != 0, echo.stdout
+    assert server_status == client_status == 0  # a failed link stops neither tunnel
+    for output, own in ((server_output, server_profile), (client_output, client_profile)):
+        (line,) = link_lines(output)
+        assert (line["auth_key"], line["algorithms"], line["enc_key"]) == ("-", "-", "-")
+        assert line["result"].startswith("aborted: "), line["result"]
+        assert (
+            f"is the peer using the other profile? This end uses {own.value}, and both ends must choose the same"
+            " profile (--profile)"
+        ) in line["result"]
+    assert "Association Acknowledged" not in storescp.output()  # nothing reached the application
+
+
 CONFIG_ERRORS = [
     pytest.param('colour = "blue"\n', " has an unknown key 'colour'; the keys are the long options without '--':"
                  " listen, forward, chunk-size, drain-timeout,", id="unknown-key"),
@@ -141,6 +199,9 @@ CONFIG_ERRORS = [
     pytest.param("idle-timeout = -1\n", ", key 'idle-timeout': -1 is not a number of seconds (0 or more)",
                  id="bad-idle-timeout"),
     pytest.param("listen = [1]\n", ", key 'listen': [1] is not a single string or number", id="bad-type"),
+    pytest.param('profile = "v2"\n', ", key 'profile': 'v2' is not one of v1.00, hardened", id="bad-profile"),
+    pytest.param('allow-unkeyed-md5 = "yes"\n', ", key 'allow-unkeyed-md5': 'yes' is not true or false",
+                 id="bad-flag"),
     pytest.param("mac = \n", " is not valid TOML: Invalid value (at line 2, column 7)", id="not-toml"),
 ]
 

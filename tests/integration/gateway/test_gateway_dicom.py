@@ -1,5 +1,7 @@
 """DCMTK applications through a tunnel pair in this process: every object arrives byte-identical, many
-associations run at once, and a byte flipped in flight aborts the association on both sides.
+associations run at once, a byte flipped in flight aborts the association on both sides, and a forged
+ISCL disconnection looks like an abort to DICOM; each in both wire profiles. A forger who recomputes
+V1.00's plain MD5 shows where the profiles differ.
 
 echoscu / storescu -> client tunnel (hospital B) -> [man in the middle] -> server tunnel (hospital A)
 -> storescp.
@@ -8,21 +10,22 @@ echoscu / storescu -> client tunnel (hospital B) -> [man in the middle] -> serve
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
 
 from iscl_hsm import wire
 from iscl_hsm.dicom.study import StudySpec, write_study
-from iscl_hsm.engine import Config
+from iscl_hsm.engine import Config, Profile
 from iscl_hsm.wire import Encryption, Mac, MessageId
+from tests.helpers import Frame, cfg
 
-from ..conftest import TamperingProxy
-from .conftest import StoreScp, TunnelPair, assert_stored_identical, parse_line, scu
+from ..conftest import TamperingProxy, header
+from .conftest import StoreScp, TunnelPair, assert_stored_identical, parse_line, scu, via_proxy
 
 GATEWAY_SUITES = [
     pytest.param(Encryption.DES_CBC, Mac.DES_MAC, 1, id="des-cbc-des-mac-key1"),
@@ -35,9 +38,9 @@ GATEWAY_SUITES = [
 @pytest.mark.parametrize(("encryption", "mac", "enc_key_id"), GATEWAY_SUITES)
 def test_echo_and_store_arrive_byte_identical(
     tmp_path: Path, storescp: StoreScp, tunnel_pair: Callable[..., TunnelPair],
-    link_lines: Callable[[int], list[str]], encryption: Encryption, mac: Mac, enc_key_id: int,
+    link_lines: Callable[[int], list[str]], profile: Profile, encryption: Encryption, mac: Mac, enc_key_id: int,
 ) -> None:  # fmt: skip
-    pair = tunnel_pair(storescp.port, Config(encryption=encryption, mac=mac, enc_key_id=enc_key_id))
+    pair = tunnel_pair(storescp.port, cfg(profile, encryption=encryption, mac=mac, enc_key_id=enc_key_id))
     port = pair.client.address.port
     # Images of 600 KB: several ISCL messages each, one ending mid-block.
     files = write_study(tmp_path / "study", StudySpec(images=5, rows=500, columns=600))
@@ -66,9 +69,9 @@ def test_echo_and_store_arrive_byte_identical(
 
 def test_fifty_associations_at_once(
     tmp_path: Path, storescp: StoreScp, tunnel_pair: Callable[..., TunnelPair],
-    link_lines: Callable[[int], list[str]],
+    link_lines: Callable[[int], list[str]], profile: Profile,
 ) -> None:  # fmt: skip
-    pair = tunnel_pair(storescp.port, Config())
+    pair = tunnel_pair(storescp.port, Config(profile=profile))
     port = pair.client.address.port
     studies = [write_study(tmp_path / f"study{n}", StudySpec(images=1, rows=64, columns=64)) for n in range(25)]
 
@@ -85,11 +88,11 @@ def test_fifty_associations_at_once(
     assert len(lines) == 100 and {line["result"] for line in lines} == {"closed"}
 
 
-def _flip_after(offset: int) -> Callable[[str, Any], bytes]:
+def _flip_after(offset: int) -> Callable[[str, Frame], bytes]:
     """A tamper function: flip one bit of the first client-to-server data block past ``offset`` bytes."""
     state = {"seen": 0, "flipped": False}
 
-    def tamper(direction: str, frame: Any) -> bytes:
+    def tamper(direction: str, frame: Frame) -> bytes:
         if direction != "c2s" or not frame.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF) or state["flipped"]:
             return bytes(frame.raw)
         state["seen"] += len(frame.payload)
@@ -104,18 +107,17 @@ def _flip_after(offset: int) -> Callable[[str, Any], bytes]:
 @pytest.mark.parametrize(("encryption", "mac"), [(Encryption.DES_CBC, Mac.DES_MAC), (Encryption.NONE, Mac.MD5)])
 def test_a_flipped_byte_aborts_the_association_and_nothing_after_it_is_stored(
     tmp_path: Path, storescp: StoreScp, tunnel_pair: Callable[..., TunnelPair],
-    link_lines: Callable[[int], list[str]], mitm: Callable[..., TamperingProxy], encryption: Encryption, mac: Mac,
+    link_lines: Callable[[int], list[str]], mitm: Callable[..., TamperingProxy], profile: Profile,
+    encryption: Encryption, mac: Mac,
 ) -> None:  # fmt: skip
+    """The same in both profiles: the bit is flipped far into the link, never in its first message (which
+    V1.00's DES-CBC + DES-MAC cannot protect, see first_message_malleable), and the man in the middle
+    does not recompute V1.00's plain MD5 (the forger below does)."""
     files = write_study(tmp_path / "study", StudySpec(images=6, rows=512, columns=512))
     image = files[0].stat().st_size
     # storescu waits for each C-STORE response, so images 1 and 2 are stored before the flip in image 3.
-    proxies: list[TamperingProxy] = []
-
-    def via(server_port: int) -> int:
-        proxies.append(mitm(server_port, _flip_after(int(2.5 * image))))
-        return proxies[0].port
-
-    pair = tunnel_pair(storescp.port, Config(encryption=encryption, mac=mac), via=via)
+    via = via_proxy(mitm, _flip_after(int(2.5 * image)))
+    pair = tunnel_pair(storescp.port, cfg(profile, encryption=encryption, mac=mac), via=via)
     store = scu("storescu", pair.client.address.port, *files)
 
     assert store.returncode != 0, store.stdout
@@ -135,3 +137,115 @@ def test_a_flipped_byte_aborts_the_association_and_nothing_after_it_is_stored(
     for path in files[2:]:
         assert not storescp.stored(dcmread(path).SOPInstanceUID).exists(), f"{path.name} was stored"
     assert re.search(r"Association Aborted|DUL network closed", storescp.output())
+
+
+NAME, FORGED_NAME = b"Demo^Phantom", b"Evil^Forgery"  # (StudySpec's patient name, and one as long)
+
+
+def _forge_patient_name() -> Callable[[str, Frame], bytes]:
+    """A tamper function: a forger who rewrites the patient's name in every client-to-server message and
+    replaces the message's MD5 with the MD5 of what it forwarded (an occurrence cut by a block boundary
+    is left alone)."""
+    forwarded = bytearray()  # the data of the message in flight, as forwarded
+    forged = False
+
+    def tamper(direction: str, frame: Frame) -> bytes:
+        nonlocal forged
+        if direction != "c2s":
+            return frame.raw
+        if frame.is_(MessageId.MESSAGE_TRANSMISSION_RQ):
+            forwarded.clear()
+            forged = False
+        elif frame.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF):
+            data = frame.payload.replace(NAME, FORGED_NAME)
+            forged |= data != frame.payload
+            forwarded.extend(data)
+            return frame.replace(payload=data)
+        elif frame.is_(MessageId.MAC_TRANSMISSION_NOTIF) and forged:
+            return frame.replace(payload=hashlib.md5(forwarded).digest())
+        return frame.raw
+
+    return tamper
+
+
+def test_a_forger_who_recomputes_the_md5_of_none_md5(
+    tmp_path: Path, storescp: StoreScp, tunnel_pair: Callable[..., TunnelPair],
+    link_lines: Callable[[int], list[str]], mitm: Callable[..., TamperingProxy], profile: Profile,
+) -> None:  # fmt: skip
+    """Encryption none + MD5 differs per profile. V1.00 sends the SDK's plain MD5 of the message, which
+    anyone on the path can recompute (hence --allow-unkeyed-md5): the PACS stores objects with another
+    patient's name and nobody notices. Hardened encrypts an MD5 over sequence number, length and message
+    under a key of the link, so the first forged message fails its check and the association is aborted."""
+    files = write_study(tmp_path / "study", StudySpec(images=3, rows=64, columns=64))
+    via = via_proxy(mitm, _forge_patient_name())
+    pair = tunnel_pair(storescp.port, cfg(profile, encryption=Encryption.NONE, mac=Mac.MD5), via=via)
+    store = scu("storescu", pair.client.address.port, *files)
+    server_line = next(
+        line for line in map(parse_line, link_lines(2)) if line["target"] == f"127.0.0.1:{storescp.port}"
+    )
+
+    if profile is Profile.V100:
+        assert store.returncode == 0, store.stdout
+        assert server_line["result"] == "closed"
+        names = set()
+        for path in files:
+            sent, stored = dcmread(path), dcmread(storescp.stored(dcmread(path).SOPInstanceUID))
+            names.add(str(stored.PatientName))
+            sent.PatientName = stored.PatientName
+            assert stored == sent, f"{path.name}: more than the patient's name changed"
+        assert FORGED_NAME.decode() in names  # accepted as genuine
+    else:
+        assert store.returncode != 0, store.stdout
+        assert server_line["result"].startswith("aborted: a message failed its integrity check")
+        assert "[ISCL 113 BAD_MAC]" in server_line["result"]
+        assert list(storescp.folder.iterdir()) == []
+
+
+def _disconnect_instead_of_request(when: Callable[[], bool]) -> Callable[[str, Frame], bytes]:
+    """A tamper function: the client's first message request once ``when()`` holds is replaced by a forged
+    LINE_DISCONNECTION_RQ (a bare header, as V1.00 sends it)."""
+    forged = False
+
+    def tamper(direction: str, frame: Frame) -> bytes:
+        nonlocal forged
+        if direction == "c2s" and frame.is_(MessageId.MESSAGE_TRANSMISSION_RQ) and not forged and when():
+            forged = True
+            return header(MessageId.LINE_DISCONNECTION_RQ, 0)
+        return frame.raw
+
+    return tamper
+
+
+def test_a_forged_disconnection_looks_like_an_abort_to_dicom(
+    tmp_path: Path, storescp: StoreScp, tunnel_pair: Callable[..., TunnelPair],
+    link_lines: Callable[[int], list[str]], mitm: Callable[..., TamperingProxy], profile: Profile,
+) -> None:  # fmt: skip
+    """The same for DICOM in both profiles: DICOM's own release (A-RELEASE) travels inside protected
+    messages, so an association cut short by a forged ISCL disconnection ends without it: both DICOM
+    applications see an abort, and only the objects completed before stay.
+
+    V1.00's disconnection carries no MAC, so its server tunnel takes the forgery for a clean end; what
+    the hardened profile makes of it is left to its own tests (it is to get an authenticated end)."""
+    files = write_study(tmp_path / "study", StudySpec(images=4, rows=64, columns=64))
+
+    def two_stored() -> bool:
+        """storescp has written the second object, so all of it has passed and storescu sends nothing more
+        before its response: the next request is the third object's."""
+        return len(list(storescp.folder.iterdir())) >= 2
+
+    via = via_proxy(mitm, _disconnect_instead_of_request(two_stored))
+    pair = tunnel_pair(storescp.port, Config(profile=profile), via=via)
+    store = scu("storescu", pair.client.address.port, *files)
+
+    assert store.returncode != 0, store.stdout
+    assert "Received Store Response (Success)" in store.stdout and "Store Failed, file: " in store.stdout
+    assert_stored_identical(storescp, files[:2])
+    for path in files[2:]:
+        assert not storescp.stored(dcmread(path).SOPInstanceUID).exists(), f"{path.name} was stored"
+    scp_output = storescp.output()
+    assert "Association Release" not in scp_output, scp_output
+    assert re.search(r"Association Aborted|DUL network closed|Peer aborted", scp_output), scp_output
+    if profile is Profile.V100:
+        lines = [parse_line(line) for line in link_lines(2)]
+        (server_line,) = [line for line in lines if line["target"] == f"127.0.0.1:{storescp.port}"]
+        assert server_line["result"] == "closed"

@@ -1,5 +1,7 @@
 """Bad input at a tunnel: each case logs its exact link line, and the local application sees an aborted
-association (its TCP connection is reset, never closed in order)."""
+association (its TCP connection is reset, never closed in order). Every case that reaches the ISCL
+engine runs in both wire profiles; a client tunnel that never hears an ISCL server times out before
+any profile matters."""
 
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from iscl_hsm.dicom.gateway import Mode, Tunnel
-from iscl_hsm.engine import Config
+from iscl_hsm.engine import Config, Profile
 from iscl_hsm.keyholder.base import KeyHolder
+from iscl_hsm.wire import Encryption, Mac, MessageId
+from tests.helpers import Frame
 
-from ..conftest import Hospitals
-from .conftest import TIMEOUT, StoreScp, TunnelPair, free_port, parse_line, scu
+from ..conftest import Hospitals, TamperingProxy, first_message_malleable
+from .conftest import TIMEOUT, StoreScp, TunnelPair, free_port, parse_line, scu, via_proxy
 
 ECHO_RESET = re.compile(
     r"F: Association Request Failed: 0006:(0317 Peer aborted Association \(or never connected\)"
@@ -37,9 +41,9 @@ def assert_reset(port: int) -> None:
 
 def test_plain_dicom_client_at_the_server_tunnel(
     storescp: StoreScp, start_tunnel: Callable[..., Tunnel], hospitals: Hospitals,
-    holders: Callable[..., KeyHolder], link_lines: Callable[[int], list[str]],
+    holders: Callable[..., KeyHolder], link_lines: Callable[[int], list[str]], profile: Profile,
 ) -> None:  # fmt: skip
-    server = start_tunnel(Mode.SERVER, storescp.port, holders(hospitals.a), Config())
+    server = start_tunnel(Mode.SERVER, storescp.port, holders(hospitals.a), Config(profile=profile))
 
     echo = scu("echoscu", server.address.port)
 
@@ -73,10 +77,10 @@ def test_client_tunnel_pointed_at_a_plain_dicom_peer(
 
 
 def test_forward_target_down(
-    tunnel_pair: Callable[..., TunnelPair], link_lines: Callable[[int], list[str]]
+    tunnel_pair: Callable[..., TunnelPair], link_lines: Callable[[int], list[str]], profile: Profile
 ) -> None:
     down = free_port()
-    pair = tunnel_pair(down, Config())
+    pair = tunnel_pair(down, Config(profile=profile))
 
     echo = scu("echoscu", pair.client.address.port)
     assert_reset(pair.client.address.port)
@@ -102,10 +106,10 @@ def test_forward_target_down(
 
 
 @pytest.mark.parametrize(
-    ("stranger", "server_config", "server_result", "client_result"),
+    ("stranger", "allowed", "server_result", "client_result"),
     [
         pytest.param(
-            True, Config(),
+            True, {1, 2, 3, 4, 5, 6, 7, 8},
             "the client's response does not match authentication key 1: the two ends hold different keys at"
             " that index [ISCL 120 AUTHENTICATION_FAILED]",
             "the server rejected our response to its challenge: the two ends hold different keys at"
@@ -113,7 +117,7 @@ def test_forward_target_down(
             id="stranger-token",
         ),
         pytest.param(
-            False, Config(allowed_auth_key_ids=frozenset({2})),
+            False, {2},
             "the client asked for authentication key 1, which this server does not allow [ISCL 100 BAD_OPTION]",
             "the peer refused mutual authentication (code 100, BAD_OPTION) [ISCL 100 BAD_OPTION]",
             id="allow-key-id",
@@ -122,10 +126,14 @@ def test_forward_target_down(
 )
 def test_authentication_failure(
     storescp: StoreScp, tunnel_pair: Callable[..., TunnelPair], hospitals: Hospitals,
-    link_lines: Callable[[int], list[str]], stranger: bool, server_config: Config, server_result: str,
-    client_result: str,
+    link_lines: Callable[[int], list[str]], stranger: bool, allowed: set[int], server_result: str,
+    client_result: str, profile: Profile,
 ) -> None:  # fmt: skip
-    pair = tunnel_pair(storescp.port, server_config, client_config=Config(),
+    """The same lines in both profiles. V1.00 tells the client any authentication failure with one NAK
+    (status 120) and hardened only a wrong client response; a wrong response is what the stranger gives,
+    and a key pair the server does not allow is refused before authentication in both."""
+    server_config = Config(profile=profile, allowed_auth_key_ids=frozenset(allowed))
+    pair = tunnel_pair(storescp.port, server_config, client_config=Config(profile=profile),
                        client_token=hospitals.stranger if stranger else None)
 
     echo = scu("echoscu", pair.client.address.port)
@@ -176,10 +184,11 @@ def receive_exactly(sock: socket.socket, size: int) -> bytes:
 
 def test_a_link_without_data_is_aborted_after_the_idle_timeout(
     storescp: StoreScp, start_tunnel: Callable[..., Tunnel], hospitals: Hospitals,
-    holders: Callable[..., KeyHolder], link_lines: Callable[[int], list[str]],
+    holders: Callable[..., KeyHolder], link_lines: Callable[[int], list[str]], profile: Profile,
 ) -> None:  # fmt: skip
-    server = start_tunnel(Mode.SERVER, storescp.port, holders(hospitals.a), Config())
-    client = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), Config(), idle_timeout=0.5)
+    config = Config(profile=profile)
+    server = start_tunnel(Mode.SERVER, storescp.port, holders(hospitals.a), config)
+    client = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), config, idle_timeout=0.5)
 
     with socket.create_connection(("127.0.0.1", client.address.port), timeout=TIMEOUT) as sock:
         started = time.monotonic()
@@ -196,10 +205,11 @@ def test_a_link_without_data_is_aborted_after_the_idle_timeout(
 
 def test_data_either_way_keeps_a_link_past_its_idle_timeout(
     echo_target: int, start_tunnel: Callable[..., Tunnel], hospitals: Hospitals,
-    holders: Callable[..., KeyHolder], link_lines: Callable[[int], list[str]],
+    holders: Callable[..., KeyHolder], link_lines: Callable[[int], list[str]], profile: Profile,
 ) -> None:  # fmt: skip
-    server = start_tunnel(Mode.SERVER, echo_target, holders(hospitals.a), Config(), idle_timeout=1.0)
-    client = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), Config(), idle_timeout=1.0)
+    config = Config(profile=profile)
+    server = start_tunnel(Mode.SERVER, echo_target, holders(hospitals.a), config, idle_timeout=1.0)
+    client = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), config, idle_timeout=1.0)
 
     with socket.create_connection(("127.0.0.1", client.address.port), timeout=TIMEOUT) as sock:
         deadline = time.monotonic() + 2.5  # more than twice the idle timeout
@@ -214,3 +224,45 @@ def test_data_either_way_keeps_a_link_past_its_idle_timeout(
 
     assert sent > 10
     assert [parse_line(line)["result"] for line in link_lines(2)] == ["closed", "closed"]
+
+
+@pytest.mark.parametrize("mac", [Mac.DES_MAC, Mac.MD5], ids=["des-mac", "md5"])
+def test_the_first_message_of_a_link_under_des_cbc(
+    echo_target: int, tunnel_pair: Callable[..., TunnelPair], link_lines: Callable[[int], list[str]],
+    mitm: Callable[..., TamperingProxy], profile: Profile, mac: Mac,
+) -> None:  # fmt: skip
+    """Differs per profile and MAC. A link's first message (in DICOM, the A-ASSOCIATE-RQ: AE titles,
+    presentation contexts, user identity) has a malleable MAC in V1.00 with DES-MAC (first_message_malleable):
+    a bit flipped in its first cipher block turns that block into garbage and flips the same bit of the
+    next block, and the far application gets it as genuine. V1.00's encrypted MD5, and hardened's MAC
+    key of its own, catch it."""
+    malleable = first_message_malleable(profile, Encryption.DES_CBC, mac)
+    assert malleable is (profile is Profile.V100 and mac is Mac.DES_MAC)
+    sent = bytes(range(32))  # four DES blocks
+    flipped = {"done": False}
+
+    def tamper(direction: str, frame: Frame) -> bytes:
+        if direction == "c2s" and frame.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF) and not flipped["done"]:
+            flipped["done"] = True
+            return frame.flip_bit(0)
+        return frame.raw
+
+    pair = tunnel_pair(echo_target, Config(profile=profile, mac=mac), via=via_proxy(mitm, tamper))
+    with socket.create_connection(("127.0.0.1", pair.client.address.port), timeout=TIMEOUT) as sock:
+        sock.sendall(sent)
+        if malleable:
+            echoed = receive_exactly(sock, len(sent))  # what the far application got, sent back
+        else:
+            with pytest.raises(ConnectionResetError):
+                receive_exactly(sock, len(sent))
+
+    assert flipped["done"]
+    if malleable:
+        assert echoed[:8] != sent[:8]  # garbage
+        assert echoed[8:] == bytes([sent[8] ^ 1]) + sent[9:]  # the attacker's choice
+    else:
+        server_line = next(
+            line for line in map(parse_line, link_lines(2)) if line["target"] == f"127.0.0.1:{echo_target}"
+        )
+        assert server_line["result"].startswith("aborted: a message failed its integrity check")
+        assert "[ISCL 113 BAD_MAC]" in server_line["result"]
