@@ -39,6 +39,13 @@ def data_on_the_wire(profile: Profile, encryption: Encryption, length: int) -> i
     return length + -length % 8  # zeros, only up to the next multiple of 8
 
 
+def first_message_malleable(profile: Profile, encryption: Encryption, mac: Mac) -> bool:
+    """V1.00 with DES-CBC and DES-MAC: on a link's first message the MAC (CBC-MAC from a zero IV under
+    the data's own key) follows the CBC chain, which starts at zero too, so a change to any but the
+    message's last DES block goes unnoticed (docs/security.md). Later messages, and other suites, catch it."""
+    return profile is Profile.V100 and (encryption, mac) == (Encryption.DES_CBC, Mac.DES_MAC)
+
+
 def nak_err_no(profile: Profile, code: int) -> int:
     """A NAK's ErrNo: the error code in hardened, zero in V1.00 (the SDK leaves ErrNo unused)."""
     return code if profile is Profile.HARDENED else 0

@@ -243,7 +243,7 @@ class Handshake:
         self._keys = self._profile.link_keys(self._holder, self.config, self._pair_id, self._rs, client=False)
         self._outbox.send(MessageId.MUTUAL_AUTH_RP, wire.MutualAuthRp(0, self.config.own_auth_data).encode(self._layout))
         self._outbox.send(MessageId.MUTUAL_AUTH_PASS1_NOTIF, wire.Pass1(0, self._rs).encode())
-        self.deferred = self._keys.ahead  # while the client works on pass 1
+        self.deferred = self._work_ahead  # while the client works on pass 1
         return []
 
     def _check_auth_data(self, data: bytes, who: str, *, refuse: bool) -> None:
@@ -287,7 +287,7 @@ class Handshake:
         self._outbox.send(MessageId.MUTUAL_AUTH_PASS2_NOTIF, wire.Pass2(0, response, self._rc).encode())
         self._keys = self._profile.link_keys(self._holder, self.config, self._pair_id, self._rs, client=True)
         self._keys.client_challenge(self._rc)
-        self.deferred = self._keys.ahead  # while the server works on pass 2
+        self.deferred = self._work_ahead  # while the server works on pass 2
         return []
 
     def _on_pass2(self, header: wire.Header, payload: bytes) -> list[Event]:
@@ -389,6 +389,13 @@ class Handshake:
                 "the client's handshake MAC does not match: the handshake was altered in transit",
             )
         return [self._ready(keys)]
+
+    def _work_ahead(self) -> None:
+        """While the peer answers our challenge: the response we expect, then whatever keys can be had."""
+        assert self._keys is not None
+        own = self._rs if self.role is Role.SERVER else self._rc
+        self._holder.expect_response(self._pair_id, own)
+        self._keys.ahead()
 
     def _ready(self, keys: LinkKeys) -> LinkReady:
         if keys.ahead_pending():

@@ -126,9 +126,15 @@ def check_key_holder(config: Config, holder: KeyHolder) -> None:
     profile_for(config).check_key_holder(config, holder)
 
 
+_PROFILES: dict[Profile, WireProfile] = {}
+"""The profile objects by name, filled when first asked (the modules that define them import this one)."""
+
+
 def profile_for(config: Config) -> WireProfile:
     """The profile object ``config`` names."""
-    from .hardened import HARDENED
-    from .v100 import V100
+    if not _PROFILES:
+        from .hardened import HARDENED
+        from .v100 import V100
 
-    return V100 if config.profile is Profile.V100 else HARDENED
+        _PROFILES.update({Profile.V100: V100, Profile.HARDENED: HARDENED})
+    return _PROFILES[config.profile]

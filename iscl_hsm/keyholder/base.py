@@ -77,6 +77,13 @@ class KeyHolder(ABC):
         call whatever the outcome, so a replayed cryptogram fails. The comparison is constant-time.
         """
 
+    def expect_response(self, key_id: int, challenge: bytes) -> None:
+        """Work out now, while the peer is busy, what ``external_authenticate`` will compare with.
+
+        Only an optimisation (the default does nothing): the challenge stays outstanding and is
+        still consumed, and checked in constant time, by ``external_authenticate``.
+        """
+
     @abstractmethod
     def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
         """Return the DES key parity(E_KE(block)) under encryption key ``enc_key_id``."""

@@ -688,7 +688,8 @@ class Pkcs11KeyHolder(KeyHolder):
         self.host_record_keys = record_keys == "host"
         self.description = f"PKCS#11 token '{token_label}' (module {module})"
         self._challenge_lock = threading.Lock()
-        self._challenges: dict[int, collections.OrderedDict[bytes, None]] = {}
+        self._challenges: dict[int, collections.OrderedDict[bytes, bytes | None]] = {}
+        """Outstanding challenges per key id, with the response expected to each once worked out."""
         self._direct_keys: dict[int, RecordKey] = {}  # V1.00's encryption keys, once fetched
         self._closed = False
         registry_key = (os.path.realpath(module), token_label)
@@ -744,9 +745,22 @@ class Pkcs11KeyHolder(KeyHolder):
             outstanding = self._challenges.get(key_id)
             if outstanding is None or challenge not in outstanding:
                 return False
-            del outstanding[challenge]
-        expected = self._encrypt_block(key_id, challenge)
+            expected = outstanding.pop(challenge)
+        if expected is None:
+            expected = self._encrypt_block(key_id, challenge)
         return hmac.compare_digest(expected, bytes(cryptogram))
+
+    def expect_response(self, key_id: int, challenge: bytes) -> None:
+        """E_AK(challenge) now, so that the handshake step that checks the peer's answer makes no token call."""
+        challenge = bytes(challenge)
+        with self._challenge_lock:
+            outstanding = self._challenges.get(key_id)
+            if outstanding is None or outstanding.get(challenge, b"") is not None:
+                return  # not outstanding, or worked out already
+        expected = self._encrypt_block(key_id, challenge)
+        with self._challenge_lock:
+            if challenge in outstanding:
+                outstanding[challenge] = expected
 
     def derive_key(self, enc_key_id: int, block: bytes) -> RecordKey:
         return self.derive_keys(enc_key_id, [block])[0]

@@ -341,13 +341,6 @@ def profile(request: pytest.FixtureRequest) -> Profile:
     return request.param  # type: ignore[no-any-return]
 
 
-def first_message_malleable(profile: Profile, encryption: Encryption, mac: Mac) -> bool:
-    """V1.00 with DES-CBC and DES-MAC: on a link's first message the MAC (CBC-MAC from a zero IV under
-    the data's own key) follows the CBC chain, which starts at zero too, so a change to any but the
-    message's last DES block goes unnoticed (docs/security.md). Later messages, and other suites, catch it."""
-    return profile is Profile.V100 and (encryption, mac) == (Encryption.DES_CBC, Mac.DES_MAC)
-
-
 @dataclass
 class Outcome:
     """What one end of a link returned, or what it raised."""

@@ -158,6 +158,24 @@ def test_external_authenticate_rejects_a_challenge_it_did_not_issue(holder: Pkcs
     assert holder.external_authenticate(1, issued_for_2, DesKey(AUTH_1).encrypt_ecb(issued_for_2)) is False
 
 
+@pytest.mark.parametrize("right", [True, False], ids=["right", "wrong"])
+def test_a_response_expected_ahead_is_checked_without_a_token_call_and_once(
+    holder: Pkcs11KeyHolder, monkeypatch: pytest.MonkeyPatch, right: bool
+) -> None:
+    """expect_response works out E_AK(challenge) while the peer is busy; the check itself is then host work,
+    still constant-time and still once only."""
+    challenge = holder.get_challenge(1)
+    holder.expect_response(1, challenge)
+    holder.expect_response(1, secrets.token_bytes(8))  # not ours: nothing to work out, nothing kept
+    calls = _token_calls(monkeypatch, holder)
+    cryptogram = DesKey(AUTH_1).encrypt_ecb(challenge)
+    if not right:
+        cryptogram = bytes([cryptogram[0] ^ 1]) + cryptogram[1:]
+    assert holder.external_authenticate(1, challenge, cryptogram) is right
+    assert calls == []
+    assert holder.external_authenticate(1, challenge, DesKey(AUTH_1).encrypt_ecb(challenge)) is False  # consumed
+
+
 def test_challenges_are_not_shared_between_holders(keyed: SoftHsmToken) -> None:
     with Pkcs11KeyHolder(keyed.label, keyed.pin) as first, Pkcs11KeyHolder(keyed.label, keyed.pin) as second:
         challenge = first.get_challenge(1)

@@ -26,7 +26,7 @@ from iscl_hsm.errors import ErrorCode, IsclError, KeyHolderError, LocalProtocolE
 from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.transport.blocking import IsclSocket, MessageRefusedError
 from iscl_hsm.wire import Encryption, Mac, MessageId
-from tests.helpers import Frame, cfg, split_frames
+from tests.helpers import Frame, cfg, first_message_malleable, split_frames
 
 from .conftest import (
     MAC_SUITES,
@@ -35,7 +35,6 @@ from .conftest import (
     Outcome,
     SoftHsm,
     TamperingProxy,
-    first_message_malleable,
     header,
     raw_client_handshake,
     raw_sealed_message,

@@ -1010,3 +1010,26 @@ def test_a_missing_encryption_key_fails_the_v100_handshake_with_the_peer_told(pr
     (nak,) = pair.sent_by(side, told)
     assert (nak.option, nak.err_no, struct.unpack_from(">I", nak.payload)[0]) == (wire.NAK, 0, ErrorCode.REMOTE_KEY_HOLDER)
     assert not any(isinstance(e, LinkReady) for role in ROLES for e in pair.events[role])
+
+
+class _Expecting(MemoryKeyHolder):
+    """Notes the challenges whose responses the engine asks to have worked out ahead."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(AUTH_KEYS, ENC_KEYS, name=name)
+        self.expected: list[bytes] = []
+
+    def expect_response(self, key_id: int, challenge: bytes) -> None:
+        self.expected.append(challenge)
+
+
+def test_each_end_has_the_response_to_its_challenge_worked_out_while_the_peer_answers(profile: Profile) -> None:
+    """prepare() after PASS1 (server) and PASS2 (client) asks the key holder for the response it will
+    check, so that the step that checks it makes one token call fewer on the handshake's critical path."""
+    server, client = _Expecting("server"), _Expecting("client")
+    p = ConnectionPair(cfg(profile), cfg(profile), server_holder=server, client_holder=client, prepare=True)
+    p.handshake()
+    (pass1,) = p.sent_by(Role.SERVER, MessageId.MUTUAL_AUTH_PASS1_NOTIF)
+    (pass2,) = p.sent_by(Role.CLIENT, MessageId.MUTUAL_AUTH_PASS2_NOTIF)
+    assert server.expected == [wire.Pass1.decode(pass1.payload).challenge]
+    assert client.expected == [wire.Pass2.decode(pass2.payload).challenge]

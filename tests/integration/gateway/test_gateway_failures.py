@@ -18,9 +18,9 @@ from iscl_hsm.dicom.gateway import Mode, Tunnel
 from iscl_hsm.engine import Config, Profile
 from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.wire import Encryption, Mac, MessageId
-from tests.helpers import Frame
+from tests.helpers import Frame, first_message_malleable
 
-from ..conftest import Hospitals, TamperingProxy, first_message_malleable
+from ..conftest import Hospitals, TamperingProxy
 from .conftest import TIMEOUT, StoreScp, TunnelPair, free_port, parse_line, scu, via_proxy
 
 ECHO_RESET = re.compile(
