@@ -28,11 +28,12 @@ class LoopbackServers:
     def __init__(self, children: Children, token: BenchToken, credentials: Credentials,
                  profiles: Sequence[Profile]) -> None:
         self.profiles = tuple(profiles)
-        self._iscl = {(p, suite): socket.create_server(("127.0.0.1", 0))
-                      for p in self.profiles for suite in SUITES}
+        self._configs = {(p, suite): loopback_config(p, suite) for p in self.profiles for suite in SUITES}
+        """Made once, as an application would, like the TLS client's context."""
+        self._iscl = {key: socket.create_server(("127.0.0.1", 0)) for key in self._configs}
         self._tcp = socket.create_server(("127.0.0.1", 0), backlog=128)
         self._tls = socket.create_server(("127.0.0.1", 0), backlog=128)
-        children.spawn(serve_iscl, [(sock, loopback_config(*key)) for key, sock in self._iscl.items()],
+        children.spawn(serve_iscl, [(sock, self._configs[key]) for key, sock in self._iscl.items()],
                        str(token.data_dir), token.label, token.pin)
         children.spawn(serve_framed, self._tcp, None)
         children.spawn(serve_framed, self._tls, credentials)
@@ -46,8 +47,7 @@ class LoopbackServers:
     def iscl(self, profile: Profile, suite: str) -> IsclSocket:
         """A new ISCL link (authenticated on return) on SoftHSM2."""
         port = self._iscl[(profile, suite)].getsockname()[1]
-        config = loopback_config(profile, suite)
-        return IsclSocket.connect("127.0.0.1", port, key_holder=self._holder, config=config)
+        return IsclSocket.connect("127.0.0.1", port, key_holder=self._holder, config=self._configs[(profile, suite)])
 
     def tcp(self) -> socket.socket:
         return framed_connect(self._tcp.getsockname()[1], None)
