@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from iscl_hsm.crypto.des import DesKey, kcv
-from iscl_hsm.engine import Config, MessageReceived, Profile, Role
+from iscl_hsm.engine import Config, Profile
 from iscl_hsm.errors import ErrorCode
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder, TokenDesKey
-from tests.helpers import ConnectionPair
+from tests.helpers import ConnectionPair, exchange
 
 from .conftest import SoftHsm, SoftHsmToken, pkcs11_tool, secret_key_objects
 
@@ -182,14 +182,7 @@ def test_a_ceremony_between_two_hospitals_gives_a_working_link(
     try:
         assert not pair.errors, pair.errors
         assert pair.server.state.name == pair.client.state.name
-        pair.client.send_message(b"CT image from hospital B" * 100)
-        pair.server.send_message(b"report from hospital A")
-        pair.pump()
-        received = {
-            role: [e.data for e in pair.events[role] if isinstance(e, MessageReceived)] for role in Role
-        }
-        assert received[Role.SERVER] == [b"CT image from hospital B" * 100]
-        assert received[Role.CLIENT] == [b"report from hospital A"]
+        exchange(pair, [b"CT image from hospital B" * 100], [b"report from hospital A"])
     finally:
         _close(pair)
 
@@ -236,15 +229,7 @@ def test_one_site_host_readable_the_other_not_still_gives_a_v100_link(
         server_holder, client_holder = pair.holders  # type: ignore[attr-defined]
         assert isinstance(server_holder.encryption_key(2), DesKey)
         assert isinstance(client_holder.encryption_key(2), TokenDesKey)
-        pair.client.send_message(b"CT image from hospital B" * 100)
-        pair.pump()
-        pair.server.send_message(b"report from hospital A")
-        pair.pump()
-        received = {
-            role: [e.data for e in pair.events[role] if isinstance(e, MessageReceived)] for role in Role
-        }
-        assert received[Role.SERVER] == [b"CT image from hospital B" * 100]
-        assert received[Role.CLIENT] == [b"report from hospital A"]
+        exchange(pair, [b"CT image from hospital B" * 100], [b"report from hospital A"])
     finally:
         _close(pair)
 
