@@ -12,16 +12,20 @@ import secrets
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 from iscl_hsm import __version__
 from iscl_hsm.engine import Profile
+from iscl_hsm.wire import MessageId
 
 from .background import TIMEOUT, Background
-from .conftest import Hospitals, SoftHsmToken
+from .conftest import HOSPITAL_KEYS, Hospitals, SoftHsmToken, TamperingProxy
 
 REPO = Path(__file__).resolve().parents[2]
 """Seconds a child may run: a safety net against hangs, never an assertion."""
@@ -204,6 +208,46 @@ def test_the_link_options_reach_both_ends(
             " with session keys")
     assert server.lines[1:] == [f"{link}, peer auth data 'Hospital B'"]
     assert client.stderr.splitlines() == [f"{link}, peer auth data 'Hospital A'"]
+
+
+V100_SIZES = {
+    MessageId.LINE_CONNECTION_CHECK_RP: 8,
+    MessageId.MUTUAL_AUTH_PASS1_NOTIF: 16,
+    MessageId.MUTUAL_AUTH_PASS2_NOTIF: 24,
+    MessageId.MUTUAL_AUTH_PASS3_NOTIF: 16,
+    MessageId.MUTUAL_AUTH_COMPLETION_NOTIF: 4,
+    MessageId.MESSAGE_TRANSMISSION_RQ: 16,
+    MessageId.MESSAGE_TRANSMISSION_RP: 8,
+}
+"""Payload bytes of the SDK builders' messages (shared/reference/iscl-v1.md, section 7)."""
+
+
+def test_with_no_profile_option_the_wire_is_the_sdks(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path,
+    mitm: Callable[[int, Callable[[str, Any], bytes]], TamperingProxy],
+) -> None:  # fmt: skip
+    """No --profile on either end: every message has the builder's size, and the first secured message
+    decrypts, outside iscl-hsm, as DES-CBC under encryption key 1 from a zero IV (then PKCS#5 padding)."""
+    data = os.urandom(50_000)
+    (tmp_path / "client.in").write_bytes(data)
+    env = child_env(hospitals)
+    server = start_server(servers, token_args(hospitals, hospitals.a), env, None, tmp_path / "server.out")
+    proxy = mitm(server.port, lambda direction, frame: frame.raw)
+    with open(tmp_path / "client.in", "rb") as stdin:
+        client = iscl("client", "127.0.0.1", proxy.port, *token_args(hospitals, hospitals.b), env=env, stdin=stdin)
+    assert client.returncode == 0, client.stderr
+    assert server.finish() == 0, server.lines
+    assert (tmp_path / "server.out").read_bytes() == data
+    seen = [(MessageId(f.message_id), len(f.payload)) for _, f in proxy.frames if f.message_id in V100_SIZES]
+    assert {mid for mid, _ in seen} == set(V100_SIZES)
+    assert [(mid, size) for mid, size in seen if size != V100_SIZES[mid]] == []
+    frames = [f for direction, f in proxy.frames if direction == "c2s"]
+    first = next(i for i, f in enumerate(frames) if f.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF))
+    blocks = b"".join(f.payload for f in frames[first:] if f.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF))
+    key = HOSPITAL_KEYS[("enc", 1)]
+    decryptor = Cipher(TripleDES(key * 3), modes.CBC(bytes(8))).decryptor()
+    plain = decryptor.update(blocks[: len(blocks) // 8 * 8])
+    assert plain[:4096] == data[:4096]
 
 
 def test_a_profile_mismatch_fails_both_ends_naming_the_profile(
