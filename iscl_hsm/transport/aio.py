@@ -142,7 +142,14 @@ class IsclStream:
         """Make a request the peer answers; the future its answer will resolve, None if ``fn``
         declined to make one (returned False: a close after the peer's own)."""
         answer: asyncio.Future[Outcome] = self._loop.create_future()
-        made = await self._call(fn, *args, answer=answer)
+        try:
+            made = await self._call(fn, *args, answer=answer)
+        except BaseException:
+            # Nobody will await it (a write that failed on a reset, say): cancelled, it keeps its place
+            # among the answers and takes neither an answer nor the link's error, which asyncio would
+            # otherwise print as never retrieved.
+            answer.cancel()
+            raise
         return None if made is False else answer
 
     async def _call(self, fn: Callable[..., T], *args: Any, answer: asyncio.Future[Outcome] | None = None) -> T:
@@ -152,12 +159,18 @@ class IsclStream:
         ``fn`` raises or declines, ``answer`` joins the queue of answers right there, under the lock,
         so that answers reach the callers that asked even when several send at once.
         """
-        async with self._lock:
-            self._raise_failure()  # (the link may have failed while this call waited for the lock)
-            result, wrote = await self._engine(lambda write: self._step(write, fn, *args, answer=answer))
+        result, wrote = await self._locked_step(fn, *args, answer=answer)
         if wrote:  # (draining a writer the pump has closed would raise)
             await self._writer.drain()
         return result
+
+    async def _locked_step(
+        self, fn: Callable[..., T], *args: Any, answer: asyncio.Future[Outcome] | None = None
+    ) -> tuple[T, bool]:
+        """:meth:`_step` under the lock, unless the link has failed; its result, and whether it wrote."""
+        async with self._lock:
+            self._raise_failure()  # (the link may have failed while this call waited for the lock)
+            return await self._engine(lambda write: self._step(write, fn, *args, answer=answer))
 
     def _step(
         self, write: Write, fn: Callable[..., T], *args: Any, answer: asyncio.Future[Outcome] | None = None
@@ -250,7 +263,7 @@ class IsclStream:
         try:
             while True:
                 data = await self._reader.read(READ_SIZE)
-                events = await self._call(self._conn.receive_data, data)
+                events, wrote = await self._locked_step(self._conn.receive_data, data)
                 for event in events:
                     if isinstance(event, LinkReady):
                         self._ready.set_result(event.parameters)
@@ -265,6 +278,8 @@ class IsclStream:
                     if isinstance(event, Closed):
                         self._received.put_nowait(None)  # a recv() waiting now or later returns None
                         return
+                if wrote:  # after the events: a reset met here cannot take back what was verified
+                    await self._writer.drain()
         except (IsclError, OSError) as exc:
             for event in getattr(exc, "events", ()):  # verified before the failure: still delivered
                 if isinstance(event, MessageReceived | NonSecureReceived):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -571,6 +573,43 @@ def test_a_sender_waiting_for_the_answer_learns_that_the_line_dropped(
         return caught.value
 
     Outcome(error=run(main())).failed(RemoteProtocolError, ErrorCode.CONNECTION_LOST)
+
+
+def test_a_send_caught_by_a_reset_leaves_no_unretrieved_error_behind(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    """The peer resets the connection and send() starts before the pump has noticed: send() fails
+    at its first write, and the request's answer, which nobody will await, must not end up holding
+    the link's error for asyncio to print as "Future exception was never retrieved" (a traceback in
+    a gateway's log for an expected failure)."""
+
+    async def resetting(stream: IsclStream) -> None:
+        sock = stream._writer.get_extra_info("socket")  # (to make the close below a TCP reset)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    async def main() -> tuple[str, list[dict[str, Any]]]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        served = Served(resetting)
+        async with serving(served, holders(hospitals.a)) as port:
+            stream = await connect(port, holders(hospitals.b))
+            await served.wait()
+            while not stream._writer.transport.is_closing():  # the reset has arrived, the pump not run
+                await asyncio.sleep(0)
+            try:
+                await stream.send(b"A-ASSOCIATE-RQ")
+            except OSError as exc:
+                error = repr(exc)  # (not the exception: its frames would keep the request's answer alive)
+            else:
+                error = "no error"
+            await asyncio.sleep(0.1)  # the pump finishes
+            del stream
+            gc.collect()  # an unretrieved error is reported when its future is freed
+        return error, reported
+
+    error, reported = run(main())
+    assert error.startswith("ConnectionResetError("), error
+    assert [context.get("message") for context in reported] == []
 
 
 def test_an_algorithm_mismatch_is_refused_and_the_link_survives(
