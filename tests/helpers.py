@@ -30,6 +30,24 @@ V100_ONLY = pytest.mark.parametrize("profile", [Profile.V100], ids=["v1.00"])
 """For a test of what only the V1.00 profile does."""
 
 
+V100_PAYLOAD_SIZES: dict[MessageId, int] = {
+    MessageId.LINE_CONNECTION_CHECK_RP: 8,
+    MessageId.MUTUAL_AUTH_RQ: 8,
+    MessageId.MUTUAL_AUTH_RP: 4,
+    MessageId.MUTUAL_AUTH_PASS1_NOTIF: 16,
+    MessageId.MUTUAL_AUTH_PASS2_NOTIF: 24,
+    MessageId.MUTUAL_AUTH_PASS3_NOTIF: 16,
+    MessageId.MUTUAL_AUTH_COMPLETION_NOTIF: 4,
+    MessageId.MESSAGE_TRANSMISSION_RQ: 16,
+    MessageId.MESSAGE_TRANSMISSION_RP: 8,
+    MessageId.RNDNO_FOR_SESSION_KEY_RQ: 12,
+    MessageId.RNDNO_FOR_SESSION_KEY_RP: 4,
+    MessageId.LINE_DISCONNECTION_RP: 4,
+}
+"""Payload bytes of the SDK builders' messages in V1.00, without authentication data
+(shared/reference/iscl-v1.md, section 7)."""
+
+
 def data_on_the_wire(profile: Profile, encryption: Encryption, length: int) -> int:
     """Bytes of data blocks for a message of ``length`` bytes (docs/protocol.md, padding)."""
     if encryption is Encryption.NONE:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from iscl_hsm import __version__
 from iscl_hsm.engine import Profile
 from iscl_hsm.wire import MessageId
+from tests.helpers import V100_PAYLOAD_SIZES
 
 from .background import TIMEOUT, Background
 from .conftest import HOSPITAL_KEYS, Hospitals, SoftHsmToken, TamperingProxy
@@ -210,16 +211,8 @@ def test_the_link_options_reach_both_ends(
     assert client.stderr.splitlines() == [f"{link}, peer auth data 'Hospital A'"]
 
 
-V100_SIZES = {
-    MessageId.LINE_CONNECTION_CHECK_RP: 8,
-    MessageId.MUTUAL_AUTH_PASS1_NOTIF: 16,
-    MessageId.MUTUAL_AUTH_PASS2_NOTIF: 24,
-    MessageId.MUTUAL_AUTH_PASS3_NOTIF: 16,
-    MessageId.MUTUAL_AUTH_COMPLETION_NOTIF: 4,
-    MessageId.MESSAGE_TRANSMISSION_RQ: 16,
-    MessageId.MESSAGE_TRANSMISSION_RP: 8,
-}
-"""Payload bytes of the SDK builders' messages (shared/reference/iscl-v1.md, section 7)."""
+ON_A_KEY_1_LINK = set(V100_PAYLOAD_SIZES) - {MessageId.RNDNO_FOR_SESSION_KEY_RQ, MessageId.RNDNO_FOR_SESSION_KEY_RP}
+"""The builders' messages a link under encryption key 1 sends (random numbers are for session keys)."""
 
 
 def test_with_no_profile_option_the_wire_is_the_sdks(
@@ -238,9 +231,9 @@ def test_with_no_profile_option_the_wire_is_the_sdks(
     assert client.returncode == 0, client.stderr
     assert server.finish() == 0, server.lines
     assert (tmp_path / "server.out").read_bytes() == data
-    seen = [(MessageId(f.message_id), len(f.payload)) for _, f in proxy.frames if f.message_id in V100_SIZES]
-    assert {mid for mid, _ in seen} == set(V100_SIZES)
-    assert [(mid, size) for mid, size in seen if size != V100_SIZES[mid]] == []
+    seen = [(MessageId(f.message_id), len(f.payload)) for _, f in proxy.frames if f.message_id in V100_PAYLOAD_SIZES]
+    assert {mid for mid, _ in seen} == ON_A_KEY_1_LINK
+    assert [(mid, size) for mid, size in seen if size != V100_PAYLOAD_SIZES[mid]] == []
     frames = [f for direction, f in proxy.frames if direction == "c2s"]
     first = next(i for i, f in enumerate(frames) if f.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF))
     blocks = b"".join(f.payload for f in frames[first:] if f.is_(MessageId.MESSAGE_TRANSMISSION_NOTIF))

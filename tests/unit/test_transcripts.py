@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from iscl_hsm import wire
 from iscl_hsm.engine import Profile, Role
 from iscl_hsm.wire import MessageId
+from tests.helpers import V100_PAYLOAD_SIZES
 from tests.vectors import transcripts
 
 LINKS = [(profile, link) for profile in Profile for link in transcripts.load(profile)["links"]]
@@ -114,20 +115,7 @@ def test_v100_md5_encrypt_random_order_is_md5_of_message_then_encrypted_challeng
 
 
 def test_v100_payload_sizes_are_the_sdk_builders() -> None:
-    sizes = {
-        MessageId.LINE_CONNECTION_CHECK_RP: 8,
-        MessageId.MUTUAL_AUTH_RQ: 8,
-        MessageId.MUTUAL_AUTH_RP: 4,
-        MessageId.MUTUAL_AUTH_PASS1_NOTIF: 16,
-        MessageId.MUTUAL_AUTH_PASS2_NOTIF: 24,
-        MessageId.MUTUAL_AUTH_PASS3_NOTIF: 16,
-        MessageId.MUTUAL_AUTH_COMPLETION_NOTIF: 4,
-        MessageId.MESSAGE_TRANSMISSION_RQ: 16,
-        MessageId.MESSAGE_TRANSMISSION_RP: 8,
-        MessageId.RNDNO_FOR_SESSION_KEY_RQ: 12,
-        MessageId.RNDNO_FOR_SESSION_KEY_RP: 4,
-        MessageId.LINE_DISCONNECTION_RP: 4,
-    }
+    sizes = V100_PAYLOAD_SIZES
     seen = set()
     for link in transcripts.load(Profile.V100)["links"]:
         if link["name"].endswith("auth-data"):
