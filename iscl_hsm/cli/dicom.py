@@ -41,8 +41,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         sub, "store", "send DICOM files and folders over ISCL with C-STORE",
         "Send every DICOM Part 10 file among PATHs (folders recursively), each in its own transfer"
         " syntax, over one ISCL link and association. Progress goes to stderr (a summary only when"
-        " stderr is not a terminal). Files that are not DICOM or cannot be read are reported and"
-        " skipped. Exit status 0 only if every file found was stored. Example:\n"
+        " stderr is not a terminal). Files that are not DICOM, cannot be read, are truncated or damaged,"
+        " or lack their SOP UIDs are reported and skipped. Exit status 0 only if every file found was"
+        " stored. Example:\n"
         "  iscl store pacs.example.org 2761 --aec PACS study/",
     )  # fmt: skip
     _add_peer(store, port_required=True)
@@ -54,7 +55,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "Accept ISCL links and DICOM associations (Verification and the storage SOP classes, any"
         " transfer syntax). Each object is written as DIR/SOPInstanceUID.dcm (a Part 10 file in the"
         " transfer syntax it arrived in) through a temporary file, fsynced and renamed before the"
-        " SCP answers success; a write failure answers 0xA700. Runs until interrupted. Example:\n"
+        " SCP answers success; a write failure answers 0xA700, a data set that is not whole or cannot"
+        " be read 0xC000, one without the SOP UIDs of its request 0xA900 (nothing is written)."
+        " Runs until interrupted. Example:\n"
         "  iscl serve --output /srv/incoming --listen 0.0.0.0:2761",
     )  # fmt: skip
     serve.add_argument("--output", metavar="DIR", type=Path, required=True,
@@ -206,7 +209,9 @@ def run_store(args: argparse.Namespace) -> int:
     for skip in skipped:
         print(f"iscl store: skipped {skip.path}: {skip.reason}", file=sys.stderr)
     if not files:
-        print("iscl store: no DICOM files found in " + ", ".join(map(str, args.paths)), file=sys.stderr)
+        where = ", ".join(map(str, args.paths))
+        why = "nothing to send in {}: every file was skipped" if skipped else "no DICOM files found in {}"
+        print(f"iscl store: {why.format(where)}", file=sys.stderr)
         return EXIT_FAILURE
     holder = open_link_holder(args, config)
     progress = Progress(files, sys.stderr)

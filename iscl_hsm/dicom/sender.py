@@ -2,7 +2,8 @@
 
 Each file goes in its own transfer syntax: the association proposes one context per (SOP class,
 transfer syntax) pair found, so no object is converted on the way. Files that are not DICOM Part 10
-files, or cannot be read, are reported and skipped, never sent.
+files, cannot be read, or whose data set is not whole or not the object their file meta names
+(checks.check_data_set) are reported and skipped, never sent: a peer would store them as they are.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import code_to_category
 
@@ -25,6 +26,7 @@ from ..engine import Config
 from ..keyholder.base import KeyHolder
 from ..transport.aio import HANDSHAKE_TIMEOUT
 from .association import associate, link_of
+from .checks import Unfit, check_data_set
 
 MAX_CONTEXTS = 128
 """Presentation contexts one association may propose (PS3.8: context ids 1..255, odd)."""
@@ -42,7 +44,7 @@ class DicomFile:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A file that was not sent because it is not a readable DICOM Part 10 file."""
+    """A file that was not sent: not a readable DICOM Part 10 file, or not one fit to store."""
 
     path: Path
     reason: str
@@ -69,25 +71,37 @@ class Sent:
 
 
 def find_files(paths: Iterable[Path]) -> tuple[list[DicomFile], list[Skipped]]:
-    """Every file under ``paths`` (folders recursively, in name order): the DICOM ones and the others."""
+    """Every file under ``paths`` (folders recursively, in name order): those fit to send, and the others.
+
+    Each file is read whole, once here and once more when it is sent.
+    """
     found: list[DicomFile] = []
     skipped: list[Skipped] = []
     for path in _walk(paths):
         try:
-            meta = read_file_meta_info(path)
-            size = path.stat().st_size
+            found.append(_examine(path))
         except OSError as exc:
             skipped.append(Skipped(path, f"cannot read it: {exc.strerror or exc}"))
-            continue
         except InvalidDicomError:
             skipped.append(Skipped(path, "not a DICOM Part 10 file"))
-            continue
-        missing = [k for k in ("MediaStorageSOPClassUID", "TransferSyntaxUID") if k not in meta]
-        if missing:
-            skipped.append(Skipped(path, f"its file meta lacks {', '.join(missing)}"))
-            continue
-        found.append(DicomFile(path, size, UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)))
+        except Unfit as exc:
+            skipped.append(Skipped(path, f"{exc}; repair or replace the file"))
     return found, skipped
+
+
+def _examine(path: Path) -> DicomFile:
+    """The file as it will be sent, once its file meta and its whole data set have been checked."""
+    meta, offset = split_dataset(path)
+    missing = [k for k in ("MediaStorageSOPClassUID", "TransferSyntaxUID") if k not in meta]
+    if missing:
+        raise Unfit(f"its file meta lacks {', '.join(missing)}")
+    with path.open("rb") as file:
+        file.seek(offset)
+        data = file.read()
+    sop_class, syntax = UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID)
+    check_data_set(data, syntax, sop_class=sop_class, sop_instance=meta.get("MediaStorageSOPInstanceUID"),
+                   claimed_by="its file meta")  # fmt: skip
+    return DicomFile(path, offset + len(data), sop_class, syntax)
 
 
 def _walk(paths: Iterable[Path]) -> Iterator[Path]:
@@ -159,11 +173,8 @@ def _send_one(assoc: Association, file: DicomFile) -> Sent:
         return Sent(file, None, f"cannot read it: {getattr(exc, 'strerror', None) or exc}")
     try:
         answer = assoc.send_c_store(dataset)
-    except ValueError:
-        return Sent(
-            file, None, f"the peer accepted no presentation context for {file.sop_class.name} in"
-            f" {file.transfer_syntax.name}",
-        )  # fmt: skip
+    except ValueError as exc:  # pynetdicom found no accepted context, or could not encode the data set
+        return Sent(file, None, f"not sent: {exc}")
     except RuntimeError:  # the association ended before the request went out
         return _aborted(assoc, file)
     if "Status" not in answer:

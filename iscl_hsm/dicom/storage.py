@@ -1,8 +1,11 @@
 """The storage SCP's side: every received object becomes ``SOPInstanceUID.dcm`` in one folder, durably.
 
-Each object is written to a temporary file in the folder, fsynced and renamed before the SCP answers
-success, so a success status means the file is complete on disk under its final name; a file that
-could not be written answers a failure status and leaves no partial file behind.
+Each object is first checked (checks.check_data_set): a data set that is not whole, cannot be read,
+or is not the object the request names answers a failure status and is not written, so a damaged
+copy never replaces a good one. It is then written to a temporary file in the folder, fsynced and
+renamed before the SCP answers success, so a success status means the file is complete on disk under
+its final name; a file that could not be written answers a failure status and leaves no partial file
+behind (and any earlier copy as it was).
 """
 
 from __future__ import annotations
@@ -24,14 +27,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ..errors import ErrorCode, IsclError
 from .association import MAXIMUM_PDU_SIZE
+from .checks import CANNOT_UNDERSTAND, DOES_NOT_MATCH_SOP_CLASS, Unfit, check_data_set
 
 LOGGER = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 """C-STORE status "Refused: Out of Resources": the object could not be written."""
-CANNOT_UNDERSTAND = 0xC000
-"""C-STORE status "Error: Cannot understand": here, a SOP Instance UID that is not a UID."""
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 Notify = Callable[[str, bool], None]
@@ -66,12 +68,20 @@ class StorageFolder:
         return [(evt.EVT_C_STORE, self.handle_store)]
 
     def handle_store(self, event: Event) -> int:
-        """Write the object as received (its transfer syntax, as a Part 10 file); answer its status."""
-        uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
+        """Check the object, then write it as received (a Part 10 file in its syntax); answer the status."""
+        request = cast(C_STORE, event.request)
+        uid = str(request.AffectedSOPInstanceUID)
         peer = event.assoc.requestor.ae_title
         if not _UID.fullmatch(uid) or len(uid) > 64:
             self._notify(f"refused an object from {peer}: its SOP Instance UID {uid!r} is not a UID", False)
             return CANNOT_UNDERSTAND
+        try:
+            check_data_set(event.encoded_dataset(include_meta=False), event.context.transfer_syntax,
+                           sop_class=str(request.AffectedSOPClassUID), sop_instance=uid,
+                           claimed_by="the C-STORE request")  # fmt: skip
+        except Unfit as exc:
+            self._notify(f"refused {uid} from {peer}: {exc} (answered 0x{exc.status:04X})", False)
+            return exc.status
         target = self.folder / f"{uid}.dcm"
         data = event.encoded_dataset()
         try:
@@ -128,5 +138,5 @@ def storage_ae(ae_title: str = "ISCL-SCP") -> ApplicationEntity:
     return ae
 
 
-__all__ = ["CANNOT_UNDERSTAND", "OUT_OF_RESOURCES", "SUCCESS", "OutputFolderError", "StorageFolder",
-           "check_writable", "storage_ae", "write_durably"]
+__all__ = ["CANNOT_UNDERSTAND", "DOES_NOT_MATCH_SOP_CLASS", "OUT_OF_RESOURCES", "SUCCESS", "OutputFolderError",
+           "StorageFolder", "check_writable", "storage_ae", "write_durably"]
