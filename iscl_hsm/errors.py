@@ -40,6 +40,9 @@ class ErrorCode(IntEnum):
     BAD_STATE = 123
     THROUGH_MODE_DISABLED = 124
     KEY_NOT_FOUND = 125
+    TRUNCATED = 126  # a disconnection, or the peer's request to disconnect, in the middle of a message
+    BAD_DISCONNECTION = 127  # hardened: a disconnection whose MAC or message counts do not verify
+    TIMED_OUT = 128  # the peer sent nothing within the timeout for what this end was waiting for
 
 
 class IsclError(Exception):

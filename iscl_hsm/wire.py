@@ -120,6 +120,26 @@ LABEL_MAC_C2S = b"ISCLmc2s"
 LABEL_MAC_S2C = b"ISCLms2c"
 LABEL_FINISHED = b"ISCLfini"
 
+# --- CHOICE: what the hardened profile's MACs name -------------------------------------------
+# The handshake MACs (PASS3, COMPLETION) and the disconnection MACs name the end that made them, so
+# that no MAC of one end is accepted as the other's (reflection).
+SERVER_LABEL = b"server\0\0"
+CLIENT_LABEL = b"client\0\0"
+
+# LINE_DISCONNECTION_RQ carries DES-MAC(LABEL_CLOSE_RQ || sender || counts) and LINE_DISCONNECTION_RP
+# its status, then DES-MAC(LABEL_CLOSE_RP || sender || counts), under the handshake-MAC key, where
+# counts are the secured messages the link carried client -> server and server -> client (u64 each,
+# big-endian). A disconnection that is forged, or that follows a lost message, then fails to verify.
+LABEL_CLOSE_RQ = b"ISCLclrq"
+LABEL_CLOSE_RP = b"ISCLclrp"
+_COUNTS = struct.Struct(">QQ")
+
+
+def message_counts(sender_is_client: bool, client_to_server: int, server_to_client: int) -> bytes:
+    """What a disconnection MAC covers after its label: who sent it, and both directions' counts."""
+    sender = CLIENT_LABEL if sender_is_client else SERVER_LABEL
+    return sender + _COUNTS.pack(client_to_server, server_to_client)
+
 # --- PUBLIC: the header ----------------------------------------------------------------------
 
 _HEADER = struct.Struct(">8I")
@@ -209,6 +229,8 @@ class Layout:
     """A NAK's ErrNo holds the error code (else ErrNo is zero, and ignored on receipt)."""
     rp_result_is_code: bool
     """MESSAGE_TRANSMISSION_RP's first field holds the error code (else ACK or NAK)."""
+    disconnection_mac_size: int
+    """Bytes of MAC in LINE_DISCONNECTION_RQ, and after the status of LINE_DISCONNECTION_RP."""
 
     def err_no(self, code: int) -> int:
         """The ErrNo of a NAK refusing with ``code``."""
@@ -238,9 +260,9 @@ class Layout:
 
 
 V100_LAYOUT = Layout("v1.00", finished_size=0, auth_data_always_counted=False, err_no_carries_code=False,
-                     rp_result_is_code=False)
+                     rp_result_is_code=False, disconnection_mac_size=0)
 HARDENED_LAYOUT = Layout("hardened", finished_size=8, auth_data_always_counted=True, err_no_carries_code=True,
-                         rp_result_is_code=True)
+                         rp_result_is_code=True, disconnection_mac_size=8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,8 +395,39 @@ class RandomNumberRq(_Fixed):
     _what: ClassVar[str] = "session-key random number request"
 
 
+@dataclass(frozen=True, slots=True)
+class DisconnectionRq:
+    """Either end -> the other: no payload in V1.00; hardened: the disconnection MAC."""
+
+    mac: bytes = b""
+
+    def encode(self) -> bytes:
+        return self.mac
+
+    @classmethod
+    def decode(cls, p: bytes, layout: Layout) -> DisconnectionRq:
+        return cls(_sized(p, layout.disconnection_mac_size, "line disconnection request"))
+
+
+@dataclass(frozen=True, slots=True)
+class DisconnectionRp:
+    """The answer: status (0, or 115 refusing); hardened adds the answering end's disconnection MAC."""
+
+    status: int
+    mac: bytes = b""
+
+    def encode(self) -> bytes:
+        return STATUS.pack(self.status) + self.mac
+
+    @classmethod
+    def decode(cls, p: bytes, layout: Layout) -> DisconnectionRp:
+        fixed = _sized(p, STATUS.size + layout.disconnection_mac_size, "line disconnection response")
+        (status,) = STATUS.unpack_from(fixed)
+        return cls(status, bytes(fixed[STATUS.size :]))
+
+
 STATUS = struct.Struct(">I")
-"""CHOICE: RNDNO_FOR_SESSION_KEY_RP and LINE_DISCONNECTION_RP carry one status word."""
+"""CHOICE: RNDNO_FOR_SESSION_KEY_RP (and LINE_DISCONNECTION_RP, before its MAC) carry one status word."""
 
 
 def encode_status(status: int) -> bytes:

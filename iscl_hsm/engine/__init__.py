@@ -16,7 +16,7 @@ from .events import (
 )
 from .handshake import DEFAULT_GUARD, ChallengeGuard
 from .profile import check_key_holder
-from .state import Inbound, Outbound, State
+from .state import Inbound, Outbound, State, Waiting
 
 __all__ = [
     "DEFAULT_GUARD",
@@ -38,5 +38,6 @@ __all__ = [
     "Profile",
     "Role",
     "State",
+    "Waiting",
     "check_key_holder",
 ]

@@ -37,7 +37,7 @@ from .events import Event, LinkParameters
 from .handshake import DEFAULT_GUARD, ChallengeGuard, Handshake
 from .profile import WireProfile, profile_for, suite_of
 from .record import Opener
-from .state import HANDSHAKE_STATES, Inbound, Outbound, State
+from .state import HANDSHAKE_STATES, Inbound, Outbound, State, Waiting
 from .transfer import Transfer
 
 _BLOCK_HEAD = struct.Struct(">4xIII")
@@ -108,6 +108,15 @@ class Connection:
     def idle(self) -> bool:
         """True when nothing is queued, in flight or half received."""
         return self._transfer is None or self._transfer.idle
+
+    @property
+    def waiting(self) -> Waiting:
+        """What this end waits for from the peer: which of its timeouts a transport applies to the next read."""
+        if self._failed:
+            return Waiting.NOTHING
+        if self._transfer is None:
+            return Waiting.HANDSHAKE
+        return self._transfer.waiting
 
     @property
     def peer_request(self) -> wire.TransmissionRq | None:

@@ -29,16 +29,13 @@ from dataclasses import dataclass
 from .. import wire
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ..keyholder.base import KEY_INDEXES, KeyHolder
-from ..wire import MessageId
+from ..wire import CLIENT_LABEL, SERVER_LABEL, MessageId
 from .config import Config, Role
 from .events import Event, LinkParameters, LinkReady
 from .outbox import Outbox
 from .profile import LinkKeys, WireProfile
 from .record import same
 from .state import State
-
-SERVER_LABEL = b"server\0\0"
-CLIENT_LABEL = b"client\0\0"
 
 
 class ChallengeGuard:

@@ -42,3 +42,18 @@ class Inbound(Enum):
     HELD = auto()  # V1.00: a crossing client request waits until our own transmission is over
     AWAIT_RANDOM = auto()  # accepted under session keys: the random number comes next
     RECEIVING = auto()  # accepted: blocks and then the MAC come in
+
+
+class Waiting(Enum):
+    """What a link waits for from the peer, so that a transport knows which of its timeouts applies.
+
+    The engine has no clock; a transport reads :attr:`Connection.waiting
+    <iscl_hsm.engine.Connection.waiting>` after every call and bounds its next read by that timeout.
+    """
+
+    HANDSHAKE = "handshake"  # the next handshake message
+    ANSWER = "answer"  # the answer to our message request (or to its session-key random number)
+    MESSAGE = "message"  # the rest of the peer's message: its next block, its random number or its MAC
+    CLOSE = "close"  # the answer to our line disconnection request
+    IDLE = "idle"  # nothing is owed either way
+    NOTHING = "nothing"  # the link is closed or failed

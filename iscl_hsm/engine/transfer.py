@@ -44,8 +44,8 @@ from .events import (
 from .handshake import Handoff
 from .outbox import Outbox
 from .profile import WireProfile, suite_of
-from .record import MessageKeys, Opener, Sealer
-from .state import Inbound, Outbound, State
+from .record import MessageKeys, Opener, Sealer, same
+from .state import Inbound, Outbound, State, Waiting
 
 OUTBOUND_BATCH = 8
 """Data blocks sealed per :meth:`Transfer.produce` call (64 KiB at the largest block length): few
@@ -172,6 +172,8 @@ class Transfer:
         self._held: wire.TransmissionRq | None = None
         self._incoming_length = 0
         self._opener: Opener | None = None
+        self._sent = 0  # secured messages sent whole, and received and verified: the disconnection MACs' counts
+        self._received = 0
 
     # --- what the connection asks -------------------------------------------------------------
 
@@ -227,6 +229,19 @@ class Transfer:
     def idle(self) -> bool:
         """True when nothing is queued, in flight or half received."""
         return not self._queue and self.outbound is Outbound.IDLE and self.inbound is Inbound.IDLE
+
+    @property
+    def waiting(self) -> Waiting:
+        """What this end waits for from the peer (the most pressing first)."""
+        if self.state is State.CLOSED:
+            return Waiting.NOTHING
+        if self.state is State.CLOSING:
+            return Waiting.CLOSE
+        if self.outbound in (Outbound.AWAIT_ANSWER, Outbound.AWAIT_RANDOM_ANSWER):
+            return Waiting.ANSWER
+        if self.inbound in (Inbound.AWAIT_RANDOM, Inbound.RECEIVING):
+            return Waiting.MESSAGE
+        return Waiting.IDLE
 
     @property
     def may_block(self) -> bool:
@@ -381,6 +396,7 @@ class Transfer:
         data = self._pending
         assert data is not None
         self._pending = None
+        self._sent += 1
         ahead, self._sealed_ahead = self._sealed_ahead, None
         if ahead is not None and ahead[0].moves_at_start == self._send_chain.moves:
             sealer, frames = ahead
@@ -464,7 +480,9 @@ class Transfer:
         if not opener.complete:
             _mac_without_message(self, header, payload)
         events: list[Event] = [MessageReceived(opener.finish(payload))]
+        self._received += 1
         self._floor.after_inbound(self)
+        self._maybe_send_close()
         return events
 
     def _on_through(self, header: wire.Header, payload: bytes) -> list[Event]:
@@ -473,37 +491,83 @@ class Transfer:
     # --- line disconnection -------------------------------------------------------------------
 
     def _maybe_send_close(self) -> None:
+        """Ask to disconnect once nothing is queued or on its way in either direction."""
         if (
             self._close_wanted
             and self.state is State.READY
             and not self._queue
             and self.outbound is Outbound.IDLE  # the request must not overtake the last blocks of a message
+            and self.inbound is Inbound.IDLE  # nor end the link under a message still coming in
             and self._floor.may_start(self)
         ):
-            self._outbox.send(MessageId.LINE_DISCONNECTION_RQ, b"")
+            mac = self._disconnection_mac(wire.LABEL_CLOSE_RQ, ours=True)
+            self._outbox.send(MessageId.LINE_DISCONNECTION_RQ, wire.DisconnectionRq(mac).encode())
             self.state = State.CLOSING
 
     def _on_close_request(self, header: wire.Header, payload: bytes) -> list[Event]:
-        if payload:
-            raise RemoteProtocolError(ErrorCode.BAD_LENGTH, "a line disconnection request carries no data")
+        rq = wire.DisconnectionRq.decode(payload, self._layout)
+        try:
+            self._refuse_if_cut_short("asked to disconnect")
+            self._verify_disconnection(rq.mac, wire.LABEL_CLOSE_RQ, "request")
+        except RemoteProtocolError as exc:
+            self._answer_close(exc.code)
+            raise
         asked = self.state is State.CLOSING  # both ends asked: we finish when our own request is answered
-        busy = not asked and (not self.idle or self._close_wanted)
+        crossing = self.outbound is Outbound.AWAIT_ANSWER or bool(self._queue) or self._close_wanted
         # accept_close refuses a close the peer starts, not one we asked for ourselves (CLOSING).
-        if busy or (not self.config.accept_close and not asked):
+        if not asked and (crossing or not self.config.accept_close):
             self.state = State.READY
-            code = ErrorCode.PEER_REFUSED_CLOSE
-            self._outbox.nak(MessageId.LINE_DISCONNECTION_RP, wire.encode_status(code), code)
+            self._answer_close(ErrorCode.PEER_REFUSED_CLOSE)
             return []
-        self._outbox.send(MessageId.LINE_DISCONNECTION_RP, wire.encode_status(0))
+        self._answer_close(0)
         return [] if asked else [Closed(by_peer=True)]
 
     def _on_close_answer(self, header: wire.Header, payload: bytes) -> list[Event]:
-        status = wire.decode_status(payload, "line disconnection response")
-        if header.option == wire.NAK or status != 0:
-            self.state = State.READY
-            self._close_wanted = False
-            return [CloseRefused(self._layout.nak_code(header, status))]
+        rp = wire.DisconnectionRp.decode(payload, self._layout)
+        if header.option == wire.NAK or rp.status != 0:
+            if self._layout.nak_code(header, rp.status) == ErrorCode.PEER_REFUSED_CLOSE:
+                self.state = State.READY
+                self._close_wanted = False
+                return [CloseRefused(ErrorCode.PEER_REFUSED_CLOSE)]
+            self._outbox.check_answer(header, rp.status, "the line disconnection")
+        self._refuse_if_cut_short("accepted the disconnection")
+        self._verify_disconnection(rp.mac, wire.LABEL_CLOSE_RP, "response")
         return [Closed(by_peer=False)]
+
+    def _answer_close(self, code: int) -> None:
+        """LINE_DISCONNECTION_RP: ACK (``code`` 0) or a NAK refusing with ``code``; hardened: with our MAC."""
+        rp = wire.DisconnectionRp(code, self._disconnection_mac(wire.LABEL_CLOSE_RP, ours=True)).encode()
+        if code:
+            self._outbox.nak(MessageId.LINE_DISCONNECTION_RP, rp, code)
+        else:
+            self._outbox.send(MessageId.LINE_DISCONNECTION_RP, rp)
+
+    def _disconnection_mac(self, label: bytes, *, ours: bool) -> bytes:
+        """The MAC over this end's message counts, as made by us or by the peer (b"" in V1.00)."""
+        client = self.role is Role.CLIENT
+        c2s, s2c = (self._sent, self._received) if client else (self._received, self._sent)
+        return self._keys.proof(label, wire.message_counts(client == ours, c2s, s2c))
+
+    def _verify_disconnection(self, mac: bytes, label: bytes, what: str) -> None:
+        if not same(mac, self._disconnection_mac(label, ours=False)):
+            raise RemoteProtocolError(
+                ErrorCode.BAD_DISCONNECTION,
+                f"the peer's line disconnection {what} does not verify: it was forged or altered, or"
+                f" messages were lost on the way (this end sent {self._sent} and received"
+                f" {self._received}); nothing after the last verified message can be trusted",
+            )
+
+    def _refuse_if_cut_short(self, what: str) -> None:
+        """A disconnection never completes while a message is half sent or half received."""
+        if self.inbound is not Inbound.IDLE:
+            whose = f"its message of {self._incoming_length} bytes" if self._opener else "its announced message"
+            raise RemoteProtocolError(
+                ErrorCode.TRUNCATED, f"the peer {what} before {whose} had arrived whole: it was cut short"
+            )
+        if self.outbound in (Outbound.AWAIT_RANDOM_ANSWER, Outbound.STREAMING):
+            raise RemoteProtocolError(
+                ErrorCode.TRUNCATED, f"the peer {what} while our message, which it had accepted, was still on its way"
+            )
 
 
 def _unasked_random(transfer: Transfer, header: wire.Header, payload: bytes) -> list[Event]:
