@@ -21,7 +21,14 @@ from ..dicom.sender import DicomFile, Sent, Skipped, find_files, store_files
 from ..engine import Config
 from ..keyholder.base import KeyHolder
 from .link import split_address
-from .options import add_link_options, build_config, describe, open_link_holder
+from .options import (
+    add_link_options,
+    add_timeout_options,
+    build_config,
+    build_timeouts,
+    describe,
+    open_link_holder,
+)
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 SCU_TITLE, SCP_TITLE = "ISCL-SCU", "ISCL-SCP"
@@ -67,6 +74,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     serve.add_argument("--aet", metavar="TITLE", default=SCP_TITLE, help="this SCP's AE title (default: %(default)s)")
     _add_timeout(serve)
     add_link_options(serve)
+    add_timeout_options(serve)
     serve.set_defaults(run=run_serve)
 
 
@@ -89,11 +97,13 @@ def _add_peer(parser: argparse.ArgumentParser, port_required: bool = False) -> N
                         help="the peer's AE title (default: %(default)s)")
     _add_timeout(parser)
     add_link_options(parser)
+    add_timeout_options(parser)
 
 
 def _add_timeout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=30.0,
-                        help="limit for connecting, the ISCL handshake and each DICOM answer (default: %(default)s)")
+                        help="limit for connecting and for each DICOM answer; the ISCL link's own limits are"
+                        " the timeouts below (default: %(default)s)")
 
 
 def quiet_pynetdicom(args: argparse.Namespace) -> None:
@@ -126,7 +136,7 @@ def _echo(args: argparse.Namespace, holder: KeyHolder, config: Config) -> int:
     ae = _application_entity(args.aet, args.timeout)
     ae.add_requested_context(Verification)
     assoc = associate(
-        ae, args.host, args.port, key_holder=holder, config=config, timeout=args.timeout, ae_title=args.aec
+        ae, args.host, args.port, key_holder=holder, config=config, timeouts=build_timeouts(args), ae_title=args.aec
     )
     bridge = link_of(assoc)
     assert bridge is not None
@@ -218,7 +228,7 @@ def run_store(args: argparse.Namespace) -> int:
     try:
         store_files(
             _application_entity(args.aet, args.timeout), args.host, args.port, files, key_holder=holder,
-            config=config, timeout=args.timeout, called_ae=args.aec, on_sent=progress,
+            config=config, timeouts=build_timeouts(args), called_ae=args.aec, on_sent=progress,
         )  # fmt: skip
     finally:
         holder.close()
@@ -242,7 +252,7 @@ def run_serve(args: argparse.Namespace) -> int:
     ae = storage_ae(args.aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     server = start_scp(
-        ae, (host, port), key_holder=holder, config=config, timeout=args.timeout,
+        ae, (host, port), key_holder=holder, config=config, timeouts=build_timeouts(args),
         evt_handlers=folder.evt_handlers,
         on_link_error=lambda peer, error: say(f"ISCL link from {peer} failed: {error}"),
     )  # fmt: skip

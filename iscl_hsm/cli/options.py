@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from ..errors import ErrorCode, IsclError, KeyHolderError
 from ..keyholder.base import KEY_INDEXES, KeyHolder
 from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
 from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token
+from ..transport.common import DEFAULT_TIMEOUTS, Timeouts
 from ..wire import Encryption, Mac
 
 if TYPE_CHECKING:
@@ -163,6 +166,41 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
                        " sends there, which anyone on the path can recompute after changing a message")
 
 
+TIMEOUT_HELP = {
+    "handshake": "the whole handshake",
+    "answer": "the peer's answer to a message request",
+    "message": "the next block or MAC of a message the peer is sending, or the peer taking our data",
+    "close": "the answer to a line disconnection request",
+    "idle": "anything at all, when nothing is owed either way",
+}
+
+
+def seconds(text: str) -> float:
+    """A number of seconds, 0 or more (argparse type)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
+    return value
+
+
+def add_timeout_options(parser: argparse.ArgumentParser, *, idle: bool = True) -> None:
+    """--handshake-timeout, --answer-timeout, --message-timeout, --close-timeout (and --idle-timeout)."""
+    group = parser.add_argument_group(
+        "timeouts", "Seconds this end waits for the peer before it drops the link (0: for ever)."
+    )
+    for name, waits_for in TIMEOUT_HELP.items():
+        if name != "idle" or idle:
+            default = getattr(DEFAULT_TIMEOUTS, name)
+            group.add_argument(f"--{name}-timeout", metavar="SECONDS", type=seconds, default=default,
+                               help=f"{waits_for} (default: %(default)g)")
+
+
+def build_timeouts(args: argparse.Namespace) -> Timeouts:
+    """The timeouts the options name (0 means none); options a command lacks keep their defaults."""
+    given = {f.name: getattr(args, f"{f.name}_timeout", None) for f in dataclasses.fields(Timeouts)}
+    return dataclasses.replace(DEFAULT_TIMEOUTS, **{name: value or None for name, value in given.items() if value is not None})
+
+
 def build_config(args: argparse.Namespace) -> Config:
     """The link settings the options name; a value the protocol cannot take is one clear error."""
     try:
@@ -244,5 +282,5 @@ def describe(parameters: object) -> str:
     )
 
 
-__all__ = ["DEMO_LABEL", "add_key_holder_options", "add_link_options", "build_config", "describe",
-           "open_key_holder", "open_link_holder", "read_pin"]
+__all__ = ["DEMO_LABEL", "add_key_holder_options", "add_link_options", "add_timeout_options", "build_config",
+           "build_timeouts", "describe", "open_key_holder", "open_link_holder", "read_pin", "seconds"]

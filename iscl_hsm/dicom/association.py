@@ -31,7 +31,7 @@ from .. import wire
 from ..engine import Config, Role, check_key_holder
 from ..errors import ErrorCode, IsclError
 from ..keyholder.base import KeyHolder
-from ..transport.aio import HANDSHAKE_TIMEOUT
+from ..transport.common import DEFAULT_TIMEOUTS, Timeouts
 from .bridge import IsclBridge
 
 LOGGER = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class LinkSettings:
 
     key_holder: KeyHolder = field(repr=False)
     config: Config | None = None
-    timeout: float | None = HANDSHAKE_TIMEOUT
+    timeouts: Timeouts = DEFAULT_TIMEOUTS
 
 
 class AssociationRefusedError(IsclError):
@@ -77,18 +77,18 @@ def associate(
     *,
     key_holder: KeyHolder,
     config: Config | None = None,
-    timeout: float | None = HANDSHAKE_TIMEOUT,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
     **kwargs: Any,
 ) -> Association:
     """Request an association with ``ae`` over an ISCL link; ``kwargs`` go to ``ae.associate``.
 
     Returns the established association. Raises :class:`~iscl_hsm.errors.IsclError` if the TCP
-    connection or the ISCL handshake fails (``timeout`` bounds the handshake), and
+    connection or the ISCL handshake fails (``timeouts`` bound the link's waits), and
     :class:`AssociationRefusedError` if the peer rejects or aborts the request. If the link fails
     later, the association is aborted and ``link_of(assoc).error`` says why.
     """
     _install(ae)
-    _pending.settings = LinkSettings(key_holder, config, timeout)
+    _pending.settings = LinkSettings(key_holder, config, timeouts)
     try:
         assoc = ae.associate(host, port, **kwargs)
     finally:
@@ -174,7 +174,7 @@ class _IsclAssociationSocket(AssociationSocket):
         try:
             return IsclBridge(
                 sock, Role.CLIENT, key_holder=settings.key_holder, config=settings.config,
-                timeout=settings.timeout, peer=peer,
+                timeouts=settings.timeouts, peer=peer,
             )  # fmt: skip
         except OSError as exc:
             raise IsclError(
@@ -202,7 +202,7 @@ class _IsclRequestHandler(RequestHandler):
         try:
             bridge = IsclBridge(
                 sock, Role.SERVER, key_holder=settings.key_holder, config=settings.config,
-                timeout=settings.timeout, peer=peer_text,
+                timeouts=settings.timeouts, peer=peer_text,
                 on_failure=lambda error: self._on_link_error(peer_text, error),
             )  # fmt: skip
         except (IsclError, OSError) as exc:
@@ -226,7 +226,7 @@ def start_scp(
     *,
     key_holder: KeyHolder,
     config: Config | None = None,
-    timeout: float | None = HANDSHAKE_TIMEOUT,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
     evt_handlers: list[Any] | None = None,
     ae_title: str | None = None,
     contexts: list[Any] | None = None,
@@ -235,13 +235,13 @@ def start_scp(
     """Start ``ae`` as an SCP that accepts associations over ISCL links only, in a background thread.
 
     Like ``ae.start_server(address, block=False, ...)``: stop it with ``server.shutdown()`` or
-    ``ae.shutdown()``; ``server.server_address`` has the bound port. ``timeout`` bounds each ISCL
-    handshake; a link that fails (wrong keys, a client that does not speak ISCL, a bad MAC later)
+    ``ae.shutdown()``; ``server.server_address`` has the bound port. ``timeouts`` bound each ISCL
+    link's waits; a link that fails (wrong keys, a client that does not speak ISCL, a bad MAC later)
     goes to ``on_link_error(peer, error)`` (default: logged) and never reaches pynetdicom. A key
     holder that can never serve ``config`` raises KeyHolderError here, before anything listens.
     """
     check_key_holder(config or Config(), key_holder)
-    settings = LinkSettings(key_holder, config, timeout)
+    settings = LinkSettings(key_holder, config, timeouts)
 
     def request_handler(request: socket.socket, client_address: Any, server: Any) -> _IsclRequestHandler:
         return _IsclRequestHandler(request, client_address, server, settings, on_link_error)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from ..engine import Config, LinkParameters, Role
 from ..keyholder.base import KeyHolder
 from ..transport import aio
+from ..transport.common import DEFAULT_TIMEOUTS, Timeouts
 from ..transport.relay import DEFAULT_CHUNK, Address, Link, LinkRecord
 
 LOGGER = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class IsclBridge:
 
     The constructor runs the handshake and returns once the link is up; it raises
     :class:`~iscl_hsm.errors.IsclError` (and closes ``sock``) if authentication fails or takes longer
-    than ``timeout`` seconds. Afterwards :attr:`error` holds the failure that ended the link, if any,
+    than ``timeouts.handshake`` seconds. Afterwards :attr:`error` holds the failure that ended the link, if any,
     and ``on_failure(error)`` is called with it (in the bridge's thread).
     """
 
@@ -43,7 +44,7 @@ class IsclBridge:
         *,
         key_holder: KeyHolder,
         config: Config | None = None,
-        timeout: float | None = aio.HANDSHAKE_TIMEOUT,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
         peer: str | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -58,7 +59,7 @@ class IsclBridge:
         self._ready: concurrent.futures.Future[LinkParameters] = concurrent.futures.Future()
         self._done = threading.Event()
         self._thread = threading.Thread(
-            target=asyncio.run, args=(self._run(sock, role, key_holder, config or Config(), timeout),),
+            target=asyncio.run, args=(self._run(sock, role, key_holder, config or Config(), timeouts),),
             name=f"iscl-bridge {self.peer}",
             daemon=True,
         )  # fmt: skip
@@ -77,11 +78,11 @@ class IsclBridge:
     # --- the bridge thread ----------------------------------------------------------------------
 
     async def _run(
-        self, sock: socket.socket, role: Role, key_holder: KeyHolder, config: Config, timeout: float | None
+        self, sock: socket.socket, role: Role, key_holder: KeyHolder, config: Config, timeouts: Timeouts
     ) -> None:
         try:
             stream = await aio.handshake_on(
-                sock, role, key_holder=key_holder, config=config, handshake_timeout=timeout
+                sock, role, key_holder=key_holder, config=config, timeouts=timeouts
             )
         except BaseException as exc:  # noqa: BLE001 - handed to the constructor's thread
             self._inner.close()

@@ -24,7 +24,7 @@ from pynetdicom.status import code_to_category
 
 from ..engine import Config
 from ..keyholder.base import KeyHolder
-from ..transport.aio import HANDSHAKE_TIMEOUT
+from ..transport.common import DEFAULT_TIMEOUTS, Timeouts
 from .association import associate, link_of
 from .checks import Unfit, check_data_set
 
@@ -133,7 +133,7 @@ def store_files(
     *,
     key_holder: KeyHolder,
     config: Config | None = None,
-    timeout: float | None = HANDSHAKE_TIMEOUT,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
     called_ae: str = "ANY-SCP",
     on_sent: Callable[[Sent], None] = lambda sent: None,
 ) -> list[Sent]:
@@ -151,7 +151,7 @@ def store_files(
     batches = context_batches(files)
     for number, (contexts, batch) in enumerate(batches):
         assoc = associate(
-            ae, host, port, key_holder=key_holder, config=config, timeout=timeout,
+            ae, host, port, key_holder=key_holder, config=config, timeouts=timeouts,
             contexts=contexts, ae_title=called_ae,
         )  # fmt: skip
         pending = list(batch)

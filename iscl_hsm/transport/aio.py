@@ -36,7 +36,7 @@ from ..engine import (
 )
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
 from ..keyholder.base import KeyHolder
-from .common import READ_SIZE, Address, MessageRefusedError, refused_error
+from .common import DEFAULT_TIMEOUTS, READ_SIZE, Address, MessageRefusedError, Timeouts, refused_error
 
 T = TypeVar("T")
 
@@ -48,17 +48,25 @@ Write = Callable[[bytes], None]
 Outcome = MessageSent | MessageRefused | Closed | CloseRefused
 """The peer's answer to one of our requests (a message's, or the line disconnection's)."""
 
-HANDSHAKE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = Timeouts.handshake
 """Seconds a handshake may take before the link is dropped (a card may need a few of them)."""
 
 
 class IsclStream:
     """One secured link. Create it with :func:`open_connection` or through :func:`start_server`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: Connection,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._conn = conn
+        self._timeouts = timeouts
+        self._read_timer: asyncio.Timeout | None = None  # bounds the pump's read in progress, see _read()
         self._lock = asyncio.Lock()
         self._received: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._answers: deque[asyncio.Future[Outcome]] = deque()  # one per request awaiting its answer; see _request()
@@ -69,6 +77,8 @@ class IsclStream:
         self._failure: BaseException | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self.parameters: LinkParameters | None = None
+        self.closed_by_peer = False
+        """True once the peer started a line disconnection that completed (V1.00 cannot authenticate it)."""
         self._incoming = select.poll()  # tells whether the peer's answer has come, see _seal_until_answered()
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -78,6 +88,10 @@ class IsclStream:
     @property
     def connection(self) -> Connection:
         return self._conn
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._timeouts
 
     @property
     def peer(self) -> Any:
@@ -161,7 +175,7 @@ class IsclStream:
         """
         result, wrote = await self._locked_step(fn, *args, answer=answer)
         if wrote:  # (draining a writer the pump has closed would raise)
-            await self._writer.drain()
+            await self._drain()
         return result
 
     async def _locked_step(
@@ -170,7 +184,9 @@ class IsclStream:
         """:meth:`_step` under the lock, unless the link has failed; its result, and whether it wrote."""
         async with self._lock:
             self._raise_failure()  # (the link may have failed while this call waited for the lock)
-            return await self._engine(lambda write: self._step(write, fn, *args, answer=answer))
+            done = await self._engine(lambda write: self._step(write, fn, *args, answer=answer))
+            self._rearm()
+            return done
 
     def _step(
         self, write: Write, fn: Callable[..., T], *args: Any, answer: asyncio.Future[Outcome] | None = None
@@ -195,6 +211,42 @@ class IsclStream:
         """Write from a worker thread: queued on the loop ahead of the thread's own completion."""
         self._loop.call_soon_threadsafe(self._writer.write, data)
 
+    async def _read(self) -> bytes:
+        """The next bytes from the peer, within the timeout of what the engine now waits for.
+
+        The limit follows the engine: every step re-arms it (:meth:`_rearm`), so a request sent while
+        this read waits shortens an idle link's limit to the answer's.
+        """
+        try:
+            async with asyncio.timeout_at(self._deadline()) as self._read_timer:
+                return await self._reader.read(READ_SIZE)
+        except TimeoutError:
+            raise self._timeouts.expired(self._conn.waiting, self._peer_name()) from None
+        finally:
+            self._read_timer = None
+
+    def _deadline(self) -> float | None:
+        limit = self._timeouts.of(self._conn.waiting)
+        return None if limit is None else self._loop.time() + limit
+
+    def _rearm(self) -> None:
+        """Bound the read in progress by the timeout of what the engine waits for after this step."""
+        if self._read_timer is not None:
+            self._read_timer.reschedule(self._deadline())
+
+    async def _drain(self) -> None:
+        """Wait until the writer may take more, at most the message timeout (a peer that reads nothing)."""
+        try:
+            async with asyncio.timeout(self._timeouts.message):
+                await self._writer.drain()
+        except TimeoutError:
+            self._failure = self._failure or self._timeouts.stalled(self._peer_name())
+            self._writer.transport.abort()  # the pump then ends too, and nobody waits on this link
+            raise self._failure from None
+
+    def _peer_name(self) -> str:
+        return f"the peer {Address.of(self.peer)}"
+
     async def _flush_all(self) -> None:
         """Write the rest of an outgoing message, :data:`FLUSH_BYTES` at a time."""
         while True:
@@ -202,7 +254,7 @@ class IsclStream:
                 wrote = await self._engine(self._seal_some)
             if not wrote:
                 return
-            await self._writer.drain()
+            await self._drain()
 
     async def _seal_until_answered(self, answer: asyncio.Future[Outcome]) -> None:
         """Seal more of the requested message until the peer's answer comes, as the blocking transport does.
@@ -262,7 +314,7 @@ class IsclStream:
     async def _pump_events(self) -> None:
         try:
             while True:
-                data = await self._reader.read(READ_SIZE)
+                data = await self._read()
                 events, wrote = await self._locked_step(self._conn.receive_data, data)
                 for event in events:
                     if isinstance(event, LinkReady):
@@ -270,6 +322,7 @@ class IsclStream:
                     elif isinstance(event, MessageReceived | NonSecureReceived):
                         self._received.put_nowait(event.data)
                     elif isinstance(event, Closed) and event.by_peer:
+                        self.closed_by_peer = True
                         await self._shutdown()
                         self._received.put_nowait(None)
                         return
@@ -279,12 +332,12 @@ class IsclStream:
                         self._received.put_nowait(None)  # a recv() waiting now or later returns None
                         return
                 if wrote:  # after the events: a reset met here cannot take back what was verified
-                    await self._writer.drain()
+                    await self._drain()
         except (IsclError, OSError) as exc:
             for event in getattr(exc, "events", ()):  # verified before the failure: still delivered
                 if isinstance(event, MessageReceived | NonSecureReceived):
                     self._received.put_nowait(event.data)
-            self._failure = exc
+            self._failure = self._failure or exc  # (a stalled writer may have failed the link first)
             if not self._ready.done():
                 self._ready.set_exception(exc)
             self._received.put_nowait(None)
@@ -312,11 +365,11 @@ async def open_connection(
     *,
     key_holder: KeyHolder,
     config: Config | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> IsclStream:
-    """Connect as the ISCL client and authenticate (within ``handshake_timeout`` seconds)."""
+    """Connect as the ISCL client and authenticate (within ``timeouts.handshake`` seconds)."""
     reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
-    return await _authenticated(reader, writer, Role.CLIENT, key_holder, config, handshake_timeout)
+    return await _authenticated(reader, writer, Role.CLIENT, key_holder, config, timeouts)
 
 
 async def handshake_on(
@@ -325,11 +378,11 @@ async def handshake_on(
     *,
     key_holder: KeyHolder,
     config: Config | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> IsclStream:
     """Authenticate on a TCP socket connected or accepted elsewhere; it is closed if that fails."""
     reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
-    return await _authenticated(reader, writer, role, key_holder, config, handshake_timeout)
+    return await _authenticated(reader, writer, role, key_holder, config, timeouts)
 
 
 async def _authenticated(
@@ -338,16 +391,16 @@ async def _authenticated(
     role: Role,
     key_holder: KeyHolder,
     config: Config | None,
-    handshake_timeout: float | None,
+    timeouts: Timeouts,
 ) -> IsclStream:
     try:
         conn = Connection(role, key_holder, config)
     except BaseException:
         writer.close()  # the peer is not left waiting for a handshake that cannot come
         raise
-    stream = IsclStream(reader, writer, conn)
+    stream = IsclStream(reader, writer, conn, timeouts)
     try:
-        await _handshake_within(stream, handshake_timeout)
+        await _handshake_within(stream)
     except BaseException:
         await stream.abort()
         raise
@@ -362,12 +415,12 @@ async def start_server(
     key_holder: KeyHolder,
     config: Config | None = None,
     on_error: Callable[[tuple[Any, ...] | None, BaseException], None] | None = None,
-    handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
     backlog: int = 100,
 ) -> asyncio.Server:
     """Accept ISCL links; ``handler`` gets each authenticated stream.
 
-    A handshake that fails, or does not finish within ``handshake_timeout`` seconds (a silent or
+    A handshake that fails, or does not finish within ``timeouts.handshake`` seconds (a silent or
     non-ISCL client), goes to ``on_error(peer, error)`` and its connection is dropped. ``backlog``
     is the listening socket's queue of connections not yet accepted (asyncio's default). A key holder
     that can never serve ``config`` raises KeyHolderError here, before anything listens.
@@ -375,9 +428,9 @@ async def start_server(
     check_key_holder(config or Config(), key_holder)
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config))
+        stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config), timeouts)
         try:
-            await _handshake_within(stream, handshake_timeout)
+            await _handshake_within(stream)
         except (IsclError, OSError) as exc:
             if on_error is not None:
                 on_error(stream.peer, exc)
@@ -388,15 +441,24 @@ async def start_server(
     return await asyncio.start_server(accept, host, port, limit=READ_SIZE, backlog=backlog)
 
 
-async def _handshake_within(stream: IsclStream, timeout: float | None) -> LinkParameters:
+async def _handshake_within(stream: IsclStream) -> LinkParameters:
+    timeout = stream.timeouts.handshake
     try:
         return await asyncio.wait_for(stream.handshake(), timeout)
     except TimeoutError:
         raise RemoteProtocolError(
-            ErrorCode.CONNECTION_LOST,
+            ErrorCode.TIMED_OUT,
             f"no ISCL handshake with {Address.of(stream.peer)} within {timeout:g} s: is the peer an ISCL"
-            " endpoint with the same link options?",
+            " endpoint with the same link options? (--handshake-timeout sets the limit)",
         ) from None
 
 
-__all__ = ["HANDSHAKE_TIMEOUT", "IsclStream", "MessageRefusedError", "handshake_on", "open_connection", "start_server"]
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "IsclStream",
+    "MessageRefusedError",
+    "Timeouts",
+    "handshake_on",
+    "open_connection",
+    "start_server",
+]

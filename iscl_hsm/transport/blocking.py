@@ -1,13 +1,15 @@
 """A blocking ISCL link over a connected TCP socket: the engine plus a socket, nothing more.
 
 Messages the peer sends while we are sending are kept and returned by later :meth:`IsclSocket.recv`
-calls, so one thread can both send and receive.
+calls, so one thread can both send and receive. Every read and write is bounded by a
+:class:`~iscl_hsm.transport.common.Timeouts` limit, so a silent peer fails the link (128 TIMED_OUT).
 """
 
 from __future__ import annotations
 
 import select
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Self, TypeVar
@@ -30,7 +32,7 @@ from ..engine import (
 )
 from ..errors import ErrorCode, IsclError, LocalProtocolError, RemoteProtocolError
 from ..keyholder.base import KeyHolder
-from .common import READ_SIZE, MessageRefusedError, refused_error
+from .common import DEFAULT_TIMEOUTS, READ_SIZE, Address, MessageRefusedError, Timeouts, refused_error
 
 T = TypeVar("T")
 
@@ -38,9 +40,12 @@ T = TypeVar("T")
 class IsclSocket:
     """One secured link. Create it with :meth:`connect` or :meth:`accept`."""
 
-    def __init__(self, sock: socket.socket, conn: Connection) -> None:
+    def __init__(self, sock: socket.socket, conn: Connection, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         self._sock = sock
         self._conn = conn
+        self._timeouts = timeouts
+        self._timeout: float | None = -1.0  # the socket's timeout as last set (settimeout costs a system call)
+        self._handshake_ends: float | None = None  # time.monotonic() by which the handshake must be over
         self._inbox: deque[Event] = deque()
         self._failure: IsclError | None = None  # raised once the messages before it are taken
         self._poll = select.poll()
@@ -55,32 +60,44 @@ class IsclSocket:
         *,
         key_holder: KeyHolder,
         config: Config | None = None,
-        timeout: float | None = 30.0,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> IsclSocket:
-        """Connect as the ISCL client and authenticate."""
-        sock = socket.create_connection((host, port), timeout=timeout)
-        return cls.client(sock, key_holder=key_holder, config=config)
+        """Connect as the ISCL client (within the handshake timeout) and authenticate."""
+        sock = socket.create_connection((host, port), timeout=timeouts.handshake)
+        return cls.client(sock, key_holder=key_holder, config=config, timeouts=timeouts)
 
     @classmethod
     def client(
-        cls, sock: socket.socket, *, key_holder: KeyHolder, config: Config | None = None
+        cls,
+        sock: socket.socket,
+        *,
+        key_holder: KeyHolder,
+        config: Config | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> IsclSocket:
         """Run the client side of the handshake on a connected socket."""
-        return cls._handshake(sock, _engine(sock, Role.CLIENT, key_holder, config))
+        return cls._handshake(sock, _engine(sock, Role.CLIENT, key_holder, config), timeouts)
 
     @classmethod
     def accept(
-        cls, sock: socket.socket, *, key_holder: KeyHolder, config: Config | None = None
+        cls,
+        sock: socket.socket,
+        *,
+        key_holder: KeyHolder,
+        config: Config | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> IsclSocket:
         """Run the server side of the handshake on an accepted socket."""
         conn = _engine(sock, Role.SERVER, key_holder, config)
         conn.initiate()
-        return cls._handshake(sock, conn)
+        return cls._handshake(sock, conn, timeouts)
 
     @classmethod
-    def _handshake(cls, sock: socket.socket, conn: Connection) -> IsclSocket:
+    def _handshake(cls, sock: socket.socket, conn: Connection, timeouts: Timeouts) -> IsclSocket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = cls(sock, conn)
+        link = cls(sock, conn, timeouts)
+        if timeouts.handshake is not None:
+            link._handshake_ends = time.monotonic() + timeouts.handshake
         try:
             while link.parameters is None:
                 link._flush()
@@ -89,6 +106,7 @@ class IsclSocket:
         except BaseException:
             link._abort()
             raise
+        link._handshake_ends = None
         return link
 
     @property
@@ -162,7 +180,7 @@ class IsclSocket:
             raise self._failure
         while not self._poll.poll(0) and self._guard(self._conn.seal_ahead):
             pass  # the sender keeps sealing its requested message until the peer's answer arrives
-        data = self._sock.recv(READ_SIZE)
+        data = self._recv()
         try:
             events = self._guard(self._conn.receive_data, data)
         except IsclError as exc:
@@ -188,10 +206,41 @@ class IsclSocket:
                 return event
         return None
 
+    def _recv(self) -> bytes:
+        """The next bytes from the peer, within the timeout of what the engine waits for."""
+        waiting = self._conn.waiting
+        limit = self._timeouts.of(waiting)
+        if self._handshake_ends is not None:
+            limit = max(0.0, self._handshake_ends - time.monotonic())
+        self._set_timeout(limit)
+        try:
+            return self._sock.recv(READ_SIZE)
+        except TimeoutError:
+            error = self._timeouts.expired(waiting, self._peer_name())
+            self._abort()
+            raise error from None
+
     def _flush(self) -> None:
-        while out := self._conn.data_to_send():
-            self._sock.sendall(out)
+        self._set_timeout(self._timeouts.message)
+        try:
+            while out := self._conn.data_to_send():
+                self._sock.sendall(out)
+        except TimeoutError:
+            error = self._timeouts.stalled(self._peer_name())
+            self._abort()
+            raise error from None
         self._guard(self._conn.prepare)
+
+    def _set_timeout(self, limit: float | None) -> None:
+        if limit != self._timeout:
+            self._sock.settimeout(limit)
+            self._timeout = limit
+
+    def _peer_name(self) -> str:
+        try:
+            return f"the peer {Address.of(self._sock.getpeername())}"
+        except OSError:
+            return "the peer"
 
     def _guard(self, fn: Callable[..., T], *args: Any) -> T:
         """Run an engine call; if it killed the link, tell the peer what we can, then drop the socket.

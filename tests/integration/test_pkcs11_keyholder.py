@@ -428,7 +428,6 @@ def _echo_link(
         def serve() -> None:
             try:
                 sock, _ = listener.accept()
-                sock.settimeout(LINK_TIMEOUT)
                 with IsclSocket.accept(sock, key_holder=server, config=config) as link:
                     while (data := link.recv()) is not None:
                         server_got.append(data)
@@ -439,9 +438,7 @@ def _echo_link(
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         port = listener.getsockname()[1]
-        with IsclSocket.connect(
-            "127.0.0.1", port, key_holder=client, config=config, timeout=LINK_TIMEOUT
-        ) as link:
+        with IsclSocket.connect("127.0.0.1", port, key_holder=client, config=config) as link:
             client_got = []
             for message in messages:
                 link.send(message)

@@ -737,7 +737,7 @@ def test_a_silent_client_is_dropped_after_the_handshake_timeout(
     async def scenario() -> bytes:
         server = await aio.start_server(
             lambda stream: asyncio.sleep(0), "127.0.0.1", 0, key_holder=holders(hospitals.a), config=Config(),
-            on_error=lambda peer, exc: errors.append((peer, exc)), handshake_timeout=0.3,
+            on_error=lambda peer, exc: errors.append((peer, exc)), timeouts=aio.Timeouts(handshake=0.3),
         )  # fmt: skip
         async with server:
             reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
@@ -748,7 +748,7 @@ def test_a_silent_client_is_dropped_after_the_handshake_timeout(
     received = run(scenario())
     assert split_frames(received)[0].is_(MessageId.LINE_CONNECTION_CHECK_RQ)
     ((peer, error),) = errors
-    assert isinstance(error, RemoteProtocolError) and error.code is ErrorCode.CONNECTION_LOST
+    assert isinstance(error, RemoteProtocolError) and error.code is ErrorCode.TIMED_OUT
     assert f"no ISCL handshake with 127.0.0.1:{peer[1]} within 0.3 s" in str(error)
 
 
@@ -758,8 +758,8 @@ def test_a_silent_server_fails_open_connection_after_the_handshake_timeout(
     with socket.create_server(("127.0.0.1", 0)) as silent:
         port = silent.getsockname()[1]
         with pytest.raises(RemoteProtocolError) as info:
-            run(aio.open_connection("127.0.0.1", port, key_holder=holders(hospitals.b), handshake_timeout=0.3))
-    assert info.value.code is ErrorCode.CONNECTION_LOST
+            run(aio.open_connection("127.0.0.1", port, key_holder=holders(hospitals.b), timeouts=aio.Timeouts(handshake=0.3)))
+    assert info.value.code is ErrorCode.TIMED_OUT
     assert f"no ISCL handshake with 127.0.0.1:{port} within 0.3 s" in str(info.value)
 
 

@@ -25,6 +25,7 @@ from iscl_hsm.engine.config import DEFAULT_AUTH_DATA
 from iscl_hsm.errors import ErrorCode, IsclError, KeyHolderError, LocalProtocolError, RemoteProtocolError
 from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.transport.blocking import IsclSocket, MessageRefusedError
+from iscl_hsm.transport.common import Timeouts
 from iscl_hsm.wire import Encryption, Mac, MessageId
 from tests.helpers import Frame, cfg, first_message_malleable, split_frames
 
@@ -43,6 +44,7 @@ from .conftest import (
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 60.0
 """Seconds any socket operation may block: a safety net against hangs, never an assertion."""
+SAFETY_NET = Timeouts(handshake=TIMEOUT, answer=TIMEOUT, message=TIMEOUT, close=TIMEOUT, idle=TIMEOUT)
 
 
 # --- running a link ---------------------------------------------------------------------------------
@@ -60,8 +62,7 @@ def serve_once(
     def run() -> None:
         try:
             sock, _ = listener.accept()
-            sock.settimeout(TIMEOUT)
-            link = IsclSocket.accept(sock, key_holder=holder, config=config)
+            link = IsclSocket.accept(sock, key_holder=holder, config=config, timeouts=SAFETY_NET)
             with link:
                 outcome.value = script(link)
         except BaseException as exc:  # noqa: BLE001 - examined by the test
@@ -97,7 +98,7 @@ def run_link(
                 via(port) if via else port,
                 key_holder=client_holder,
                 config=client_config,
-                timeout=TIMEOUT,
+                timeouts=SAFETY_NET,
             )
             with link:
                 client.value = client_script(link)
@@ -699,7 +700,7 @@ def test_a_client_of_a_server_that_is_not_iscl(
         thread = threading.Thread(target=not_iscl, daemon=True)
         thread.start()
         with pytest.raises(RemoteProtocolError) as caught:
-            IsclSocket.connect(*listener.getsockname(), key_holder=holders(hospitals.b), timeout=TIMEOUT)
+            IsclSocket.connect(*listener.getsockname(), key_holder=holders(hospitals.b), timeouts=SAFETY_NET)
         thread.join(TIMEOUT)
         assert not thread.is_alive()
     assert caught.value.code is code, caught.value

@@ -182,12 +182,12 @@ def test_echo_to_a_plain_dicom_port_says_so(hospitals: Hospitals, background: li
         port = placeholder.getsockname()[1]
     background.append(Background([dcmtk("storescp"), "-od", tmp_path, port], child_env()))
     wait_until_listening(port)
-    echo = iscl("echo", "127.0.0.1", port, "--timeout", "3", *token_args(hospitals, hospitals.b),
+    echo = iscl("echo", "127.0.0.1", port, "--handshake-timeout", "3", *token_args(hospitals, hospitals.b),
                 env=child_env(hospitals))  # fmt: skip
     assert echo.returncode == 1
     line = one_line(echo.stderr)
     assert f"no ISCL handshake with 127.0.0.1:{port} within 3 s: is the peer an ISCL endpoint" in line
-    assert "CONNECTION_LOST" in line
+    assert "TIMED_OUT" in line and "--handshake-timeout" in line
 
 
 def wait_until_listening(port: int) -> None:

@@ -36,6 +36,7 @@ from iscl_hsm.dicom.storage import OUT_OF_RESOURCES
 from iscl_hsm.engine import Config, Profile
 from iscl_hsm.errors import ErrorCode, IsclError
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
+from iscl_hsm.transport.common import Timeouts
 from iscl_hsm.wire import Encryption, Mac, MessageId
 from tests.helpers import cfg
 
@@ -57,7 +58,7 @@ class Scp:
         self.connections = 0
         self._failed = threading.Event()
         self.server: ThreadedAssociationServer = start_scp(
-            storage_ae(), ("127.0.0.1", 0), key_holder=holder, config=config, timeout=TIMEOUT,
+            storage_ae(), ("127.0.0.1", 0), key_holder=holder, config=config, timeouts=Timeouts(handshake=TIMEOUT),
             evt_handlers=[*StorageFolder(output).evt_handlers, (evt.EVT_CONN_OPEN, self._opened)],
             on_link_error=self._link_error,
         )  # fmt: skip
@@ -154,7 +155,7 @@ def test_a_stranger_is_refused_before_pynetdicom_sees_anything(
     ae.add_requested_context(Verification)
     with pytest.raises(IsclError) as caught:
         associate(ae, "127.0.0.1", server.port, key_holder=holders(hospitals.stranger), config=config,
-                  timeout=TIMEOUT)  # fmt: skip
+                  timeouts=Timeouts(handshake=TIMEOUT))  # fmt: skip
     assert caught.value.code is ErrorCode.AUTHENTICATION_FAILED
     assert "different keys at authentication index 1" in str(caught.value)
     assert isinstance(server.wait_for_link_error(), IsclError)
@@ -171,10 +172,10 @@ def test_a_plain_dicom_scp_is_a_clear_timeout(holders: Callable[..., Pkcs11KeyHo
         ae = scu()
         ae.add_requested_context(Verification)
         with pytest.raises(IsclError) as caught:
-            associate(ae, "127.0.0.1", port, key_holder=holders(hospitals.b), timeout=2)
+            associate(ae, "127.0.0.1", port, key_holder=holders(hospitals.b), timeouts=Timeouts(handshake=2))
     finally:
         server.shutdown()
-    assert caught.value.code is ErrorCode.CONNECTION_LOST
+    assert caught.value.code is ErrorCode.TIMED_OUT
     assert f"no ISCL handshake with 127.0.0.1:{port} within 2 s: is the peer an ISCL endpoint" in str(caught.value)
 
 
