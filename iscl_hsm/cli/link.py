@@ -5,31 +5,57 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
+import signal
 import sys
+import threading
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 from .. import wire
-from ..engine import Config
-from ..errors import ErrorCode, RemoteProtocolError
+from ..engine import Config, Profile
+from ..errors import ErrorCode, IsclError, RemoteProtocolError
 from ..keyholder.base import KeyHolder
+from ..repeats import RepeatFilter, failure_key
 from ..transport import aio
-from .options import add_link_options, build_config, describe, open_link_holder
+from ..transport.common import Address, Timeouts
+from .options import (
+    add_link_options,
+    add_timeout_options,
+    build_config,
+    build_timeouts,
+    describe,
+    open_link_holder,
+)
+
+T = TypeVar("T")
 
 CHUNK = 64 * 1024
+AHEAD = 4
+"""Chunks of stdin read ahead of the link: enough to keep it busy, little enough to bound memory."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     server = sub.add_parser(
         "server",
         help="accept one ISCL link and join it to stdin/stdout",
-        description="Listen for one ISCL client, authenticate it, then send stdin as secured messages"
-        " and write what arrives to stdout. The link's parameters go to stderr. The line is"
-        " disconnected once both ends have reached the end of their input. Example:\n"
-        "  iscl server --listen 127.0.0.1:2761 < /dev/null > received.bin",
+        description="Listen for one ISCL client, authenticate it, then send stdin as secured messages and"
+        " write what arrives to stdout. The link's parameters go to stderr. The line is disconnected"
+        " once both ends have reached the end of their input; any other ending (a failure, a timeout,"
+        " a signal) exits non-zero. Other clients are refused while the link runs, unless"
+        " --accept-many. Examples:\n"
+        "  iscl server --listen 127.0.0.1:2761 < /dev/null > received.bin\n"
+        "  iscl server --listen 0.0.0.0:2761 --accept-many incoming/   # each link to its own file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     server.add_argument("--listen", metavar="HOST:PORT", default=f"0.0.0.0:{wire.DEFAULT_PORT}",
                         help="address to listen on (default: %(default)s)")
+    server.add_argument("--accept-many", metavar="DIR", type=Path,
+                        help="accept links until SIGTERM or SIGINT, writing what each one brings to its own"
+                        " file DIR/link-N.bin (stdin is not used)")
     add_link_options(server)
+    add_timeout_options(server)
     server.set_defaults(run=run_server)
 
     client = sub.add_parser(
@@ -37,12 +63,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="open an ISCL link and join it to stdin/stdout",
         description="Connect to an ISCL server, authenticate, then send stdin as secured messages and"
         " write what arrives to stdout. The line is disconnected once both ends have reached the end"
-        " of their input. Example:\n  echo hello | iscl client 127.0.0.1 2761",
+        " of their input; any other ending exits non-zero. Example:\n"
+        "  echo hello | iscl client 127.0.0.1 2761",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     client.add_argument("host")
     client.add_argument("port", type=int, nargs="?", default=wire.DEFAULT_PORT)
     add_link_options(client)
+    add_timeout_options(client)
     client.set_defaults(run=run_client)
 
 
@@ -51,6 +79,68 @@ def split_address(text: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise SystemExit(f"iscl: --listen wants HOST:PORT, not {text!r}")
     return host.strip("[]"), int(port)
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT ended the command; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+async def until_signal(work: Awaitable[T]) -> T:
+    """``work``, unless SIGTERM or SIGINT comes first: then it is cancelled and :class:`Stopped` raised."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    caught: list[int] = []
+
+    def stop(signum: int) -> None:
+        caught.append(signum)
+        task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if caught:
+            raise Stopped(caught[0]) from None
+        raise
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+class InputReader:
+    """A file read a chunk at a time in a daemon thread, at most :data:`AHEAD` chunks ahead of the link.
+
+    Not ``asyncio.to_thread``: a read blocked on a terminal would keep the process from exiting once
+    the link is over, since asyncio joins its default executor's threads at the end. And ``os.read``
+    on the descriptor, not the buffered file: a daemon thread blocked inside the buffered reader holds
+    its lock, which the interpreter needs at exit.
+    """
+
+    def __init__(self, source: BinaryIO, chunk_size: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(AHEAD)
+        threading.Thread(
+            target=self._run, args=(source.fileno(), chunk_size), name="iscl-stdin", daemon=True
+        ).start()
+
+    def _run(self, fd: int, chunk_size: int) -> None:
+        try:
+            while True:
+                chunk = os.read(fd, chunk_size)  # whatever is there, without waiting for more
+                asyncio.run_coroutine_threadsafe(self._queue.put(chunk), self._loop).result()
+                if not chunk:
+                    return
+        except (OSError, ValueError, RuntimeError):  # input closed, or the loop gone: the link is over
+            return
+
+    async def read(self) -> bytes:
+        """The next chunk; b"" at the end of the input."""
+        return await self._queue.get()
 
 
 async def send_all(stream: aio.IsclStream, data: bytes) -> None:
@@ -64,22 +154,20 @@ async def send_all(stream: aio.IsclStream, data: bytes) -> None:
             await stream.send(data[start : start + exc.peer_max_length])
 
 
-async def relay(stream: aio.IsclStream) -> None:
-    """Copy stdin to the link and the link to stdout until both sides are done.
+async def relay(stream: aio.IsclStream, source: BinaryIO | None, sink: BinaryIO, name: str) -> None:
+    """Copy ``source`` (None: nothing) to the link and the link to ``sink`` until both sides are done.
 
     The link is opened with accept_close off (see :func:`link_config`), so the peer cannot disconnect
-    the line while this end still has input to send; once stdin ends, this end accepts a disconnection
-    and asks for one. If the peer refuses (it still has input), the peer disconnects when it is done.
+    the line while this end still has input to send; once the input ends, this end accepts a
+    disconnection and asks for one. If the peer refuses (it still has input), the peer disconnects
+    when it is done. Every task is awaited, so a failure is raised once, and nothing is left running.
     """
     print(describe(stream.parameters), file=sys.stderr, flush=True)
     conn = stream.connection
-    chunk_size = max(1, min(CHUNK, conn.config.max_message))
-
-    stdin = sys.stdin.buffer
-    read = getattr(stdin, "read1", stdin.read)  # read1: whatever is there, without waiting for more
+    reader = None if source is None else InputReader(source, max(1, min(CHUNK, conn.config.max_message)))
 
     async def upstream() -> None:
-        while chunk := await asyncio.to_thread(read, chunk_size):
+        while reader is not None and (chunk := await reader.read()):
             await send_all(stream, chunk)
         conn.config = dataclasses.replace(conn.config, accept_close=True)
         try:
@@ -90,18 +178,26 @@ async def relay(stream: aio.IsclStream) -> None:
 
     async def downstream() -> None:
         while (data := await stream.recv()) is not None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
+            sink.write(data)
+            sink.flush()
 
     down = asyncio.create_task(downstream())
     up = asyncio.create_task(upstream())
-    done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-    for task in done:
-        task.result()
-    if down in done:
-        up.cancel()  # the peer disconnected; stdin no longer matters
-    else:
-        await down
+    try:
+        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+        if down not in done:
+            await down
+        # else the peer disconnected: what is left of the input no longer matters
+    finally:
+        for task in (up, down):
+            task.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
+        await stream.abort()  # (a no-op after a completed disconnection)
+    if stream.closed_by_peer and conn.config.profile is Profile.V100:
+        print(f"{name}: closed by the peer (unauthenticated in V1.00: someone on the path could have ended"
+              " the stream early; --profile hardened on both ends detects that)", file=sys.stderr, flush=True)
 
 
 def link_config(args: argparse.Namespace) -> Config:
@@ -109,51 +205,135 @@ def link_config(args: argparse.Namespace) -> Config:
     return dataclasses.replace(build_config(args), accept_close=False)
 
 
+def exit_status(stopped: Stopped, name: str, what: str) -> int:
+    print(f"{name}: stopped by {stopped}; {what}", file=sys.stderr, flush=True)
+    return 128 + stopped.signum
+
+
+# --- iscl server ----------------------------------------------------------------------------------
+
+
 def run_server(args: argparse.Namespace) -> int:
     config = link_config(args)  # option errors before any token is touched
     host, port = split_address(args.listen)
-    return asyncio.run(_serve_one(open_link_holder(args, config), host, port, config))
+    if args.accept_many is not None and not args.accept_many.is_dir():
+        raise SystemExit(f"iscl: --accept-many wants an existing folder; {args.accept_many} is not one")
+    server = LinkServer(open_link_holder(args, config), config, build_timeouts(args), args.accept_many)
+    return asyncio.run(server.run(host, port))
 
 
-async def _serve_one(holder: KeyHolder, host: str, port: int, config: Config) -> int:
-    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    failures: list[BaseException] = []
+class LinkServer:
+    """`iscl server`: one link joined to stdin/stdout, or with ``many`` every link to its own file."""
 
-    async def handle(stream: aio.IsclStream) -> None:
+    name = "iscl server"
+
+    def __init__(self, holder: KeyHolder, config: Config, timeouts: Timeouts, many: Path | None) -> None:
+        self._holder = holder
+        self._config = config
+        self._timeouts = timeouts
+        self._many = many
+        self._links = 0
+        self._open: dict[aio.IsclStream, asyncio.Task[object]] = {}  # each open link and the task serving it
+        self._failures: list[IsclError | OSError] = []
+        self._repeats = RepeatFilter()
+        self._listener: asyncio.Server | None = None
+        self._first_over: asyncio.Future[None] | None = None
+
+    async def run(self, host: str, port: int) -> int:
+        self._first_over = asyncio.get_running_loop().create_future()
+        self._listener = await aio.start_server(
+            self._handle, host, port, key_holder=self._holder, config=self._config, on_error=self._handshake_failed,
+            timeouts=self._timeouts,
+        )  # fmt: skip
+        bound = self._listener.sockets[0].getsockname()
+        print(f"{self.name}: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
         try:
-            await relay(stream)
-        except Exception as exc:  # noqa: BLE001 - handed to the main task, which reports it
-            failures.append(exc)
+            async with self._listener:
+                await until_signal(self._first_over if self._many is None else asyncio.Event().wait())
+        except Stopped as stopped:
+            aborted = len(self._open)
+            await self._abort_all()
+            if self._many is None:
+                return exit_status(stopped, self.name, "the link was aborted" if aborted else "no link was made")
+            print(f"{self.name}: stopped by {stopped}; {self._links} link(s), {len(self._failures)} failed,"
+                  f" {aborted} aborted", file=sys.stderr, flush=True)
+            return 1 if self._failures or aborted else 0
+        if self._failures:
+            raise self._failures[0]
+        return 0
+
+    async def _abort_all(self) -> None:
+        """Abort every open link and wait for its task, which then ends with the link's failure."""
+        tasks = list(self._open.values())
+        for stream in list(self._open):
+            await stream.abort()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _handle(self, stream: aio.IsclStream) -> None:
+        self._links += 1
+        number, peer = self._links, Address.of(stream.peer)
+        if self._many is None and number > 1:
+            print(f"{self.name}: refused the link from {peer}: this server takes one link (--accept-many takes more)",
+                  file=sys.stderr, flush=True)
+            await stream.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[stream] = task
+        try:
+            if self._many is None:
+                assert self._listener is not None
+                self._listener.close()  # no further connections
+                await relay(stream, sys.stdin.buffer, sys.stdout.buffer, self.name)
+            else:
+                await self._to_file(stream, number, peer)
+        except (IsclError, OSError) as exc:
+            self._failures.append(exc)
+            if self._many is not None:
+                print(f"{self.name}: link {number} from {peer} failed: {exc}", file=sys.stderr, flush=True)
         finally:
-            if not finished.done():
-                finished.set_result(None)
+            self._open.pop(stream, None)
+            if self._first_over is not None and not self._first_over.done() and self._many is None:
+                self._first_over.set_result(None)
 
-    def on_error(peer: object, exc: BaseException) -> None:
-        print(f"iscl server: link from {peer} failed during the handshake: {exc}", file=sys.stderr)
+    async def _to_file(self, stream: aio.IsclStream, number: int, peer: Address) -> None:
+        assert self._many is not None
+        path = self._many / f"link-{number}.bin"
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as sink:
+            await relay(stream, None, sink, f"{self.name}: link {number} from {peer}")
+            size = sink.tell()
+        print(f"{self.name}: link {number} from {peer}: {size} bytes in {path}", file=sys.stderr, flush=True)
 
-    server = await aio.start_server(handle, host, port, key_holder=holder, config=config, on_error=on_error)
-    bound = server.sockets[0].getsockname()
-    print(f"iscl server: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
-    async with server:
-        await finished
-    if failures:
-        raise failures[0]
-    return 0
+    def _handshake_failed(self, peer: object, exc: BaseException) -> None:
+        address = Address.of(peer)
+        if (unshown := self._repeats.admit(failure_key(address.host, exc))) is not None:
+            more = f" ({unshown} more like it from {address.host} not shown)" if unshown else ""
+            print(f"{self.name}: link from {address} failed during the handshake: {exc}{more}", file=sys.stderr, flush=True)
+
+
+# --- iscl client ----------------------------------------------------------------------------------
 
 
 def run_client(args: argparse.Namespace) -> int:
     config = link_config(args)  # option errors before any token is touched
     holder = open_link_holder(args, config)
+    timeouts = build_timeouts(args)
 
-    async def main() -> int:
+    async def connect_and_relay() -> int:
         try:
-            stream = await aio.open_connection(args.host, args.port, key_holder=holder, config=config)
+            stream = await aio.open_connection(args.host, args.port, key_holder=holder, config=config, timeouts=timeouts)
         except OSError as exc:
             raise SystemExit(
                 f"iscl: cannot connect to {args.host}:{args.port}: {exc.strerror or exc};"
                 " is an ISCL server listening there?"
             ) from None
-        await relay(stream)
+        await relay(stream, sys.stdin.buffer, sys.stdout.buffer, "iscl client")
         return 0
+
+    async def main() -> int:
+        try:
+            return await until_signal(connect_and_relay())
+        except Stopped as stopped:
+            return exit_status(stopped, "iscl client", "the link was aborted")
 
     return asyncio.run(main())

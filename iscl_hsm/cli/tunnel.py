@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
-import math
 import signal
 import sys
 import tomllib
@@ -27,7 +27,14 @@ from ..dicom.gateway import (
     Tunnel,
     TunnelSettings,
 )
-from .options import add_link_options, build_config, open_link_holder
+from .options import (
+    add_link_options,
+    add_timeout_options,
+    build_config,
+    build_timeouts,
+    open_link_holder,
+    seconds,
+)
 
 _UNSET: Any = object()
 """Marks an option the command line did not give (so the config file or the default applies)."""
@@ -144,13 +151,6 @@ def _positive(kind: type[int | float]) -> Any:
     return convert
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
-    return value
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tunnel = sub.add_parser(
         "tunnel",
@@ -199,6 +199,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                             " '--'; options given here override it")
         _add_gateway_options(parser)
         add_link_options(parser)
+        add_timeout_options(parser, idle=False)  # (the gateway's --idle-timeout counts data both ways)
 
 
 def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
@@ -212,7 +213,7 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--connect-timeout", metavar="SECONDS", type=_positive(float), default=DEFAULT_CONNECT_TIMEOUT,
                        help="how long opening the outgoing connection (and, for a client, authenticating)"
                        " may take (default: %(default)s)")
-    group.add_argument("--idle-timeout", metavar="SECONDS", type=_non_negative, default=DEFAULT_IDLE_TIMEOUT,
+    group.add_argument("--idle-timeout", metavar="SECONDS", type=seconds, default=DEFAULT_IDLE_TIMEOUT,
                        help="abort a link (the application sees its association aborted) after this long"
                        " without data either way; 0: never (default: %(default)g, 12 hours)")
 
@@ -227,6 +228,7 @@ def run_tunnel(args: argparse.Namespace) -> int:
     settings = TunnelSettings(
         mode=args.mode, listen=args.listen, target=target, key_holder=holder, config=config,
         chunk_size=args.chunk_size, connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout or None,
+        timeouts=dataclasses.replace(build_timeouts(args), idle=None),
     )  # fmt: skip
     try:
         return asyncio.run(_serve(settings, args.drain_timeout))

@@ -29,7 +29,9 @@ from typing import Any
 from ..engine import Config, check_key_holder
 from ..errors import ErrorCode, IsclError
 from ..keyholder.base import KeyHolder
+from ..repeats import RepeatFilter, failure_key
 from ..transport import aio
+from ..transport.common import Timeouts
 from ..transport.relay import DEFAULT_CHUNK, Address, Link, LinkRecord
 from .pdu import announces_data_set
 
@@ -41,6 +43,8 @@ DEFAULT_IDLE_TIMEOUT = 12 * 3600.0
 """Seconds a link may carry no data either way before the gateway aborts it, as stunnel's TIMEOUTidle
 does: a peer that vanished without closing (a pulled cable, a crashed host) would otherwise hold its
 link, and the application's connection behind it, for ever."""
+GATEWAY_TIMEOUTS = Timeouts(idle=None)
+"""The ISCL links' own limits; their idle limit is None, since the gateway's counts data both ways."""
 
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues for a tunnel before it accepts them (capped by net.core.somaxconn).
@@ -72,6 +76,9 @@ class TunnelSettings:
     """Seconds to open the outgoing TCP connection and, for a client tunnel, to authenticate."""
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
     """Seconds without data either way after which a link is aborted; None: never."""
+    timeouts: Timeouts = GATEWAY_TIMEOUTS
+    """The ISCL links' other timeouts (an answer, a message in progress, disconnection; the handshake
+    of links the server tunnel accepts); idle links are the ``idle_timeout``'s, counted both ways."""
 
 
 class Tunnel:
@@ -81,6 +88,7 @@ class Tunnel:
         self.settings = settings
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
+        self._repeats = RepeatFilter()  # failed handshakes, per peer host
 
     @property
     def address(self) -> Address:
@@ -104,7 +112,8 @@ class Tunnel:
         else:
             self._server = await aio.start_server(
                 self._accept_iscl, s.listen.host, s.listen.port,
-                key_holder=s.key_holder, config=s.config, on_error=self._handshake_failed, backlog=LISTEN_BACKLOG,
+                key_holder=s.key_holder, config=s.config, on_error=self._handshake_failed, timeouts=s.timeouts,
+                backlog=LISTEN_BACKLOG,
             )  # fmt: skip
         return self.address
 
@@ -163,7 +172,9 @@ class Tunnel:
         s = self.settings
         try:
             stream = await asyncio.wait_for(
-                aio.open_connection(s.target.host, s.target.port, key_holder=s.key_holder, config=s.config),
+                aio.open_connection(
+                    s.target.host, s.target.port, key_holder=s.key_holder, config=s.config, timeouts=s.timeouts
+                ),
                 s.connect_timeout,
             )
         except (IsclError, OSError) as exc:
@@ -182,7 +193,10 @@ class Tunnel:
         link.attach_plain(reader, writer)
 
     def _handshake_failed(self, peer: tuple[Any, ...] | None, exc: BaseException) -> None:
-        log.info("%s", LinkRecord(Address.of(peer), self.settings.target, started=None).line(exc))
+        source = Address.of(peer)
+        if (unshown := self._repeats.admit(failure_key(source.host, exc))) is not None:
+            line = LinkRecord(source, self.settings.target, started=None).line(exc)
+            log.info("%s%s", line, f" ({unshown} more like it from {source.host} not shown)" if unshown else "")
 
 
 def _connect_error(exc: BaseException, target: Address, timeout: float, what: str) -> IsclError:

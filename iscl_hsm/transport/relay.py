@@ -80,10 +80,10 @@ class LinkRecord:
     def line(self, failure: BaseException | None) -> str:
         p = self.parameters
         if p is None:
-            keys = "auth_key=- algorithms=- enc_key=-"
+            keys = "profile=- auth_key=- algorithms=- enc_key=-"
         else:
             enc = "session" if p.enc_key_id == SESSION_KEYS else str(p.enc_key_id)
-            keys = f"auth_key={p.auth_key_id} algorithms={_algorithm(p.encryption)}+{_algorithm(p.mac)} enc_key={enc}"
+            keys = f"profile={p.profile.value} auth_key={p.auth_key_id} algorithms={_algorithm(p.encryption)}+{_algorithm(p.mac)} enc_key={enc}"
         duration = "-" if self.started is None else f"{time.monotonic() - self.started:.2f}s"
         result = "closed" if failure is None else f"aborted: {failure}"
         return (

@@ -38,6 +38,17 @@ LINK_LINE = {
     " des-mac with key 1, peer auth data 'iscl-hsm'",
 }
 """What each end prints on stderr once the link is up, with the default settings of each profile."""
+CLOSE_NOTE = "closed by the peer (unauthenticated in V1.00"
+
+
+def without_close_note(profile: Profile, server_lines: list[str], client_lines: list[str]) -> tuple[list[str], list[str]]:
+    """Both ends' stderr lines without the V1.00 close note, which the end the peer closed prints
+    (one end at most; none if both asked at once), and never in the hardened profile."""
+    notes = [line for line in server_lines + client_lines if CLOSE_NOTE in line]
+    assert len(notes) <= (1 if profile is Profile.V100 else 0), notes
+    return [x for x in server_lines if CLOSE_NOTE not in x], [x for x in client_lines if CLOSE_NOTE not in x]
+
+
 KEY_HOLDER_OPTIONS = ["--pkcs11-module", "--token", "--pin-file", "--record-keys"]
 LINK_OPTIONS = [
     "--auth-key-id", "--enc-key-id", "--encryption", "--mac", "--max-block", "--max-message", "--auth-data",
@@ -189,8 +200,9 @@ def test_stdin_arrives_on_the_peers_stdout_byte_identical(
     )
     assert server_out == to_server
     assert client_out == to_client
-    assert server.lines[1:] == [LINK_LINE[profile]]
-    assert client.stderr.splitlines() == [LINK_LINE[profile]]
+    assert without_close_note(profile, server.lines[1:], client.stderr.splitlines()) == (
+        [LINK_LINE[profile]], [LINK_LINE[profile]]
+    )
 
 
 def test_the_link_options_reach_both_ends(
@@ -207,8 +219,9 @@ def test_the_link_options_reach_both_ends(
     assert (server_out, client_out) == (to_server, to_client)
     link = (f"ISCL link up: MEDIS-ISCL V1.00, {profile.value} profile, block 1024 bytes, auth key 6, none + md5"
             " with session keys")
-    assert server.lines[1:] == [f"{link}, peer auth data 'Hospital B'"]
-    assert client.stderr.splitlines() == [f"{link}, peer auth data 'Hospital A'"]
+    assert without_close_note(profile, server.lines[1:], client.stderr.splitlines()) == (
+        [f"{link}, peer auth data 'Hospital B'"], [f"{link}, peer auth data 'Hospital A'"]
+    )
 
 
 ON_A_KEY_1_LINK = set(V100_PAYLOAD_SIZES) - {MessageId.RNDNO_FOR_SESSION_KEY_RQ, MessageId.RNDNO_FOR_SESSION_KEY_RP}
@@ -313,6 +326,107 @@ def test_a_key_missing_on_the_servers_token_is_named_there(
     assert "REMOTE_KEY_HOLDER" in one_line(client.stderr)
     failure = server.wait_for("failed during the handshake").string
     assert "'iscl-auth-3'" in failure and hospitals.stranger.label in failure and "KEY_NOT_FOUND" in failure
+
+
+# --- one link, how it ends, and signals ------------------------------------------------------------
+
+
+class Client(Background):
+    """`iscl client` in the background, its stdin a pipe the test writes and closes."""
+
+    def __init__(self, port: int, args: Sequence[object], env: dict[str, str], stdout: Path) -> None:
+        with open(stdout, "wb") as sink:
+            super().__init__(
+                [sys.executable, "-m", "iscl_hsm", "client", "127.0.0.1", port, *args], env,
+                stdin=subprocess.PIPE, stdout=sink,
+            )  # fmt: skip
+
+    def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data.decode("latin-1"))
+        self.proc.stdin.flush()
+
+    def end_input(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Client]]:
+    started: list[Client] = []
+    yield started
+    for client in started:
+        client.kill()
+
+
+def no_traceback(*outputs: Sequence[str]) -> None:
+    for lines in outputs:
+        assert not [line for line in lines if "Traceback" in line or "never retrieved" in line], lines
+
+
+def test_the_server_refuses_a_second_client_while_its_link_runs(
+    hospitals: Hospitals, servers: list[Server], clients: list[Client], tmp_path: Path, profile: Profile
+) -> None:
+    env, chosen = child_env(hospitals), ["--profile", profile.value]
+    server = start_server(servers, [*token_args(hospitals, hospitals.a), *chosen], env, None, tmp_path / "server.out")
+    port = server.port
+    first = Client(port, [*token_args(hospitals, hospitals.b), *chosen], env, tmp_path / "first.out")
+    clients.append(first)
+    first.send(b"from the first client")
+    server.wait_for("ISCL link up")
+    second = iscl("client", "127.0.0.1", port, *token_args(hospitals, hospitals.b), *chosen, env=env)
+    assert second.returncode == 1
+    assert "cannot connect" in one_line(second.stderr)
+    first.end_input()
+    assert first.finish() == 0, first.lines
+    assert server.finish() == 0, server.lines
+    assert (tmp_path / "server.out").read_bytes() == b"from the first client"
+    closed_by_client = [line for line in server.lines if CLOSE_NOTE in line]
+    assert len(closed_by_client) == (1 if profile is Profile.V100 else 0)  # the server's own input ended first
+    no_traceback(server.lines, first.lines)
+
+
+def test_accept_many_writes_each_link_to_its_own_file_until_sigterm(
+    hospitals: Hospitals, servers: list[Server], tmp_path: Path
+) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    env = child_env(hospitals)
+    server = start_server(servers, [*token_args(hospitals, hospitals.a), "--accept-many", incoming], env, None,
+                          tmp_path / "server.out")  # fmt: skip
+    port = server.port
+    sent = [os.urandom(n) for n in (10, 100_000, 1)]
+    for n, data in enumerate(sent, 1):
+        (tmp_path / "in").write_bytes(data)
+        with open(tmp_path / "in", "rb") as stdin:
+            done = iscl("client", "127.0.0.1", port, *token_args(hospitals, hospitals.b), env=env, stdin=stdin)
+        assert done.returncode == 0, done.stderr
+        server.wait_for(rf"link {n} from 127\.0\.0\.1:\d+: {len(data)} bytes in .*link-{n}\.bin$")
+    assert server.stop() == 0
+    assert server.lines[-1] == "iscl server: stopped by SIGTERM; 3 link(s), 0 failed, 0 aborted"
+    for n, data in enumerate(sent, 1):
+        path = incoming / f"link-{n}.bin"
+        assert path.read_bytes() == data
+        assert path.stat().st_mode & 0o777 == 0o600
+    no_traceback(server.lines)
+
+
+@pytest.mark.parametrize("stopped", ["server", "client"])
+def test_sigterm_during_a_link_ends_both_ends_with_one_line_and_a_failure(
+    hospitals: Hospitals, servers: list[Server], clients: list[Client], tmp_path: Path, stopped: str
+) -> None:
+    env = child_env(hospitals)
+    server = start_server(servers, token_args(hospitals, hospitals.a), env, None, tmp_path / "server.out")
+    client = Client(server.port, token_args(hospitals, hospitals.b), env, tmp_path / "client.out")
+    clients.append(client)
+    client.send(b"partial")
+    server.wait_for("ISCL link up")
+    target, other = (server, client) if stopped == "server" else (client, server)
+    assert target.stop() == 143
+    assert target.lines[-1] == f"iscl {stopped}: stopped by SIGTERM; the link was aborted"
+    assert other.finish() == 1  # its link was cut: never reported as success
+    assert other.lines[-1].startswith("iscl: ")
+    no_traceback(server.lines, client.lines)
 
 
 # --- configuration mistakes: exit 1 and one clear line ---------------------------------------------

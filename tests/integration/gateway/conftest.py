@@ -233,7 +233,7 @@ def link_lines(caplog: pytest.LogCaptureFixture) -> Callable[[int], list[str]]:
 
 
 LINE = re.compile(
-    r"link from=(?P<source>\S+) to=(?P<target>\S+) auth_key=(?P<auth_key>\S+) algorithms=(?P<algorithms>\S+)"
+    r"link from=(?P<source>\S+) to=(?P<target>\S+) profile=(?P<profile>\S+) auth_key=(?P<auth_key>\S+) algorithms=(?P<algorithms>\S+)"
     r" enc_key=(?P<enc_key>\S+) plain_to_iscl=(?P<up>\d+) iscl_to_plain=(?P<down>\d+)"
     r" duration=(?P<duration>\S+) result=(?P<result>.*)"
 )
