@@ -428,15 +428,24 @@ async def start_server(
     check_key_holder(config or Config(), key_holder)
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: the handshake, then ``handler``.
+
+        A link still open when the event loop ends (asyncio.run cancels it) is aborted quietly:
+        Python 3.11's start_server would log the cancelled task as an error, with a traceback, and
+        nobody else awaits this task.
+        """
         stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config), timeouts)
         try:
-            await _handshake_within(stream)
-        except (IsclError, OSError) as exc:
-            if on_error is not None:
-                on_error(stream.peer, exc)
+            try:
+                await _handshake_within(stream)
+            except (IsclError, OSError) as exc:
+                if on_error is not None:
+                    on_error(stream.peer, exc)
+                await stream.abort()
+                return
+            await handler(stream)
+        except asyncio.CancelledError:
             await stream.abort()
-            return
-        await handler(stream)
 
     return await asyncio.start_server(accept, host, port, limit=READ_SIZE, backlog=backlog)
 

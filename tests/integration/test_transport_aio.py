@@ -612,6 +612,30 @@ def test_a_send_caught_by_a_reset_leaves_no_unretrieved_error_behind(
     assert [context.get("message") for context in reported] == []
 
 
+def test_a_link_still_open_when_the_event_loop_ends_is_aborted_without_a_traceback(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    """asyncio.run cancels the server's handler task; Python 3.11's start_server would report that
+    as an error with a traceback (as `iscl demo` once printed) unless the handler ends quietly."""
+    reported: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        started = asyncio.Event()
+
+        async def waiting(stream: IsclStream) -> None:
+            started.set()
+            await stream.recv()  # a message that never comes
+
+        async with serving(waiting, holders(hospitals.a)) as port:
+            await connect(port, holders(hospitals.b))
+            await started.wait()
+        # returning now leaves the handler running: asyncio.run cancels it
+
+    run(main())
+    assert [context.get("message") for context in reported] == []
+
+
 def test_an_algorithm_mismatch_is_refused_and_the_link_survives(
     hospitals: Hospitals, holders: Callable[..., KeyHolder]
 ) -> None:
