@@ -165,6 +165,9 @@ class Tunnel:
         self._links.add(task)
         try:
             await link.run(connect)
+        except asyncio.CancelledError:
+            pass  # stop() gave up on it: Link.run has aborted and logged it. (Nobody awaits this task, and
+            # Python 3.11's start_server would print a cancelled one as an error with a traceback.)
         finally:
             self._links.discard(task)
 

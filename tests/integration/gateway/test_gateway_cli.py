@@ -97,10 +97,12 @@ def test_sigterm_aborts_links_still_open_after_the_drain_timeout(
                 with pytest.raises(ConnectionResetError):  # the far application sees the abort too
                     forwarded.recv(16)
         status, output = client.stop(None)
-        server.stop()
+        _, server_output = server.stop()
 
     assert status == 0
     assert "iscl tunnel client: stopped (1 link(s) aborted)" in output
+    for text in (output, server_output):
+        assert "Traceback" not in text and "never retrieved" not in text, text
     (line,) = link_lines(output)
     assert line["up"] == "4"
     assert line["result"] == (
