@@ -32,6 +32,7 @@ from ..engine import (
     NonSecureReceived,
     Role,
     State,
+    Waiting,
     check_key_holder,
 )
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
@@ -66,7 +67,8 @@ class IsclStream:
         self._writer = writer
         self._conn = conn
         self._timeouts = timeouts
-        self._read_timer: asyncio.Timeout | None = None  # bounds the pump's read in progress, see _read()
+        self._expires: float | None = None  # when what the link waits for is overdue (loop time), see _rearm()
+        self._watchdog: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
         self._received: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._answers: deque[asyncio.Future[Outcome]] = deque()  # one per request awaiting its answer; see _request()
@@ -211,37 +213,49 @@ class IsclStream:
         """Write from a worker thread: queued on the loop ahead of the thread's own completion."""
         self._loop.call_soon_threadsafe(self._writer.write, data)
 
-    async def _read(self) -> bytes:
-        """The next bytes from the peer, within the timeout of what the engine now waits for.
-
-        The limit follows the engine: every step re-arms it (:meth:`_rearm`), so a request sent while
-        this read waits shortens an idle link's limit to the answer's.
-        """
-        try:
-            async with asyncio.timeout_at(self._deadline()) as self._read_timer:
-                return await self._reader.read(READ_SIZE)
-        except TimeoutError:
-            raise self._timeouts.expired(self._conn.waiting, self._peer_name()) from None
-        finally:
-            self._read_timer = None
-
-    def _deadline(self) -> float | None:
-        limit = self._timeouts.of(self._conn.waiting)
-        return None if limit is None else self._loop.time() + limit
-
     def _rearm(self) -> None:
-        """Bound the read in progress by the timeout of what the engine waits for after this step."""
-        if self._read_timer is not None:
-            self._read_timer.reschedule(self._deadline())
+        """Give the peer the timeout of what the engine waits for after this step, from now.
+
+        Called after every engine step (every read among them). Lazy, since it runs thousands of
+        times a second on a busy link: it moves a deadline, and the one timer of the link is
+        rescheduled only when the deadline comes earlier (a request on an idle link); a timer that
+        fires before the deadline just sets itself again. The handshake is bounded as a whole
+        instead (:func:`_handshake_within`).
+        """
+        waiting = self._conn.waiting
+        limit = None if waiting is Waiting.HANDSHAKE else self._timeouts.of(waiting)
+        if limit is None:
+            self._expires = None
+            return
+        self._expires = self._loop.time() + limit
+        if self._watchdog is None or self._watchdog.when() > self._expires:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watchdog = self._loop.call_at(self._expires, self._watch)
+
+    def _watch(self) -> None:
+        """The watchdog's timer: fail the link if its deadline has passed, else wait on."""
+        self._watchdog = None
+        if self._expires is None or self._writer.is_closing():
+            return
+        if self._loop.time() < self._expires:
+            self._watchdog = self._loop.call_at(self._expires, self._watch)
+            return
+        self._failure = self._failure or self._timeouts.expired(self._conn.waiting, self._peer_name())
+        self._writer.transport.abort()  # the pump's read ends, and it reports self._failure
 
     async def _drain(self) -> None:
         """Wait until the writer may take more, at most the message timeout (a peer that reads nothing)."""
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            await self._writer.drain()  # (returns at once: it would not wait; it raises a lost connection's error)
+            return
         try:
             async with asyncio.timeout(self._timeouts.message):
                 await self._writer.drain()
         except TimeoutError:
             self._failure = self._failure or self._timeouts.stalled(self._peer_name())
-            self._writer.transport.abort()  # the pump then ends too, and nobody waits on this link
+            transport.abort()  # the pump then ends too, and nobody waits on this link
             raise self._failure from None
 
     def _peer_name(self) -> str:
@@ -314,7 +328,7 @@ class IsclStream:
     async def _pump_events(self) -> None:
         try:
             while True:
-                data = await self._read()
+                data = await self._reader.read(READ_SIZE)
                 events, wrote = await self._locked_step(self._conn.receive_data, data)
                 for event in events:
                     if isinstance(event, LinkReady):
@@ -337,9 +351,9 @@ class IsclStream:
             for event in getattr(exc, "events", ()):  # verified before the failure: still delivered
                 if isinstance(event, MessageReceived | NonSecureReceived):
                     self._received.put_nowait(event.data)
-            self._failure = self._failure or exc  # (a stalled writer may have failed the link first)
+            self._failure = self._failure or exc  # (a timeout or a stalled writer may have come first)
             if not self._ready.done():
-                self._ready.set_exception(exc)
+                self._ready.set_exception(self._failure)
             self._received.put_nowait(None)
             async with self._lock:
                 out = self._conn.data_to_send()  # a NAK that says why, if any
@@ -352,6 +366,9 @@ class IsclStream:
             raise self._failure
 
     async def _shutdown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._writer.close()
         try:
             await self._writer.wait_closed()
