@@ -2,7 +2,7 @@
 # runs `deps` (scripts/install-deps.sh: apt and pip, skipped when already satisfied).
 PYTHON ?= python3
 
-.PHONY: help deps demo test bench bench-quick bench-plot-deps lint
+.PHONY: help deps demo test bench bench-quick bench-plot-deps lint fuzz
 
 help:
 	@echo "make demo   install what is missing, then run 'iscl demo' (a secured exchange on the demo SoftHSM2 token)"
@@ -31,6 +31,10 @@ bench-quick: deps bench-plot-deps
 # matplotlib draws latest.png; installed (the `bench` extra) only when missing, and only for the benchmarks.
 bench-plot-deps:
 	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install --disable-pip-version-check -e ".[bench]"
+
+# Not part of `make test`: a million mutated sessions through the engine (docs/fuzzing.md; ~10 min on 2 cores).
+fuzz: deps
+	$(PYTHON) -m tests.fuzz.campaign --inputs 1000000 $(FUZZ_ARGS)
 
 lint:
 	@status=0; \
