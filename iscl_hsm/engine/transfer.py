@@ -94,6 +94,9 @@ class Floor:
         """May our next request go out now?"""
         return True
 
+    def check_answer(self, transfer: Transfer) -> None:
+        """Raise if the peer's answer to our request cannot come now."""
+
     def after_inbound(self, transfer: Transfer) -> None:
         """The peer's message is over (verified)."""
 
@@ -123,6 +126,17 @@ class HalfDuplex(Floor):
 
     def may_start(self, transfer: Transfer) -> bool:
         return transfer.inbound is Inbound.IDLE
+
+    def check_answer(self, transfer: Transfer) -> None:
+        """The server answers a crossing request only once its own message is over, so an answer that
+        overtakes that message's MAC was reordered on the way (it would start our message on the
+        shared chain before the peer's ends)."""
+        if transfer.inbound in (Inbound.AWAIT_RANDOM, Inbound.RECEIVING):
+            raise RemoteProtocolError(
+                ErrorCode.BAD_MESSAGE_ID,
+                "the peer answered our message request before its own message was over; a V1.00 link"
+                " carries one message at a time",
+            )
 
     def after_inbound(self, transfer: Transfer) -> None:
         if transfer.outbound is Outbound.IDLE:
@@ -371,6 +385,7 @@ class Transfer:
             self.start_next_message()
 
     def _on_answer(self, header: wire.Header, payload: bytes) -> list[Event]:
+        self._floor.check_answer(self)
         rp = wire.TransmissionRp.decode(payload)
         data = self._pending
         assert data is not None
@@ -387,6 +402,7 @@ class Transfer:
         return self._seal(None)
 
     def _on_random_answer(self, header: wire.Header, payload: bytes) -> list[Event]:
+        self._floor.check_answer(self)
         status = wire.decode_status(payload, "session-key random number response")
         self._outbox.check_answer(header, status, "the session-key random number")
         random, self._pending_random = self._pending_random, None

@@ -32,10 +32,12 @@ from tests.helpers import (
     ConnectionPair,
     Frame,
     cfg,
+    everything_to_send,
     exchange,
     make_holder,
     other,
     reflecting_the_servers_challenge,
+    split_frames,
 )
 
 V100 = Profile.V100
@@ -87,6 +89,24 @@ def test_crossing_requests_the_servers_message_goes_first(
     senders = data_senders(p)
     assert senders == sorted(senders, key=lambda r: r is Role.CLIENT)  # every server frame before any client one
     assert p.server.idle and p.client.idle
+
+
+def test_an_answer_that_overtakes_the_crossing_message_is_refused() -> None:
+    """The server answers the client's held request only after its own MAC; an attacker who swaps the
+    two would have the client start its message on the shared chain mid-message: refused (104)."""
+    p = ready(cfg(V100, max_block=16))
+    p.server.send_message(b"from the server, first")
+    p.client.send_message(b"from the client, second")
+    server_rq, client_rq = p.server.data_to_send(), p.client.data_to_send()
+    p.server.receive_data(client_rq)  # held
+    p.client.receive_data(server_rq)  # answered at once
+    p.server.receive_data(p.client.data_to_send())
+    frames = split_frames(everything_to_send(p.server))
+    assert [f.message_id for f in frames[-2:]] == [MessageId.MAC_TRANSMISSION_NOTIF, MessageId.MESSAGE_TRANSMISSION_RP]
+    swapped = b"".join(f.raw for f in [*frames[:-2], frames[-1], frames[-2]])
+    with pytest.raises(RemoteProtocolError) as info:
+        p.client.receive_data(swapped)
+    assert info.value.code is ErrorCode.BAD_MESSAGE_ID and "before its own message was over" in str(info.value)
 
 
 @pytest.mark.parametrize("key_id", [1, wire.SESSION_KEYS], ids=["key1", "session"])
