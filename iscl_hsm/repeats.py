@@ -35,6 +35,13 @@ class RepeatFilter:
         self._shown[key] = now
         return self._unshown.pop(key, 0)
 
+    def failure(self, host: str, error: BaseException, line: str) -> str | None:
+        """``line`` (about ``error`` from ``host``) as it should be shown, or None to show nothing."""
+        unshown = self.admit(failure_key(host, error))
+        if unshown is None:
+            return None
+        return f"{line} ({unshown} more like it from {host} not shown)" if unshown else line
+
     def _forget(self, now: float) -> None:
         """Drop keys silent for a whole window that have nothing left to report (bounds memory)."""
         for key in [k for k, t in self._shown.items() if now - t >= self._window and k not in self._unshown]:

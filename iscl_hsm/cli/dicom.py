@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ from ..dicom import MAXIMUM_PDU_SIZE, StorageFolder, associate, link_of, start_s
 from ..dicom.sender import DicomFile, Sent, Skipped, find_files, store_files
 from ..engine import Config
 from ..keyholder.base import KeyHolder
+from ..repeats import RepeatFilter
 from .link import split_address
 from .options import (
     add_link_options,
@@ -247,22 +250,44 @@ def run_serve(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(f"iscl serve: {line}", file=sys.stderr, flush=True)
 
+    repeats = RepeatFilter()
+
+    def link_failed(peer: str, error: BaseException) -> None:
+        if (line := repeats.failure(peer.rpartition(":")[0], error, f"ISCL link from {peer} failed: {error}")) is not None:
+            say(line)
+
     folder = StorageFolder(args.output, notify=lambda line, ok: say(line))
     holder = open_link_holder(args, config)
     ae = storage_ae(args.aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     server = start_scp(
         ae, (host, port), key_holder=holder, config=config, timeouts=build_timeouts(args),
-        evt_handlers=folder.evt_handlers,
-        on_link_error=lambda peer, error: say(f"ISCL link from {peer} failed: {error}"),
+        evt_handlers=folder.evt_handlers, on_link_error=link_failed,
     )  # fmt: skip
+    server.daemon_threads, server.block_on_close = True, False  # a link still in its handshake at exit is
+    # dropped, not waited for
     bound = server.server_address
     say(f"listening on {bound[0]}:{bound[1]}, storing into {args.output}")
+    stopped: list[int] = []
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopped.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
     try:
         stop.wait()
     finally:
+        open_ones = list(server.active_associations)
+        for assoc in open_ones:  # the peer sees an aborted association, never a completed one
+            if assoc.is_established:
+                assoc.abort()
+            elif (bridge := link_of(assoc)) is not None:  # still awaiting the request, which pynetdicom
+                with contextlib.suppress(OSError):  # cannot abort: end the connection under it instead
+                    bridge.app_socket.shutdown(socket.SHUT_RDWR)
         server.shutdown()
         holder.close()
+    say(f"stopped by {signal.Signals(stopped[0]).name}; {len(open_ones)} association(s) aborted")
     return EXIT_OK

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import dataclasses
 import os
 import signal
 import sys
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from .. import wire
 from ..engine import Config, Profile
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
 from ..keyholder.base import KeyHolder
-from ..repeats import RepeatFilter, failure_key
+from ..repeats import RepeatFilter
 from ..transport import aio
 from ..transport.common import Address, Timeouts
 from .options import (
@@ -135,12 +136,24 @@ class InputReader:
                 asyncio.run_coroutine_threadsafe(self._queue.put(chunk), self._loop).result()
                 if not chunk:
                     return
-        except (OSError, ValueError, RuntimeError):  # input closed, or the loop gone: the link is over
-            return
+        except (OSError, ValueError, RuntimeError, concurrent.futures.CancelledError):
+            return  # input closed, or the loop gone or going (its put cancelled): the link is over
 
     async def read(self) -> bytes:
         """The next chunk; b"" at the end of the input."""
         return await self._queue.get()
+
+
+async def on_link(stream: aio.IsclStream, operation: Coroutine[Any, Any, T]) -> T:
+    """``operation`` on the link; a socket error (the peer reset the connection, say) becomes one
+    sentence naming the peer, as the gateway's log line says it, not a bare errno."""
+    try:
+        return await operation
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise IsclError(
+            ErrorCode.CONNECTION_LOST, f"the ISCL link with {Address.of(stream.peer)} failed: {reason}"
+        ) from None
 
 
 async def send_all(stream: aio.IsclStream, data: bytes) -> None:
@@ -168,16 +181,16 @@ async def relay(stream: aio.IsclStream, source: BinaryIO | None, sink: BinaryIO,
 
     async def upstream() -> None:
         while reader is not None and (chunk := await reader.read()):
-            await send_all(stream, chunk)
+            await on_link(stream, send_all(stream, chunk))
         conn.config = dataclasses.replace(conn.config, accept_close=True)
         try:
-            await stream.close()
+            await on_link(stream, stream.close())
         except RemoteProtocolError as exc:
             if exc.code is not ErrorCode.PEER_REFUSED_CLOSE:
                 raise
 
     async def downstream() -> None:
-        while (data := await stream.recv()) is not None:
+        while (data := await on_link(stream, stream.recv())) is not None:
             sink.write(data)
             sink.flush()
 
@@ -306,9 +319,9 @@ class LinkServer:
 
     def _handshake_failed(self, peer: object, exc: BaseException) -> None:
         address = Address.of(peer)
-        if (unshown := self._repeats.admit(failure_key(address.host, exc))) is not None:
-            more = f" ({unshown} more like it from {address.host} not shown)" if unshown else ""
-            print(f"{self.name}: link from {address} failed during the handshake: {exc}{more}", file=sys.stderr, flush=True)
+        line = self._repeats.failure(address.host, exc, f"{self.name}: link from {address} failed during the handshake: {exc}")
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
 
 
 # --- iscl client ----------------------------------------------------------------------------------

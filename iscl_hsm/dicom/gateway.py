@@ -29,7 +29,7 @@ from typing import Any
 from ..engine import Config, check_key_holder
 from ..errors import ErrorCode, IsclError
 from ..keyholder.base import KeyHolder
-from ..repeats import RepeatFilter, failure_key
+from ..repeats import RepeatFilter
 from ..transport import aio
 from ..transport.common import Timeouts
 from ..transport.relay import DEFAULT_CHUNK, Address, Link, LinkRecord
@@ -197,9 +197,9 @@ class Tunnel:
 
     def _handshake_failed(self, peer: tuple[Any, ...] | None, exc: BaseException) -> None:
         source = Address.of(peer)
-        if (unshown := self._repeats.admit(failure_key(source.host, exc))) is not None:
-            line = LinkRecord(source, self.settings.target, started=None).line(exc)
-            log.info("%s%s", line, f" ({unshown} more like it from {source.host} not shown)" if unshown else "")
+        line = self._repeats.failure(source.host, exc, LinkRecord(source, self.settings.target, started=None).line(exc))
+        if line is not None:
+            log.info("%s", line)
 
 
 def _connect_error(exc: BaseException, target: Address, timeout: float, what: str) -> IsclError:

@@ -7,10 +7,12 @@ runs in both wire profiles, chosen with --profile on every command.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,10 +23,12 @@ from typing import Any
 
 import pytest
 
-from iscl_hsm.engine import Profile
+from iscl_hsm.engine import Config, Profile
+from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.wire import MessageId
+from tests.helpers import split_frames
 
-from ..conftest import Hospitals
+from ..conftest import Hospitals, raw_client_handshake
 from ..test_cli import LINK_LINE, TIMEOUT, child_env, iscl, one_line, token_args
 from .conftest import Background, assert_stored_exactly, dcmtk, make_study, python_iscl
 
@@ -70,6 +74,30 @@ def test_echo_and_store_a_study_through_iscl_serve(
     for path in sent:
         serve.wait_for(rf"^iscl serve: stored {output}/[0-9.]+\.dcm \(\d+ bytes\) from ISCL-SCU$")
     assert serve.stop() == 0  # SIGTERM is a clean stop
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
+def test_a_signal_stops_serve_at_once_and_ends_its_open_link(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder], background: list[Background], tmp_path: Path,
+    signum: int,
+) -> None:  # fmt: skip
+    """A link up but still without an association (pynetdicom cannot abort that state) once kept
+    serve from exiting until the ACSE timeout; it is ended now, with one line and no traceback."""
+    (tmp_path / "out").mkdir()
+    serve, port = start_serve(background, hospitals, tmp_path / "out")
+    sock, _ = raw_client_handshake(port, holders(hospitals.b), Config())
+    with sock:
+        serve.proc.send_signal(signum)
+        assert serve.finish() == 0
+        heard = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(1 << 16):
+                heard += data
+    assert {f.message_id for f in split_frames(heard)} <= {MessageId.LINE_DISCONNECTION_RQ}  # then the end
+    # (0 when the signal overtook the link's last handshake step: that link is dropped at exit)
+    assert re.fullmatch(rf"iscl serve: stopped by {signal.Signals(signum).name}; [01] association\(s\) aborted",
+                        serve.lines[-1]), serve.lines  # fmt: skip
+    assert not [line for line in serve.lines if "Traceback" in line or "Error" in line], serve.lines
 
 
 def test_store_reports_and_skips_files_that_are_not_dicom(
