@@ -565,6 +565,12 @@ def _translate(call: Callable[[], T], description: str, what: str) -> T:
         raise _operation_error(exc, description, what) from None
 
 
+_VANISHED: Final = (
+    "the token's files may have been removed, or the token initialised again or its keys replaced, while"
+    " links used it; restore the token, then start the links again"
+)
+
+
 def _operation_error(exc: BaseException, description: str, what: str) -> KeyHolderError:
     name = str(exc) if type(exc) is p11.PKCS11Error else type(exc).__name__  # (a code with no class)
     if isinstance(exc, (p11.DeviceRemoved, p11.TokenNotPresent, p11.SessionClosed, p11.SessionHandleInvalid)):
@@ -572,6 +578,8 @@ def _operation_error(exc: BaseException, description: str, what: str) -> KeyHold
             f"{description} could not {what}: the token was removed or its session ended ({name});"
             " open the key holder again"
         )
+    if isinstance(exc, (p11.KeyHandleInvalid, p11.ObjectHandleInvalid)):
+        return KeyHolderError(f"{description} could not {what}: the key is no longer in the token ({name}); {_VANISHED}")
     if isinstance(exc, p11.UserNotLoggedIn):
         return KeyHolderError(
             f"{description} could not {what}: the session is no longer logged in; open the key holder again"
@@ -911,7 +919,16 @@ class Pkcs11KeyHolder(KeyHolder):
     def _with_key(self, purpose: str, index: int, operation: Callable[[Any, KeyType], T], what: str) -> T:
         """Run ``operation(key, key_type)`` alone on the session; look the key up again if stale."""
         for attempt in (1, 2):
-            key, key_type = self._usable(purpose, index)
+            try:
+                key, key_type = self._usable(purpose, index)
+            except KeyHolderError as exc:
+                if attempt == 1 or exc.code is not ErrorCode.KEY_NOT_FOUND:
+                    raise
+                # The key answered a moment ago and is gone now: not a key the officer never made.
+                raise KeyHolderError(
+                    f"{_PURPOSE_NAMES[purpose]} {index} (label '{key_label(purpose, index)}') is no longer on"
+                    f" {self.description}, though this process used it before; {_VANISHED}"
+                ) from None
             self._check_open()
             try:
                 return self._entry.run(functools.partial(_call_with_key, operation, key, key_type))

@@ -288,19 +288,22 @@ def test_a_replayed_external_authenticate_fails(
 
 
 class PullingHolder(KeyHolder):
-    """A card key holder whose card is pulled just before the ``nth`` call of ``method``."""
+    """A card key holder whose card is pulled just before the ``nth`` call of ``method``; or, given
+    ``fault``, which then does something else to it instead (stops pcscd, say)."""
 
     host_record_keys = True
 
-    def __init__(self, holder: SmartCardKeyHolder, card: VirtualCard, method: str, nth: int = 1) -> None:
+    def __init__(self, holder: SmartCardKeyHolder, card: VirtualCard, method: str, nth: int = 1,
+                 fault: Callable[[], object] | None = None) -> None:  # fmt: skip
         self.holder, self.card, self.method, self.left = holder, card, method, nth
+        self.fault = fault or card.pull
         self.description = holder.description
 
     def _maybe_pull(self, method: str) -> None:
         if method == self.method:
             self.left -= 1
             if self.left == 0:
-                self.card.pull()
+                self.fault()
 
     def get_challenge(self, key_id: int) -> bytes:
         self._maybe_pull("get_challenge")

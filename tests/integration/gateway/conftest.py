@@ -286,19 +286,20 @@ class TunnelCommand:
 
 @pytest.fixture
 def tunnel_command(hospitals: Hospitals, tmp_path: Path) -> Iterator[Callable[..., TunnelCommand]]:
-    """``tunnel_command(mode, token, *options)``: start `python3 -m iscl_hsm tunnel MODE` on a free port.
+    """``tunnel_command(mode, token, *options, env=None)``: start `python3 -m iscl_hsm tunnel MODE` on a free
+    port, in ``env`` (default: the hospitals' tokens).
 
     Children still running after the test are killed.
     """
     started: list[TunnelCommand] = []
 
-    def start(mode: str, token: SoftHsmToken | None, *options: object) -> TunnelCommand:
+    def start(mode: str, token: SoftHsmToken | None, *options: object, env: dict[str, str] | None = None) -> TunnelCommand:
         log = tmp_path / f"tunnel-{mode}-{len(started)}.log"
         keys = [] if token is None else ["--token", token.label, "--pin-file", hospitals.pin_file(token)]
         with log.open("wb") as stderr:
             process = subprocess.Popen(
                 [sys.executable, "-m", "iscl_hsm", "tunnel", mode, *map(str, keys), *map(str, options)],
-                env=child_env(hospitals), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                env=child_env(hospitals) if env is None else env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                 cwd=REPO,
             )  # fmt: skip
         command = TunnelCommand(process, log)
