@@ -84,15 +84,21 @@ def test_a_close_asked_for_while_a_message_comes_in_waits_for_its_mac(profile: P
     assert p.events[closer][-1] == Closed(by_peer=False)
 
 
+def close_crossing_a_request(profile: Profile, closer: Role) -> tuple[ConnectionPair, bytes]:
+    """A ready pair whose ``closer`` asks to disconnect while the other end's message request is on its
+    way; the request is returned undelivered."""
+    p = ready(profile)
+    p.conn(other(closer)).send_message(MESSAGE)
+    request = everything_to_send(p.conn(other(closer)))
+    p.conn(closer).close()
+    return p, request
+
+
 @pytest.mark.parametrize("closer", ROLES, ids=lambda r: r.value)
 def test_a_close_crossing_a_message_request_is_refused_and_the_message_still_arrives(
     profile: Profile, closer: Role
 ) -> None:
-    p = ready(profile)
-    sender = other(closer)
-    p.conn(sender).send_message(MESSAGE)
-    request = everything_to_send(p.conn(sender))  # on its way when the closer asks
-    p.conn(closer).close()
+    p, request = close_crossing_a_request(profile, closer)
     p.step(closer)  # the close request reaches the sender, whose own request awaits its answer: refused
     p.deliver(closer, request)  # the crossing request, accepted by the closer
     closes_cleanly(p, closer)
@@ -157,11 +163,7 @@ def test_an_acceptance_of_our_close_while_the_peers_message_comes_in_is_a_trunca
     profile: Profile, closer: Role
 ) -> None:
     """V1.00 cannot tell a forged acceptance, but it can tell that it arrived mid-message."""
-    p = ready(profile)
-    sender = other(closer)
-    p.conn(sender).send_message(MESSAGE)
-    request = everything_to_send(p.conn(sender))
-    p.conn(closer).close()
+    p, request = close_crossing_a_request(profile, closer)
     everything_to_send(p.conn(closer))  # the close request, dropped on its way
     p.deliver(closer, request)  # the crossing request is accepted: its message is now coming in
     forged = wire.frame(MessageId.LINE_DISCONNECTION_RP, wire.encode_status(0))
