@@ -126,7 +126,7 @@ def test_a_client_tunnel_whose_module_fails_mid_store_leaves_the_server_tunnels_
     server = start_tunnel(Mode.SERVER, storescp.port, holders(hospitals.a), config)
     healthy = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), config)
     failing = tunnel_command(
-        "client", None, *token_args(hospitals, hospitals.b), "--pkcs11-module", failing_module.path, *SESSION,
+        "client", hospitals.b, "--pkcs11-module", failing_module.path, *SESSION,
         "--listen", "127.0.0.1:0", "--connect", f"127.0.0.1:{server.address.port}",
         env=failing_module.env(child_env(hospitals)),
     )  # fmt: skip
