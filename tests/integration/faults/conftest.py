@@ -15,14 +15,18 @@ what was sent arrived intact.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -77,18 +81,65 @@ def assert_one_failure_line(lines: Sequence[str], *expected: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# `iscl server` and `iscl client` joined to files
+# `iscl server` and `iscl client` fed without end
+
+
+class Feeder:
+    """Writes random data into a command's stdin until :meth:`end` or until the command goes away, and
+    keeps in ``record`` everything it meant to write (written there first, so what the command read
+    is always a prefix of it).
+
+    A transfer fed so has no end of its own: however late the test gets to its fault (a loaded machine
+    may starve it for seconds), the fault still finds the link in the middle of its transfer.
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, stdin: IO[bytes], record: Path) -> None:
+        self._stdin = stdin
+        self._record = record
+        self._left: int | None = None  # bytes still to write once end() was called
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self._record.open("wb") as record, contextlib.suppress(OSError, ValueError):
+            try:
+                while True:
+                    with self._lock:
+                        size = self.CHUNK if self._left is None else min(self.CHUNK, self._left)
+                        if self._left is not None:
+                            self._left -= size
+                    if size == 0:
+                        return
+                    chunk = os.urandom(size)
+                    record.write(chunk)
+                    record.flush()
+                    self._stdin.write(chunk)
+                    self._stdin.flush()
+            finally:
+                self._stdin.close()
+
+    def end(self, after: int = 0) -> None:
+        """Write ``after`` more bytes, then close the command's stdin; wait until that is done."""
+        with self._lock:
+            self._left = after
+        self._thread.join(TIMEOUT)
+        assert not self._thread.is_alive(), "the command took none of its input"
 
 
 @dataclass
 class LinkEnds:
-    """A running `iscl server` and `iscl client`; each sends its ``*.in`` file and writes ``*.out``."""
+    """A running `iscl server` and `iscl client`, each fed without end (``feeders``) and writing ``*.out``."""
 
     server: Background
     client: Background
+    feeders: dict[str, Feeder]
     folder: Path
 
     def sent(self, end: str) -> bytes:
+        """What ``end`` was given to send (all of it, once its feeder has stopped)."""
         return (self.folder / f"{end}.in").read_bytes()
 
     def received(self, end: str) -> bytes:
@@ -106,20 +157,23 @@ class LinkEnds:
 
 @pytest.fixture
 def link_ends(tmp_path: Path) -> Iterator[Callable[..., LinkEnds]]:
-    """``link_ends(to_server, to_client, server=(args, env), client=(args, env))``: start `iscl server` on a
-    free port, then `iscl client` to it; both are killed after the test if still running."""
+    """``link_ends(server=(args, env), client=(args, env), server_sends=True)``: start `iscl server` on a free
+    port, then `iscl client` to it, each sending random data without end (the server nothing, if not
+    ``server_sends``); both are killed after the test if still running."""
     started: list[Background] = []
 
-    def start(to_server: bytes, to_client: bytes, *, server: tuple[Sequence[object], dict[str, str]],
-              client: tuple[Sequence[object], dict[str, str]]) -> LinkEnds:  # fmt: skip
+    def start(*, server: tuple[Sequence[object], dict[str, str]], client: tuple[Sequence[object], dict[str, str]],
+              server_sends: bool = True) -> LinkEnds:  # fmt: skip
         folder = tmp_path / f"link-{len(started) // 2}"
         folder.mkdir()
-        (folder / "client.in").write_bytes(to_server)
-        (folder / "server.in").write_bytes(to_client)
         server_end = _command(started, ["server", "--listen", "127.0.0.1:0", *server[0]], server[1], folder, "server")
         port = int(server_end.wait_for(r"^iscl server: listening on 127\.0\.0\.1:(\d+)$").group(1))
         client_end = _command(started, ["client", "127.0.0.1", port, *client[0]], client[1], folder, "client")
-        return LinkEnds(server_end, client_end, folder)
+        feeders = {name: Feeder(_stdin(end), folder / f"{name}.in")
+                   for name, end in (("server", server_end), ("client", client_end))}  # fmt: skip
+        if not server_sends:
+            feeders["server"].end()
+        return LinkEnds(server_end, client_end, feeders, folder)
 
     yield start
     for command in started:
@@ -128,10 +182,17 @@ def link_ends(tmp_path: Path) -> Iterator[Callable[..., LinkEnds]]:
 
 def _command(started: list[Background], args: Sequence[object], env: dict[str, str], folder: Path,
              end: str) -> Background:  # fmt: skip
-    with open(folder / f"{end}.in", "rb") as source, open(folder / f"{end}.out", "wb") as sink:
-        command = Background([sys.executable, "-m", "iscl_hsm", *args], env, stdin=source, stdout=sink)
+    with open(folder / f"{end}.out", "wb") as sink:
+        command = Background([sys.executable, "-m", "iscl_hsm", *args], env, stdin=subprocess.PIPE, stdout=sink)
     started.append(command)
     return command
+
+
+def _stdin(command: Background) -> IO[bytes]:
+    """The command's stdin as bytes (Background opens its pipes as text)."""
+    stdin = command.proc.stdin
+    assert stdin is not None
+    return stdin.buffer  # type: ignore[attr-defined,no-any-return]
 
 
 def kill(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
@@ -241,5 +302,5 @@ def children(pid: int) -> list[int]:
     return found
 
 
-__all__ = ["FailingModule", "LinkEnds", "PrivateToken", "assert_one_failure_line", "children", "file_size", "kill",
+__all__ = ["FailingModule", "Feeder", "LinkEnds", "PrivateToken", "assert_one_failure_line", "children", "file_size", "kill",
            "wait_until"]

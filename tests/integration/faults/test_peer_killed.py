@@ -1,7 +1,7 @@
 """A peer process killed (SIGKILL) in the middle of a transfer.
 
-`iscl server` and `iscl client` each send a large file while the other's arrives; one of them is
-killed once a megabyte has crossed. The survivor exits 1 with one line within its timeouts, and what
+`iscl server` and `iscl client` each send random data without end while the other's arrives; one of
+them is killed once a megabyte has crossed. The survivor exits 1 with one line within its timeouts, and what
 it wrote is an exact prefix of what the dead end sent: only messages whose MAC verified are written.
 
 Through the gateway (DCMTK at both ends): the server tunnel process killed, or one DICOM application
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +34,6 @@ from ..gateway.test_gateway_cli import start_pair
 from ..test_cli import child_env, token_args
 from .conftest import LinkEnds, assert_one_failure_line, children, kill, wait_until
 
-SIZE = 24 << 20
-"""Bytes each end sends: far more than crosses before the kill."""
 CROSSED = 1 << 20
 """Bytes that have arrived when one end is killed."""
 
@@ -50,11 +49,8 @@ def test_the_survivor_of_a_killed_peer_fails_with_one_line_and_an_exact_prefix(
     hospitals: Hospitals, link_ends: Callable[..., LinkEnds], profile: Profile, killed: str
 ) -> None:
     env, chosen = child_env(hospitals), ["--profile", profile.value]
-    ends = link_ends(
-        os.urandom(SIZE), os.urandom(SIZE),
-        server=([*token_args(hospitals, hospitals.a), *chosen], env),
-        client=([*token_args(hospitals, hospitals.b), *chosen], env),
-    )  # fmt: skip
+    ends = link_ends(server=([*token_args(hospitals, hospitals.a), *chosen], env),
+                     client=([*token_args(hospitals, hospitals.b), *chosen], env))  # fmt: skip
     survivor = "server" if killed == "client" else "client"
     ends.wait_received(survivor, CROSSED)
 
@@ -63,6 +59,7 @@ def test_the_survivor_of_a_killed_peer_fails_with_one_line_and_an_exact_prefix(
     assert ends.end(survivor).finish() == 1
     line = assert_one_failure_line(ends.end(survivor).lines)
     assert LOST.match(line), line
+    ends.feeders[killed].end()
     received, sent = ends.received(survivor), ends.sent(killed)
     assert CROSSED <= len(received) < len(sent)
     assert sent.startswith(received)  # nothing altered, nothing of a message that did not verify
@@ -71,8 +68,9 @@ def test_the_survivor_of_a_killed_peer_fails_with_one_line_and_an_exact_prefix(
 # --- through the gateway ---------------------------------------------------------------------------
 
 
-def study(folder: Path, images: int = 12) -> list[Path]:
-    """Images of 512 KiB: each a few ISCL messages, and a store long enough to be cut in the middle."""
+def study(folder: Path, images: int = 40) -> list[Path]:
+    """Images of 512 KiB: each a few ISCL messages, and a store long enough (20 MB) to be cut in the
+    middle however late the test gets to its fault."""
     return write_study(folder, StudySpec(images=images, rows=512, columns=512))
 
 
@@ -146,8 +144,9 @@ def test_an_application_killed_mid_store_leaves_the_other_association_alone(
     if victim == "storescu":
         kill(first)
     else:
-        (child,) = children(storescp.process.pid)
-        os.kill(child, 9)
+        serving = children(storescp.process.pid)
+        assert len(serving) == 1, f"storescp serves {len(serving)} associations, not the one being cut"
+        os.kill(serving[0], signal.SIGKILL)
     output = first.communicate(timeout=TIMEOUT)[0]
     if second is None:
         second = storescu(client.address.port, other)

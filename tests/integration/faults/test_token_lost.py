@@ -19,7 +19,6 @@ iscl_hsm.keyholder.p11direct's direct calls) into the key holder's translation o
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,6 @@ from ..test_cli import child_env, token_args
 from .conftest import FailingModule, LinkEnds, PrivateToken, assert_one_failure_line
 from .test_peer_killed import assert_an_intact_prefix, stored_of, storescu, study, wait_until
 
-SIZE = 16 << 20
 CROSSED = 1 << 20
 TOLD = re.compile(r"^iscl: the peer refused .* \(code 103, REMOTE_KEY_HOLDER\) \[ISCL 103 REMOTE_KEY_HOLDER\]$")
 """The sender's line when the receiver's key holder failed and said so."""
@@ -62,15 +60,17 @@ def test_the_token_files_removed_in_the_middle_of_a_link(
     """The server's token is deleted once a megabyte has arrived; the client goes on sending."""
     both = ["--profile", profile.value, *(SESSION if options == SESSION else [])]
     ends = link_ends(
-        os.urandom(SIZE), b"",
         server=([*private_token.args(), *both, *options], private_token.env),
-        client=([*token_args(hospitals, hospitals.b), *both], child_env(hospitals)),
+        client=([*token_args(hospitals, hospitals.b), *both], child_env(hospitals)), server_sends=False,
     )  # fmt: skip
     ends.wait_received("server", CROSSED)
 
     private_token.remove_files()
 
+    if not fails:  # then the rest of the client's data, and the end of its input
+        ends.feeders["client"].end(after=4 * CROSSED)
     server_status, client_status = ends.server.finish(), ends.client.finish()
+    ends.feeders["client"].end()
     received, sent = ends.received("server"), ends.sent("client")
     if not fails:
         assert (server_status, client_status) == (0, 0), (ends.server.lines, ends.client.lines)
@@ -93,9 +93,8 @@ def test_a_module_that_fails_in_the_middle_of_a_link(
     both = ["--profile", profile.value, *SESSION]
     server_args = [*token_args(hospitals, hospitals.a), "--pkcs11-module", failing_module.path, *both]
     ends = link_ends(
-        os.urandom(SIZE), b"",
         server=(server_args, failing_module.env(child_env(hospitals))),
-        client=([*token_args(hospitals, hospitals.b), *both], child_env(hospitals)),
+        client=([*token_args(hospitals, hospitals.b), *both], child_env(hospitals)), server_sends=False,
     )  # fmt: skip
     ends.wait_received("server", CROSSED)
 
@@ -107,6 +106,7 @@ def test_a_module_that_fails_in_the_middle_of_a_link(
         "[ISCL 102 LOCAL_KEY_HOLDER]",
     )  # fmt: skip
     assert TOLD.match(assert_one_failure_line(ends.client.lines)), ends.client.lines[-1]
+    ends.feeders["client"].end()
     received, sent = ends.received("server"), ends.sent("client")
     assert CROSSED <= len(received) < len(sent) and sent.startswith(received)
 
