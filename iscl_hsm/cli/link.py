@@ -204,6 +204,10 @@ async def relay(stream: aio.IsclStream, source: BinaryIO | None, sink: BinaryIO,
             await down
         # else the peer disconnected: what is left of the input no longer matters
     finally:
+        # One turn of the loop first: a task that the same lost connection has just woken (a drain in
+        # a send, failed by the reset) then takes its error. Cancelled before it runs, it would leave
+        # that error unretrieved, and asyncio prints "Future exception was never retrieved" at exit.
+        await asyncio.sleep(0)
         for task in (up, down):
             task.cancel()
         await asyncio.gather(up, down, return_exceptions=True)
