@@ -12,10 +12,11 @@ keeps engine calls and the writes of their output in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from .. import wire
@@ -111,8 +112,9 @@ class IsclStream:
         """Send one secured message; raises :class:`MessageRefusedError` on NAK."""
         answer = await self._request(self._conn.send_message, data)  # (prepare() seals its start ahead)
         assert answer is not None  # (send_message raises rather than decline)
-        await self._seal_until_answered(answer)
-        outcome = await self._answer(answer)
+        with _abandoned_on_failure(answer):
+            await self._seal_until_answered(answer)
+            outcome = await self._answer(answer)
         if isinstance(outcome, MessageRefused):
             raise refused_error(outcome)
         await self._flush_all()
@@ -136,7 +138,8 @@ class IsclStream:
         if (answer := await self._request(self._start_close)) is None:
             await self._shutdown()
             return
-        outcome = await self._answer(answer)
+        with _abandoned_on_failure(answer):
+            outcome = await self._answer(answer)
         if isinstance(outcome, CloseRefused):
             raise RemoteProtocolError(ErrorCode.PEER_REFUSED_CLOSE, "the peer refused to disconnect the line")
         await self._shutdown()
@@ -374,6 +377,18 @@ class IsclStream:
             await self._writer.wait_closed()
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def _abandoned_on_failure(answer: asyncio.Future[Outcome]) -> Iterator[None]:
+    """A caller that stops waiting for ``answer`` (cancelled, say, by SIGTERM) cancels it: nobody
+    awaits it any more, and the link's error put on it later would be printed by asyncio as "Future
+    exception was never retrieved"."""
+    try:
+        yield
+    except BaseException:
+        answer.cancel()
+        raise
 
 
 async def open_connection(
