@@ -244,7 +244,10 @@ class IsclStream:
         if self._loop.time() < self._expires:
             self._watchdog = self._loop.call_at(self._expires, self._watch)
             return
-        self._failure = self._failure or self._timeouts.expired(self._conn.waiting, self._peer_name())
+        waiting = self._conn.waiting
+        if waiting is Waiting.NOTHING:
+            return  # the engine ended meanwhile (in a worker thread): that call reports how
+        self._failure = self._failure or self._timeouts.expired(waiting, self._peer_name())
         self._writer.transport.abort()  # the pump's read ends, and it reports self._failure
 
     async def _drain(self) -> None:

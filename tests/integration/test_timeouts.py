@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from iscl_hsm.engine import Config, Profile, Role
+from iscl_hsm.engine import Config, Connection, Profile, Role, State
 from iscl_hsm.errors import ErrorCode, RemoteProtocolError
 from iscl_hsm.keyholder.base import KeyHolder
 from iscl_hsm.transport import aio
@@ -24,7 +25,7 @@ from iscl_hsm.transport.common import Timeouts
 from iscl_hsm.wire import MessageId
 from tests.helpers import cfg, split_frames
 
-from .conftest import Hospitals, Outcome, raw_client_handshake, raw_sealed_message
+from .conftest import Hospitals, Outcome, header, raw_client_handshake, raw_sealed_message
 
 SAFETY_NET = 60.0
 """Seconds anything may take here: a guard against hangs, never an assertion."""
@@ -177,3 +178,76 @@ def test_a_message_that_arrives_whole_is_not_cut_by_the_message_timeout(
                 threading.Event().wait(SHORT / 2)
             thread.join(SAFETY_NET)
     assert server.get() == b"slow" * 64
+
+
+WATCHED = 0.3
+"""The answer timeout of the link under test: the watchdog's deadline."""
+
+
+def serve_then_send_garbage(listener: socket.socket, holder: KeyHolder, config: Any) -> threading.Thread:
+    """A server that runs the engine by hand: the handshake, then it reads the client's message request
+    and sends, instead of an answer, a header no ISCL end accepts (the client's engine fails on it)."""
+
+    def run() -> None:
+        sock, _ = listener.accept()
+        with sock:
+            conn = Connection(Role.SERVER, holder, config)
+            conn.initiate()
+            sock.sendall(conn.data_to_send())
+            while conn.state is not State.READY:
+                conn.receive_data(sock.recv(1 << 16))
+                sock.sendall(conn.data_to_send())
+            sock.recv(1 << 16)  # MESSAGE_TRANSMISSION_RQ
+            sock.sendall(header(0x00CD0001, 0))
+            while sock.recv(1 << 16):  # until the client hangs up
+                pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_watchdog_firing_while_a_failed_engine_call_finishes_in_a_worker_thread(
+    hospitals: Hospitals, holders: Callable[..., KeyHolder]
+) -> None:
+    """asyncio: the answer timeout runs out while an engine call that has already failed the engine is
+    still in its worker thread (a V1.00 link whose key lives in the token makes every engine call
+    there). The adversarial suite met this under load; it used to raise inside the watchdog's timer,
+    which asyncio printed with a traceback. Expected: the link fails with the engine's one error and
+    nothing escapes into asyncio's exception handler."""
+    config = cfg(Profile.V100)  # key 1: hospital B's encryption key is not host-readable, used in the token
+    escaped: list[dict[str, Any]] = []
+
+    async def client(port: int) -> BaseException:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: escaped.append(context))
+        stream = await aio.open_connection(
+            "127.0.0.1",
+            port,
+            key_holder=holders(hospitals.b),
+            config=config,
+            timeouts=Timeouts(answer=WATCHED),
+        )
+        assert stream.connection.may_block  # every engine call of this link runs in a worker thread
+        engine_receive = stream.connection.receive_data
+
+        def receive_then_linger(data: bytes) -> Any:
+            try:
+                return engine_receive(data)  # fails the engine: 104, the garbage header
+            finally:
+                time.sleep(2 * WATCHED)  # the thread is slow to hand the failure back (a loaded machine)
+
+        stream.connection.receive_data = receive_then_linger  # type: ignore[method-assign]
+        try:
+            with pytest.raises(RemoteProtocolError) as failure:
+                await stream.send(b"is anyone there?")
+            return failure.value
+        finally:
+            await stream.abort()
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        server = serve_then_send_garbage(listener, holders(hospitals.a), config)
+        error = asyncio.run(client(listener.getsockname()[1]))
+        server.join(30)
+    assert escaped == [], [context.get("message") for context in escaped]
+    assert isinstance(error, RemoteProtocolError) and error.code is ErrorCode.BAD_MESSAGE_ID, error
