@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..engine import LinkParameters
+from ..engine import LinkParameters, State
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
 from ..wire import SESSION_KEYS
 from . import aio
@@ -135,7 +135,6 @@ class Link:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._stream: aio.IsclStream | None = None
-        self._peer_closed = False
 
     def attach_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader, self._writer = reader, writer
@@ -222,17 +221,26 @@ class Link:
         assert self._reader is not None and self._stream is not None
         while data := await self._plain_io(self._reader.read(self._chunk)):
             self._last_data = time.monotonic()
-            if self._peer_closed:
+            if self._coalesce is not None and len(data) < self._chunk and self._coalesce(data):
+                data += await self._read_soon(self._chunk - len(data))
+            try:
+                await self._send(data)
+            except IsclError:  # a closed link refuses it
+                if not self._peer_closed():
+                    raise
                 raise IsclError(
                     ErrorCode.CONNECTION_LOST,
                     f"the application at {self._plain} sent {len(data)} bytes after the peer disconnected the line",
-                )
-            if self._coalesce is not None and len(data) < self._chunk and self._coalesce(data):
-                data += await self._read_soon(self._chunk - len(data))
-            await self._send(data)
+                ) from None
             self.record.plain_to_iscl += len(data)
-        if not self._peer_closed:
+        if not self._peer_closed():
             await self._disconnect()
+
+    def _peer_closed(self) -> bool:
+        """Whether the peer has disconnected the line (until our own disconnection, a closed link can
+        only mean that), whether or not the downstream has taken the end yet."""
+        assert self._stream is not None
+        return self._stream.connection.state is State.CLOSED
 
     async def _read_soon(self, limit: int) -> bytes:
         """What the plain side sends within :data:`COALESCE_WAIT`, up to ``limit`` bytes (b"" if nothing)."""
@@ -249,7 +257,6 @@ class Link:
             self._writer.write(data)
             self.record.iscl_to_plain += len(data)
             await self._plain_io(self._writer.drain())
-        self._peer_closed = True
         if self._writer.can_write_eof():
             self._writer.write_eof()  # a half-close: the application reads the end of the stream
 
