@@ -198,6 +198,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         stop.wait()
     finally:
+        server.shutdown()  # from here on no association starts: the list below is complete
         open_ones = list(server.active_associations)
         for assoc in open_ones:  # the peer sees an aborted association, never a completed one
             if assoc.is_established:
@@ -205,7 +206,6 @@ def run_serve(args: argparse.Namespace) -> int:
             elif (bridge := link_of(assoc)) is not None:  # still awaiting the request, which pynetdicom
                 with contextlib.suppress(OSError):  # cannot abort: end the connection under it instead
                     bridge.app_socket.shutdown(socket.SHUT_RDWR)
-        server.shutdown()
         holder.close()
     say(f"stopped by {signal.Signals(stopped[0]).name}; {len(open_ones)} association(s) aborted")
     return EXIT_OK

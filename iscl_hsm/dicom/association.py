@@ -8,11 +8,12 @@ pynetdicom makes its sockets: ``AE._create_socket`` (requestor) and the server's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,10 +211,44 @@ class _IsclRequestHandler(RequestHandler):
             self._on_link_error(peer_text, exc)
             return
         self.request = bridge.app_socket
-        assoc = self._create_association()
-        _BRIDGES[assoc] = bridge
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
+        server = self.server
+        assert isinstance(server, IsclAssociationServer)
+        with server.admitting() as admitted:
+            if not admitted:  # the link ends with its application side: the peer sees the line closed
+                bridge.app_socket.close()
+                return
+            assoc = self._create_association()
+            _BRIDGES[assoc] = bridge
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+
+
+class IsclAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, except that no association starts once :meth:`shutdown` has begun.
+
+    A link whose handshake completes after that is closed instead: its association's DUL thread is
+    not a daemon, and would keep the process alive until the ACSE timeout waiting for a request. So
+    after ``shutdown()``, :attr:`active_associations` is every association there will be.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admission = threading.Lock()
+        self._stopping = False
+
+    @contextlib.contextmanager
+    def admitting(self) -> Iterator[bool]:
+        """Whether a new association may start; it is started inside this block (shutdown waits)."""
+        with self._admission:
+            yield not self._stopping
+
+    def shutdown(self) -> None:
+        """Stop serving (see pynetdicom); a second call does nothing."""
+        with self._admission:
+            if self._stopping:
+                return
+            self._stopping = True
+        super().shutdown()
 
 
 def _log_link_error(peer: str, error: BaseException) -> None:
@@ -231,7 +266,7 @@ def start_scp(
     ae_title: str | None = None,
     contexts: list[Any] | None = None,
     on_link_error: LinkErrorHandler = _log_link_error,
-) -> ThreadedAssociationServer:
+) -> IsclAssociationServer:
     """Start ``ae`` as an SCP that accepts associations over ISCL links only, in a background thread.
 
     Like ``ae.start_server(address, block=False, ...)``: stop it with ``server.shutdown()`` or
@@ -248,13 +283,13 @@ def start_scp(
 
     server = ae.make_server(
         address, ae_title=ae_title, contexts=contexts, evt_handlers=evt_handlers,
-        server_class=ThreadedAssociationServer, request_handler=request_handler,
+        server_class=IsclAssociationServer, request_handler=request_handler,
     )  # fmt: skip
-    assert isinstance(server, ThreadedAssociationServer)
+    assert isinstance(server, IsclAssociationServer)
     thread = threading.Thread(target=server.serve_forever, name=f"iscl-scp {address[0]}:{address[1]}", daemon=True)
     thread.start()
     ae._servers.append(server)
     return server
 
 
-__all__ = ["AssociationRefusedError", "LinkSettings", "associate", "link_of", "start_scp"]
+__all__ = ["AssociationRefusedError", "IsclAssociationServer", "LinkSettings", "associate", "link_of", "start_scp"]

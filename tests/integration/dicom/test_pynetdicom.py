@@ -33,7 +33,7 @@ from iscl_hsm.dicom import (
     store_files,
 )
 from iscl_hsm.dicom.storage import OUT_OF_RESOURCES
-from iscl_hsm.engine import Config, Profile
+from iscl_hsm.engine import Closed, Config, Connection, Profile, Role, State
 from iscl_hsm.errors import ErrorCode, IsclError
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
 from iscl_hsm.transport.common import Timeouts
@@ -334,3 +334,29 @@ def test_several_scus_store_at_once(
         thread.join(TIMEOUT)
     assert outcomes == [[True] * 3] * 3
     assert_stored_exactly(server.output, [path for study in studies for path in study])
+
+
+def test_a_link_that_comes_up_after_shutdown_starts_no_association(
+    scp: Callable[..., Scp], holders: Callable[..., Pkcs11KeyHolder], hospitals: Hospitals
+) -> None:
+    """`iscl serve` stopped while a link is in its last handshake step: the link comes up after
+    shutdown() began. It must start no association (whose DUL thread, not a daemon, would keep the
+    process alive for the ACSE timeout), and the client sees the line closed."""
+    server = scp()
+    server.server.block_on_close = False  # as in `iscl serve`: shutdown() does not wait for the handshake
+    conn = Connection(Role.CLIENT, holders(hospitals.b), Config())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        while conn.state is not State.READY:
+            conn.receive_data(sock.recv(1 << 16))
+            completion = conn.data_to_send()
+            if conn.state is not State.READY:
+                sock.sendall(completion)
+        server.server.shutdown()
+        sock.sendall(completion)  # the server's handshake completes now
+        events = []
+        while data := sock.recv(1 << 16):
+            events += conn.receive_data(data)
+            sock.sendall(conn.data_to_send())
+    assert any(isinstance(event, Closed) for event in events), events
+    assert server.connections == 0
+    assert server.server.active_associations == []
