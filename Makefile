@@ -2,7 +2,7 @@
 # runs `deps` (scripts/install-deps.sh: apt and pip, skipped when already satisfied).
 PYTHON ?= python3
 
-.PHONY: help deps demo test bench bench-quick bench-plot-deps lint fuzz
+.PHONY: help deps demo test bench bench-quick bench-plot-deps lint fuzz adversarial soak
 
 help:
 	@echo "make demo   install what is missing, then run 'iscl demo' (a secured exchange on the demo SoftHSM2 token)"
@@ -35,6 +35,17 @@ bench-plot-deps:
 # Not part of `make test`: a million mutated sessions through the engine (docs/fuzzing.md; ~10 min on 2 cores).
 fuzz: deps
 	$(PYTHON) -m tests.fuzz.campaign --inputs 1000000 $(FUZZ_ARGS)
+
+# Not part of `make test`: every fault kind at every frame position, both profiles, every suite, between
+# real processes (docs/adversarial.md; about an hour and a half on two cores).
+adversarial: deps
+	ISCL_ADVERSARIAL=full $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration/adversarial/test_cli_faults.py \
+		tests/integration/adversarial/test_gateway_faults.py
+
+# Not part of `make test`: 10,000 C-STOREs through a gateway pair, a tenth of the associations with a fault
+# (docs/adversarial.md, "The soak").
+soak: deps
+	$(PYTHON) -m tests.integration.adversarial.soak --stores 10000 --fault-share 0.1 $(SOAK_ARGS)
 
 lint:
 	@status=0; \

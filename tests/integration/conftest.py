@@ -16,7 +16,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,8 @@ from iscl_hsm.keyholder.pkcs11 import (
 )
 from iscl_hsm.keyholder.provision import init_token, softhsm_environment
 from iscl_hsm.wire import SESSION_KEYS, Encryption, Mac
+
+from .proxy import FrameProxy, Handler, Link, Seen
 
 TOKEN_POOL_SIZE = 14
 """Tokens made up front; raise it when tests need more (each costs about 40 ms)."""
@@ -99,20 +100,26 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
         pytest.fail("softhsm2-util is not installed: apt-get install softhsm2")
     if is_module_loaded(DEFAULT_MODULE):
         pytest.fail("libsofthsm2.so was loaded before the softhsm fixture could set SOFTHSM2_CONF")
-    data_dir = tmp_path_factory.mktemp("softhsm")
-    env = softhsm_environment(data_dir)
+    made = make_softhsm(tmp_path_factory.mktemp("softhsm"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SOFTHSM2_CONF", env["SOFTHSM2_CONF"])
-        pool = []
-        for _ in range(TOKEN_POOL_SIZE):
-            token = SoftHsmToken(
-                label=f"iscl-test-{secrets.token_hex(4)}",
-                pin=secrets.token_hex(8),
-                so_pin=secrets.token_hex(8),
-            )
-            init_token(token.label, token.so_pin, token.pin, env=env)
-            pool.append(token)
-        yield SoftHsm(data_dir=data_dir, env=env, pool=pool)
+        patch.setenv("SOFTHSM2_CONF", made.env["SOFTHSM2_CONF"])
+        yield made
+
+
+def make_softhsm(data_dir: Path, tokens: int = TOKEN_POOL_SIZE) -> SoftHsm:
+    """A private SoftHSM2 installation in ``data_dir`` with ``tokens`` fresh tokens (what the
+    ``softhsm`` fixture gives; also for runners outside pytest, such as adversarial/soak.py)."""
+    env = softhsm_environment(data_dir)
+    pool = []
+    for _ in range(tokens):
+        token = SoftHsmToken(
+            label=f"iscl-test-{secrets.token_hex(4)}",
+            pin=secrets.token_hex(8),
+            so_pin=secrets.token_hex(8),
+        )
+        init_token(token.label, token.so_pin, token.pin, env=env)
+        pool.append(token)
+    return SoftHsm(data_dir=data_dir, env=env, pool=pool)
 
 
 def pkcs11_tool(softhsm: SoftHsm, label: str, pin: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -206,9 +213,16 @@ def hospitals(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> Hos
     A's encryption keys are host-readable, B's are not: a V1.00 link with a fixed key id uses A's key
     with OpenSSL and B's inside the token, so every A-B link also checks that the two agree.
     """
+    return make_hospitals(softhsm, tmp_path_factory.mktemp("pins"))
+
+
+def make_hospitals(softhsm: SoftHsm, pins: Path) -> Hospitals:
+    """The ``hospitals`` fixture's tokens, from ``softhsm``'s pool, with PIN files in ``pins``.
+
+    Loads libsofthsm2.so in this process: SOFTHSM2_CONF must point at ``softhsm`` already.
+    """
     from iscl_hsm.keyholder.provision import ensure_token, store_key
 
-    pins = tmp_path_factory.mktemp("pins")
     a, b, stranger = softhsm.take(), softhsm.take(), softhsm.take()
     pin_files = {}
     for token in (a, b, stranger):
@@ -238,72 +252,28 @@ def hospitals(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> Hos
 # A man in the middle
 
 
-class TamperingProxy:
-    """A TCP relay between one ISCL client and a server that may rewrite whole frames in flight.
+class TamperingProxy(FrameProxy):
+    """A relay between ISCL clients and a server that may rewrite whole frames in flight.
 
     ``tamper(direction, frame)`` gets each complete frame ("c2s" or "s2c", a tests.helpers.Frame) and
-    returns the bytes to forward instead. An end of stream is passed on as a half-close; ``frames``
-    records what passed (before tampering).
+    returns the bytes to forward instead (it may sleep: that direction waits). An end of stream is
+    passed on as a half-close; ``frames`` lists what passed (before tampering), link after link.
     """
 
     def __init__(self, upstream_port: int, tamper: Callable[[str, Any], bytes]) -> None:
-        self._upstream = ("127.0.0.1", upstream_port)
+        super().__init__(upstream_port, lambda link: _Rewrite(tamper))
+
+    @property
+    def frames(self) -> list[tuple[str, Any]]:
+        return [(seen.direction, seen.frame) for link in self.links for seen in list(link.seen)]
+
+
+class _Rewrite(Handler):
+    def __init__(self, tamper: Callable[[str, Any], bytes]) -> None:
         self._tamper = tamper
-        self._lock = threading.Lock()
-        self.frames: list[tuple[str, Any]] = []
-        self.errors: list[BaseException] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(PROXY_TIMEOUT)
-        self.port: int = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
 
-    def _accept(self) -> None:
-        try:
-            client, _ = self._listener.accept()
-            server = socket.create_connection(self._upstream, timeout=PROXY_TIMEOUT)
-        except OSError as exc:
-            self.errors.append(exc)
-            return
-        client.settimeout(PROXY_TIMEOUT)
-        self._sockets += [client, server]
-        for direction, source, sink in (("c2s", client, server), ("s2c", server, client)):
-            thread = threading.Thread(target=self._relay, args=(direction, source, sink), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _relay(self, direction: str, source: socket.socket, sink: socket.socket) -> None:
-        from tests.helpers import Frame
-
-        buffer = bytearray()
-        try:
-            while data := source.recv(1 << 16):
-                buffer += data
-                while len(buffer) >= 32:
-                    end = 32 + int.from_bytes(buffer[8:12], "big")
-                    if len(buffer) < end:
-                        break
-                    frame = Frame(bytes(buffer[:end]))
-                    del buffer[:end]
-                    with self._lock:
-                        self.frames.append((direction, frame))
-                    sink.sendall(self._tamper(direction, frame))
-            sink.sendall(bytes(buffer))  # an incomplete frame at the end goes through as it is
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        for thread in self._threads[1:]:
-            thread.join(PROXY_TIMEOUT)
-        for sock in (*self._sockets, self._listener):
-            sock.close()
-        self._threads[0].join(PROXY_TIMEOUT)
-
-
-PROXY_TIMEOUT = 60.0
+    def frame(self, link: Link, seen: Seen) -> None:
+        link.send(seen.direction, self._tamper(seen.direction, seen.frame))
 
 
 @pytest.fixture
