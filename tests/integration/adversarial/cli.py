@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +33,8 @@ from iscl_hsm.wire import Encryption, Mac
 
 from ..conftest import Hospitals
 from ..proxy import FrameProxy, Link
-from ..test_cli import child_env, token_args
+from ..test_cli import child_env as plain_child_env
+from ..test_cli import token_args
 from .faults import Fault, FaultHandler
 
 TIMEOUT = 2.0
@@ -44,6 +46,8 @@ BOUND = 30.0
 """Seconds an end may take, fault or not, before the case counts it as hung. The longest chain of
 waits a single fault can cause is a few timeouts; a link left waiting with nothing owed (idle, 12 h)
 is what this catches."""
+STOP_GRACE = 10.0
+"""Seconds a command may take to stop after SIGTERM."""
 MAX_MESSAGE = 64
 """--max-message on both ends: stdin goes out in messages of at most this many bytes."""
 CLIENT_SENDS = (64, 40)
@@ -61,6 +65,23 @@ SoftHSM2 rewrites token.object at every login, so among many processes logging i
 once, one now and then reads it half written. That is this test bed, not the case: such a case runs
 again (``ATTEMPTS``)."""
 ATTEMPTS = 3
+
+
+def child_env(hospitals: Hospitals) -> dict[str, str]:
+    """The environment of every `iscl` command here: the hospitals' tokens, and faulthandler on, so
+    that an end that hangs dumps its threads' stacks when it is stopped (:func:`stop_hung`)."""
+    return {**plain_child_env(hospitals), "PYTHONFAULTHANDLER": "1"}
+
+
+def stop_hung(process: subprocess.Popen[bytes]) -> None:
+    """Stop a command that outlived its bound: SIGABRT first, so that faulthandler writes every
+    thread's stack to its stderr (which the case's failure message shows), then SIGKILL."""
+    process.send_signal(signal.SIGABRT)
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def token_race(lines: list[str]) -> bool:
@@ -197,7 +218,7 @@ def run_end(end: End, argv: list[str], env: dict[str, str], stdin: Path, stdout:
         _, err = process.communicate(timeout=BOUND)
         end.status = process.returncode
     except subprocess.TimeoutExpired:
-        process.kill()
+        stop_hung(process)
         _, err = process.communicate()
     end.seconds = time.monotonic() - started
     end.stderr = err.decode("utf-8", "replace").splitlines()
@@ -347,12 +368,13 @@ class TwoWayServer:
     def __init__(self, hospitals: Hospitals, case: CliCase, tmp: Path, end: End) -> None:
         self.end = end
         self.tmp = tmp
-        self.started = time.monotonic()
         argv = iscl_argv(
             "server", "--listen", "127.0.0.1:0", *token_args(hospitals, hospitals.a), *case.link_args()
         )
         with open(tmp / "server.in", "rb") as source, open(tmp / "server.out", "wb") as sink:
             self.log, self.port = start_listening(argv, child_env(hospitals), stdin=source, stdout=sink)
+        self.started = time.monotonic()
+        """BOUND counts from here: a start slowed by a loaded machine is not the link's time."""
 
     def finish(self) -> None:
         """Wait for the server to end. One whose only link failed its handshake keeps listening for a
@@ -365,10 +387,9 @@ class TwoWayServer:
                 process.terminate()
                 break
         try:
-            self.end.status = process.wait(max(0.1, deadline - time.monotonic()))
+            self.end.status = process.wait(max(STOP_GRACE, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            stop_hung(process)
         self.log.wait_for(r"^$", BOUND)
         self.end.seconds = time.monotonic() - self.started
         self.end.stderr = [line for line in self.log.lines if line]
