@@ -8,8 +8,9 @@ import json
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import pytest
 
@@ -22,40 +23,44 @@ from .printouts import strays
 
 WORKERS = int(os.environ.get("ISCL_ADVERSARIAL_WORKERS", "6"))
 """Cases run at once. Most of a case is waiting for a process to start or a timeout to run out."""
+T = TypeVar("T")
 
 
-class Servers:
-    """One `iscl server --accept-many` per profile and suite, started when a case first needs it."""
+class PerSuite(Generic[T]):
+    """One long-lived ``T`` per profile and suite (an accept-many server, a gateway pair), made by
+    ``start(case, folder)`` when a case first needs it; those of different suites start at once."""
 
-    def __init__(self, hospitals: Hospitals, root: Path) -> None:
-        self._hospitals = hospitals
+    def __init__(self, start: Callable[[Any, Path], T], root: Path) -> None:
+        self._start = start
         self._root = root
         self._lock = threading.Lock()
-        self._locks: dict[object, threading.Lock] = {}
-        self.running: dict[object, AcceptManyServer] = {}
+        self._locks: dict[object, threading.RLock] = {}
+        self.running: dict[object, T] = {}
 
-    def of(self, case: CliCase) -> AcceptManyServer:
-        key = (case.profile, case.suite)
+    def lock(self, case: CliCase | GatewayCase) -> threading.RLock:
+        """The lock of the case's suite: held while its ``T`` starts (and as long as a user wants it alone)."""
         with self._lock:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
+            return self._locks.setdefault((case.profile, case.suite), threading.RLock())
+
+    def of(self, case: CliCase | GatewayCase) -> T:
+        key = (case.profile, case.suite)
+        with self.lock(case):
             if key not in self.running:
-                self.running[key] = AcceptManyServer(
-                    self._hospitals, case, self._root / f"{case.profile.value}-{case.suite}"
-                )
+                self.running[key] = self._start(case, self._root / f"{case.profile.value}-{case.suite}")
             return self.running[key]
 
-    def stop(self) -> list[str]:
-        """Stop every server; what went wrong (a link still open, a stray traceback)."""
-        problems = []
-        for key, server in self.running.items():
-            status, lines = server.stop()
-            summary = lines[-1] if lines else ""
-            if status not in (0, 1) or ", 0 aborted" not in summary:
-                problems.append(f"server {key}: exit {status}, {summary!r} (a link was still open)")
-            if stray := strays(lines):
-                problems.append(f"server {key}: {stray}")
-        return problems
+
+def stop_servers(servers: PerSuite[AcceptManyServer]) -> list[str]:
+    """Stop every accept-many server; what went wrong (a link still open, a stray traceback)."""
+    problems = []
+    for key, server in servers.running.items():
+        status, lines = server.stop()
+        summary = lines[-1] if lines else ""
+        if status not in (0, 1) or ", 0 aborted" not in summary:
+            problems.append(f"server {key}: exit {status}, {summary!r} (a link was still open)")
+        if stray := strays(lines):
+            problems.append(f"server {key}: {stray}")
+    return problems
 
 
 def write_summary(path: Path, results: list[CliResult]) -> None:
@@ -84,7 +89,7 @@ def cli_campaign(
     """Runs the selected CLI cases, WORKERS at a time, along with the gateway's; at the end every
     accept-many server must stop with no link left open."""
     root = tmp_path_factory.mktemp("adversarial-cli")
-    servers = Servers(hospitals, root / "servers")
+    servers = PerSuite(lambda case, folder: AcceptManyServer(hospitals, case, folder), root / "servers")
     numbers = itertools.count()
 
     def run(case: CliCase) -> CliResult:
@@ -97,33 +102,8 @@ def cli_campaign(
     yield campaign
     campaign.close()
     write_summary(root / "summary.json", campaign.results())
-    problems = servers.stop()
+    problems = stop_servers(servers)
     assert not problems, "\n".join(problems)
-
-
-class Pairs:
-    """One gateway pair per profile and suite, started when a case first needs it; a pair runs one
-    store at a time (its link lines are matched by order), different pairs run at once."""
-
-    def __init__(self, hospitals: Hospitals, root: Path) -> None:
-        self._hospitals = hospitals
-        self._root = root
-        self._lock = threading.Lock()
-        self._locks: dict[object, threading.Lock] = {}
-        self.running: dict[object, GatewayPair] = {}
-
-    def store(self, case: GatewayCase, work: Path) -> Store:
-        key = (case.profile, case.suite)
-        with self._lock:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            if key not in self.running:
-                folder = self._root / f"{case.profile.value}-{case.suite}"
-                self.running[key] = GatewayPair(self._hospitals, case.profile, case.suite, folder)
-            return self.running[key].store(work, case.fault)
-
-    def stop(self) -> list[str]:
-        return [f"pair {key}: {problem}" for key, pair in self.running.items() for problem in pair.stop()]
 
 
 @pytest.fixture(scope="session")
@@ -133,14 +113,17 @@ def gateway_campaign(
     """Runs the selected gateway cases, one pair's at a time and the pairs at once; at the end every
     tunnel must stop cleanly, without a traceback."""
     root = tmp_path_factory.mktemp("adversarial-gateway")
-    pairs = Pairs(hospitals, root / "pairs")
+    pairs = PerSuite(
+        lambda case, folder: GatewayPair(hospitals, case.profile, case.suite, folder), root / "pairs"
+    )
     numbers = itertools.count()
 
     def run(case: GatewayCase) -> Store:
-        return pairs.store(case, root / f"case-{next(numbers)}")
+        with pairs.lock(case):  # one store at a time per pair: its link lines are matched by order
+            return pairs.of(case).store(root / f"case-{next(numbers)}", case.fault)
 
     campaign = Campaign(run, selected(request.session, GatewayCase), 2 * len(GATEWAY_SUITES))
     yield campaign
     campaign.close()
-    problems = pairs.stop()
+    problems = [f"pair {key}: {problem}" for key, pair in pairs.running.items() for problem in pair.stop()]
     assert not problems, "\n".join(problems)
