@@ -37,7 +37,7 @@ fuzz: deps
 	$(PYTHON) -m tests.fuzz.campaign --inputs 1000000 $(FUZZ_ARGS)
 
 # Not part of `make test`: every fault kind at every frame position, both profiles, every suite, between
-# real processes (docs/adversarial.md; about 45 minutes on two cores).
+# real processes (docs/adversarial.md; about 40 minutes on two cores).
 adversarial: deps
 	ISCL_ADVERSARIAL=full $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration/adversarial/test_cli_faults.py \
 		tests/integration/adversarial/test_gateway_faults.py
