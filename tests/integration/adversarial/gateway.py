@@ -95,6 +95,17 @@ class Store:
         return self.stored is not None and dataset_bytes(self.stored) == dataset_bytes(self.sent.read_bytes())
 
 
+def link_results(tunnel: LineLog) -> list[str]:
+    """The result field of each link line the tunnel logged so far, in order (a line that does not
+    parse as a link line: the whole line, which no oracle accepts as a result)."""
+    results = []
+    for line in list(tunnel.lines):
+        if "INFO link from=" in line:
+            match = LINE.search(line)
+            results.append(match.group("result") if match else line)
+    return results
+
+
 class GatewayPair:
     """storescp, both tunnels and the proxy between them, for one profile and suite."""
 
@@ -173,7 +184,7 @@ class GatewayPair:
         return store
 
     def _client_lines(self) -> int:
-        return sum(1 for line in list(self.client.lines) if "INFO link from=" in line)
+        return len(link_results(self.client))
 
     def _collect_lines(self, store: Store, links_before: int, client_before: int, started: float) -> None:
         """The link's lines: the server tunnel's by the address the link came from, the client's by count."""
@@ -190,10 +201,9 @@ class GatewayPair:
             store.lines["server"] = match.group(1)
         while self._client_lines() <= client_before and time.monotonic() < deadline:
             time.sleep(0.01)
-        client = [line for line in list(self.client.lines) if "INFO link from=" in line]
+        client = link_results(self.client)
         if len(client) > client_before:
-            match = LINE.search(client[client_before])
-            store.lines["client"] = match.group("result") if match else client[client_before]
+            store.lines["client"] = client[client_before]
 
     def stop(self) -> list[str]:
         """Stop everything; what went wrong (a tunnel that did not stop cleanly, a traceback)."""

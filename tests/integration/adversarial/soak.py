@@ -40,7 +40,7 @@ from ..conftest import Hospitals, make_hospitals, make_softhsm
 from ..proxy import Link
 from .design import GATEWAY_FRAMES, fault
 from .faults import Fault, Kind
-from .gateway import GATEWAY_SUITES, GatewayPair, Store
+from .gateway import GATEWAY_SUITES, ISCL_CODE, GatewayPair, Store, link_results
 
 
 @dataclass
@@ -184,12 +184,9 @@ def count(figures: Figures, outcomes: list[Store], pairs: list[GatewayPair], pla
     lines: Counter[str] = Counter()
     for pair in pairs:
         for tunnel in (pair.client, pair.server):
-            for line in tunnel.lines:
-                if "INFO link from=" in line:
-                    result = line.split(" result=", 1)[1]
-                    lines[
-                        "closed" if result == "closed" else "aborted" if "[ISCL " in result else "malformed"
-                    ] += 1
+            for result in link_results(tunnel):
+                aborted = result.startswith("aborted: ") and ISCL_CODE.search(result)
+                lines["closed" if result == "closed" else "aborted" if aborted else "malformed"] += 1
     figures.tunnel_lines = dict(lines)
 
 
