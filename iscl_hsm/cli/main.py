@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
-from .. import __version__
+from .. import __version__, logs
 from ..allocator import keep_bulk_buffers
 from ..errors import IsclError
 from . import card, demo, dicom, keys, link, tunnel
@@ -37,10 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(level, getattr(args, "log_format", "text"))  # (the tunnels have --log-format)
     keep_bulk_buffers()
+    return reporting(lambda: args.run(args))
+
+
+def reporting(run: Callable[[], int]) -> int:
+    """``run()``'s exit status; an expected failure is one line on stderr and a status, no traceback."""
     try:
-        return int(args.run(args))
+        return int(run())
     except IsclError as exc:
         print(f"iscl: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -8,32 +8,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
 import logging
+import os
 import signal
-import sys
+import socket
+import tempfile
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .. import wire
+from .. import logs, wire
+from ..dicom import gateway, metrics, workers
 from ..dicom.gateway import (
     DEFAULT_CHUNK,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    LISTEN_BACKLOG,
     Address,
     Mode,
     Tunnel,
     TunnelSettings,
 )
+from ..errors import ErrorCode, IsclError
+from . import main
 from .options import (
     add_link_options,
     add_timeout_options,
     build_config,
     build_timeouts,
     open_link_holder,
+    read_pin,
     seconds,
+    wants_card,
 )
 
 _UNSET: Any = object()
@@ -66,14 +75,31 @@ class _ConfigFileParser(argparse.ArgumentParser):
             if not hasattr(namespace, action.dest):
                 setattr(namespace, action.dest, None if _is_list(action) else _UNSET)
         parsed, extras = super().parse_known_args(args, namespace)
-        settings = _read_config_file(parsed.config, self) if parsed.config is not None else {}
+        parsed.from_command_line = frozenset(
+            a.dest for a in self._file_options() if getattr(parsed, a.dest) not in (_UNSET, None)
+        )
+        parsed.config_parser = self
+        self._fill_from_file(parsed, self.error)
+        return parsed, extras
+
+    def reread(self, args: argparse.Namespace) -> argparse.Namespace:
+        """``args`` with the config file read again (options given on the command line still win);
+        ReloadError, naming the file, if it cannot be read or holds a bad value."""
+
+        def fail(message: str) -> NoReturn:
+            raise ReloadError(message)
+
+        fresh = copy.copy(args)
+        self._fill_from_file(fresh, fail)
+        return fresh
+
+    def _fill_from_file(self, parsed: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+        settings = _read_config_file(parsed.config, self, fail) if parsed.config is not None else {}
         for action in self._file_options():
-            if getattr(parsed, action.dest) in (_UNSET, None):
+            if action.dest not in parsed.from_command_line:
                 setattr(parsed, action.dest, settings.get(action.dest, _default(action)))
         if getattr(parsed, parsed.target_option) is None:
-            self.error(f"--{parsed.target_option} HOST:PORT is required (or '{parsed.target_option}' in the"
-                       " --config file)")
-        return parsed, extras
+            fail(f"--{parsed.target_option} HOST:PORT is required (or '{parsed.target_option}' in the --config file)")
 
     def _file_options(self) -> list[argparse.Action]:
         return [a for a in self._actions if a.option_strings and a.dest not in _NOT_IN_FILE]
@@ -90,21 +116,25 @@ def _default(action: argparse.Action) -> Any:
     return action.default
 
 
-def _read_config_file(path: Path, parser: _ConfigFileParser) -> dict[str, Any]:
-    """The file's settings by option dest; an unknown key or a bad value is a usage error naming both."""
+class ReloadError(Exception):
+    """The config file could not be read again; the tunnel keeps the settings it has."""
+
+
+def _read_config_file(path: Path, parser: _ConfigFileParser, fail: Callable[[str], NoReturn]) -> dict[str, Any]:
+    """The file's settings by option dest; an unknown key or a bad value is ``fail(message)``, naming both."""
     try:
         with path.open("rb") as file:
             table = tomllib.load(file)
     except OSError as exc:
-        parser.error(f"cannot read the config file {path}: {exc.strerror}")
+        fail(f"cannot read the config file {path}: {exc.strerror}")
     except tomllib.TOMLDecodeError as exc:
-        parser.error(f"the config file {path} is not valid TOML: {exc}")
+        fail(f"the config file {path} is not valid TOML: {exc}")
     options = {a.option_strings[-1].removeprefix("--"): a for a in parser._file_options()}
     settings = {}
     for key, value in table.items():
         action = options.get(key)
         if action is None:
-            parser.error(
+            fail(
                 f"the config file {path} has an unknown key '{key}'; the keys are the long options"
                 f" without '--': {', '.join(options)}"
             )
@@ -115,7 +145,7 @@ def _read_config_file(path: Path, parser: _ConfigFileParser) -> dict[str, Any]:
             else:
                 settings[action.dest] = _convert(action, value)
         except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
-            parser.error(f"the config file {path}, key '{key}': {exc}")
+            fail(f"the config file {path}, key '{key}': {exc}")
     return settings
 
 
@@ -216,39 +246,201 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--idle-timeout", metavar="SECONDS", type=seconds, default=DEFAULT_IDLE_TIMEOUT,
                        help="abort a link (the application sees its association aborted) after this long"
                        " without data either way; 0: never (default: %(default)g, 12 hours)")
+    group.add_argument("--workers", metavar="N", type=_positive(int), default=None,
+                       help="processes sharing the listening port, each with its own token session (default: the"
+                       " number of cores; 1 with an IC card, which one process at a time can use)")
+    group.add_argument("--metrics", metavar="HOST:PORT", type=_address,
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics: links open and ended by result"
+                       " and error, bytes each way, handshake, message-size and key-holder-call histograms"
+                       " (docs/gateway.md, \"Metrics\"); default: none")
+    group.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                       help="log lines on stderr as logfmt ('text') or JSON objects ('json'), one per line, with"
+                       " the same keys (default: %(default)s; docs/gateway.md, \"The link line\")")
+
+
+RESTART_ONLY = ("listen", "workers", "metrics", "log_format")
+"""Options a reload cannot change (the socket, the processes and the log are set up once)."""
+
+log = logging.getLogger(__name__)
 
 
 def run_tunnel(args: argparse.Namespace) -> int:
-    target = getattr(args, args.target_option)
-    config = build_config(args)  # option errors before any token is touched
-    gateway_log = logging.getLogger("iscl_hsm.dicom.gateway")
-    if not gateway_log.isEnabledFor(logging.INFO):
-        gateway_log.setLevel(logging.INFO)  # the per-link lines are the gateway's output
-    holder = open_link_holder(args, config)
-    settings = TunnelSettings(
-        mode=args.mode, listen=args.listen, target=target, key_holder=holder, config=config,
-        chunk_size=args.chunk_size, connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout or None,
+    build_config(args)  # option errors before any token is touched
+    for name in (__name__, gateway.__name__, workers.__name__):
+        if not logging.getLogger(name).isEnabledFor(logging.INFO):
+            logging.getLogger(name).setLevel(logging.INFO)  # the per-link lines are the gateway's output
+    count = _worker_count(args)
+    sock = _listen(args.listen)
+    bound = Address.of(sock.getsockname())
+    name = f"iscl tunnel {args.mode.value}"
+
+    def ready() -> None:
+        target = getattr(args, args.target_option)
+        log.info("%s: listening on %s, links go to %s", name, bound, target,
+                 extra=logs.fields(listen=str(bound), target=str(target), workers=count))  # fmt: skip
+
+    with sock:
+        if count == 1:
+            if args.metrics is not None:
+                _serve_metrics(args.metrics)
+            return _work(args, sock, ready, None)
+        _ask_pin_once(args)
+        with tempfile.TemporaryDirectory(prefix="iscl-metrics-") as folder:
+            if args.metrics is not None:
+                metrics.use_shared_folder(Path(folder))
+                _serve_metrics(args.metrics)
+            supervisor = workers.Supervisor(
+                count, lambda number, worker_ready: main.reporting(lambda: _work(args, sock, worker_ready, number)),
+                listener=sock, on_ready=ready, on_stopping=lambda: log.info("%s: stopping its %d workers", name, count),
+                on_exit=metrics.worker_exited, drain_timeout=args.drain_timeout,
+            )  # fmt: skip
+            status = supervisor.run()
+    log.info("%s: stopped", name, extra=logs.fields(status=status))
+    return status
+
+
+def _worker_count(args: argparse.Namespace) -> int:
+    if wants_card(args):
+        if (args.workers or 1) > 1:
+            raise IsclError(ErrorCode.BAD_OPTION, "an IC card serves one process at a time: leave out --workers"
+                            " or give --workers 1 with --card/--reader")  # fmt: skip
+        return 1
+    return args.workers or os.cpu_count() or 1
+
+
+def _listen(address: Address) -> socket.socket:
+    """The tunnel's listening socket, bound here so that every worker accepts from it."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    try:
+        return socket.create_server((address.host, address.port), family=family, backlog=LISTEN_BACKLOG)
+    except OSError as exc:
+        raise IsclError(ErrorCode.BAD_OPTION, f"cannot listen on {address}: {exc.strerror or exc}; is another"
+                        " tunnel or service using it? (--listen HOST:PORT)") from None  # fmt: skip
+
+
+def _serve_metrics(address: Address) -> None:
+    try:
+        served = metrics.serve(address)
+    except OSError as exc:
+        raise IsclError(ErrorCode.BAD_OPTION, f"cannot serve metrics on {address}: {exc.strerror or exc}"
+                        " (--metrics HOST:PORT)") from None  # fmt: skip
+    log.info("metrics on http://%s/metrics", served, extra=logs.fields(metrics=str(served)))
+
+
+def _ask_pin_once(args: argparse.Namespace) -> None:
+    """Ask for the token's PIN here, once, rather than in every worker (each reads it from $ISCL_PIN)."""
+    if args.token is not None and args.pin_file is None and "ISCL_PIN" not in os.environ:
+        os.environ["ISCL_PIN"] = read_pin(None, f"token '{args.token}'")
+
+
+def _settings(args: argparse.Namespace, counts: metrics.NoMetrics) -> TunnelSettings:
+    """The tunnel's settings, with its key holder opened (and timed, with metrics)."""
+    config = build_config(args)
+    return TunnelSettings(
+        mode=args.mode, listen=args.listen, target=getattr(args, args.target_option),
+        key_holder=counts.timed(open_link_holder(args, config)), config=config, chunk_size=args.chunk_size,
+        connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout or None,
         timeouts=dataclasses.replace(build_timeouts(args), idle=None),
     )  # fmt: skip
+
+
+def _work(args: argparse.Namespace, sock: socket.socket, ready: Callable[[], None], number: int | None) -> int:
+    """One worker: open the keys, serve until SIGTERM or SIGINT, drain; SIGHUP reloads."""
+    if number is not None:
+        logs.add_fields(worker=number)
+    counts = metrics.GatewayMetrics(args.mode.value) if args.metrics is not None else metrics.NoMetrics()
+    return asyncio.run(_serve(args, _settings(args, counts), sock, ready, counts))
+
+
+async def _serve(
+    args: argparse.Namespace,
+    settings: TunnelSettings,
+    sock: socket.socket,
+    ready: Callable[[], None],
+    counts: metrics.NoMetrics,
+) -> int:
+    tunnel = Tunnel(settings, counts)
     try:
-        return asyncio.run(_serve(settings, args.drain_timeout))
+        await tunnel.start(sock)
+        ready()
+        stop = asyncio.Event()
+        reloader = _Reloader(tunnel, args, counts)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reloader.start)
+        await stop.wait()
+        tunnel.stop_accepting()
+        name = f"iscl tunnel {settings.mode.value}"
+        log.info("%s: stopping; waiting up to %g s for %d open link(s)", name, args.drain_timeout, tunnel.active_links)
+        await reloader.finish()
+        aborted = await tunnel.stop(args.drain_timeout)
+        log.info("%s: stopped (%d link(s) aborted)", name, aborted, extra=logs.fields(aborted=aborted))
+        return 0
     finally:
-        holder.close()
+        tunnel.settings.key_holder.close()
 
 
-async def _serve(settings: TunnelSettings, drain_timeout: float) -> int:
-    """Run until SIGTERM or SIGINT, then drain."""
-    tunnel = Tunnel(settings)
-    bound = await tunnel.start()
-    name = f"iscl tunnel {settings.mode.value}"
-    print(f"{name}: listening on {bound}, links go to {settings.target}", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    print(f"{name}: stopping; waiting up to {drain_timeout:g} s for {tunnel.active_links} open link(s)",
-          file=sys.stderr, flush=True)
-    aborted = await tunnel.stop(drain_timeout)
-    print(f"{name}: stopped ({aborted} link(s) aborted)", file=sys.stderr, flush=True)
-    return 0
+class _Reloader:
+    """SIGHUP: read the config file again, open the key holder again (a rotated or imported key is used
+    by new links; open links finish on the old), log what changed; on any failure keep it all as it was."""
+
+    def __init__(self, tunnel: Tunnel, args: argparse.Namespace, counts: metrics.NoMetrics) -> None:
+        self._tunnel = tunnel
+        self._args = args
+        self._counts = counts
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    def start(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True  # once the running reload ends: the file may have changed again since it began
+            return
+        self._task = asyncio.create_task(self._reload())
+
+    async def finish(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    async def _reload(self) -> None:
+        while True:
+            self._again = False
+            await self._reload_once()
+            if not self._again:
+                return
+
+    async def _reload_once(self) -> None:
+        old = self._args
+        try:
+            new = old.config_parser.reread(old)
+            for name in RESTART_ONLY:
+                if getattr(new, name) != getattr(old, name):
+                    log.warning("reload: %s changed in the config file; it takes effect at the next restart",
+                                name.replace("_", "-"), extra=logs.fields(option=name.replace("_", "-")))  # fmt: skip
+                    setattr(new, name, getattr(old, name))
+            settings = await asyncio.to_thread(_settings, new, self._counts)
+            try:
+                self._tunnel.reload(settings)
+            except BaseException:
+                settings.key_holder.close()
+                raise
+        except (ReloadError, IsclError, OSError) as exc:
+            log.error("reload failed; the tunnel keeps its previous settings and keys: %s", exc,
+                      extra=logs.fields(result="failed", error=str(exc)))  # fmt: skip
+            return
+        self._args = new
+        changed = _changes(old, new)
+        log.info("reloaded: key holder opened again; %s", f"changed {changed}" if changed else "no option changed",
+                 extra=logs.fields(result="reloaded", changed=changed or "-"))  # fmt: skip
+
+
+def _changes(old: argparse.Namespace, new: argparse.Namespace) -> str:
+    """``option=value`` for each option whose value differs (no option holds a secret: a PIN is in a file)."""
+    parser: _ConfigFileParser = old.config_parser
+    changed = []
+    for action in parser._file_options():
+        value = getattr(new, action.dest)
+        if value != getattr(old, action.dest):
+            shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            changed.append(f"{action.option_strings[-1].removeprefix('--')}={shown}")
+    return " ".join(changed)

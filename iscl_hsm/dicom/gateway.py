@@ -13,15 +13,18 @@ How a link ends (see :mod:`iscl_hsm.transport.relay` for the relay itself):
   drops its connection, a forward target that is down): both plain sockets are reset (RST), so both
   DICOM applications see an aborted association, and nothing after the failure is forwarded.
 
-One INFO line per link is logged when it ends (:class:`~iscl_hsm.transport.relay.LinkRecord`).
+One INFO line per link is logged when it ends, its fields those of
+:meth:`~iscl_hsm.transport.relay.LinkRecord.fields` (docs/gateway.md, "The link line").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable
+import socket
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -29,10 +32,12 @@ from typing import Any
 from ..engine import Config, check_key_holder
 from ..errors import ErrorCode, IsclError
 from ..keyholder.base import KeyHolder
-from ..repeats import RepeatFilter
+from ..logs import fields
+from ..repeats import RepeatFilter, failure_key
 from ..transport import aio
-from ..transport.common import Timeouts
+from ..transport.common import READ_SIZE, Timeouts
 from ..transport.relay import DEFAULT_CHUNK, Address, Link, LinkRecord
+from .metrics import NoMetrics
 from .pdu import announces_data_set
 
 log = logging.getLogger(__name__)
@@ -81,14 +86,49 @@ class TunnelSettings:
     of links the server tunnel accepts); idle links are the ``idle_timeout``'s, counted both ways."""
 
 
-class Tunnel:
-    """One listening tunnel and the links it carries. ``start()``, then ``stop()`` to drain."""
+class _Generation:
+    """One set of settings and the links that started under it. A reload retires it; its key holder is
+    closed once the last of its links has ended, so open links finish on the keys they began with."""
 
     def __init__(self, settings: TunnelSettings) -> None:
         self.settings = settings
+        self._links = 0
+        self._retired = False
+
+    def join(self) -> None:
+        self._links += 1
+
+    def leave(self) -> None:
+        self._links -= 1
+        self._close_if_done()
+
+    def retire(self) -> None:
+        self._retired = True
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self._retired and not self._links:
+            self.settings.key_holder.close()
+
+
+class Tunnel:
+    """One listening tunnel and the links it carries. ``start()``, then ``stop()`` to drain.
+
+    :meth:`reload` gives new links new settings (keys, algorithms, target) while open links finish on
+    theirs. ``metrics`` hears of every link (:class:`~iscl_hsm.dicom.metrics.GatewayMetrics`).
+    """
+
+    def __init__(self, settings: TunnelSettings, metrics: NoMetrics | None = None) -> None:
+        self._generation = _Generation(settings)
+        self._metrics = metrics or NoMetrics()
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
         self._repeats = RepeatFilter()  # failed handshakes, per peer host
+
+    @property
+    def settings(self) -> TunnelSettings:
+        """The settings new links get."""
+        return self._generation.settings
 
     @property
     def address(self) -> Address:
@@ -99,31 +139,43 @@ class Tunnel:
 
     @property
     def active_links(self) -> int:
+        """Connections being served: authenticating or carried."""
         return len(self._links)
 
-    async def start(self) -> Address:
-        """Listen; links are served in the background until :meth:`stop`."""
+    async def start(self, sock: socket.socket | None = None) -> Address:
+        """Listen on the settings' address, or on ``sock`` (bound and listening, e.g. shared by several
+        worker processes); links are served in the background until :meth:`stop`."""
         s = self.settings
         check_key_holder(s.config, s.key_holder)  # a hopeless setting fails now, not on every link
         if s.mode is Mode.CLIENT:
-            self._server = await asyncio.start_server(
-                self._accept_plain, s.listen.host, s.listen.port, limit=2 * s.chunk_size, backlog=LISTEN_BACKLOG
-            )
+            accept, limit = self._accept_plain, 2 * s.chunk_size
         else:
-            self._server = await aio.start_server(
-                self._accept_iscl, s.listen.host, s.listen.port,
-                key_holder=s.key_holder, config=s.config, on_error=self._handshake_failed, timeouts=s.timeouts,
-                backlog=LISTEN_BACKLOG,
-            )  # fmt: skip
+            accept, limit = self._accept_iscl, READ_SIZE
+        if sock is None:
+            self._server = await asyncio.start_server(accept, s.listen.host, s.listen.port, limit=limit,
+                                                      backlog=LISTEN_BACKLOG)  # fmt: skip
+        else:
+            self._server = await asyncio.start_server(accept, sock=sock, limit=limit)
         return self.address
+
+    def reload(self, settings: TunnelSettings) -> None:
+        """New links use ``settings`` (checked first: a hopeless one raises KeyHolderError and changes
+        nothing); open links finish on the settings they started with."""
+        check_key_holder(settings.config, settings.key_holder)
+        old, self._generation = self._generation, _Generation(settings)
+        old.retire()
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket: new connections are refused from now on."""
+        if self._server is not None:
+            self._server.close()
 
     async def stop(self, drain_timeout: float) -> int:
         """Stop accepting, let open links finish for ``drain_timeout`` seconds, then abort the rest.
 
         Returns how many links had to be aborted.
         """
-        if self._server is not None:
-            self._server.close()
+        self.stop_accepting()
         if not self._links:
             return 0
         _, pending = await asyncio.wait(set(self._links), timeout=drain_timeout)
@@ -136,43 +188,56 @@ class Tunnel:
 
     async def _accept_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Client tunnel: a local application connected; open its ISCL link."""
-        source = Address.of(writer.get_extra_info("peername"))
-        target = self.settings.target
-        link = self._new_link(source, target, plain=source, iscl=target)
-        link.attach_plain(reader, writer)
-        await self._serve(link, self._open_iscl(link))
+        with self._carrying() as s:
+            source = Address.of(writer.get_extra_info("peername"))
+            link = self._new_link(s, source, s.target, plain=source, iscl=s.target)
+            link.attach_plain(reader, writer)
+            await self._run(link, self._open_iscl(s, link))
 
-    async def _accept_iscl(self, stream: aio.IsclStream) -> None:
-        """Server tunnel: an ISCL client authenticated; connect to the application it reaches."""
-        target = self.settings.target
-        source = Address.of(stream.peer)
-        link = self._new_link(source, target, plain=target, iscl=source)
-        link.attach_iscl(stream)
-        await self._serve(link, self._open_plain(link))
+    async def _accept_iscl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Server tunnel: authenticate the ISCL client, then connect to the application it reaches."""
+        with self._carrying() as s:
+            stream = await aio.accept_link(reader, writer, key_holder=s.key_holder, config=s.config,
+                                           timeouts=s.timeouts, on_error=self._handshake_failed)  # fmt: skip
+            if stream is None:
+                return
+            self._metrics.handshake(stream.handshake_seconds)
+            source = Address.of(stream.peer)
+            link = self._new_link(s, source, s.target, plain=s.target, iscl=source)
+            link.attach_iscl(stream)
+            await self._run(link, self._open_plain(s, link))
 
-    def _new_link(self, source: Address, target: Address, *, plain: Address, iscl: Address) -> Link:
-        """A link from ``source`` to ``target`` that logs its line on the gateway's logger."""
-        s = self.settings
-        return Link(
-            LinkRecord(source, target), plain=plain, iscl=iscl, chunk_size=s.chunk_size, idle_timeout=s.idle_timeout,
-            logger=log, coalesce=announces_data_set,
-        )
-
-    async def _serve(self, link: Link, connect: Awaitable[None]) -> None:
-        """Run one link, registered so that :meth:`stop` can wait for it or abort it."""
+    @contextlib.contextmanager
+    def _carrying(self) -> Iterator[TunnelSettings]:
+        """Serve one connection under the current settings, registered so that :meth:`stop` can wait for
+        it or abort it, and so that a reload closes its key holder only after it."""
         task = asyncio.current_task()
         assert task is not None
+        generation = self._generation
+        generation.join()
         self._links.add(task)
         try:
-            await link.run(connect)
+            yield generation.settings
         except asyncio.CancelledError:
             pass  # stop() gave up on it: Link.run has aborted and logged it. (Nobody awaits this task, and
             # Python 3.11's start_server would print a cancelled one as an error with a traceback.)
         finally:
             self._links.discard(task)
+            generation.leave()
 
-    async def _open_iscl(self, link: Link) -> None:
-        s = self.settings
+    def _new_link(self, s: TunnelSettings, source: Address, target: Address, *, plain: Address, iscl: Address) -> Link:
+        """A link from ``source`` to ``target`` that logs its line on the gateway's logger."""
+        return Link(
+            LinkRecord(source, target), plain=plain, iscl=iscl, chunk_size=s.chunk_size, idle_timeout=s.idle_timeout,
+            logger=log, coalesce=announces_data_set, on_message=self._metrics.message,
+        )
+
+    async def _run(self, link: Link, connect: Awaitable[None]) -> None:
+        self._metrics.link_started()
+        error = await link.run(connect)
+        self._metrics.link_ended(link.record, error)
+
+    async def _open_iscl(self, s: TunnelSettings, link: Link) -> None:
         try:
             stream = await asyncio.wait_for(
                 aio.open_connection(
@@ -182,10 +247,10 @@ class Tunnel:
             )
         except (IsclError, OSError) as exc:
             raise _connect_error(exc, s.target, s.connect_timeout, "ISCL server") from None
+        self._metrics.handshake(stream.handshake_seconds)
         link.attach_iscl(stream)
 
-    async def _open_plain(self, link: Link) -> None:
-        s = self.settings
+    async def _open_plain(self, s: TunnelSettings, link: Link) -> None:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(s.target.host, s.target.port, limit=2 * s.chunk_size),
@@ -196,10 +261,16 @@ class Tunnel:
         link.attach_plain(reader, writer)
 
     def _handshake_failed(self, peer: tuple[Any, ...] | None, exc: BaseException) -> None:
+        """Log a failed handshake as a link line, a peer's repeats of the same failure counted, not shown."""
+        self._metrics.link_failed(exc)
         source = Address.of(peer)
-        line = self._repeats.failure(source.host, exc, LinkRecord(source, self.settings.target, started=None).line(exc))
-        if line is not None:
-            log.info("%s", line)
+        unshown = self._repeats.admit(failure_key(source.host, exc))
+        if unshown is None:
+            return
+        values = LinkRecord(source, self.settings.target, started=None).fields(exc)
+        if unshown:
+            values["unshown"] = unshown  # like it from the same host, within the last minute
+        log.info("link", extra=fields(**values))
 
 
 def _connect_error(exc: BaseException, target: Address, timeout: float, what: str) -> IsclError:

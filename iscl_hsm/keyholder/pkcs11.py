@@ -343,7 +343,6 @@ class _TokenSession:
         self.pid = os.getpid()
         self._pin_salt = secrets.token_bytes(16)
         self._pin_digest = self._digest(pin)
-        self.keys: dict[tuple[str, int], tuple[Any, KeyType, dict[Attribute, Any]]] = {}
         self._doomed: collections.deque[Any] = collections.deque()
 
     def _digest(self, pin: str) -> bytes:
@@ -378,7 +377,6 @@ class _TokenSession:
             if self.closed:
                 return
             self.closed = True
-            self.keys.clear()
             self._doomed.clear()  # session objects die with the session
             if self.pid == os.getpid():
                 try:
@@ -699,6 +697,9 @@ class Pkcs11KeyHolder(KeyHolder):
         self._challenges: dict[int, collections.OrderedDict[bytes, bytes | None]] = {}
         """Outstanding challenges per key id, with the response expected to each once worked out."""
         self._direct_keys: dict[int, RecordKey] = {}  # V1.00's encryption keys, once fetched
+        self._keys: dict[tuple[str, int], tuple[Any, KeyType, dict[Attribute, Any]]] = {}
+        """Key objects by (purpose, index), looked up once per holder: a holder opened after a key was
+        rotated or imported (a tunnel's reload) finds the new one, while older holders keep theirs."""
         self._closed = False
         registry_key = (os.path.realpath(module), token_label)
         with _registry_lock:
@@ -885,6 +886,7 @@ class Pkcs11KeyHolder(KeyHolder):
         with self._challenge_lock:
             self._challenges.clear()
             self._direct_keys.clear()
+            self._keys.clear()
 
     # -- provisioning access ------------------------------------------------------------------------
 
@@ -900,7 +902,7 @@ class Pkcs11KeyHolder(KeyHolder):
             try:
                 yield self._entry.session
             finally:
-                self._entry.keys.clear()
+                self._keys.clear()
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -933,7 +935,7 @@ class Pkcs11KeyHolder(KeyHolder):
             try:
                 return self._entry.run(functools.partial(_call_with_key, operation, key, key_type))
             except (p11.KeyHandleInvalid, p11.ObjectHandleInvalid) as exc:
-                self._entry.keys.pop((purpose, index), None)
+                self._keys.pop((purpose, index), None)
                 if attempt == 2:
                     raise _operation_error(exc, self.description, what) from None
             except p11.PKCS11Error as exc:
@@ -952,13 +954,13 @@ class Pkcs11KeyHolder(KeyHolder):
     def _key(self, purpose: str, index: int) -> tuple[Any, KeyType, dict[Attribute, Any]]:
         """(key object, key type, attributes) of ``purpose`` key ``index``, looked up once and then cached."""
         _check_index(index)
-        cached = self._entry.keys.get((purpose, index))
+        cached = self._keys.get((purpose, index))
         if cached is not None:
             return cached
         found = self._run(
             lambda session: self._lookup(session, purpose, index), f"look up {key_label(purpose, index)}"
         )
-        self._entry.keys[(purpose, index)] = found
+        self._keys[(purpose, index)] = found
         return found
 
     def _usable(self, purpose: str, index: int) -> tuple[Any, KeyType]:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import select
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -80,6 +81,8 @@ class IsclStream:
         self._failure: BaseException | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self.parameters: LinkParameters | None = None
+        self.handshake_seconds: float | None = None
+        """How long the handshake took, once it succeeded (from its first byte out or in)."""
         self.closed_by_peer = False
         """True once the peer started a line disconnection that completed (V1.00 cannot authenticate it)."""
         self._incoming = select.poll()  # tells whether the peer's answer has come, see _seal_until_answered()
@@ -463,38 +466,59 @@ async def start_server(
     check_key_holder(config or Config(), key_holder)
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One connection: the handshake, then ``handler``.
-
-        A link still open when the event loop ends (asyncio.run cancels it) is aborted quietly:
-        Python 3.11's start_server would log the cancelled task as an error, with a traceback, and
-        nobody else awaits this task.
-        """
-        stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config), timeouts)
+        stream = await accept_link(reader, writer, key_holder=key_holder, config=config, timeouts=timeouts, on_error=on_error)
+        if stream is None:
+            return
         try:
-            try:
-                await _handshake_within(stream)
-            except (IsclError, OSError) as exc:
-                if on_error is not None:
-                    on_error(stream.peer, exc)
-                await stream.abort()
-                return
             await handler(stream)
         except asyncio.CancelledError:
-            await stream.abort()
+            await stream.abort()  # quietly, as in accept_link
 
     return await asyncio.start_server(accept, host, port, limit=READ_SIZE, backlog=backlog)
 
 
+async def accept_link(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    key_holder: KeyHolder,
+    config: Config | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    on_error: Callable[[tuple[Any, ...] | None, BaseException], None] | None = None,
+) -> IsclStream | None:
+    """The server's handshake on a connection accepted elsewhere: the authenticated stream, or None once
+    the failure went to ``on_error(peer, error)`` and the connection was dropped.
+
+    Cancelled (the event loop ending), it aborts the connection quietly and returns None: Python 3.11's
+    start_server would log a cancelled task as an error, with a traceback, and nobody else awaits it.
+    """
+    stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config), timeouts)
+    try:
+        await _handshake_within(stream)
+    except (IsclError, OSError) as exc:
+        if on_error is not None:
+            on_error(stream.peer, exc)
+        await stream.abort()
+        return None
+    except asyncio.CancelledError:
+        await stream.abort()
+        return None
+    return stream
+
+
 async def _handshake_within(stream: IsclStream) -> LinkParameters:
     timeout = stream.timeouts.handshake
+    started = time.monotonic()
     try:
-        return await asyncio.wait_for(stream.handshake(), timeout)
+        parameters = await asyncio.wait_for(stream.handshake(), timeout)
     except TimeoutError:
         raise RemoteProtocolError(
             ErrorCode.TIMED_OUT,
             f"no ISCL handshake with {Address.of(stream.peer)} within {timeout:g} s: is the peer an ISCL"
             " endpoint with the same link options? (--handshake-timeout sets the limit)",
         ) from None
+    stream.handshake_seconds = time.monotonic() - started
+    return parameters
 
 
 __all__ = [
@@ -502,6 +526,7 @@ __all__ = [
     "IsclStream",
     "MessageRefusedError",
     "Timeouts",
+    "accept_link",
     "handshake_on",
     "open_connection",
     "start_server",

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from ..engine import LinkParameters, State
 from ..errors import ErrorCode, IsclError, RemoteProtocolError
+from ..logs import fields
 from ..wire import SESSION_KEYS
 from . import aio
 from .common import Address
@@ -77,19 +78,35 @@ class LinkRecord:
     iscl_to_plain: int = 0
     started: float | None = field(default_factory=time.monotonic)
 
-    def line(self, failure: BaseException | None) -> str:
+    def fields(self, failure: BaseException | None) -> dict[str, object]:
+        """The line's fields: ``result`` is ``closed`` or ``aborted``, and an aborted link's ``error``
+        says why, its ``code`` naming the ISCL error (or the exception's type)."""
         p = self.parameters
+        values: dict[str, object] = {"from": str(self.source), "to": str(self.target)}
         if p is None:
-            keys = "profile=- auth_key=- algorithms=- enc_key=-"
+            values |= {"profile": "-", "auth_key": "-", "algorithms": "-", "enc_key": "-"}
         else:
-            enc = "session" if p.enc_key_id == SESSION_KEYS else str(p.enc_key_id)
-            keys = f"profile={p.profile.value} auth_key={p.auth_key_id} algorithms={_algorithm(p.encryption)}+{_algorithm(p.mac)} enc_key={enc}"
-        duration = "-" if self.started is None else f"{time.monotonic() - self.started:.2f}s"
-        result = "closed" if failure is None else f"aborted: {failure}"
-        return (
-            f"link from={self.source} to={self.target} {keys} plain_to_iscl={self.plain_to_iscl}"
-            f" iscl_to_plain={self.iscl_to_plain} duration={duration} result={result}"
-        )
+            values |= {
+                "profile": p.profile.value,
+                "auth_key": p.auth_key_id,
+                "algorithms": f"{_algorithm(p.encryption)}+{_algorithm(p.mac)}",
+                "enc_key": "session" if p.enc_key_id == SESSION_KEYS else p.enc_key_id,
+            }
+        values |= {
+            "plain_to_iscl": self.plain_to_iscl,
+            "iscl_to_plain": self.iscl_to_plain,
+            "duration": "-" if self.started is None else round(time.monotonic() - self.started, 3),
+        }
+        if failure is None:
+            values["result"] = "closed"
+        else:
+            values |= {"result": "aborted", "code": error_name(failure), "error": str(failure)}
+        return values
+
+
+def error_name(failure: BaseException) -> str:
+    """A failure's kind for logs and metrics: its ISCL error name, or its exception type."""
+    return failure.code.name if isinstance(failure, IsclError) else type(failure).__name__
 
 
 def reset(writer: asyncio.StreamWriter) -> None:
@@ -109,7 +126,8 @@ class Link:
     ``plain`` and ``iscl`` name the two sides in error messages. With a ``logger``, the link's
     :class:`LinkRecord` line is logged (INFO) when it ends. :attr:`error` is the failure that ended it.
     ``coalesce(data)``, if given, says whether a read that emptied the plain side's buffer announces
-    more data: the link then waits briefly for it before sending.
+    more data: the link then waits briefly for it before sending. ``on_message(direction, size)``, if
+    given, hears of each message sent (``plain_to_iscl``) or received (``iscl_to_plain``).
     """
 
     def __init__(
@@ -122,6 +140,7 @@ class Link:
         idle_timeout: float | None = None,
         logger: logging.Logger | None = None,
         coalesce: Callable[[bytes], bool] | None = None,
+        on_message: Callable[[str, int], None] | None = None,
     ) -> None:
         self.record = record
         self.error: IsclError | None = None
@@ -132,6 +151,7 @@ class Link:
         self._last_data = time.monotonic()  # when data last came from either side
         self._logger = logger
         self._coalesce = coalesce
+        self._on_message = on_message
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._stream: aio.IsclStream | None = None
@@ -169,7 +189,7 @@ class Link:
     def _finish(self, failure: IsclError | None) -> None:
         self.error = failure
         if self._logger is not None:
-            self._logger.info("%s", self.record.line(failure))
+            self._logger.info("link", extra=fields(**self.record.fields(failure)))
 
     async def _relay_until_idle(self) -> None:
         """:meth:`_relay`, aborted once no data has come from either side for the idle timeout."""
@@ -256,6 +276,8 @@ class Link:
             self._last_data = time.monotonic()
             self._writer.write(data)
             self.record.iscl_to_plain += len(data)
+            if self._on_message is not None:
+                self._on_message("iscl_to_plain", len(data))
             await self._plain_io(self._writer.drain())
         if self._writer.can_write_eof():
             self._writer.write_eof()  # a half-close: the application reads the end of the stream
@@ -272,6 +294,9 @@ class Link:
                     raise
                 self._chunk = exc.peer_max_length  # remembered for the rest of the link
                 data = piece + data
+                continue
+            if self._on_message is not None:
+                self._on_message("plain_to_iscl", len(piece))
 
     async def _disconnect(self) -> None:
         """The line disconnection protocol; the peer refuses while it is sending, so ask again."""

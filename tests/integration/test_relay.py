@@ -97,8 +97,9 @@ def test_clean_end_carries_both_ways_and_disconnects_the_line(
     assert received == [b"hello", None]
     assert link.error is None
     assert (link.record.plain_to_iscl, link.record.iscl_to_plain) == (5, 5)
-    line = link.record.line(link.error)
-    assert "plain_to_iscl=5 iscl_to_plain=5 " in line and line.endswith(" result=closed")
+    fields = link.record.fields(link.error)
+    assert (fields["plain_to_iscl"], fields["iscl_to_plain"], fields["result"]) == (5, 5, "closed")
+    assert "error" not in fields and "code" not in fields
 
 
 def test_a_message_refused_as_too_long_is_split_to_the_peers_maximum(

@@ -27,7 +27,7 @@ from iscl_hsm.engine import Profile
 from iscl_hsm.wire import Encryption, Mac
 
 from ..conftest import Hospitals
-from ..gateway.conftest import LINE, child_env, dcmtk, free_port, wait_listening
+from ..gateway.conftest import child_env, dcmtk, free_port, parse_line, wait_listening
 from ..proxy import FrameProxy, Handler, Link
 from .cli import TIMEOUT, LineLog, Suite, iscl_argv, next_loopback, start_listening, timeout_args
 from .faults import Fault, FaultHandler
@@ -98,12 +98,15 @@ class Store:
 def link_results(tunnel: LineLog) -> list[str]:
     """The result field of each link line the tunnel logged so far, in order (a line that does not
     parse as a link line: the whole line, which no oracle accepts as a result)."""
-    results = []
-    for line in list(tunnel.lines):
-        if "INFO link from=" in line:
-            match = LINE.search(line)
-            results.append(match.group("result") if match else line)
-    return results
+    return [link_result(line) for line in list(tunnel.lines) if " msg=link " in line]
+
+
+def link_result(line: str) -> str:
+    """A link line's result ("closed", "aborted: why"), or the whole line if it is not one."""
+    try:
+        return parse_line(line)["result"]
+    except AssertionError:
+        return line
 
 
 class GatewayPair:
@@ -197,8 +200,8 @@ class GatewayPair:
         store.handler = self.handlers.get(link.number)
         address = re.escape(link.server_side)
         left = max(0.0, deadline - time.monotonic())
-        if match := self.server.wait_for(rf"INFO link from={address} .* result=(.*)$", left):
-            store.lines["server"] = match.group(1)
+        if match := self.server.wait_for(rf"^.* msg=link from={address} .*$", left):
+            store.lines["server"] = link_result(match.group(0))
         while self._client_lines() <= client_before and time.monotonic() < deadline:
             time.sleep(0.01)
         client = link_results(self.client)

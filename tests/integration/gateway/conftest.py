@@ -28,10 +28,12 @@ from typing import Any, TypeVar
 import pytest
 from pydicom import dcmread
 
+from iscl_hsm import logs
 from iscl_hsm.dicom.gateway import Address, Mode, Tunnel, TunnelSettings
 from iscl_hsm.engine import Config
 from iscl_hsm.keyholder.base import KeyHolder
 
+from ... import logfmt
 from ..conftest import Hospitals, SoftHsmToken, TamperingProxy
 
 T = TypeVar("T")
@@ -218,13 +220,15 @@ def via_proxy(
 
 @pytest.fixture
 def link_lines(caplog: pytest.LogCaptureFixture) -> Callable[[int], list[str]]:
-    """``link_lines(count)``: waits until the gateway logged ``count`` link lines, returns them all."""
+    """``link_lines(count)``: waits until the gateway logged ``count`` link lines, returns them all (as the
+    logfmt a tunnel command writes, without time, level and logger)."""
     caplog.set_level(logging.INFO, logger=GATEWAY_LOGGER)
 
     def wait(count: int) -> list[str]:
         deadline = time.monotonic() + TIMEOUT
         while True:
-            lines = [r.getMessage() for r in caplog.records if r.name == GATEWAY_LOGGER]
+            lines = [logs.logfmt({"msg": r.getMessage()} | logs.record_fields(r))
+                     for r in caplog.records if r.name == GATEWAY_LOGGER]  # fmt: skip
             if len(lines) >= count or time.monotonic() > deadline:
                 return lines
             time.sleep(0.02)
@@ -232,17 +236,22 @@ def link_lines(caplog: pytest.LogCaptureFixture) -> Callable[[int], list[str]]:
     return wait
 
 
-LINE = re.compile(
-    r"link from=(?P<source>\S+) to=(?P<target>\S+) profile=(?P<profile>\S+) auth_key=(?P<auth_key>\S+) algorithms=(?P<algorithms>\S+)"
-    r" enc_key=(?P<enc_key>\S+) plain_to_iscl=(?P<up>\d+) iscl_to_plain=(?P<down>\d+)"
-    r" duration=(?P<duration>\S+) result=(?P<result>.*)"
-)
+LINE_KEYS = {"from": "source", "to": "target", "profile": "profile", "auth_key": "auth_key",
+             "algorithms": "algorithms", "enc_key": "enc_key", "plain_to_iscl": "up", "iscl_to_plain": "down",
+             "duration": "duration", "result": "result"}  # fmt: skip
+"""A link line's keys, and the names the tests know them by."""
 
 
 def parse_line(line: str) -> dict[str, str]:
-    match = LINE.fullmatch(line)
-    assert match, f"not a link line: {line!r}"
-    return match.groupdict()
+    """A link line's fields; ``result`` is "closed" or "aborted: " and the error, as a person reads it."""
+    values = logfmt.parse(line)
+    assert values.get("msg") == "link", f"not a link line: {line!r}"
+    fields = {name: values[key] for key, name in LINE_KEYS.items()}
+    if fields["result"] == "aborted":
+        fields["result"] = f"aborted: {values['error']}"
+    else:
+        assert fields["result"] == "closed" and "error" not in values, f"neither closed nor aborted: {line!r}"
+    return fields
 
 
 # --- tunnels as `iscl tunnel` commands ----------------------------------------------------------

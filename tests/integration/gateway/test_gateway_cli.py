@@ -20,7 +20,7 @@ from iscl_hsm.engine import Profile
 from ..conftest import Hospitals
 from .conftest import TIMEOUT, StoreScp, TunnelCommand, assert_stored_identical, dcmtk, parse_line, scu
 
-LINK = re.compile(r"INFO (link from=.*)")
+LINK = re.compile(r"^(.* msg=link .*)$", re.MULTILINE)
 
 
 def link_lines(output: str) -> list[dict[str, str]]:

@@ -1,0 +1,195 @@
+"""Several worker processes sharing one listening socket (``iscl tunnel --workers N``).
+
+One asyncio process uses one core; the gateway's work (MACs, DES, the relay) is CPU-bound, so N
+processes accept from one socket the supervisor bound before forking them (the kernel hands each new
+connection to one of them). Each worker opens its own key-holder session: a token session is not
+shared across processes, and PKCS#11 must be initialised in the process that uses it.
+
+The supervisor starts them one at a time, each once the one before has opened its token (SoftHSM2's
+file store fails a process that initialises while another does: "could not list its tokens"), says
+"ready" once every one has its keys and listens, passes SIGHUP on
+(each worker reloads), turns SIGTERM or SIGINT into a drain of all of them, and starts a new worker
+in place of one that dies. A worker that fails before it is ready (a wrong PIN, a missing key) stops
+them all, and its exit status is the supervisor's: a restart could not mend it.
+
+POSIX only (``os.fork``); with one worker nothing is forked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..logs import fields
+
+log = logging.getLogger(__name__)
+
+Worker = Callable[[int, Callable[[], None]], int]
+"""``worker(number, ready)``: serve until told to stop, calling ``ready()`` once listening; its exit status."""
+
+KILL_GRACE = 10.0
+"""Seconds beyond the drain timeout a stopping worker gets before it is killed."""
+
+
+@dataclass
+class _Child:
+    number: int
+    ready: bool = False
+
+
+@dataclass
+class Supervisor:
+    """Runs ``count`` copies of ``worker``; see the module's docstring."""
+
+    count: int
+    worker: Worker
+    listener: socket.socket
+    """The socket the workers accept from; closed here on SIGTERM, so that new connections are refused."""
+    on_ready: Callable[[], None]
+    """Called once, when every worker has called its ``ready()``."""
+    on_stopping: Callable[[], None]
+    """Called once, when SIGTERM or SIGINT arrives."""
+    on_exit: Callable[[int], None] = lambda pid: None
+    """Called with the pid of each worker that exited (e.g. to drop its live metrics)."""
+    drain_timeout: float = 30.0
+    _children: dict[int, _Child] = field(default_factory=dict)
+    _stopping_since: float | None = None
+
+    def run(self) -> int:
+        """Start the workers and supervise them until they have all ended; the exit status."""
+        ready_in, ready_out = os.pipe()
+        wake_in, wake_out = os.pipe()
+        os.set_blocking(wake_out, False)
+        os.set_blocking(wake_in, False)
+        previous = {signum: signal.signal(signum, _note) for signum in _handled()}
+        old_wakeup = signal.set_wakeup_fd(wake_out)
+        try:
+            self._start(1, ready_out)
+            return self._supervise(ready_in, wake_in, ready_out)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            for fd in (ready_in, ready_out, wake_in, wake_out):
+                os.close(fd)
+
+    def _start(self, number: int, ready_out: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            status = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in _handled():
+                    signal.signal(signum, signal.SIG_DFL)
+
+                def ready() -> None:
+                    os.write(ready_out, bytes([number]))
+
+                status = self.worker(number, ready)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)  # not the supervisor's clean-up (atexit, its sockets' shutdown)
+        self._children[pid] = _Child(number)
+
+    def _supervise(self, ready_in: int, wake_in: int, ready_out: int) -> int:
+        status = 0
+        announced = False
+        with selectors.DefaultSelector() as selector:
+            selector.register(ready_in, selectors.EVENT_READ)
+            selector.register(wake_in, selectors.EVENT_READ)
+            while self._children:
+                timeout = None
+                if self._stopping_since is not None:
+                    timeout = max(0.0, self._stopping_since + self.drain_timeout + KILL_GRACE - time.monotonic())
+                    if timeout == 0:
+                        self._signal_all(signal.SIGKILL)
+                        timeout = 1.0
+                for key, _ in selector.select(timeout):
+                    if key.fd == ready_in:
+                        numbers = set(os.read(ready_in, 64))
+                        for child in self._children.values():
+                            child.ready |= child.number in numbers
+                    else:
+                        for signum in _drain(wake_in):
+                            self._on_signal(signum)
+                failed = self._reap(ready_out)
+                if failed is not None and status == 0:
+                    status = failed
+                if self._stopping_since is None and all(c.ready for c in self._children.values()):
+                    if len(self._children) < self.count:
+                        self._start(len(self._children) + 1, ready_out)  # one at a time, see above
+                    elif not announced:
+                        announced = True
+                        self.on_ready()
+        return status
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self._signal_all(signal.SIGHUP)
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._stopping_since is None:
+            self._stopping_since = time.monotonic()
+            self.listener.close()  # (each worker closes its own copy as it stops)
+            self.on_stopping()
+        self._signal_all(signal.SIGTERM)
+
+    def _reap(self, ready_out: int) -> int | None:
+        """Collect the workers that exited; the status to end with if one failed before it was ready."""
+        failed = None
+        while self._children:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            child = self._children.pop(pid, None)
+            if child is None:
+                continue
+            self.on_exit(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            if self._stopping_since is not None:
+                if code != 0:
+                    log.warning("worker %d exited with status %d while stopping", child.number, code,
+                                extra=fields(worker=child.number, status=code))  # fmt: skip
+                continue
+            if not child.ready:
+                failed = code if code > 0 else 1
+                log.error("worker %d failed as it started (status %d); stopping the others", child.number, code,
+                          extra=fields(worker=child.number, status=code))  # fmt: skip
+                self._stop()
+                continue
+            log.warning("worker %d exited with status %d; starting another", child.number, code,
+                        extra=fields(worker=child.number, status=code))  # fmt: skip
+            self._start(child.number, ready_out)
+        return failed
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in self._children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+def _handled() -> tuple[signal.Signals, ...]:
+    """The signals the supervisor acts on (named here, not at import: Windows has no SIGHUP)."""
+    return signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD
+
+
+def _note(signum: int, frame: object) -> None:
+    """A handler that does nothing: the wake-up pipe carries the signal to the supervisor's loop."""
+
+
+def _drain(fd: int) -> bytes:
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 64):
+            data += chunk
+    return data
