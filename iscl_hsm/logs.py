@@ -80,12 +80,22 @@ def add_fields(**values: object) -> None:
         handler.addFilter(add)
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler :func:`configure` installs (and replaces when called again)."""
+
+
 def configure(level: int, log_format: str = "text") -> None:
-    """Send every log record at ``level`` or above to stderr, one line each, in ``log_format``."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(LineFormatter(json_line if log_format == "json" else logfmt))
+    """Send every log record at ``level`` or above to stderr, one line each, in ``log_format``.
+
+    Like :func:`logging.basicConfig`, it leaves a root logger that has handlers of another's alone (an
+    embedding application's, or pytest's when the tests call the command line in process).
+    """
     root = logging.getLogger()
+    if any(not isinstance(handler, _Handler) for handler in root.handlers):
+        return
     for old in list(root.handlers):
         root.removeHandler(old)
+    handler = _Handler()
+    handler.setFormatter(LineFormatter(json_line if log_format == "json" else logfmt))
     root.addHandler(handler)
     root.setLevel(level)
