@@ -10,6 +10,7 @@ from .. import __version__
 from ..allocator import keep_bulk_buffers
 from ..errors import IsclError
 from . import card, demo, dicom, keys, link, tunnel
+from .extras import MissingExtraError
 
 EXIT_FAILURE = 1
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"iscl-hsm {__version__} (MEDIS-ISCL V1.00)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (twice: debug)")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
     demo.add_commands(sub)
     link.add_commands(sub)
     keys.add_commands(sub)
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     keep_bulk_buffers()
     try:
         return int(args.run(args))
+    except MissingExtraError as exc:
+        print(f"iscl {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except IsclError as exc:
         print(f"iscl: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -21,6 +21,7 @@ from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
 from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token
 from ..transport.common import DEFAULT_TIMEOUTS, Timeouts
 from ..wire import Encryption, Mac
+from .extras import CARD, Extra, import_for
 
 if TYPE_CHECKING:
     from ..keyholder.smartcard import SmartCardKeyHolder
@@ -33,12 +34,14 @@ ENCRYPTION_NAMES = {v: k for k, v in ENCRYPTIONS.items()}
 MAC_NAMES = {v: k for k, v in MACS.items()}
 
 
-def deferred(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+def deferred(module: str, name: str, extra: Extra | None = None) -> Callable[[argparse.Namespace], int]:
     """A command's run function ``module.name``, imported only when the command runs: each command pays
-    for its own imports (pynetdicom and pydicom take half a second), not for every other command's."""
+    for its own imports (pynetdicom and pydicom take half a second), not for every other command's, and a
+    command whose ``extra`` is not installed says so in one line (the others still run)."""
 
     def run(args: argparse.Namespace) -> int:
-        command: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+        home = importlib.import_module(module) if extra is None else import_for(module, extra)
+        command: Callable[[argparse.Namespace], int] = getattr(home, name)
         return command(args)
 
     return run
@@ -125,16 +128,8 @@ def open_card_holder(args: argparse.Namespace) -> SmartCardKeyHolder:
 
 
 def card_holder_module() -> Any:
-    """The smart-card key holder module, which needs pyscard (an optional dependency)."""
-    try:
-        from ..keyholder import smartcard
-    except ImportError:
-        raise KeyHolderError(
-            "IC cards need pyscard, which is not installed: pip install 'iscl-hsm[card]'"
-            " (it builds with swig and libpcsclite-dev)",
-            ErrorCode.BAD_OPTION,
-        ) from None
-    return smartcard
+    """The smart-card key holder module, which needs pyscard (the ``card`` extra)."""
+    return import_for("iscl_hsm.keyholder.smartcard", CARD)
 
 
 def reader_description(args: argparse.Namespace) -> str:
