@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import secrets
 import shutil
@@ -41,6 +40,7 @@ from iscl_hsm.keyholder.pkcs11 import (
     key_policy,
     refresh_token_list,
 )
+from iscl_hsm.locking import lock_exclusive
 
 __all__ = [
     "DEMO_LABEL",
@@ -394,7 +394,7 @@ def ensure_token(
     pin_path = Path(pin_file) if pin_file is not None else data_dir / "pin"
     keys = dict(keys or {})
     with open(data_dir / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock_exclusive(lock)
         if label not in softhsm_token_labels(env):
             init_token(label, secrets.token_urlsafe(24), _read_or_create_pin(pin_path), module, env)
         elif not pin_path.is_file():
