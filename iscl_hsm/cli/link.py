@@ -100,7 +100,7 @@ async def until_signal(work: Awaitable[T]) -> T:
         caught.append(signum)
         task.cancel()
 
-    handled: list[int] = []
+    handled: list[signal.Signals] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(signum, stop, signum)
