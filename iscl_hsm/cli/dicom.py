@@ -62,7 +62,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 def _command(sub: argparse._SubParsersAction, name: str, summary: str, text: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=summary, description=text, formatter_class=argparse.RawDescriptionHelpFormatter
+        name, help=summary, description=f"{text}\n\nThis command {DICOM.advice}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
 

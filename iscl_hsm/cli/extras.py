@@ -51,10 +51,11 @@ class MissingExtraError(IsclError):
 
 def import_for(module: str, extra: Extra) -> ModuleType:
     """Import ``module``, which needs ``extra``; :class:`MissingExtraError` if one of the extra's own
-    modules is missing (any other ImportError is a fault of ours and goes up unchanged)."""
+    modules is missing. Any other ImportError (ours, or a name an installed package lacks) goes up
+    unchanged: it is a fault to fix, not advice to give."""
     try:
         return importlib.import_module(module)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] not in extra.modules:
             raise
         raise MissingExtraError(extra) from None

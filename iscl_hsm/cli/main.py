@@ -9,7 +9,8 @@ import sys
 from .. import __version__
 from ..allocator import keep_bulk_buffers
 from ..errors import IsclError
-from . import card, demo, dicom, keys, link, tunnel
+from ..shared import doc_reference
+from . import card, demo, dicom, docs, keys, link, tunnel
 from .extras import MissingExtraError
 
 EXIT_FAILURE = 1
@@ -20,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="iscl",
         description="ISCL V1.00 (MEDIS-DC) secure links for DICOM, with keys in a PKCS#11 token.\n\n"
         "Start with `iscl demo`: it creates a SoftHSM2 token with demo keys and runs a secured\n"
-        "exchange on this machine. Then try `iscl server` and `iscl client` in two terminals.",
+        "exchange on this machine. Then try `iscl server` and `iscl client` in two terminals.\n\n"
+        "The documentation: `iscl docs` lists it, `iscl docs NAME` prints one; here it is in\n"
+        f"{doc_reference()}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"iscl-hsm {__version__} (MEDIS-ISCL V1.00)")
@@ -32,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_commands(sub)
     tunnel.add_commands(sub)
     dicom.add_commands(sub)
+    docs.add_commands(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ from ..errors import ErrorCode, IsclError, KeyHolderError
 from ..keyholder.base import KEY_INDEXES, KeyHolder
 from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
 from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token
+from ..shared import doc_reference
 from ..transport.common import DEFAULT_TIMEOUTS, Timeouts
 from ..wire import Encryption, Mac
 from .extras import CARD, Extra, import_for
@@ -122,8 +123,9 @@ def open_card_holder(args: argparse.Namespace) -> SmartCardKeyHolder:
             "record keys derived by an IC card always live on the host: drop --record-keys token",
             ErrorCode.BAD_OPTION,
         )
+    smartcard = card_holder_module()  # before the PIN prompt: without pyscard, no PIN is asked for
     pin = read_pin(args.pin_file, f"card in {reader_description(args)}")
-    holder: SmartCardKeyHolder = card_holder_module().SmartCardKeyHolder(pin, args.reader, args.wait_card)
+    holder: SmartCardKeyHolder = smartcard.SmartCardKeyHolder(pin, args.reader, args.wait_card)
     return holder
 
 
@@ -144,7 +146,7 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
                        help="wire profile: 'v1.00' follows the published ISCL V1.00 wire, to talk to equipment"
                        " that speaks it; 'hardened' adds this project's protections (handshake MACs, keys per"
                        " link and direction, sequence numbers), which both ends must choose (default:"
-                       " %(default)s; docs/protocol.md, \"Profiles\")")
+                       f" %(default)s; {doc_reference('protocol.md')}, \"Profiles\")")
     group.add_argument("--auth-key-id", metavar="N", type=_key_index, default=1,
                        help="authentication key pair 1..8 the client asks for (default: %(default)s);"
                        " a server takes the client's choice, within --allow-key-id")

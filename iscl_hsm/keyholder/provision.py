@@ -41,6 +41,7 @@ from iscl_hsm.keyholder.pkcs11 import (
     refresh_token_list,
 )
 from iscl_hsm.locking import lock_exclusive
+from iscl_hsm.shared import SOFTHSM
 
 __all__ = [
     "DEMO_LABEL",
@@ -60,23 +61,15 @@ _GENERATED_TYPES = {8: (KeyType._DES, Mechanism._DES_KEY_GEN), 24: (KeyType.DES3
 
 
 def _softhsm_dir() -> Path:
-    """The softhsm/ folder with the configuration templates.
-
-    It sits at the top of the source tree (next to the iscl_hsm package); an installed copy may also
-    live in <prefix>/share/iscl-hsm/softhsm.
-    """
-    candidates = [
-        Path(__file__).resolve().parents[2] / "softhsm",
-        Path(sys.prefix) / "share" / "iscl-hsm" / "softhsm",
-    ]
-    for candidate in candidates:
-        if (candidate / "softhsm2.conf.in").is_file():
-            return candidate
-    raise KeyHolderError(
-        "the SoftHSM2 configuration templates (softhsm/softhsm2.conf.in) are missing; looked in "
-        + ", ".join(str(c) for c in candidates)
-        + ". Reinstall iscl-hsm or run from its source tree"
-    )
+    """The softhsm/ folder with the configuration templates (in the source tree, or installed)."""
+    folder = SOFTHSM.find()
+    if folder is None:
+        raise KeyHolderError(
+            "the SoftHSM2 configuration templates (softhsm/softhsm2.conf.in) are missing; looked in "
+            + ", ".join(str(c) for c in SOFTHSM.candidates())
+            + ". Reinstall iscl-hsm or run from its source tree"
+        )
+    return folder
 
 
 def default_data_dir() -> Path:
