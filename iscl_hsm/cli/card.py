@@ -25,7 +25,6 @@ from ..keyholder.apdu import Ins, Pin, Sw
 from ..keyholder.base import KEY_INDEXES
 from ..keyholder.pkcs11 import Pkcs11KeyHolder
 from ..keys.components import algorithm_for, kcv_of
-from ..shared import doc_reference
 from .audited import AuditEntry, add_audit_arguments, audited
 from .keys import Console, add_component_arguments, collect_components, component_count, read_secret_file
 from .options import (
@@ -61,7 +60,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="ISCL IC cards: a virtual card, loading keys, PINs",
         description="Provision ISCL IC cards through PC/SC, and run a virtual ISCL card for tests and"
         " demos. Links use a card with 'iscl server/client --reader NAME' (or --card)."
-        f" See {doc_reference('smart-cards.md')}.",
+        " See `iscl docs smart-cards`.",
     )
     actions = card.add_subparsers(title="actions", metavar="ACTION", required=True)
 

@@ -51,7 +51,6 @@ from ..keys.store import (
     trusted_transport_value,
     verify_so_pin,
 )
-from ..shared import doc_reference
 from .audited import AuditEntry, add_audit_arguments, audited
 from .options import add_key_holder_options, open_key_holder, read_pin
 
@@ -82,7 +81,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "keys",
         help="key management for security officers: ceremonies, rotation, moving keys, audit",
         description="Create, check, rotate, move and delete the ISCL keys of a PKCS#11 token, with key"
-        f" check values and an audit log. The step-by-step ceremony is in {doc_reference('security-officer.md')}.",
+        " check values and an audit log. The step-by-step ceremony is in `iscl docs security-officer`.",
     )
     actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
 

@@ -19,7 +19,6 @@ from ..errors import ErrorCode, IsclError, KeyHolderError
 from ..keyholder.base import KEY_INDEXES, KeyHolder
 from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
 from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token
-from ..shared import doc_reference
 from ..transport.common import DEFAULT_TIMEOUTS, Timeouts
 from ..wire import Encryption, Mac
 from .extras import CARD, Extra, import_for
@@ -146,7 +145,7 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
                        help="wire profile: 'v1.00' follows the published ISCL V1.00 wire, to talk to equipment"
                        " that speaks it; 'hardened' adds this project's protections (handshake MACs, keys per"
                        " link and direction, sequence numbers), which both ends must choose (default:"
-                       f" %(default)s; {doc_reference('protocol.md')}, \"Profiles\")")
+                       " %(default)s; `iscl docs protocol`, \"Profiles\")")
     group.add_argument("--auth-key-id", metavar="N", type=_key_index, default=1,
                        help="authentication key pair 1..8 the client asks for (default: %(default)s);"
                        " a server takes the client's choice, within --allow-key-id")

@@ -27,7 +27,6 @@ from ..dicom.gateway import (
     Tunnel,
     TunnelSettings,
 )
-from ..shared import doc_reference
 from .options import (
     add_link_options,
     add_timeout_options,
@@ -159,7 +158,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         description="Put ISCL in front of DICOM applications that know nothing of it. A client tunnel"
         " accepts plain DICOM from local applications and carries each connection over its own ISCL"
         " link; a server tunnel accepts ISCL links and forwards each one, in plain, to the local"
-        f" application it guards. One log line per link when it ends (see {doc_reference('gateway.md')}).",
+        " application it guards. One log line per link when it ends (see `iscl docs gateway`).",
     )
     modes = tunnel.add_subparsers(title="modes", metavar="MODE", required=True, parser_class=_ConfigFileParser)
     client = modes.add_parser(
