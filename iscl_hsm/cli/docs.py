@@ -1,7 +1,8 @@
 """`iscl docs`: where the documentation is on this installation, and each document's text.
 
-The help texts and error messages name documents by their path here (:func:`iscl_hsm.shared.doc_reference`);
-this command lists them with their titles and prints one, for a wheel's user who has no source tree.
+Help texts point at a document as `iscl docs NAME` (a path would be cut at its hyphens when argparse
+wraps the text), error messages by its path here (:func:`iscl_hsm.shared.doc_reference`). This command
+lists the documents with their titles and prints one, for a wheel's user who has no source tree.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "docs",
         help="list the documentation, or print one document",
         description="Without NAME, list the documents (Markdown files) installed with iscl-hsm, with their"
-        " titles and folder. With NAME (e.g. 'gateway'), print that document, or with --path only its path."
+        " titles and folder. With NAME (e.g. 'gateway'), print that document. --path prints the path of the"
+        " document, or of the folder."
         " Examples:\n  iscl docs\n  iscl docs gateway | less\n  iscl docs --path security-officer",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
