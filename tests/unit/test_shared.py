@@ -47,6 +47,8 @@ def test_docs_lists_the_documents_with_their_titles(capsys: pytest.CaptureFixtur
     assert lines[0] == f"{REPO / 'docs'}:"
     assert "  gateway           The ISCL gateway (`iscl tunnel`)" in lines
     assert len(lines) == 1 + len(list((REPO / "docs").glob("*.md")))
+    assert main(["docs", "--path"]) == 0
+    assert capsys.readouterr().out == f"{REPO / 'docs'}\n"
 
 
 @pytest.mark.parametrize("name", ["smart-cards", "smart-cards.md"])
