@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from ..errors import ErrorCode, KeyHolderError
 from ..keyholder.apdu import KEY_LENGTHS, pin_block
+from ..shared import doc_reference
 
 FORMAT: Final = "iscl-virtual-card/1"
 DEFAULT_ATR: Final = bytes.fromhex("3B80800101")
@@ -154,7 +155,8 @@ class CardState:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
             raise KeyHolderError(
-                f"the virtual card file {path} is malformed ({detail}); see docs/smart-cards.md for the format",
+                f"the virtual card file {path} is malformed ({detail}); see {doc_reference('smart-cards.md')} for"
+                " the format",
                 ErrorCode.BAD_OPTION,
             ) from None
         return state

@@ -60,7 +60,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="ISCL IC cards: a virtual card, loading keys, PINs",
         description="Provision ISCL IC cards through PC/SC, and run a virtual ISCL card for tests and"
         " demos. Links use a card with 'iscl server/client --reader NAME' (or --card)."
-        " See docs/smart-cards.md.",
+        " See `iscl docs smart-cards`.",
     )
     actions = card.add_subparsers(title="actions", metavar="ACTION", required=True)
 

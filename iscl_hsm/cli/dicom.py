@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from .. import wire
+from .extras import DICOM
 from .options import add_link_options, add_timeout_options, deferred
 
 SCU_TITLE, SCP_TITLE = "ISCL-SCU", "ISCL-SCP"
@@ -23,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "  iscl echo pacs.example.org 2761 --aec PACS",
     )  # fmt: skip
     _add_peer(echo)
-    echo.set_defaults(run=deferred(__name__ + "_run", "run_echo"))
+    echo.set_defaults(run=deferred(__name__ + "_run", "run_echo", DICOM))
 
     store = _command(
         sub, "store", "send DICOM files and folders over ISCL with C-STORE",
@@ -36,7 +37,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )  # fmt: skip
     _add_peer(store, port_required=True)
     store.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="DICOM files or folders")
-    store.set_defaults(run=deferred(__name__ + "_run", "run_store"))
+    store.set_defaults(run=deferred(__name__ + "_run", "run_store", DICOM))
 
     serve = _command(
         sub, "serve", "a storage SCP over ISCL that writes what it receives to a folder",
@@ -56,12 +57,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     _add_timeout(serve)
     add_link_options(serve)
     add_timeout_options(serve)
-    serve.set_defaults(run=deferred(__name__ + "_run", "run_serve"))
+    serve.set_defaults(run=deferred(__name__ + "_run", "run_serve", DICOM))
 
 
 def _command(sub: argparse._SubParsersAction, name: str, summary: str, text: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=summary, description=text, formatter_class=argparse.RawDescriptionHelpFormatter
+        name, help=summary, description=f"{text}\n\nThis command {DICOM.advice}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
 

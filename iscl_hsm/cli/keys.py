@@ -81,7 +81,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "keys",
         help="key management for security officers: ceremonies, rotation, moving keys, audit",
         description="Create, check, rotate, move and delete the ISCL keys of a PKCS#11 token, with key"
-        " check values and an audit log. The step-by-step ceremony is in docs/security-officer.md.",
+        " check values and an audit log. The step-by-step ceremony is in `iscl docs security-officer`.",
     )
     actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
 

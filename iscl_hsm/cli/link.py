@@ -100,8 +100,13 @@ async def until_signal(work: Awaitable[T]) -> T:
         caught.append(signum)
         task.cancel()
 
+    handled: list[signal.Signals] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop, signum)
+        try:
+            loop.add_signal_handler(signum, stop, signum)
+        except NotImplementedError:  # Windows: Ctrl-C ends asyncio.run with KeyboardInterrupt instead
+            continue
+        handled.append(signum)
     try:
         return await task
     except asyncio.CancelledError:
@@ -109,7 +114,7 @@ async def until_signal(work: Awaitable[T]) -> T:
             raise Stopped(caught[0]) from None
         raise
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in handled:
             loop.remove_signal_handler(signum)
 
 

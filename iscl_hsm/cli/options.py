@@ -21,6 +21,7 @@ from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
 from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token
 from ..transport.common import DEFAULT_TIMEOUTS, Timeouts
 from ..wire import Encryption, Mac
+from .extras import CARD, Extra, import_for
 
 if TYPE_CHECKING:
     from ..keyholder.smartcard import SmartCardKeyHolder
@@ -33,12 +34,14 @@ ENCRYPTION_NAMES = {v: k for k, v in ENCRYPTIONS.items()}
 MAC_NAMES = {v: k for k, v in MACS.items()}
 
 
-def deferred(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+def deferred(module: str, name: str, extra: Extra | None = None) -> Callable[[argparse.Namespace], int]:
     """A command's run function ``module.name``, imported only when the command runs: each command pays
-    for its own imports (pynetdicom and pydicom take half a second), not for every other command's."""
+    for its own imports (pynetdicom and pydicom take half a second), not for every other command's, and a
+    command whose ``extra`` is not installed says so in one line (the others still run)."""
 
     def run(args: argparse.Namespace) -> int:
-        command: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+        home = importlib.import_module(module) if extra is None else import_for(module, extra)
+        command: Callable[[argparse.Namespace], int] = getattr(home, name)
         return command(args)
 
     return run
@@ -119,22 +122,15 @@ def open_card_holder(args: argparse.Namespace) -> SmartCardKeyHolder:
             "record keys derived by an IC card always live on the host: drop --record-keys token",
             ErrorCode.BAD_OPTION,
         )
+    smartcard = card_holder_module()  # before the PIN prompt: without pyscard, no PIN is asked for
     pin = read_pin(args.pin_file, f"card in {reader_description(args)}")
-    holder: SmartCardKeyHolder = card_holder_module().SmartCardKeyHolder(pin, args.reader, args.wait_card)
+    holder: SmartCardKeyHolder = smartcard.SmartCardKeyHolder(pin, args.reader, args.wait_card)
     return holder
 
 
 def card_holder_module() -> Any:
-    """The smart-card key holder module, which needs pyscard (an optional dependency)."""
-    try:
-        from ..keyholder import smartcard
-    except ImportError:
-        raise KeyHolderError(
-            "IC cards need pyscard, which is not installed: pip install 'iscl-hsm[card]'"
-            " (it builds with swig and libpcsclite-dev)",
-            ErrorCode.BAD_OPTION,
-        ) from None
-    return smartcard
+    """The smart-card key holder module, which needs pyscard (the ``card`` extra)."""
+    return import_for("iscl_hsm.keyholder.smartcard", CARD)
 
 
 def reader_description(args: argparse.Namespace) -> str:
@@ -149,7 +145,7 @@ def add_link_options(parser: argparse.ArgumentParser) -> None:
                        help="wire profile: 'v1.00' follows the published ISCL V1.00 wire, to talk to equipment"
                        " that speaks it; 'hardened' adds this project's protections (handshake MACs, keys per"
                        " link and direction, sequence numbers), which both ends must choose (default:"
-                       " %(default)s; docs/protocol.md, \"Profiles\")")
+                       " %(default)s; `iscl docs protocol`, \"Profiles\")")
     group.add_argument("--auth-key-id", metavar="N", type=_key_index, default=1,
                        help="authentication key pair 1..8 the client asks for (default: %(default)s);"
                        " a server takes the client's choice, within --allow-key-id")

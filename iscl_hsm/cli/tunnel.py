@@ -188,7 +188,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         description="Put ISCL in front of DICOM applications that know nothing of it. A client tunnel"
         " accepts plain DICOM from local applications and carries each connection over its own ISCL"
         " link; a server tunnel accepts ISCL links and forwards each one, in plain, to the local"
-        " application it guards. One log line per link when it ends (see docs/gateway.md).",
+        " application it guards. One log line per link when it ends (see `iscl docs gateway`).",
     )
     modes = tunnel.add_subparsers(title="modes", metavar="MODE", required=True, parser_class=_ConfigFileParser)
     client = modes.add_parser(
@@ -290,7 +290,7 @@ def run_tunnel(args: argparse.Namespace) -> int:
                 metrics.use_shared_folder(Path(folder))
                 _serve_metrics(args.metrics)
             supervisor = workers.Supervisor(
-                count, lambda number, worker_ready: main.reporting(lambda: _work(args, sock, worker_ready, number)),
+                count, lambda number, worker_ready: main.reporting(lambda: _work(args, sock, worker_ready, number), "tunnel"),
                 listener=sock, on_ready=ready, on_stopping=lambda: log.info("%s: stopping its %d workers", name, count),
                 on_exit=metrics.worker_exited, drain_timeout=args.drain_timeout,
             )  # fmt: skip

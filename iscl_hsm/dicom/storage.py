@@ -120,6 +120,8 @@ def write_durably(target: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+    if not hasattr(os, "O_DIRECTORY"):  # Windows opens no folder to fsync; NTFS journals the rename
+        return
     folder_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(folder_fd)

@@ -75,6 +75,7 @@ from iscl_hsm.errors import ErrorCode, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES, Buffer, KeyHolder, RecordKey
 
 from ..crypto.des import DesKey, enable_legacy_in_default_context, fix_parity, self_test_once
+from ..shared import doc_reference
 from .p11direct import DirectCalls, derivation_param, direct_calls
 
 __all__ = [
@@ -809,7 +810,7 @@ class Pkcs11KeyHolder(KeyHolder):
                 f"{name} can only derive keys (it was made for the hardened profile); a V1.00 link with"
                 f" encryption key {enc_key_id} uses the key itself. Have the security officer make it again for"
                 " V1.00, with the same value (iscl keys rotate --purpose enc --index"
-                f" {enc_key_id} --import-components N; docs/security-officer.md, section 2.3), or use unique"
+                f" {enc_key_id} --import-components N; {doc_reference('security-officer.md')}, section 2.3), or use unique"
                 " session keys (--enc-key-id session) or the hardened profile (--profile hardened)",
                 ErrorCode.KEY_NOT_FOUND,
             )

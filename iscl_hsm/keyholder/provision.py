@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import secrets
 import shutil
@@ -41,6 +40,8 @@ from iscl_hsm.keyholder.pkcs11 import (
     key_policy,
     refresh_token_list,
 )
+from iscl_hsm.locking import lock_exclusive
+from iscl_hsm.shared import SOFTHSM
 
 __all__ = [
     "DEMO_LABEL",
@@ -60,23 +61,15 @@ _GENERATED_TYPES = {8: (KeyType._DES, Mechanism._DES_KEY_GEN), 24: (KeyType.DES3
 
 
 def _softhsm_dir() -> Path:
-    """The softhsm/ folder with the configuration templates.
-
-    It sits at the top of the source tree (next to the iscl_hsm package); an installed copy may also
-    live in <prefix>/share/iscl-hsm/softhsm.
-    """
-    candidates = [
-        Path(__file__).resolve().parents[2] / "softhsm",
-        Path(sys.prefix) / "share" / "iscl-hsm" / "softhsm",
-    ]
-    for candidate in candidates:
-        if (candidate / "softhsm2.conf.in").is_file():
-            return candidate
-    raise KeyHolderError(
-        "the SoftHSM2 configuration templates (softhsm/softhsm2.conf.in) are missing; looked in "
-        + ", ".join(str(c) for c in candidates)
-        + ". Reinstall iscl-hsm or run from its source tree"
-    )
+    """The softhsm/ folder with the configuration templates (in the source tree, or installed)."""
+    folder = SOFTHSM.find()
+    if folder is None:
+        raise KeyHolderError(
+            "the SoftHSM2 configuration templates (softhsm/softhsm2.conf.in) are missing; looked in "
+            + ", ".join(str(c) for c in SOFTHSM.candidates())
+            + ". Reinstall iscl-hsm or run from its source tree"
+        )
+    return folder
 
 
 def default_data_dir() -> Path:
@@ -394,7 +387,7 @@ def ensure_token(
     pin_path = Path(pin_file) if pin_file is not None else data_dir / "pin"
     keys = dict(keys or {})
     with open(data_dir / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock_exclusive(lock)
         if label not in softhsm_token_labels(env):
             init_token(label, secrets.token_urlsafe(24), _read_or_create_pin(pin_path), module, env)
         elif not pin_path.is_file():

@@ -18,7 +18,6 @@ and the result; never a key, a component or a PIN.
 from __future__ import annotations
 
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.locking import lock_exclusive
 
 __all__ = ["GENESIS", "AuditError", "AuditLog", "AuditReport", "entry_hash", "verify"]
 
@@ -91,7 +91,7 @@ class AuditLog:
                 " pass --audit-log with a writable file"
             ) from None
         with os.fdopen(fd, "r+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # one writer at a time; released when the file closes
+            lock_exclusive(handle)  # one writer at a time; released when the file closes
             last = _last_line(handle)
             if last is None:
                 entry["seq"], entry["prev"] = 1, GENESIS

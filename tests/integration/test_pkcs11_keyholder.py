@@ -26,6 +26,7 @@ from iscl_hsm.keyholder.base import RecordKey
 from iscl_hsm.keyholder.p11direct import direct_calls
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder, TokenDesKey
 from iscl_hsm.keyholder.provision import store_key
+from iscl_hsm.shared import doc_reference
 from iscl_hsm.transport.blocking import IsclSocket
 from iscl_hsm.wire import Encryption, Mac
 from tests.helpers import cfg
@@ -379,7 +380,7 @@ def test_an_enc_key_made_before_v100_is_refused_and_says_what_to_do(
             "can only derive keys",
             "make it again for V1.00, with the same value",
             "iscl keys rotate --purpose enc --index 1",
-            "docs/security-officer.md, section 2.3",
+            f"{doc_reference('security-officer.md')}, section 2.3",
             "--enc-key-id session",
             "--profile hardened",
         ):

@@ -18,6 +18,7 @@ from iscl_hsm.crypto.des import DesKey, fix_parity
 from iscl_hsm.errors import KeyHolderError
 from iscl_hsm.keyholder import apdu
 from iscl_hsm.keyholder.apdu import AID, Command, Ins, Pin, Sw
+from iscl_hsm.shared import doc_reference
 
 USER_PIN, SO_PIN = "1234", "87654321"
 AUTH_1 = fix_parity(bytes.fromhex("0123456789ABCDEF"))
@@ -281,7 +282,8 @@ def test_a_malformed_file_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(KeyHolderError) as info:
         CardState.load(path)
     assert str(info.value).startswith(
-        f"the virtual card file {path} is malformed (it needs a 'user' and an 'so' PIN); see docs/smart-cards.md"
+        f"the virtual card file {path} is malformed (it needs a 'user' and an 'so' PIN); see"
+        f" {doc_reference('smart-cards.md')} for the format"
     )
     with pytest.raises(KeyHolderError, match=r"cannot read the virtual card file .*: No such file"):
         CardState.load(tmp_path / "missing.json")
