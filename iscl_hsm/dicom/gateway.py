@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -31,6 +31,7 @@ from ..errors import ErrorCode, IsclError
 from ..keyholder.base import KeyHolder
 from ..repeats import RepeatFilter
 from ..transport import aio
+from ..transport.admission import Admission, Refused
 from ..transport.common import Timeouts
 from ..transport.relay import DEFAULT_CHUNK, Address, Link, LinkRecord
 from .pdu import announces_data_set
@@ -79,6 +80,8 @@ class TunnelSettings:
     timeouts: Timeouts = GATEWAY_TIMEOUTS
     """The ISCL links' other timeouts (an answer, a message in progress, disconnection; the handshake
     of links the server tunnel accepts); idle links are the ``idle_timeout``'s, counted both ways."""
+    admission: Admission = field(default_factory=Admission)
+    """Who may connect, and whether a PROXY protocol header names them (its wait: the handshake timeout)."""
 
 
 class Tunnel:
@@ -88,7 +91,7 @@ class Tunnel:
         self.settings = settings
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
-        self._repeats = RepeatFilter()  # failed handshakes, per peer host
+        self._repeats = RepeatFilter()  # failed handshakes and refused connections, per peer host
 
     @property
     def address(self) -> Address:
@@ -113,7 +116,7 @@ class Tunnel:
             self._server = await aio.start_server(
                 self._accept_iscl, s.listen.host, s.listen.port,
                 key_holder=s.key_holder, config=s.config, on_error=self._handshake_failed, timeouts=s.timeouts,
-                backlog=LISTEN_BACKLOG,
+                backlog=LISTEN_BACKLOG, admit=self._admit,
             )  # fmt: skip
         return self.address
 
@@ -136,7 +139,10 @@ class Tunnel:
 
     async def _accept_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Client tunnel: a local application connected; open its ISCL link."""
-        source = Address.of(writer.get_extra_info("peername"))
+        if (peer := await self._admit(reader, writer)) is None:
+            writer.close()
+            return
+        source = Address.of(peer)
         target = self.settings.target
         link = self._new_link(source, target, plain=source, iscl=target)
         link.attach_plain(reader, writer)
@@ -149,6 +155,18 @@ class Tunnel:
         link = self._new_link(source, target, plain=target, iscl=source)
         link.attach_iscl(stream)
         await self._serve(link, self._open_plain(link))
+
+    async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[str, int] | None:
+        """The peer to name a new connection by (see Admission.peer); None to drop it: refused (logged,
+        rate limited), the load balancer's health check, or the tunnel stopping meanwhile."""
+        try:
+            peer = await self.settings.admission.peer(reader, writer, self.settings.timeouts.handshake)
+        except Refused as exc:
+            self._log_failure(exc.peer, exc)
+            return None
+        except asyncio.CancelledError:
+            return None  # (nobody awaits this task; see _serve)
+        return None if peer is None else (peer.host, peer.port)
 
     def _new_link(self, source: Address, target: Address, *, plain: Address, iscl: Address) -> Link:
         """A link from ``source`` to ``target`` that logs its line on the gateway's logger."""
@@ -196,7 +214,10 @@ class Tunnel:
         link.attach_plain(reader, writer)
 
     def _handshake_failed(self, peer: tuple[Any, ...] | None, exc: BaseException) -> None:
-        source = Address.of(peer)
+        self._log_failure(Address.of(peer), exc)
+
+    def _log_failure(self, source: Address, exc: BaseException) -> None:
+        """The line of a connection that failed before its link began; repeats from one host are counted."""
         line = self._repeats.failure(source.host, exc, LinkRecord(source, self.settings.target, started=None).line(exc))
         if line is not None:
             log.info("%s", line)

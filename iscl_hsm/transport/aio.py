@@ -63,11 +63,13 @@ class IsclStream:
         writer: asyncio.StreamWriter,
         conn: Connection,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        peer: Any = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._conn = conn
         self._timeouts = timeouts
+        self._peer = peer  # the real client a proxy named, if any (see start_server's admit)
         self._expires: float | None = None  # when what the link waits for is overdue (loop time), see _rearm()
         self._watchdog: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
@@ -98,7 +100,8 @@ class IsclStream:
 
     @property
     def peer(self) -> Any:
-        return self._writer.get_extra_info("peername")
+        """The peer's (host, port, ...): the socket's, or the one ``start_server``'s ``admit`` named."""
+        return self._peer or self._writer.get_extra_info("peername")
 
     async def handshake(self) -> LinkParameters:
         """Authenticate; afterwards a background task reads and verifies incoming messages."""
@@ -452,8 +455,13 @@ async def start_server(
     on_error: Callable[[tuple[Any, ...] | None, BaseException], None] | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     backlog: int = 100,
+    admit: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[tuple[str, int] | None]] | None = None,
 ) -> asyncio.Server:
     """Accept ISCL links; ``handler`` gets each authenticated stream.
+
+    ``admit``, if given, runs on each connection before anything is sent: it returns the peer
+    (host, port) to name the link by (the real client a PROXY protocol header names, say), or None
+    to close the connection at once (a refused peer, after ``admit`` has said why).
 
     A handshake that fails, or does not finish within ``timeouts.handshake`` seconds (a silent or
     non-ISCL client), goes to ``on_error(peer, error)`` and its connection is dropped. ``backlog``
@@ -469,7 +477,11 @@ async def start_server(
         Python 3.11's start_server would log the cancelled task as an error, with a traceback, and
         nobody else awaits this task.
         """
-        stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config), timeouts)
+        peer = None if admit is None else await admit(reader, writer)
+        if admit is not None and peer is None:
+            writer.close()
+            return
+        stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config), timeouts, peer)
         try:
             try:
                 await _handshake_within(stream)

@@ -1,10 +1,10 @@
 """The PROXY protocol parser, with headers built from the layout of HAProxy's doc/proxy-protocol.txt
-and two captured from HAProxy itself; and the admission rules (--allow-from) that use it."""
+and two captured from HAProxy itself (tests/proxy_headers.py); and the admission rules (--allow-from)
+that use it."""
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import struct
 
 import pytest
@@ -23,31 +23,22 @@ from iscl_hsm.transport.proxy_protocol import (
     parse,
     read_header,
 )
-
-HAPROXY_PROXY = bytes.fromhex("0d0a0d0a000d0a515549540a2111000c7f0000017f000001c150e577")
-"""HAProxy 2.6.12 (Debian 12), ``send-proxy-v2``: a client at 127.0.0.1:49488 relayed from the frontend 127.0.0.1:58743."""
-HAPROXY_LOCAL = bytes.fromhex("0d0a0d0a000d0a515549540a20000000")
-"""The same HAProxy's health check with ``check-send-proxy``: LOCAL, UNSPEC, no addresses."""
-
-PROXY, LOCAL = 0x21, 0x20  # version 2 and the command
-TCP4, TCP6, UDP4, UNIX_STREAM, UNSPEC = 0x11, 0x21, 0x12, 0x31, 0x00
-
-
-def v2(ver_cmd: int, family: int, rest: bytes) -> bytes:
-    """A version 2 header: signature, version/command, family/transport, length, then ``rest``."""
-    return SIGNATURE + struct.pack(">BBH", ver_cmd, family, len(rest)) + rest
-
-
-def tcp4(source: str, destination: str, ports: tuple[int, int]) -> bytes:
-    return ipaddress.IPv4Address(source).packed + ipaddress.IPv4Address(destination).packed + struct.pack(">HH", *ports)
-
-
-def tcp6(source: str, destination: str, ports: tuple[int, int]) -> bytes:
-    return ipaddress.IPv6Address(source).packed + ipaddress.IPv6Address(destination).packed + struct.pack(">HH", *ports)
-
-
-def tlv(kind: int, value: bytes) -> bytes:
-    return struct.pack(">BH", kind, len(value)) + value
+from tests.proxy_headers import (
+    HAPROXY_LOCAL,
+    HAPROXY_PROXY,
+    LOCAL,
+    PROXY,
+    TCP4,
+    TCP6,
+    UDP4,
+    UNIX_STREAM,
+    UNSPEC,
+    relayed,
+    tcp4,
+    tcp6,
+    tlv,
+    v2,
+)
 
 
 def read_in_steps(stream: bytes) -> bytes:
@@ -239,10 +230,9 @@ def test_without_the_proxy_protocol_the_socket_peer_is_checked() -> None:
 
 def test_with_the_proxy_protocol_the_real_client_is_checked_and_named() -> None:
     rules = Admission(allow_from=(parse_network("192.0.2.0/24"),), proxy_protocol=True)
-    relayed = v2(PROXY, TCP4, tcp4("192.0.2.7", "198.51.100.1", (4242, 2761)))
-    assert admit(rules, relayed) == Address("192.0.2.7", 4242)  # the proxy's own 127.0.0.2 is not allowed
+    assert admit(rules, relayed("192.0.2.7", 4242)) == Address("192.0.2.7", 4242)  # (the proxy, 127.0.0.2, is not allowed)
     with pytest.raises(NotAllowed, match=r"^198\.51\.100\.9 is not in --allow-from \(192\.0\.2\.0/24\)"):
-        admit(rules, v2(PROXY, TCP4, tcp4("198.51.100.9", "198.51.100.1", (1, 2761))))
+        admit(rules, relayed("198.51.100.9", 1))
     assert admit(rules, HAPROXY_LOCAL) is None  # a health check: closed, no error
     assert admit(Admission(proxy_protocol=True), v2(PROXY, UNSPEC, b"")) == Address("127.0.0.2", 5000)
 
