@@ -41,8 +41,9 @@ HAPROXY_CONFIG = """\
 defaults
     mode tcp
     timeout connect 2s
-    timeout client 12h
-    timeout server 12h
+    timeout client 13h
+    timeout server 13h
+    timeout tunnel 13h
     timeout check 2s
     retries 3
     option redispatch 1
@@ -54,7 +55,8 @@ backend tunnels
     default-server send-proxy-v2 check check-send-proxy inter 200ms fall 1 rise 1 source 127.0.0.2
 {servers}
 """
-"""What docs/scale-out.md shows, with checks every 200 ms and haproxy's outgoing address set apart."""
+"""What docs/scale-out.md shows, with round robin (so both instances take links in turn), checks every
+200 ms, and haproxy's outgoing address set apart."""
 
 
 def haproxy_path() -> str:
