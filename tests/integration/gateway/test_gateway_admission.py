@@ -154,6 +154,24 @@ def test_allow_from_at_the_client_tunnel_drops_the_application_before_any_link(
         application.accept()
 
 
+def test_a_client_tunnel_behind_a_load_balancer_names_the_real_application(
+    start_tunnel: Callable[..., Tunnel], application: socket.socket, hospitals: Hospitals,
+    holders: Callable[..., KeyHolder], link_lines: Callable[[int], list[str]],
+) -> None:  # fmt: skip
+    server = server_tunnel(start_tunnel, application, holders(hospitals.a), Admission())
+    client = start_tunnel(Mode.CLIENT, server.address.port, holders(hospitals.b), Config(),
+                          admission=Admission(allow_from=(parse_network("192.0.2.0/24"),), proxy_protocol=True))
+
+    with socket.create_connection(("127.0.0.1", client.address.port), timeout=TIMEOUT) as app:
+        app.sendall(relayed("192.0.2.7", 104) + b"A-ASSOCIATE")
+        forwarded, _ = application.accept()
+        with forwarded:
+            assert forwarded.recv(16) == b"A-ASSOCIATE"  # the header went no further than the client tunnel
+
+    lines = {line["target"]: line for line in map(parse_line, link_lines(2))}
+    assert lines[str(server.address)]["source"] == "192.0.2.7:104"
+
+
 def test_a_direct_client_at_a_proxy_protocol_server_command_gets_one_line_and_no_traceback(
     tmp_path: Path, hospitals: Hospitals, tunnel_command: Callable[..., TunnelCommand], application: socket.socket,
 ) -> None:  # fmt: skip
