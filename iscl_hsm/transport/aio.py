@@ -477,9 +477,9 @@ async def start_server(
         Python 3.11's start_server would log the cancelled task as an error, with a traceback, and
         nobody else awaits this task.
         """
-        peer = None if admit is None else await admit(reader, writer)
-        if admit is not None and peer is None:
-            writer.close()
+        peer = None
+        if admit is not None and (peer := await admit(reader, writer)) is None:
+            writer.close()  # refused (admit said why), or not a client at all (a health check)
             return
         stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config), timeouts, peer)
         try:

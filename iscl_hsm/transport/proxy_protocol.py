@@ -44,7 +44,7 @@ class ProxyProtocolError(ValueError):
     """A connection that does not start with a valid PROXY protocol header.
 
     Its text is a clause that follows the connection's name ("the connection from HOST:PORT" + " " +
-    text), e.g. "did not start with a PROXY protocol header (it starts with 01 00)".
+    text), e.g. "did not start with a PROXY protocol header (it starts with 01)".
     """
 
 
