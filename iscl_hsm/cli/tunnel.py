@@ -33,6 +33,7 @@ from ..dicom.gateway import (
     TunnelSettings,
 )
 from ..errors import ErrorCode, IsclError
+from ..transport.admission import Admission, Network, parse_network
 from . import main
 from .options import (
     add_link_options,
@@ -170,6 +171,13 @@ def _address(text: str) -> Address:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _network(text: str) -> Network:
+    try:
+        return parse_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive(kind: type[int | float]) -> Any:
     def convert(text: str) -> int | float:
         value = kind(text)
@@ -246,6 +254,15 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--idle-timeout", metavar="SECONDS", type=seconds, default=DEFAULT_IDLE_TIMEOUT,
                        help="abort a link (the application sees its association aborted) after this long"
                        " without data either way; 0: never (default: %(default)g, 12 hours)")
+    group.add_argument("--allow-from", metavar="CIDR", type=_network, action="append",
+                       help="accept connections only from this address or network (e.g. 10.0.0.0/8); repeat"
+                       " for more (default: from anywhere). Others are dropped before any handshake, with"
+                       " one log line a minute per host")
+    group.add_argument("--proxy-protocol", action="store_true",
+                       help="every connection comes through a load balancer that starts it with a PROXY"
+                       " protocol header (HAProxy's send-proxy-v2, or v1): logs and --allow-from see the"
+                       " real client it names. A connection without one within --handshake-timeout is dropped"
+                       " (`iscl docs scale-out`)")
     group.add_argument("--workers", metavar="N", type=_positive(int), default=None,
                        help="processes sharing the listening port, each with its own token session (default: the"
                        " number of cores; 1 with an IC card, which one process at a time can use)")
@@ -341,6 +358,7 @@ def _settings(args: argparse.Namespace, counts: metrics.NoMetrics) -> TunnelSett
         key_holder=counts.timed(open_link_holder(args, config)), config=config, chunk_size=args.chunk_size,
         connect_timeout=args.connect_timeout, idle_timeout=args.idle_timeout or None,
         timeouts=dataclasses.replace(build_timeouts(args), idle=None),
+        admission=Admission(allow_from=tuple(args.allow_from or ()), proxy_protocol=args.proxy_protocol),
     )  # fmt: skip
 
 

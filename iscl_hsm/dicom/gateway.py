@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -35,6 +35,7 @@ from ..keyholder.base import KeyHolder
 from ..logs import fields
 from ..repeats import RepeatFilter, failure_key
 from ..transport import aio
+from ..transport.admission import Admission, Refused
 from ..transport.common import READ_SIZE, Timeouts
 from ..transport.relay import DEFAULT_CHUNK, Address, Link, LinkRecord
 from .metrics import NoMetrics
@@ -84,6 +85,8 @@ class TunnelSettings:
     timeouts: Timeouts = GATEWAY_TIMEOUTS
     """The ISCL links' other timeouts (an answer, a message in progress, disconnection; the handshake
     of links the server tunnel accepts); idle links are the ``idle_timeout``'s, counted both ways."""
+    admission: Admission = field(default_factory=Admission)
+    """Who may connect, and whether a PROXY protocol header names them (its wait: the handshake timeout)."""
 
 
 class _Generation:
@@ -123,7 +126,7 @@ class Tunnel:
         self._metrics = metrics or NoMetrics()
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
-        self._repeats = RepeatFilter()  # failed handshakes, per peer host
+        self._repeats = RepeatFilter()  # failed handshakes and refused connections, per peer host
 
     @property
     def settings(self) -> TunnelSettings:
@@ -189,7 +192,9 @@ class Tunnel:
     async def _accept_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Client tunnel: a local application connected; open its ISCL link."""
         with self._carrying() as s:
-            source = Address.of(writer.get_extra_info("peername"))
+            if (peer := await self._admit(s, reader, writer)) is None:
+                return
+            source = Address.of(peer)
             link = self._new_link(s, source, s.target, plain=source, iscl=s.target)
             link.attach_plain(reader, writer)
             await self._run(link, self._open_iscl(s, link))
@@ -197,8 +202,10 @@ class Tunnel:
     async def _accept_iscl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Server tunnel: authenticate the ISCL client, then connect to the application it reaches."""
         with self._carrying() as s:
+            if (peer := await self._admit(s, reader, writer)) is None:
+                return
             stream = await aio.accept_link(reader, writer, key_holder=s.key_holder, config=s.config,
-                                           timeouts=s.timeouts, on_error=self._handshake_failed)  # fmt: skip
+                                           timeouts=s.timeouts, on_error=self._handshake_failed, peer=peer)  # fmt: skip
             if stream is None:
                 return
             self._metrics.handshake(stream.handshake_seconds)
@@ -206,6 +213,21 @@ class Tunnel:
             link = self._new_link(s, source, s.target, plain=s.target, iscl=source)
             link.attach_iscl(stream)
             await self._run(link, self._open_plain(s, link))
+
+    async def _admit(
+        self, s: TunnelSettings, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[str, int] | None:
+        """The peer to name a new connection by (see Admission.peer); None once it is closed: refused
+        (logged, rate limited) or the load balancer's health check."""
+        try:
+            peer = await s.admission.peer(reader, writer, s.timeouts.handshake)
+        except Refused as exc:
+            self._log_failure(exc.peer, exc)
+            peer = None
+        if peer is None:
+            writer.close()
+            return None
+        return peer.host, peer.port
 
     @contextlib.contextmanager
     def _carrying(self) -> Iterator[TunnelSettings]:
@@ -261,9 +283,12 @@ class Tunnel:
         link.attach_plain(reader, writer)
 
     def _handshake_failed(self, peer: tuple[Any, ...] | None, exc: BaseException) -> None:
-        """Log a failed handshake as a link line, a peer's repeats of the same failure counted, not shown."""
+        self._log_failure(Address.of(peer), exc)
+
+    def _log_failure(self, source: Address, exc: BaseException) -> None:
+        """The line of a connection that failed before its link began (refused, or its handshake failed);
+        a peer's repeats of the same failure are counted, not shown."""
         self._metrics.link_failed(exc)
-        source = Address.of(peer)
         unshown = self._repeats.admit(failure_key(source.host, exc))
         if unshown is None:
             return

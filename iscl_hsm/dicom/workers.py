@@ -18,6 +18,7 @@ POSIX only (``os.fork``); with one worker nothing is forked.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import selectors
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 Worker = Callable[[int, Callable[[], None]], int]
 """``worker(number, ready)``: serve until told to stop, calling ``ready()`` once listening; its exit status."""
+
+_PR_SET_PDEATHSIG = 1
 
 KILL_GRACE = 10.0
 """Seconds beyond the drain timeout a stopping worker gets before it is killed."""
@@ -82,6 +85,7 @@ class Supervisor:
                 os.close(fd)
 
     def _start(self, number: int, ready_out: int) -> None:
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1
@@ -89,6 +93,7 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 for signum in _handled():
                     signal.signal(signum, signal.SIG_DFL)
+                _stop_with(supervisor)
 
                 def ready() -> None:
                     os.write(ready_out, bytes([number]))
@@ -181,6 +186,15 @@ class Supervisor:
 def _handled() -> tuple[signal.Signals, ...]:
     """The signals the supervisor acts on (named here, not at import: Windows has no SIGHUP)."""
     return signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD
+
+
+def _stop_with(supervisor: int) -> None:
+    """Have this worker sent SIGTERM (a drain) when its supervisor dies without stopping it (killed, say),
+    so that no orphan keeps the port (Linux's PR_SET_PDEATHSIG; elsewhere, nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _note(signum: int, frame: object) -> None:

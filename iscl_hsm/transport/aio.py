@@ -64,11 +64,13 @@ class IsclStream:
         writer: asyncio.StreamWriter,
         conn: Connection,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        peer: Any = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._conn = conn
         self._timeouts = timeouts
+        self._peer = peer  # the real client a load balancer named, if any (see accept_link)
         self._expires: float | None = None  # when what the link waits for is overdue (loop time), see _rearm()
         self._watchdog: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
@@ -101,7 +103,8 @@ class IsclStream:
 
     @property
     def peer(self) -> Any:
-        return self._writer.get_extra_info("peername")
+        """The peer's (host, port, ...): the socket's, or the one ``accept_link`` was told."""
+        return self._peer or self._writer.get_extra_info("peername")
 
     async def handshake(self) -> LinkParameters:
         """Authenticate; afterwards a background task reads and verifies incoming messages."""
@@ -485,14 +488,16 @@ async def accept_link(
     config: Config | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     on_error: Callable[[tuple[Any, ...] | None, BaseException], None] | None = None,
+    peer: tuple[str, int] | None = None,
 ) -> IsclStream | None:
     """The server's handshake on a connection accepted elsewhere: the authenticated stream, or None once
-    the failure went to ``on_error(peer, error)`` and the connection was dropped.
+    the failure went to ``on_error(peer, error)`` and the connection was dropped. ``peer`` names the
+    client when the socket's peer is not it (a load balancer's PROXY protocol header named it).
 
     Cancelled (the event loop ending), it aborts the connection quietly and returns None: Python 3.11's
     start_server would log a cancelled task as an error, with a traceback, and nobody else awaits it.
     """
-    stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config), timeouts)
+    stream = IsclStream(reader, writer, Connection(Role.SERVER, key_holder, config), timeouts, peer)
     try:
         await _handshake_within(stream)
     except (IsclError, OSError) as exc:

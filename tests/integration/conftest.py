@@ -349,11 +349,13 @@ def header(mid: int, length: int) -> bytes:
 
 
 def raw_client_handshake(
-    port: int, holder: KeyHolder, config: Any, timeout: float = 60.0, *, receive_buffer: int | None = None
+    port: int, holder: KeyHolder, config: Any, timeout: float = 60.0, *, receive_buffer: int | None = None,
+    preamble: bytes = b"",
 ) -> tuple[socket.socket, Any]:
     """A client that runs the engine by hand on a plain socket, so that it can misbehave afterwards.
 
-    ``receive_buffer`` shrinks the socket's receive buffer (set before connecting, so the window stays small).
+    ``receive_buffer`` shrinks the socket's receive buffer (set before connecting, so the window stays small);
+    ``preamble`` is sent first (a PROXY protocol header, as a load balancer would).
     """
     from iscl_hsm.engine import Connection, Role, State
 
@@ -362,6 +364,7 @@ def raw_client_handshake(
     if receive_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", port))
+    sock.sendall(preamble)
     conn = Connection(Role.CLIENT, holder, config)
     while conn.state is not State.READY:
         conn.receive_data(sock.recv(1 << 16))

@@ -101,7 +101,13 @@ class StoreScp:
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[StoreScp]:
     """DCMTK storescp on a free port, a child process per association (--fork), verbose."""
-    folder = tmp_path / "stored"
+    with running_storescp(tmp_path / "stored") as scp:
+        yield scp
+
+
+@contextlib.contextmanager
+def running_storescp(folder: Path) -> Iterator[StoreScp]:
+    """The ``storescp`` fixture's SCP, storing into ``folder`` (created), for a test that needs several."""
     folder.mkdir()
     port = free_port()
     process = subprocess.Popen(

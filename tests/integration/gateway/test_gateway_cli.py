@@ -204,6 +204,9 @@ CONFIG_ERRORS = [
     pytest.param('profile = "v2"\n', ", key 'profile': 'v2' is not one of v1.00, hardened", id="bad-profile"),
     pytest.param('allow-unkeyed-md5 = "yes"\n', ", key 'allow-unkeyed-md5': 'yes' is not true or false",
                  id="bad-flag"),
+    pytest.param('allow-from = ["10.0.0.5/8"]\n', ", key 'allow-from': '10.0.0.5/8' is not an address or a network"
+                 " such as 10.0.0.0/8 (10.0.0.5/8 has host bits set)", id="bad-network"),
+    pytest.param("proxy-protocol = 1\n", ", key 'proxy-protocol': 1 is not true or false", id="bad-proxy-protocol"),
     pytest.param("mac = \n", " is not valid TOML: Invalid value (at line 2, column 7)", id="not-toml"),
 ]
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -227,3 +228,21 @@ def test_log_format_json_writes_one_object_per_line_with_the_logfmt_keys(
     text_lines = [logfmt.parse(line) for line in client_text.splitlines()]
     (text_link,) = [line for line in text_lines if line["msg"] == "link"]
     assert text_link.keys() - {"time", "level", "logger", "msg"} == link.keys() - {"time", "level", "logger", "msg"}
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tunnel_command: Start, hospitals: Hospitals, storescp: StoreScp) -> None:
+    server = tunnel_command("server", hospitals.a, "--listen", "127.0.0.1:0", "--forward",
+                            f"127.0.0.1:{storescp.port}", "--workers", "2")  # fmt: skip
+    orphans = workers_of(server)
+    server.process.kill()
+    server.process.wait(TIMEOUT)
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # (a zombie nobody reaps yet)
+        except FileNotFoundError:
+            return True
+
+    wait_for(lambda: all(map(gone, orphans)), "the workers to stop")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT).close()
