@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -318,11 +319,14 @@ def run_tunnel(args: argparse.Namespace) -> int:
 
 def _worker_count(args: argparse.Namespace) -> int:
     if wants_card(args):
-        if (args.workers or 1) > 1:
-            raise IsclError(ErrorCode.BAD_OPTION, "an IC card serves one process at a time: leave out --workers"
-                            " or give --workers 1 with --card/--reader")  # fmt: skip
-        return 1
-    return args.workers or os.cpu_count() or 1
+        one_only = "an IC card serves one process at a time: leave out --workers or give --workers 1 with --card/--reader"
+    elif not hasattr(os, "fork"):
+        one_only = "worker processes need fork(), which this system lacks: leave out --workers or give --workers 1"
+    else:
+        return args.workers or os.cpu_count() or 1
+    if (args.workers or 1) > 1:
+        raise IsclError(ErrorCode.BAD_OPTION, one_only)
+    return 1
 
 
 def _listen(address: Address) -> socket.socket:
@@ -383,10 +387,9 @@ async def _serve(
         ready()
         stop = asyncio.Event()
         reloader = _Reloader(tunnel, args, counts)
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, reloader.start)
+        for name in ("SIGTERM", "SIGINT"):
+            _on_signal(name, stop.set)
+        _on_signal("SIGHUP", reloader.start)
         await stop.wait()
         tunnel.stop_accepting()
         name = f"iscl tunnel {settings.mode.value}"
@@ -397,6 +400,15 @@ async def _serve(
         return 0
     finally:
         tunnel.settings.key_holder.close()
+
+
+def _on_signal(name: str, handler: Callable[[], None]) -> None:
+    """Run ``handler`` on the event loop when signal ``name`` arrives; on Windows, which has no SIGHUP and
+    no loop signal handlers, nothing (Ctrl-C ends the tunnel through KeyboardInterrupt instead)."""
+    signum = getattr(signal, name, None)
+    if signum is not None:
+        with contextlib.suppress(NotImplementedError):
+            asyncio.get_running_loop().add_signal_handler(signum, handler)
 
 
 class _Reloader:
