@@ -8,10 +8,13 @@ import sys
 
 from .. import __version__
 from ..allocator import keep_bulk_buffers
-from ..errors import IsclError
+from ..errors import IsclError, KeyHolderConfigError
 from . import card, demo, dicom, keys, link, tunnel
 
 EXIT_FAILURE = 1
+EXIT_CONFIG = 78
+"""sysexits.h's EX_CONFIG: a wrong or locked PIN, no such token, card or key (KeyHolderConfigError).
+Running the command again cannot help, so the systemd units do not restart on it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args))
     except IsclError as exc:
         print(f"iscl: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_CONFIG if isinstance(exc, KeyHolderConfigError) else EXIT_FAILURE
     except OSError as exc:  # connection refused, address in use, connection reset, ...
         print(f"iscl: {exc}", file=sys.stderr)
         return EXIT_FAILURE

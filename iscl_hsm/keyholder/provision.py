@@ -29,7 +29,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 
 from iscl_hsm.crypto.des import fix_parity, is_weak, kcv
-from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES
 from iscl_hsm.keyholder.pkcs11 import (
     DEFAULT_MODULE,
@@ -204,7 +204,7 @@ def init_token(
         _run_softhsm_util(args, env, so_pin, user_pin)
     except KeyHolderError as exc:
         if "CKR_PIN_INCORRECT" in str(exc):
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"wrong SO PIN for SoftHSM2 token '{label}': initialising it again needs its current SO PIN;"
                 " the token was left as it was"
             ) from None
