@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import wire
+from .. import service, wire
 from ..dicom.gateway import (
     DEFAULT_CHUNK,
     DEFAULT_CONNECT_TIMEOUT,
@@ -241,14 +241,17 @@ async def _serve(settings: TunnelSettings, drain_timeout: float) -> int:
     tunnel = Tunnel(settings)
     bound = await tunnel.start()
     name = f"iscl tunnel {settings.mode.value}"
-    print(f"{name}: listening on {bound}, links go to {settings.target}", file=sys.stderr, flush=True)
+    listening = f"listening on {bound}, links go to {settings.target}"
+    print(f"{name}: {listening}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    service.ready(listening)
     await stop.wait()
-    print(f"{name}: stopping; waiting up to {drain_timeout:g} s for {tunnel.active_links} open link(s)",
-          file=sys.stderr, flush=True)
+    draining = f"stopping; waiting up to {drain_timeout:g} s for {tunnel.active_links} open link(s)"
+    service.stopping(draining)
+    print(f"{name}: {draining}", file=sys.stderr, flush=True)
     aborted = await tunnel.stop(drain_timeout)
     print(f"{name}: stopped ({aborted} link(s) aborted)", file=sys.stderr, flush=True)
     return 0
