@@ -51,6 +51,7 @@ __all__ = [
     "softhsm_environment",
     "softhsm_token_labels",
     "store_key",
+    "use_softhsm_conf",
 ]
 
 DEMO_LABEL = "iscl-demo"
@@ -357,7 +358,7 @@ def _read_or_create_pin(pin_file: Path) -> str:
     return pin
 
 
-def _use_softhsm_conf(conf: str, module: str) -> None:
+def use_softhsm_conf(conf: str, module: str) -> None:
     """Point this process's SOFTHSM2_CONF at ``conf``; impossible once the module is loaded elsewhere."""
     if os.environ.get("SOFTHSM2_CONF") == conf:
         return
@@ -390,7 +391,7 @@ def ensure_token(
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     env = softhsm_environment(data_dir)
-    _use_softhsm_conf(env["SOFTHSM2_CONF"], module)
+    use_softhsm_conf(env["SOFTHSM2_CONF"], module)
     pin_path = Path(pin_file) if pin_file is not None else data_dir / "pin"
     keys = dict(keys or {})
     with open(data_dir / ".lock", "a") as lock:

@@ -295,7 +295,9 @@ def test_generate_list_check_and_delete(hsm: Hsm) -> None:
         *hsm.on(token, "check", "--purpose", "auth", "--index", "1", "--kcv", "XYZ"), match="not hexadecimal"
     )
     hsm.fails(
-        *hsm.on(token, "check", "--purpose", "auth", "--index", "4", "--kcv", kcv1), match="not on token"
+        *hsm.on(token, "check", "--purpose", "auth", "--index", "4", "--kcv", kcv1),
+        match="not on token",
+        status=EXIT_CONFIG,
     )
 
     hsm.fails(
