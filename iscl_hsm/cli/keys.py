@@ -480,7 +480,7 @@ def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
 
 
 def _init_token(args: argparse.Namespace, action: AuditEntry) -> int:
-    if args.softhsm_dir is not None:  # before the PINs are asked for: a directory it cannot make fails at once
+    if args.softhsm_dir is not None:  # before the PINs are asked for: a bad directory fails at once
         _use_softhsm_dir(args.softhsm_dir, args.pkcs11_module)
     console = Console(args)
     if args.so_pin_file is not None:
@@ -506,7 +506,8 @@ def _init_token(args: argparse.Namespace, action: AuditEntry) -> int:
     )
     if args.softhsm_dir is not None:
         conf = os.environ["SOFTHSM2_CONF"]
-        print(f"SoftHSM2 configuration {conf}: the other commands need SOFTHSM2_CONF={conf} (the units set it)")
+        print(f"SoftHSM2 configuration {conf}: the other commands need SOFTHSM2_CONF={conf}"
+              " (the units set it)")
     return 0
 
 

@@ -417,7 +417,9 @@ def pin_error(exc: p11.PKCS11Error, description: str, lib: Any, label: str, *, s
     None when ``exc`` is about something else."""
     pin, source = ("SO PIN", "the SO PIN or its file") if so else ("PIN", "the PIN or PIN file")
     if isinstance(exc, p11.PinIncorrect):
-        return KeyHolderConfigError(f"wrong {pin} for {description}; check {source}. {pin_tries_hint(lib, label, so=so)}")
+        return KeyHolderConfigError(
+            f"wrong {pin} for {description}; check {source}. {pin_tries_hint(lib, label, so=so)}"
+        )
     if isinstance(exc, p11.PinLocked):
         remedy = "the token must be initialised again" if so else "the security officer must unlock it"
         return KeyHolderConfigError(f"the {'SO' if so else 'user'} PIN of {description} is locked; {remedy}")

@@ -94,7 +94,9 @@ class CardChannel:
             return matches[0]
         listing = ", ".join(f"'{r}'" for r in readers)
         if not matches:
-            raise KeyHolderConfigError(f"no smart-card reader matches --reader '{wanted}'; the readers are {listing}")
+            raise KeyHolderConfigError(
+                f"no smart-card reader matches --reader '{wanted}'; the readers are {listing}"
+            )
         raise KeyHolderConfigError(
             f"--reader '{wanted}' matches several readers ({', '.join(matches)}); give more of the name"
         )
@@ -161,8 +163,9 @@ class CardChannel:
         try:
             block = apdu.pin_block(pin)
         except ValueError as exc:
-            raise KeyHolderConfigError(f"the {PIN_NAMES[reference]} for the card in reader '{self.reader}': {exc}",
-                                 ErrorCode.BAD_OPTION) from None
+            raise KeyHolderConfigError(
+                f"the {PIN_NAMES[reference]} for the card in reader '{self.reader}': {exc}", ErrorCode.BAD_OPTION
+            ) from None
         self.check(apdu.command(Ins.VERIFY, 0, reference, block), f"VERIFY of the {PIN_NAMES[reference]}")
 
     def status_error(self, sw: int, doing: str, command: bytes) -> KeyHolderError:
@@ -178,7 +181,9 @@ class CardChannel:
             what = pin or PIN_NAMES[Pin.USER]
             fix = ("the security officer must unblock it with 'iscl card unblock-pin'" if what != PIN_NAMES[Pin.SO]
                    else "the card must be issued again")
-            return KeyHolderConfigError(f"the {what} of {where} is blocked (6983) after too many wrong entries; {fix}")
+            return KeyHolderConfigError(
+                f"the {what} of {where} is blocked (6983) after too many wrong entries; {fix}"
+            )
         if sw == Sw.REFERENCE_NOT_FOUND:
             reference = apdu.parse_key_reference(command[3])
             key = f"{reference[0]} key {reference[1]}" if reference else "such key"
