@@ -72,3 +72,10 @@ class KeyHolderError(IsclError):
 
     def __init__(self, message: str, code: ErrorCode = ErrorCode.LOCAL_KEY_HOLDER) -> None:
         super().__init__(code, message)
+
+
+class KeyHolderConfigError(KeyHolderError):
+    """The key holder is not as the options say: a wrong or locked PIN, an unreadable PIN file, no such
+    module, token, card or key. Trying again cannot help, a person must act; so every ``iscl`` command
+    exits with status 78 (EX_CONFIG), which the systemd units name in RestartPreventExitStatus= so that
+    a wrong PIN is never retried until a hardware token locks it."""

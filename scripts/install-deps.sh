@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 EXTRAS=card,dicom,test
 STAMP=build/deps.stamp   # build/ is git-ignored
-# openssl (the command) is only for `make bench`'s baseline figures; haproxy for the scale-out test.
-APT_PACKAGES=(softhsm2 opensc pcscd vsmartcard-vpcd libpcsclite-dev swig dcmtk openssl haproxy)
+# openssl (the command) is only for `make bench`'s baseline figures; haproxy for the scale-out test;
+# systemd (systemd-analyze) and procps (/bin/kill, the units' ExecReload) for the check of the shipped
+# units (test_systemd_units.py).
+APT_PACKAGES=(softhsm2 opensc pcscd vsmartcard-vpcd libpcsclite-dev swig dcmtk openssl haproxy systemd procps)
 
 # 1. Debian packages: apt-get update and install only when one is missing.
 missing=()

@@ -21,9 +21,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import ErrorCode, KeyHolderError
+from ..errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from ..keyholder.pkcs11 import PURPOSES, Pkcs11KeyHolder
-from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token, init_token
+from ..keyholder.provision import (
+    DEMO_LABEL,
+    default_data_dir,
+    ensure_demo_token,
+    init_token,
+    softhsm_environment,
+    use_softhsm_conf,
+)
 from ..keys import audit as audit_log
 from ..keys.components import (
     Algorithm,
@@ -94,6 +101,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--replace",
         action="store_true",
         help="erase and initialise again a token of that label (needs its SO PIN)",
+    )
+    p.add_argument(
+        "--softhsm-dir",
+        metavar="DIR",
+        type=Path,
+        help="first write the SoftHSM2 configuration DIR/softhsm2.conf (tokens in DIR/tokens), e.g. a"
+        " service's state directory /var/lib/iscl/INSTANCE, and create the token there; the other"
+        " commands and the service then need SOFTHSM2_CONF=DIR/softhsm2.conf (default: the"
+        " configuration SOFTHSM2_CONF names)",
     )
     p.add_argument(
         "--input-fd",
@@ -464,6 +480,8 @@ def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
 
 
 def _init_token(args: argparse.Namespace, action: AuditEntry) -> int:
+    if args.softhsm_dir is not None:  # before the PINs are asked for: a bad directory fails at once
+        _use_softhsm_dir(args.softhsm_dir, args.pkcs11_module)
     console = Console(args)
     if args.so_pin_file is not None:
         so_pin = read_secret_file(args.so_pin_file, "SO PIN")
@@ -486,7 +504,23 @@ def _init_token(args: argparse.Namespace, action: AuditEntry) -> int:
         f"token '{args.label}' initialised"
         + (f", serial {action.fields['serial']}" if action.fields["serial"] else "")
     )
+    if args.softhsm_dir is not None:
+        conf = os.environ["SOFTHSM2_CONF"]
+        print(f"SoftHSM2 configuration {conf}: the other commands need SOFTHSM2_CONF={conf}"
+              " (the units set it)")
     return 0
+
+
+def _use_softhsm_dir(folder: Path, module: str) -> None:
+    """Write ``folder``'s SoftHSM2 configuration (tokens in folder/tokens) and point this process at it."""
+    try:
+        conf = softhsm_environment(folder)["SOFTHSM2_CONF"]
+    except OSError as exc:
+        raise KeyHolderConfigError(
+            f"cannot write the SoftHSM2 configuration in {folder}: {exc.strerror}; run as the service's user,"
+            " on a directory it owns (docs/systemd.md)"
+        ) from None
+    use_softhsm_conf(conf, module)
 
 
 def _list(args: argparse.Namespace, action: AuditEntry) -> int:

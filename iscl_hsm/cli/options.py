@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from ..engine import Config, Md5Order, Profile, check_key_holder
-from ..errors import ErrorCode, IsclError, KeyHolderError
+from ..errors import ErrorCode, IsclError, KeyHolderConfigError, KeyHolderError
 from ..keyholder.base import KEY_INDEXES, KeyHolder
 from ..keyholder.pkcs11 import DEFAULT_MODULE, Pkcs11KeyHolder
 from ..keyholder.provision import DEMO_LABEL, default_data_dir, ensure_demo_token
@@ -243,11 +243,11 @@ def read_pin(pin_file: Path | None, holder: str) -> str:
         try:
             return pin_file.read_text().strip()
         except OSError as exc:
-            raise KeyHolderError(f"cannot read the PIN file {pin_file}: {exc.strerror}") from None
+            raise KeyHolderConfigError(f"cannot read the PIN file {pin_file}: {exc.strerror}") from None
     if pin := os.environ.get("ISCL_PIN"):
         return pin
     if not sys.stdin.isatty():
-        raise KeyHolderError(
+        raise KeyHolderConfigError(
             f"no PIN for {holder}: pass --pin-file FILE or set ISCL_PIN (stdin is not a terminal)"
         )
     return getpass.getpass(f"PIN for {holder}: ")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .. import logs, wire
+from .. import logs, service, wire
 from ..dicom import gateway, metrics, workers
 from ..dicom.gateway import (
     DEFAULT_CHUNK,
@@ -292,16 +292,17 @@ def run_tunnel(args: argparse.Namespace) -> int:
     bound = Address.of(sock.getsockname())
     name = f"iscl tunnel {args.mode.value}"
 
+    listening = f"listening on {bound}, links go to {getattr(args, args.target_option)}"
+
     def ready() -> None:
-        target = getattr(args, args.target_option)
-        log.info("%s: listening on %s, links go to %s", name, bound, target,
-                 extra=logs.fields(listen=str(bound), target=str(target), workers=count))  # fmt: skip
+        log.info("%s: %s", name, listening, extra=logs.fields(listen=str(bound), workers=count))
+        service.ready(listening)
 
     with sock:
         if count == 1:
             if args.metrics is not None:
                 _serve_metrics(args.metrics)
-            return _work(args, sock, ready, None)
+            return _work(args, sock, ready, None, listening)
         _ask_pin_once(args)
         with tempfile.TemporaryDirectory(prefix="iscl-metrics-") as folder:
             if args.metrics is not None:
@@ -309,7 +310,8 @@ def run_tunnel(args: argparse.Namespace) -> int:
                 _serve_metrics(args.metrics)
             supervisor = workers.Supervisor(
                 count, lambda number, worker_ready: main.reporting(lambda: _work(args, sock, worker_ready, number), "tunnel"),
-                listener=sock, on_ready=ready, on_stopping=lambda: log.info("%s: stopping its %d workers", name, count),
+                listener=sock, on_ready=ready, on_stopping=lambda: _stopping(f"{name}: stopping its {count} workers"),
+                on_reload=lambda: service.reloading(listening),
                 on_exit=metrics.worker_exited, drain_timeout=args.drain_timeout,
             )  # fmt: skip
             status = supervisor.run()
@@ -366,12 +368,20 @@ def _settings(args: argparse.Namespace, counts: metrics.NoMetrics) -> TunnelSett
     )  # fmt: skip
 
 
-def _work(args: argparse.Namespace, sock: socket.socket, ready: Callable[[], None], number: int | None) -> int:
-    """One worker: open the keys, serve until SIGTERM or SIGINT, drain; SIGHUP reloads."""
+def _stopping(message: str) -> None:
+    log.info("%s", message)
+    service.stopping(message)
+
+
+def _work(
+    args: argparse.Namespace, sock: socket.socket, ready: Callable[[], None], number: int | None, status: str = ""
+) -> int:
+    """One worker: open the keys, serve until SIGTERM or SIGINT, drain; SIGHUP reloads. Worker ``number``
+    of several, or (None) the tunnel's only process, which reports to systemd itself (``status``)."""
     if number is not None:
         logs.add_fields(worker=number)
     counts = metrics.GatewayMetrics(args.mode.value) if args.metrics is not None else metrics.NoMetrics()
-    return asyncio.run(_serve(args, _settings(args, counts), sock, ready, counts))
+    return asyncio.run(_serve(args, _settings(args, counts), sock, ready, counts, status if number is None else None))
 
 
 async def _serve(
@@ -380,23 +390,30 @@ async def _serve(
     sock: socket.socket,
     ready: Callable[[], None],
     counts: metrics.NoMetrics,
+    status: str | None,
 ) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; with ``status``, this process tells systemd of it."""
     tunnel = Tunnel(settings, counts)
     try:
         await tunnel.start(sock)
-        ready()
         stop = asyncio.Event()
-        reloader = _Reloader(tunnel, args, counts)
+        reloader = _Reloader(tunnel, args, counts, status)
         for name in ("SIGTERM", "SIGINT"):
             _on_signal(name, stop.set)
         _on_signal("SIGHUP", reloader.start)
+        ready()  # (once the signals are handled: a SIGTERM right after READY=1 drains, it does not kill)
         await stop.wait()
         tunnel.stop_accepting()
-        name = f"iscl tunnel {settings.mode.value}"
-        log.info("%s: stopping; waiting up to %g s for %d open link(s)", name, args.drain_timeout, tunnel.active_links)
+        draining = (f"iscl tunnel {settings.mode.value}: stopping; waiting up to {args.drain_timeout:g} s for"
+                    f" {tunnel.active_links} open link(s)")  # fmt: skip
+        if status is not None:
+            _stopping(draining)
+        else:
+            log.info("%s", draining)
         await reloader.finish()
         aborted = await tunnel.stop(args.drain_timeout)
-        log.info("%s: stopped (%d link(s) aborted)", name, aborted, extra=logs.fields(aborted=aborted))
+        log.info("iscl tunnel %s: stopped (%d link(s) aborted)", settings.mode.value, aborted,
+                 extra=logs.fields(aborted=aborted))
         return 0
     finally:
         tunnel.settings.key_holder.close()
@@ -415,8 +432,9 @@ class _Reloader:
     """SIGHUP: read the config file again, open the key holder again (a rotated or imported key is used
     by new links; open links finish on the old), log what changed; on any failure keep it all as it was."""
 
-    def __init__(self, tunnel: Tunnel, args: argparse.Namespace, counts: metrics.NoMetrics) -> None:
+    def __init__(self, tunnel: Tunnel, args: argparse.Namespace, counts: metrics.NoMetrics, status: str | None) -> None:
         self._tunnel = tunnel
+        self._status = status  # this process tells systemd of reloads (the only one), else None
         self._args = args
         self._counts = counts
         self._task: asyncio.Task[None] | None = None
@@ -435,7 +453,8 @@ class _Reloader:
     async def _reload(self) -> None:
         while True:
             self._again = False
-            await self._reload_once()
+            with service.reloading(self._status) if self._status is not None else contextlib.nullcontext():
+                await self._reload_once()
             if not self._again:
                 return
 

@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from ..logs import fields
@@ -60,6 +61,8 @@ class Supervisor:
     """Called once, when every worker has called its ``ready()``."""
     on_stopping: Callable[[], None]
     """Called once, when SIGTERM or SIGINT arrives."""
+    on_reload: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    """Entered around passing SIGHUP on (e.g. to tell systemd of the reload)."""
     on_exit: Callable[[int], None] = lambda pid: None
     """Called with the pid of each worker that exited (e.g. to drop its live metrics)."""
     drain_timeout: float = 30.0
@@ -139,7 +142,8 @@ class Supervisor:
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
-            self._signal_all(signal.SIGHUP)
+            with self.on_reload():
+                self._signal_all(signal.SIGHUP)
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self._stop()
 

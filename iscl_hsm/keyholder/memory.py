@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ..crypto.des import DesKey, fix_parity, self_test_once
-from ..errors import ErrorCode, KeyHolderError
+from ..errors import ErrorCode, KeyHolderConfigError
 from .base import KEY_INDEXES, KeyHolder, RecordKey
 
 MAX_OUTSTANDING = 4096
@@ -73,7 +73,7 @@ class MemoryKeyHolder(KeyHolder):
     def encryption_key(self, enc_key_id: int) -> RecordKey:
         key = self._key(self._enc, "enc", enc_key_id)
         if key.size != 8:
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"encryption key {enc_key_id} of {self.description} is triple DES; V1.00 uses keys 1..8"
                 " as single-DES keys", ErrorCode.KEY_NOT_FOUND,
             )
@@ -83,6 +83,6 @@ class MemoryKeyHolder(KeyHolder):
         try:
             return keys[index]
         except KeyError:
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"{self.description} has no {purpose} key {index}", ErrorCode.KEY_NOT_FOUND
             ) from None

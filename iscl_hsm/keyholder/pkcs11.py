@@ -71,7 +71,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 
-from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES, Buffer, KeyHolder, RecordKey
 
 from ..crypto.des import DesKey, enable_legacy_in_default_context, fix_parity, self_test_once
@@ -211,7 +211,7 @@ def _check_purpose(purpose: str) -> None:
 
 def _check_index(index: int) -> None:
     if not isinstance(index, int) or index not in KEY_INDEXES:
-        raise KeyHolderError(f"key id {index!r} is outside 1..8", ErrorCode.KEY_NOT_FOUND)
+        raise KeyHolderConfigError(f"key id {index!r} is outside 1..8", ErrorCode.KEY_NOT_FOUND)
 
 
 def _check_block(block: bytes, what: str) -> bytes:
@@ -267,7 +267,7 @@ def _softhsm_conf_hint() -> str:
 def _load_module(module: str) -> Any:
     """Load and initialise ``module`` once per process; translate failures into KeyHolderError."""
     if not os.path.isfile(module):
-        raise KeyHolderError(
+        raise KeyHolderConfigError(
             f"PKCS#11 module {module} could not be loaded: no such file. Install softhsm2 or pass"
             " --pkcs11-module with the path of your token's PKCS#11 library"
         )
@@ -278,14 +278,12 @@ def _load_module(module: str) -> Any:
             lib.reinitialize()
             _stale_modules.discard(os.path.realpath(module))
     except p11.GeneralError as exc:
-        hint = (
-            _softhsm_conf_hint()
-            if "softhsm" in os.path.basename(module).lower()
-            else "check its configuration"
-        )
-        raise KeyHolderError(
-            f"PKCS#11 module {module} failed to initialise (CKR_GENERAL_ERROR); {hint}"
-        ) from exc
+        # SoftHSM2 fails so only over its configuration file, which no retry mends; another module's
+        # failure may be passing (a network HSM out of reach).
+        softhsm = "softhsm" in os.path.basename(module).lower()
+        error = KeyHolderConfigError if softhsm else KeyHolderError
+        hint = _softhsm_conf_hint() if softhsm else "check its configuration"
+        raise error(f"PKCS#11 module {module} failed to initialise (CKR_GENERAL_ERROR); {hint}") from exc
     except p11.PKCS11Error as exc:
         detail = str(exc) or type(exc).__name__
         raise KeyHolderError(
@@ -418,12 +416,14 @@ def pin_error(exc: p11.PKCS11Error, description: str, lib: Any, label: str, *, s
     None when ``exc`` is about something else."""
     pin, source = ("SO PIN", "the SO PIN or its file") if so else ("PIN", "the PIN or PIN file")
     if isinstance(exc, p11.PinIncorrect):
-        return KeyHolderError(f"wrong {pin} for {description}; check {source}. {pin_tries_hint(lib, label, so=so)}")
+        return KeyHolderConfigError(
+            f"wrong {pin} for {description}; check {source}. {pin_tries_hint(lib, label, so=so)}"
+        )
     if isinstance(exc, p11.PinLocked):
         remedy = "the token must be initialised again" if so else "the security officer must unlock it"
-        return KeyHolderError(f"the {'SO' if so else 'user'} PIN of {description} is locked; {remedy}")
+        return KeyHolderConfigError(f"the {'SO' if so else 'user'} PIN of {description} is locked; {remedy}")
     if isinstance(exc, p11.PinLenRange | p11.PinInvalid):
-        return KeyHolderError(
+        return KeyHolderConfigError(
             f"the {pin} given for {description} has a length or characters the token does not accept; check {source}"
         )
     return None
@@ -437,13 +437,13 @@ def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
     except p11.NoSuchToken:
         labels = _token_labels(lib)
         present = ", ".join(f"'{name}'" for name in labels) if labels else "none"
-        raise KeyHolderError(
+        raise KeyHolderConfigError(
             f"PKCS#11 token '{label}' not found in module {module} (tokens present: {present}); check the"
             " label, or create the token (softhsm/setup-token.sh). Tokens created after this process loaded"
             " the module are seen only after a restart"
         ) from None
     except p11.MultipleTokensReturned:
-        raise KeyHolderError(
+        raise KeyHolderConfigError(
             f"several PKCS#11 tokens in module {module} carry the label '{label}';"
             " give each token its own label"
         ) from None
@@ -458,9 +458,9 @@ def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
         # Someone else in this process logged in to the token (not through this module's cache).
         session = _translate(lambda: token.open(rw=True), description, "open a session")
     except p11.PinExpired:
-        raise KeyHolderError(f"the user PIN of {description} has expired; set a new one") from None
+        raise KeyHolderConfigError(f"the user PIN of {description} has expired; set a new one") from None
     except p11.UserPinNotInitialized:
-        raise KeyHolderError(
+        raise KeyHolderConfigError(
             f"{description} has no user PIN yet; the security officer must set one (softhsm2-util or"
             " pkcs11-tool --init-pin)"
         ) from None
@@ -785,7 +785,7 @@ class Pkcs11KeyHolder(KeyHolder):
         key, key_type, attributes = self._key("enc", enc_key_id)
         name = f"encryption key {enc_key_id} ({key_label('enc', enc_key_id)}) on {self.description}"
         if key_type is not KeyType._DES:
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"{name} is triple DES; V1.00 links with encryption key {enc_key_id} use it as a single-DES key."
                 " Use unique session keys (--enc-key-id session) or the hardened profile, or have the security"
                 " officer create a single-DES key there",
@@ -806,7 +806,7 @@ class Pkcs11KeyHolder(KeyHolder):
                 )
             record = TokenDesKey(self._entry, key, owned=False)
         else:
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"{name} can only derive keys (it was made for the hardened profile); a V1.00 link with"
                 f" encryption key {enc_key_id} uses the key itself. Have the security officer make it again for"
                 " V1.00, with the same value (iscl keys rotate --purpose enc --index"
@@ -969,7 +969,7 @@ class Pkcs11KeyHolder(KeyHolder):
         key, key_type, attributes = self._key(purpose, index)
         needed = _NEEDED_CAPABILITY[purpose]
         if not attributes.get(needed):
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"{_PURPOSE_NAMES[purpose]} {index} (label '{key_label(purpose, index)}') on {self.description}"
                 f" lacks the {needed.name} capability it needs; the security officer must recreate it under the"
                 " ISCL key convention",
@@ -991,13 +991,13 @@ class Pkcs11KeyHolder(KeyHolder):
                 other_ids.append(ident.hex())
         if not candidates:
             if other_ids:
-                raise KeyHolderError(
+                raise KeyHolderConfigError(
                     f"{what} on {self.description} has CKA_ID {', '.join(other_ids)} instead of"
                     f" {prefix.hex()}<version>; the security officer must recreate it under the ISCL key"
                     " convention (python3 -m iscl_hsm.keyholder.provision)",
                     ErrorCode.KEY_NOT_FOUND,
                 )
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"{what} is not on {self.description}; the security officer must create it"
                 " (softhsm/setup-token.sh or python3 -m iscl_hsm.keyholder.provision), or choose a key id"
                 " that exists",
@@ -1005,7 +1005,7 @@ class Pkcs11KeyHolder(KeyHolder):
             )
         candidates.sort(key=lambda pair: pair[0])
         if len(candidates) > 1 and candidates[-1][0] == candidates[-2][0]:
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"{what} exists twice with version {candidates[-1][0]} on {self.description}; the security"
                 " officer must destroy one of them",
                 ErrorCode.KEY_NOT_FOUND,
@@ -1017,7 +1017,7 @@ class Pkcs11KeyHolder(KeyHolder):
         )
         key_type = attributes.get(Attribute.KEY_TYPE)
         if key_type not in _DES_TYPES:
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"{what} on {self.description} is not a DES, DES2 or DES3 key; ISCL needs a DES key there",
                 ErrorCode.KEY_NOT_FOUND,
             )

@@ -28,7 +28,7 @@ from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 
 from iscl_hsm.crypto.des import fix_parity, is_weak, kcv
-from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES
 from iscl_hsm.keyholder.pkcs11 import (
     DEFAULT_MODULE,
@@ -52,6 +52,7 @@ __all__ = [
     "softhsm_environment",
     "softhsm_token_labels",
     "store_key",
+    "use_softhsm_conf",
 ]
 
 DEMO_LABEL = "iscl-demo"
@@ -197,7 +198,7 @@ def init_token(
         _run_softhsm_util(args, env, so_pin, user_pin)
     except KeyHolderError as exc:
         if "CKR_PIN_INCORRECT" in str(exc):
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"wrong SO PIN for SoftHSM2 token '{label}': initialising it again needs its current SO PIN;"
                 " the token was left as it was"
             ) from None
@@ -350,7 +351,7 @@ def _read_or_create_pin(pin_file: Path) -> str:
     return pin
 
 
-def _use_softhsm_conf(conf: str, module: str) -> None:
+def use_softhsm_conf(conf: str, module: str) -> None:
     """Point this process's SOFTHSM2_CONF at ``conf``; impossible once the module is loaded elsewhere."""
     if os.environ.get("SOFTHSM2_CONF") == conf:
         return
@@ -383,7 +384,7 @@ def ensure_token(
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     env = softhsm_environment(data_dir)
-    _use_softhsm_conf(env["SOFTHSM2_CONF"], module)
+    use_softhsm_conf(env["SOFTHSM2_CONF"], module)
     pin_path = Path(pin_file) if pin_file is not None else data_dir / "pin"
     keys = dict(keys or {})
     with open(data_dir / ".lock", "a") as lock:

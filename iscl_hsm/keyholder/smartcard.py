@@ -28,7 +28,7 @@ from typing import Any, Final, Self
 from smartcard import scard
 
 from ..crypto.des import DesKey, fix_parity, self_test_once
-from ..errors import ErrorCode, KeyHolderError
+from ..errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from . import apdu
 from .apdu import BLOCK, PIN_NAMES, Ins, Pin, Sw
 from .base import KeyHolder, RecordKey
@@ -74,7 +74,7 @@ class CardChannel:
     def _readers(self) -> list[str]:
         result, readers = scard.SCardListReaders(self._context, [])
         if result == scard.SCARD_E_NO_READERS_AVAILABLE or (result == scard.SCARD_S_SUCCESS and not readers):
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 "no smart-card reader is connected (pcscd lists none): plug one in, or for the virtual"
                 " card install vsmartcard-vpcd and restart pcscd"
             )
@@ -94,8 +94,10 @@ class CardChannel:
             return matches[0]
         listing = ", ".join(f"'{r}'" for r in readers)
         if not matches:
-            raise KeyHolderError(f"no smart-card reader matches --reader '{wanted}'; the readers are {listing}")
-        raise KeyHolderError(
+            raise KeyHolderConfigError(
+                f"no smart-card reader matches --reader '{wanted}'; the readers are {listing}"
+            )
+        raise KeyHolderConfigError(
             f"--reader '{wanted}' matches several readers ({', '.join(matches)}); give more of the name"
         )
 
@@ -117,11 +119,11 @@ class CardChannel:
             time.sleep(min(_POLL_MS / 1000, max(0.0, deadline - time.monotonic())))
         within = f" within {seconds:g} s" if seconds else ""
         if reader is not None:
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"no card in reader '{reader}'{within}; insert the ISCL card, or wait for it with --wait-card"
                 " SECONDS"
             )
-        raise KeyHolderError(
+        raise KeyHolderConfigError(
             f"no reader holds a card{within} (readers: {', '.join(candidates)}); insert the ISCL card,"
             " name its reader with --reader, or wait with --wait-card SECONDS"
         )
@@ -161,8 +163,9 @@ class CardChannel:
         try:
             block = apdu.pin_block(pin)
         except ValueError as exc:
-            raise KeyHolderError(f"the {PIN_NAMES[reference]} for the card in reader '{self.reader}': {exc}",
-                                 ErrorCode.BAD_OPTION) from None
+            raise KeyHolderConfigError(
+                f"the {PIN_NAMES[reference]} for the card in reader '{self.reader}': {exc}", ErrorCode.BAD_OPTION
+            ) from None
         self.check(apdu.command(Ins.VERIFY, 0, reference, block), f"VERIFY of the {PIN_NAMES[reference]}")
 
     def status_error(self, sw: int, doing: str, command: bytes) -> KeyHolderError:
@@ -170,7 +173,7 @@ class CardChannel:
         where = f"the card in reader '{self.reader}'"
         pin = _pin_checked(command)
         if (left := apdu.tries_left(sw)) is not None:
-            return KeyHolderError(
+            return KeyHolderConfigError(
                 f"wrong {pin or 'PIN'} for {where}: {left} {'try' if left == 1 else 'tries'} left before"
                 " it blocks; check the PIN or PIN file"
             )
@@ -178,11 +181,13 @@ class CardChannel:
             what = pin or PIN_NAMES[Pin.USER]
             fix = ("the security officer must unblock it with 'iscl card unblock-pin'" if what != PIN_NAMES[Pin.SO]
                    else "the card must be issued again")
-            return KeyHolderError(f"the {what} of {where} is blocked (6983) after too many wrong entries; {fix}")
+            return KeyHolderConfigError(
+                f"the {what} of {where} is blocked (6983) after too many wrong entries; {fix}"
+            )
         if sw == Sw.REFERENCE_NOT_FOUND:
             reference = apdu.parse_key_reference(command[3])
             key = f"{reference[0]} key {reference[1]}" if reference else "such key"
-            return KeyHolderError(
+            return KeyHolderConfigError(
                 f"key not found: {where} holds no {key} (6A88); load it with 'iscl card load-key'",
                 ErrorCode.KEY_NOT_FOUND,
             )
@@ -203,7 +208,7 @@ class CardChannel:
                 " keeps its keys in the token: load them there with 'iscl keys' instead"
             )
         if sw == Sw.APPLICATION_NOT_FOUND:
-            return KeyHolderError(
+            return KeyHolderConfigError(
                 f"{where} has no ISCL application (AID {apdu.AID.hex().upper()}, 6A82); is it the right card?"
             )
         return KeyHolderError(f"{where} answered {sw:04X} to {doing}: {apdu.meaning(sw)}")

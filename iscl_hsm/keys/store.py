@@ -69,7 +69,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 
-from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES
 from iscl_hsm.keyholder.pkcs11 import (
     PURPOSES,
@@ -344,7 +344,7 @@ class KeyStore:
         label = _check_purpose_index(purpose, index)
         info = self.newest(purpose, index)
         if info is None:
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"key {label} is not on token '{self.token_label}'; check the purpose and index with"
                 " 'iscl keys list'",
                 ErrorCode.KEY_NOT_FOUND,
@@ -364,7 +364,7 @@ class KeyStore:
     def _next_version(self, label: str, versions: list[int], mode: str, preferred: int | None = None) -> int:
         if not versions:
             if mode == ROTATE:
-                raise KeyHolderError(
+                raise KeyHolderConfigError(
                     f"key {label} is not on token '{self.token_label}', so there is nothing to rotate;"
                     " create it first",
                     ErrorCode.KEY_NOT_FOUND,
@@ -582,7 +582,7 @@ class KeyStore:
             ]
             if not infos:
                 which = f"{label} version {version}" if version is not None else label
-                raise KeyHolderError(
+                raise KeyHolderConfigError(
                     f"key {which} is not on token '{self.token_label}'; check with 'iscl keys list'",
                     ErrorCode.KEY_NOT_FOUND,
                 )
@@ -597,7 +597,7 @@ class KeyStore:
     def _transport(self, session: Any, transport_index: int) -> tuple[Any, KeyInfo]:
         infos = self._infos(session, "transport", transport_index)
         if not infos:
-            raise KeyHolderError(
+            raise KeyHolderConfigError(
                 f"transport key {key_label('transport', transport_index)} is not on token"
                 f" '{self.token_label}'; both sites must first hold the same transport key"
                 " (generate-components --purpose transport on one, import-components on the other)",
@@ -615,7 +615,7 @@ class KeyStore:
         with self._session(f"export {label}") as session:
             infos = self._infos(session, purpose, index)
             if not infos:
-                raise KeyHolderError(
+                raise KeyHolderConfigError(
                     f"key {label} is not on token '{self.token_label}'", ErrorCode.KEY_NOT_FOUND
                 )
             info = infos[-1]

@@ -21,6 +21,7 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 from iscl_hsm import __version__
+from iscl_hsm.cli.main import EXIT_CONFIG
 from iscl_hsm.engine import Profile
 from iscl_hsm.wire import MessageId
 from tests.helpers import V100_PAYLOAD_SIZES
@@ -302,7 +303,7 @@ def test_the_server_survives_failed_handshakes(
     missing = iscl(
         "client", "127.0.0.1", port, *token_args(hospitals, hospitals.stranger), "--auth-key-id", "3", env=env
     )
-    assert missing.returncode == 1
+    assert missing.returncode == EXIT_CONFIG
     line = one_line(missing.stderr)
     assert "'iscl-auth-3'" in line and hospitals.stranger.label in line and "KEY_NOT_FOUND" in line
     assert "REMOTE_KEY_HOLDER" in server.wait_for("failed during the handshake").string
@@ -488,7 +489,7 @@ def test_a_wrong_pin_is_one_line_without_the_pin(
         extra["ISCL_PIN"] = wrong
     target = ["--listen", "127.0.0.1:0"] if command == "server" else ["127.0.0.1", "1"]
     done = iscl(command, *target, *args, env=child_env(hospitals, **extra))
-    assert done.returncode == 1
+    assert done.returncode == EXIT_CONFIG
     line = one_line(done.stderr)
     assert f"wrong PIN for PKCS#11 token '{token.label}'" in line
     assert wrong not in done.stderr + done.stdout and token.pin not in done.stderr + done.stdout
@@ -499,7 +500,7 @@ def test_an_unknown_token_label_is_named(hospitals: Hospitals) -> None:
         "client", "127.0.0.1", "1", "--token", "no-such-token", "--pin-file", hospitals.pin_file(hospitals.a),
         env=child_env(hospitals),
     )  # fmt: skip
-    assert done.returncode == 1
+    assert done.returncode == EXIT_CONFIG
     line = one_line(done.stderr)
     assert "PKCS#11 token 'no-such-token' not found" in line
     assert f"'{hospitals.a.label}'" in line  # the tokens that are there
@@ -511,7 +512,7 @@ def test_a_missing_module_is_named(hospitals: Hospitals, tmp_path: Path) -> None
         "server", "--listen", "127.0.0.1:0", "--pkcs11-module", missing, *token_args(hospitals, hospitals.a),
         env=child_env(hospitals),
     )  # fmt: skip
-    assert done.returncode == 1
+    assert done.returncode == EXIT_CONFIG
     line = one_line(done.stderr)
     assert f"PKCS#11 module {missing} could not be loaded: no such file" in line
 
@@ -521,13 +522,13 @@ def test_a_missing_pin_file_is_named(hospitals: Hospitals, tmp_path: Path) -> No
         "client", "127.0.0.1", "1", "--token", hospitals.a.label, "--pin-file", tmp_path / "nope.pin",
         env=child_env(hospitals),
     )  # fmt: skip
-    assert done.returncode == 1
+    assert done.returncode == EXIT_CONFIG
     assert f"cannot read the PIN file {tmp_path / 'nope.pin'}" in one_line(done.stderr)
 
 
 def test_no_pin_at_all_says_how_to_give_one(hospitals: Hospitals) -> None:
     done = iscl("client", "127.0.0.1", "1", "--token", hospitals.a.label, env=child_env(hospitals))
-    assert done.returncode == 1
+    assert done.returncode == EXIT_CONFIG
     assert "pass --pin-file FILE or set ISCL_PIN" in one_line(done.stderr)
 
 

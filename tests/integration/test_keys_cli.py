@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from iscl_hsm.cli.main import EXIT_CONFIG, EXIT_FAILURE
 from iscl_hsm.keyholder.provision import softhsm_environment
 
 from .conftest import SoftHsm, secret_key_objects
@@ -73,10 +74,11 @@ class Hsm:
         assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
-    def fails(self, *args: str, match: str, **kwargs: Any) -> str:
-        """The command fails with exit status 1 and one sentence on stderr matching ``match``."""
+    def fails(self, *args: str, match: str, status: int = EXIT_FAILURE, **kwargs: Any) -> str:
+        """The command fails with exit ``status`` (EXIT_CONFIG: a PIN, token or module that is not as the
+        options say) and one sentence on stderr matching ``match``."""
         done = self.run(*args, **kwargs)
-        assert done.returncode == 1, f"{args} did not fail:\n{done.stdout}\n{done.stderr}"
+        assert done.returncode == status, f"{args} did not fail with {status}:\n{done.stdout}\n{done.stderr}"
         lines = [line for line in done.stderr.splitlines() if line.startswith("iscl")]  # the rest: prompts
         assert len(lines) == 1 and lines[0].startswith("iscl: ") and done.stderr.strip().endswith(lines[0]), (
             done.stderr
@@ -237,6 +239,7 @@ def test_init_token_refuses_an_existing_label_and_replaces_it_with_the_so_pin(hs
         "--pin-file",
         str(token.pin_file),
         match="wrong SO PIN",
+        status=EXIT_CONFIG,
     )
     assert "wrong-so-pin" not in message
     assert len(hsm.keys_of(token)) == 1
@@ -292,7 +295,9 @@ def test_generate_list_check_and_delete(hsm: Hsm) -> None:
         *hsm.on(token, "check", "--purpose", "auth", "--index", "1", "--kcv", "XYZ"), match="not hexadecimal"
     )
     hsm.fails(
-        *hsm.on(token, "check", "--purpose", "auth", "--index", "4", "--kcv", kcv1), match="not on token"
+        *hsm.on(token, "check", "--purpose", "auth", "--index", "4", "--kcv", kcv1),
+        match="not on token",
+        status=EXIT_CONFIG,
     )
 
     hsm.fails(
@@ -312,6 +317,7 @@ def test_generate_list_check_and_delete(hsm: Hsm) -> None:
     hsm.fails(
         *hsm.on(token, "delete", "--purpose", "auth", "--index", "1", "--version", "7", "--yes"),
         match="version 7 is not on token",
+        status=EXIT_CONFIG,
     )
     out = hsm.ok(
         *hsm.on(token, "delete", "--purpose", "auth", "--index", "1", "--input-fd", "0"), stdin="y\n"
@@ -563,19 +569,23 @@ def test_bad_purpose_index_pin_token_module_and_officer(hsm: Hsm, tmp_path: Path
     )
     wrong = tmp_path / "wrong.pin"
     wrong.write_text("not-the-pin\n")
-    first = hsm.fails(
-        "list", "--token", token.label, "--pin-file", str(wrong), match=f"wrong PIN for .*'{token.label}'"
-    )
+    wrong_pin = ("list", "--token", token.label, "--pin-file", str(wrong))
+    first = hsm.fails(*wrong_pin, match=f"wrong PIN for .*'{token.label}'", status=EXIT_CONFIG)
     assert "not-the-pin" not in first and "tries" in first
-    second = hsm.fails("list", "--token", token.label, "--pin-file", str(wrong), match="wrong PIN")
+    second = hsm.fails(*wrong_pin, match="wrong PIN", status=EXIT_CONFIG)
     assert "few tries are left" in second  # SoftHSM2 sets CKF_USER_PIN_COUNT_LOW after a failure
-    hsm.fails("list", "--token", "no-such-token", "--pin-file", str(wrong), match="'no-such-token' not found")
     hsm.fails(
-        "list", "--token", token.label[:-1], "--pin-file", str(token.pin_file), match="not found"
+        "list", "--token", "no-such-token", "--pin-file", str(wrong), match="'no-such-token' not found",
+        status=EXIT_CONFIG,
+    )
+    hsm.fails(
+        "list", "--token", token.label[:-1], "--pin-file", str(token.pin_file), match="not found",
+        status=EXIT_CONFIG,
     )  # no prefix match
     hsm.fails(
         *hsm.on(token, "list", "--pkcs11-module", "/nonexistent/libpkcs11.so"),
         match="/nonexistent/libpkcs11.so could not be loaded: no such file",
+        status=EXIT_CONFIG,
     )
     env = {k: v for k, v in hsm.env.items() if k != "ISCL_OFFICER"}
     hsm.fails(
@@ -771,7 +781,10 @@ def test_a_transport_key_needs_the_right_so_pin(hsm: Hsm, tmp_path: Path) -> Non
     wrong.write_text("wrong-so-pin\n")
     args = _components_in(hsm, token, "transport", 2, C1 * 4, C2 * 4, extra=("--so-pin-file", str(wrong)))
     message = hsm.fails(
-        *args, stdin=_typed((C1 * 4).replace(" ", ""), (C2 * 4).replace(" ", "")), match="wrong SO PIN"
+        *args,
+        stdin=_typed((C1 * 4).replace(" ", ""), (C2 * 4).replace(" ", "")),
+        match="wrong SO PIN",
+        status=EXIT_CONFIG,
     )
     assert "wrong-so-pin" not in message
     assert hsm.keys_of(token) == []
@@ -792,7 +805,7 @@ def test_a_transport_key_needs_the_right_so_pin(hsm: Hsm, tmp_path: Path) -> Non
             *[a for f in files for a in ("--component-file", f)],
         )
     )
-    assert done.returncode == 1 and "wrong SO PIN" in done.stderr and "component" not in done.stdout
+    assert done.returncode == EXIT_CONFIG and "wrong SO PIN" in done.stderr and "component" not in done.stdout
     assert not any(Path(f).exists() for f in files)
 
 
@@ -860,6 +873,7 @@ def test_a_non_exportable_key_is_not_exported(hsm: Hsm, pair: tuple[Token, Token
     hsm.fails(
         *hsm.on(c, "export", "--purpose", "enc", "--index", "7", "--wrap-with", "iscl-transport-2"),
         match="iscl-transport-2 is not on token",
+        status=EXIT_CONFIG,
     )
     hsm.fails(
         *hsm.on(c, "export", "--purpose", "auth", "--index", "7", "--wrap-with", "aes"),
@@ -936,7 +950,9 @@ def test_rotation_with_a_grace_period_then_retire(hsm: Hsm, pair: tuple[Token, T
     c, _ = pair
     first = _kcv(hsm.ok(*hsm.on(c, "generate", "--purpose", "auth", "--index", "3")))
     hsm.fails(
-        *hsm.on(c, "rotate", "--purpose", "auth", "--index", "4", "--grace", "7d"), match="nothing to rotate"
+        *hsm.on(c, "rotate", "--purpose", "auth", "--index", "4", "--grace", "7d"),
+        match="nothing to rotate",
+        status=EXIT_CONFIG,
     )
     hsm.fails(
         *hsm.on(c, "rotate", "--purpose", "auth", "--index", "3", "--grace", "soon"), match="not a duration"

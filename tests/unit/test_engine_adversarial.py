@@ -25,7 +25,14 @@ from iscl_hsm.engine import (
     Role,
     State,
 )
-from iscl_hsm.errors import ErrorCode, IsclError, KeyHolderError, LocalProtocolError, RemoteProtocolError
+from iscl_hsm.errors import (
+    ErrorCode,
+    IsclError,
+    KeyHolderConfigError,
+    KeyHolderError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from iscl_hsm.wire import Encryption, Mac, MessageId
 from tests.helpers import (
     AUTH_KEYS,
@@ -175,7 +182,7 @@ def test_auth_key_missing_in_the_client_holder(profile: Profile) -> None:
     p = ConnectionPair(profile=profile, client_holder=make_holder(auth=auth))
     p.server.initiate()
     p.pump(raise_errors=False)
-    expect_error(p, Role.CLIENT, ErrorCode.KEY_NOT_FOUND, KeyHolderError)
+    expect_error(p, Role.CLIENT, ErrorCode.KEY_NOT_FOUND, KeyHolderConfigError)
     expect_error(p, Role.SERVER, ErrorCode.REMOTE_KEY_HOLDER)
     (pass2,) = p.sent_by(Role.CLIENT, MessageId.MUTUAL_AUTH_PASS2_NOTIF)
     assert wire.Pass2.decode(pass2.payload).status == ErrorCode.REMOTE_KEY_HOLDER
@@ -188,7 +195,7 @@ def test_auth_key_missing_in_the_server_holder(profile: Profile) -> None:
     p = ConnectionPair(profile=profile, server_holder=make_holder(auth=auth))
     p.server.initiate()
     p.pump(raise_errors=False)
-    expect_error(p, Role.SERVER, ErrorCode.KEY_NOT_FOUND, KeyHolderError)
+    expect_error(p, Role.SERVER, ErrorCode.KEY_NOT_FOUND, KeyHolderConfigError)
     expect_error(p, Role.CLIENT, ErrorCode.REMOTE_KEY_HOLDER)
     (rp,) = p.sent_by(Role.SERVER, MessageId.MUTUAL_AUTH_RP)
     assert (rp.option, rp.err_no) == (wire.NAK, nak_err_no(profile, ErrorCode.REMOTE_KEY_HOLDER))
@@ -207,7 +214,7 @@ def test_handshake_enc_key_missing(profile: Profile, side: Role, prepare: bool) 
     p = ConnectionPair(profile=profile, server_holder=holders[Role.SERVER], client_holder=holders[Role.CLIENT], prepare=prepare)
     p.server.initiate()
     p.pump(raise_errors=False)
-    expect_error(p, side, ErrorCode.KEY_NOT_FOUND, KeyHolderError)
+    expect_error(p, side, ErrorCode.KEY_NOT_FOUND, KeyHolderConfigError)
     expect_error(p, other(side), ErrorCode.REMOTE_KEY_HOLDER)
     assert_dead(p.conn(other(side)))
     not_ready(p)

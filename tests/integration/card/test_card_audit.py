@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from iscl_hsm.cli.main import EXIT_CONFIG
 from iscl_hsm.crypto.des import kcv
 
 from ..conftest import HOSPITAL_KEYS
@@ -38,7 +39,7 @@ def test_a_card_ceremony_is_audited_and_the_chain_verifies(
     assert init.returncode == 0, init.stderr
     cards.insert_file(card_file, 0)
     assert load_key(tmp_path, pins, "auth", 1, HOSPITAL_KEYS["auth", 1])[0] == 0
-    assert load_key(tmp_path, pins, "enc", 2, HOSPITAL_KEYS["enc", 2], so_pin="wrong")[0] == 1
+    assert load_key(tmp_path, pins, "enc", 2, HOSPITAL_KEYS["enc", 2], so_pin="wrong")[0] == EXIT_CONFIG
     changed = iscl("card", "change-pin", "--reader", "00 00", "--pin-file", pins["user"], "--new-pin-file",
                    pins["new"], "--officer", "", env={**env, "ISCL_OFFICER": ""})  # the card holder, no officer
     assert changed.returncode == 0, changed.stderr

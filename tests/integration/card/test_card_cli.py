@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from iscl_hsm.cardsim.daemon import PrivatePcscd
+from iscl_hsm.cli.main import EXIT_CONFIG
 from iscl_hsm.crypto.des import kcv
 from iscl_hsm.engine import Profile
 
@@ -73,7 +74,7 @@ def test_load_key_checks_the_so_pin_before_the_ceremony(
 ) -> None:
     card = cards.insert(0, card_state(skip=(("auth", 4),)))
     code, out, err = load_key(tmp_path, pins, "auth", 4, HOSPITAL_KEYS["auth", 4], so_pin="wrong")
-    assert code == 1
+    assert code == EXIT_CONFIG
     assert one_line(err) == (
         f"iscl: wrong security-officer PIN for the card in reader '{READER_0}': 2 tries left before it blocks;"
         " check the PIN or PIN file [ISCL 102 LOCAL_KEY_HOLDER]"
@@ -86,7 +87,7 @@ def test_load_key_with_the_user_pin_is_refused(cards: CardRack, pins: dict[str, 
     """PUT KEY needs the security officer: the card-holder PIN (a valid PIN, wrong role) does not do."""
     cards.insert(0, card_state())
     code, _, err = load_key(tmp_path, pins, "auth", 4, HOSPITAL_KEYS["auth", 4], so_pin="user")
-    assert code == 1
+    assert code == EXIT_CONFIG
     assert "wrong security-officer PIN" in one_line(err)
 
 

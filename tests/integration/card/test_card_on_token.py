@@ -16,6 +16,7 @@ import pytest
 from iscl_hsm.cardsim.applet import IsclApplet
 from iscl_hsm.cardsim.keys import TokenKeys
 from iscl_hsm.cardsim.state import CardState
+from iscl_hsm.cli.main import EXIT_CONFIG
 from iscl_hsm.crypto.des import DesKey, fix_parity
 from iscl_hsm.engine import Profile
 from iscl_hsm.errors import ErrorCode, KeyHolderError
@@ -171,7 +172,7 @@ def test_emulate_names_a_missing_token(hospitals: Hospitals, tmp_path: Path) -> 
     CardState.new(USER_PIN, SO_PIN).create(card_file)
     done = iscl("card", "emulate", "--key-file", card_file, "--port", 9, "--token", "no-such-token",
                 "--pin-file", hospitals.pin_file(hospitals.a), env=child_env(hospitals))  # fmt: skip
-    assert done.returncode == 1
+    assert done.returncode == EXIT_CONFIG
     assert one_line(done.stderr).startswith(
         "iscl: PKCS#11 token 'no-such-token' not found in module /usr/lib/softhsm/libsofthsm2.so (tokens present: "
     )
