@@ -130,7 +130,7 @@ class GatewayPair:
         )
         wait_listening(self.scp_port, self.scp)
         link_options = ["--profile", profile.value, *suite.args(), "--listen", "127.0.0.1:0"]
-        link_options += timeout_args(2 * TIMEOUT)
+        link_options += [*timeout_args(2 * TIMEOUT), "--workers", "1"]  # one process: a hang's traceback is its
         self.server, server_port = self._tunnel(
             hospitals, "server", "--forward", f"127.0.0.1:{self.scp_port}", *link_options
         )
@@ -200,7 +200,7 @@ class GatewayPair:
         store.handler = self.handlers.get(link.number)
         address = re.escape(link.server_side)
         left = max(0.0, deadline - time.monotonic())
-        if match := self.server.wait_for(rf"^.* msg=link from={address} .*$", left):
+        if match := self.server.wait_for(rf"^.* msg=link (?:.* )?from={address} .*$", left):
             store.lines["server"] = link_result(match.group(0))
         while self._client_lines() <= client_before and time.monotonic() < deadline:
             time.sleep(0.01)
