@@ -227,19 +227,23 @@ class CpuMeter:
     """CPU time (and wall time) of a ``with`` block: this process, its waited-for children and ``pids``.
 
     Waited-for children are the short-lived commands a run starts (storescu); ``pids`` are the
-    long-lived ones it talks to (servers, tunnels), read from /proc.
+    long-lived ones it talks to (servers, tunnels), read from /proc. With ``own=False`` only ``pids``
+    count (the CPU of the tunnels alone, say).
     """
 
-    def __init__(self, pids: Sequence[int]) -> None:
+    def __init__(self, pids: Sequence[int], *, own: bool = True) -> None:
         self._pids = list(pids)
+        self._own = own
         self.seconds = 0.0
         self.wall = 0.0
 
     def _now(self) -> float:
+        others = sum(cpu_seconds(pid) for pid in self._pids)
+        if not self._own:
+            return others
         own = resource.getrusage(resource.RUSAGE_SELF)
         waited = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return (own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime
-                + sum(cpu_seconds(pid) for pid in self._pids))
+        return own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime + others
 
     def __enter__(self) -> Self:
         self.seconds, self.wall = -self._now(), -time.perf_counter()

@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 EXTRAS=card,dicom,test
 STAMP=build/deps.stamp   # build/ is git-ignored
-# openssl (the command) is only for `make bench`'s baseline figures.
-APT_PACKAGES=(softhsm2 opensc pcscd vsmartcard-vpcd libpcsclite-dev swig dcmtk openssl)
+# openssl (the command) and stunnel4 are only for `make bench` (its baseline figures, the TLS tunnel pair).
+APT_PACKAGES=(softhsm2 opensc pcscd vsmartcard-vpcd libpcsclite-dev swig dcmtk openssl stunnel4)
 
 # 1. Debian packages: apt-get update and install only when one is missing.
 missing=()
