@@ -43,8 +43,8 @@ def summarize(sections: Sequence[Section], profiles: Sequence[Profile]) -> Secti
         return None
     summary = Section(
         "stunnel", "The ISCL gateway beside a stunnel TLS 1.3 pair (DCMTK storescu -> storescp, same rounds)",
-        [("gateway", "gateway"), ("stunnel", "stunnel"), ("ratio", "gateway ÷ stunnel"), ("target", "target"),
-         ("vs_engine", "÷ engine's DES rate")],
+        [("gateway", "gateway"), ("stunnel", "stunnel"), ("ratio", "gateway ÷ stunnel"),
+         ("vs_engine", "÷ engine's DES rate"), ("target", "target (none/md5: ÷ stunnel; DES: ÷ engine)")],
     )  # fmt: skip
     suites = [(Profile.HARDENED, "none/md5")] if Profile.HARDENED in profiles else []
     suites += [(profile, DES) for profile in profiles]
