@@ -31,10 +31,10 @@ from benchmarks.common import (
     Children,
     CpuMeter,
     Section,
-    free_port,
     link_options,
     log,
     median,
+    on_a_free_port,
     suite_label,
     wait_until,
 )
@@ -106,19 +106,27 @@ class StoreScp:
     """A DCMTK storescp that receives and discards (--ignore), optionally over TLS."""
 
     def __init__(self, children: Children, tls: Credentials | None, logs: Path) -> None:
-        self.port = free_port()
         self.tls = tls
-        self.command = [dcmtk("storescp"), "--ignore", "-aet", CALLED, *(_tls_options(tls, "server") if tls else []),
-                        str(self.port)]
         logs.mkdir(parents=True, exist_ok=True)
-        with (logs / f"storescp-{self.port}.log").open("wb") as log_file:
-            self.pid = children.popen(self.command, stdout=log_file, stderr=subprocess.STDOUT, env=DCMTK_ENV).pid
-        wait_until(self._answers, f"storescp on 127.0.0.1:{self.port}")
+        self.port, self.command, self.pid = on_a_free_port(lambda port: self._start(children, port, logs))
 
-    def _answers(self) -> bool:
-        echo = [dcmtk("echoscu"), "-aec", CALLED, *(_tls_options(self.tls, "client") if self.tls else []),
-                "127.0.0.1", str(self.port)]
-        return subprocess.run(echo, capture_output=True, check=False, env=DCMTK_ENV).returncode == 0
+    def _start(self, children: Children, port: int, logs: Path) -> tuple[int, list[str], int]:
+        """Start storescp on ``port`` and wait until it answers an echo; RuntimeError if it ends first."""
+        command = [dcmtk("storescp"), "--ignore", "-aet", CALLED, *(_tls_options(self.tls, "server") if self.tls
+                                                                     else []), str(port)]
+        log_path = logs / f"storescp-{port}.log"
+        with log_path.open("wb") as log_file:
+            process = children.popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"storescp on 127.0.0.1:{port} ended ({process.returncode}): {log_path.read_text()}")
+            echo = [dcmtk("echoscu"), "-aec", CALLED, *(_tls_options(self.tls, "client") if self.tls else []),
+                    "127.0.0.1", str(port)]
+            return subprocess.run(echo, capture_output=True, check=False, env=DCMTK_ENV).returncode == 0
+
+        wait_until(answers, f"storescp on 127.0.0.1:{port}")
+        return port, command, process.pid
 
 
 def pynetdicom_row(profile: Profile) -> str:
@@ -282,7 +290,7 @@ def run(children: Children, token: BenchToken, credentials: Credentials, workdir
     )
     section.notes.append(
         "CPU per MB (10^6 bytes of study files): 'path' is storescu, storescp and both tunnels (user plus"
-        " system time, from getrusage and /proc/PID/stat), 'tunnels'' is the two tunnel processes alone."
+        " system time, from getrusage and each process's CPU clock), 'tunnels'' is the two tunnel processes alone."
         f" The floor row is, round by round, the direct path's CPU per MB plus twice the CPU per MB of"
         f" OpenSSL's MD5 through hashlib (this run: {median(md5):.2f} ms/MB): the least a pair of tunnels"
         " that checks every byte with MD5 at each end could add, before any copy, socket or interpreter."

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from benchmarks.common import Children, free_port, wait_until
+from benchmarks.common import Children, on_a_free_port, wait_until
 from benchmarks.tls import Credentials
 
 STUNNEL = "stunnel4"
@@ -60,29 +60,30 @@ class StunnelPair:
             raise FileNotFoundError(missing)
         folder.mkdir(parents=True, exist_ok=True)
         self.children = children
-        self.server_port, self.port = free_port(), free_port()
         self.processes: list[subprocess.Popen[bytes]] = []
         self.commands: list[list[str]] = []
-        ends = (("server", self.server_port, target_port), ("client", self.port, self.server_port))
-        for end, accept, connect in ends:
-            config = folder / f"{end}.conf"
-            config.write_text(stunnel_config(end, accept, connect, credentials))
-            self._start([shutil.which(STUNNEL) or STUNNEL, str(config)], accept, folder / f"{end}.log")
+        self.server_port = on_a_free_port(lambda port: self._start("server", port, target_port, credentials, folder))
+        self.port = on_a_free_port(lambda port: self._start("client", port, self.server_port, credentials, folder))
 
-    def _start(self, command: list[str], port: int, log_path: Path) -> None:
-        """Start one stunnel and wait until it listens on ``port`` (read from /proc: a probe connection
-        would itself open a TLS session or fail one)."""
+    def _start(self, end: str, accept: int, connect: int, credentials: Credentials, folder: Path) -> int:
+        """Start one end's stunnel and wait until it listens on ``accept`` (read from /proc: a probe
+        connection would itself open a TLS session or fail one); RuntimeError if it ends first."""
+        config = folder / f"{end}.conf"
+        config.write_text(stunnel_config(end, accept, connect, credentials))
+        command = [shutil.which(STUNNEL) or STUNNEL, str(config)]
+        log_path = folder / f"{end}.log"
         with log_path.open("wb") as log_file:
             process = self.children.popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-        self.processes.append(process)
-        self.commands.append(command)
 
         def ready() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(f"{' '.join(command)} ended ({process.returncode}): {log_path.read_text()[-2000:]}")
-            return listening(port)
+            return listening(accept)
 
         wait_until(ready, " ".join(command))
+        self.processes.append(process)
+        self.commands.append(command)
+        return accept
 
     @property
     def pids(self) -> list[int]:

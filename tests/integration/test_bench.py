@@ -286,6 +286,40 @@ def test_a_row_that_could_not_run_says_why() -> None:
     }
 
 
+def test_a_tool_given_a_port_another_process_took_starts_again_on_another() -> None:
+    """storescp and stunnel cannot listen on port 0: they race other programs for a free port."""
+    from benchmarks.common import PORT_TAKEN, on_a_free_port
+
+    ports: list[int] = []
+
+    def taken_once(port: int) -> int:
+        ports.append(port)
+        if len(ports) == 1:
+            raise RuntimeError(f"storescp on 127.0.0.1:{port} ended (1): E: ... {PORT_TAKEN}")
+        return port
+
+    assert on_a_free_port(taken_once) == ports[-1]
+    assert len(ports) == 2
+
+    def always_taken(port: int) -> int:
+        ports.append(port)
+        raise RuntimeError(PORT_TAKEN)
+
+    ports.clear()
+    with pytest.raises(RuntimeError, match=PORT_TAKEN):
+        on_a_free_port(always_taken, attempts=3)
+    assert len(ports) == 3
+
+    def broken(port: int) -> int:
+        ports.append(port)
+        raise RuntimeError("stunnel4 ended (1): Configuration failed")
+
+    ports.clear()
+    with pytest.raises(RuntimeError, match="Configuration failed"):
+        on_a_free_port(broken)
+    assert len(ports) == 1  # any other failure is not retried
+
+
 def run_compare(tmp_path: Path, rev: str, *options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "benchmarks/compare.py", rev, "--rounds", "1", "--seconds", "0.2", "--size", "65536",
