@@ -368,6 +368,35 @@ def test_compare_runs_a_revision_from_before_the_profiles(tmp_path: Path) -> Non
         " new v1.00")
 
 
+def run_compare_gateway(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "benchmarks/compare_gateway.py", "HEAD", *options], cwd=REPO, capture_output=True,
+        text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)}, check=False,
+    )  # fmt: skip
+
+
+def test_compare_gateway_measures_both_trees_tunnels_beside_stunnel(tmp_path: Path) -> None:
+    """benchmarks/compare_gateway.py: a tunnel pair of each tree and a stunnel pair, both studies."""
+    result = run_compare_gateway(tmp_path, "--rounds", "1", "--small", "3", "--large", "1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.startswith("# hardened none/md5 through a tunnel pair of each tree, beside a stunnel pair;")
+    for study in ("small: 3 x 128x128 CT (32 KiB each)", "large: 1 x 2048x2048 CT (8192 KiB each)"):
+        table = result.stdout.split(f"## {study}\n", 1)[1].split("\n## ", 1)[0]
+        rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+        for name in ("old", "new", "stunnel"):
+            assert all(float(cell) > 0 for cell in rows[name].split("|")[2:5]), rows[name]
+        for ratio in ("new ÷ old", "new ÷ stunnel", "old ÷ stunnel"):
+            assert f"{ratio}, round by round: " in table
+    worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True, check=True)
+    assert str(tmp_path) not in worktrees.stdout
+
+
+def test_compare_gateway_refuses_both_profiles_at_once(tmp_path: Path) -> None:
+    result = run_compare_gateway(tmp_path, "--profile", "both")
+    assert result.returncode == 2
+    assert "--profile: choose v1.00 or hardened" in result.stderr
+
+
 def test_compare_refuses_an_unknown_profile(tmp_path: Path) -> None:
     result = run_compare(tmp_path, "HEAD", "--profile", "both")
     assert result.returncode == 2
