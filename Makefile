@@ -7,7 +7,7 @@ PYTHON ?= python3
 help:
 	@echo "make demo   install what is missing, then run 'iscl demo' (a secured exchange on the demo SoftHSM2 token)"
 	@echo "make test   install what is missing, then run the whole pytest suite (unit + integration)"
-	@echo "make bench  ISCL (both profiles) beside TLS and plain TCP: handshakes, throughput, DICOM, gateway links (~10 min;"
+	@echo "make bench  ISCL (both profiles) beside TLS, a stunnel pair and plain TCP: handshakes, throughput, DICOM, gateway links (~10 min;"
 	@echo "            results in benchmarks/results/latest.{md,json,png}, see docs/performance.md)"
 	@echo "make bench-quick  the same on small sizes, 3 rounds (2..3 min), results in /tmp/iscl-bench-quick"
 	@echo "make lint   ruff and mypy, when installed (not part of make test)"

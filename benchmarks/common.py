@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import re
@@ -19,10 +20,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from iscl_hsm.engine import Config, Profile
 from iscl_hsm.keyholder.provision import ensure_token, softhsm_environment
@@ -35,6 +36,7 @@ SPAWN = multiprocessing.get_context("spawn")
 TOKEN_LABEL = "bench"
 PLACEHOLDERS: dict[str, str] = {sys.executable: "python3"}
 """Text shown in place of long values in recorded commands (run.py adds the work folder)."""
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 SUITES = {
@@ -49,6 +51,7 @@ SUITES = {
 PROFILES = tuple(Profile)
 """Both wire profiles, in the order every table shows them: V1.00 (the default), then hardened."""
 BOTH = "both"
+T = TypeVar("T")
 
 
 def add_profile_option(parser: argparse.ArgumentParser, *, default: str = BOTH) -> None:
@@ -208,6 +211,23 @@ def free_port() -> int:
         return port
 
 
+PORT_TAKEN = "Address already in use"
+"""What storescp and stunnel write when another process took the port they were given."""
+
+
+def on_a_free_port(start: Callable[[int], T], attempts: int = 3) -> T:
+    """``start(port)`` on a port free right now, and on another one if a process took that port
+    meanwhile (``start`` then raises a RuntimeError quoting :data:`PORT_TAKEN`): a tool that cannot
+    listen on port 0 races every other program on the machine for the port it is given."""
+    for _ in range(attempts - 1):
+        try:
+            return start(free_port())
+        except RuntimeError as exc:
+            if PORT_TAKEN not in str(exc):
+                raise
+    return start(free_port())
+
+
 def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
     """Poll ``condition()`` every 20 ms until it is true; RuntimeError naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -218,28 +238,36 @@ def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time that process ``pid`` (all its threads) has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time that process ``pid`` (all its threads, ended ones too) has used so far, to the
+    nanosecond: its POSIX CPU clock (clock_getcpuclockid(3)). /proc/PID/stat counts 10 ms ticks, too
+    coarse for a tunnel that moves a few MB."""
+    clock = ctypes.c_int()
+    if error := _LIBC.clock_getcpuclockid(pid, ctypes.byref(clock)):
+        raise ProcessLookupError(error, f"no CPU clock for process {pid}: {os.strerror(error)}")
+    return time.clock_gettime(clock.value)
 
 
 class CpuMeter:
     """CPU time (and wall time) of a ``with`` block: this process, its waited-for children and ``pids``.
 
     Waited-for children are the short-lived commands a run starts (storescu); ``pids`` are the
-    long-lived ones it talks to (servers, tunnels), read from /proc.
+    long-lived ones it talks to (servers, tunnels), read from their CPU clocks. With ``own=False`` only ``pids``
+    count (the CPU of the tunnels alone, say).
     """
 
-    def __init__(self, pids: Sequence[int]) -> None:
+    def __init__(self, pids: Sequence[int], *, own: bool = True) -> None:
         self._pids = list(pids)
+        self._own = own
         self.seconds = 0.0
         self.wall = 0.0
 
     def _now(self) -> float:
+        others = sum(cpu_seconds(pid) for pid in self._pids)
+        if not self._own:
+            return others
         own = resource.getrusage(resource.RUSAGE_SELF)
         waited = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return (own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime
-                + sum(cpu_seconds(pid) for pid in self._pids))
+        return own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime + others
 
     def __enter__(self) -> Self:
         self.seconds, self.wall = -self._now(), -time.perf_counter()
@@ -248,6 +276,11 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         self.seconds += self._now()
         self.wall += time.perf_counter()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s child processes (a tunnel's workers, storescp --fork's association servers)."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
 
 
 def resident_kib(pid: int) -> int:

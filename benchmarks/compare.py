@@ -18,6 +18,7 @@ the output says so; with --profile v1.00 that compares V1.00 in the working tree
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,27 +59,38 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from benchmarks.common import make_token  # (the new tree's; measurements import their own)
 
-    with tempfile.TemporaryDirectory(prefix="iscl-compare-") as work:
-        old = Path(work) / "old"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(old), args.rev], check=True)
-        try:
-            token = make_token(Path(work) / "token")
-            trees = {"old": old, "new": REPO}
-            results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-            wires: dict[str, str | None] = {}
-            print(f"# {args.suite}, {args.profile} profile, {args.transport} transport, {args.size} B messages,"
-                  f" {args.rounds} rounds of {args.seconds:g} s; old = {args.rev}, new = the working tree")
-            for round_ in range(args.rounds):
-                order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
-                for name in order:
-                    figures, wires[name] = _measure(trees[name], token.environment, token.label, token.pin, args)
-                    results[name].append(figures)
-                    print(f"round {round_ + 1} {name}: {figures['rate'] / 1e6:.1f} MB/s, sender"
-                          f" {figures['sender']:.2f} ms/MiB, receiver {figures['receiver']:.2f} ms/MiB", flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=False)
+    with tempfile.TemporaryDirectory(prefix="iscl-compare-") as work, checked_out(args.rev, Path(work)) as old:
+        token = make_token(Path(work) / "token")
+        trees = {"old": old, "new": REPO}
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+        wires: dict[str, str | None] = {}
+        print(f"# {args.suite}, {args.profile} profile, {args.transport} transport, {args.size} B messages,"
+              f" {args.rounds} rounds of {args.seconds:g} s; old = {args.rev}, new = the working tree")
+        for round_ in range(args.rounds):
+            for name in alternating(trees, round_):
+                figures, wires[name] = _measure(trees[name], token.environment, token.label, token.pin, args)
+                results[name].append(figures)
+                print(f"round {round_ + 1} {name}: {figures['rate'] / 1e6:.1f} MB/s, sender"
+                      f" {figures['sender']:.2f} ms/MiB, receiver {figures['receiver']:.2f} ms/MiB", flush=True)
     _summary(results)
     print(_wire_line(wires, args.rev))
+
+
+@contextlib.contextmanager
+def checked_out(rev: str, folder: Path) -> Iterator[Path]:
+    """``rev`` checked out into a temporary git worktree in ``folder`` (removed again on the way out)."""
+    tree = folder / "old"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tree), rev], check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def alternating(names: Iterable[str], round_: int) -> list[str]:
+    """``names`` in order on even rounds and reversed on odd ones, so neither side always goes first."""
+    ordered = list(names)
+    return ordered if round_ % 2 == 0 else ordered[::-1]
 
 
 def _wire_line(wires: dict[str, str | None], rev: str) -> str:

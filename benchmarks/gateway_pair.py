@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import REPO, BenchToken, Children, link_options, wait_until
+from benchmarks.common import REPO, BenchToken, Children, child_pids, link_options, wait_until
 from iscl_hsm.engine import Profile
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+),")
@@ -27,15 +27,17 @@ def tunnel_command(mode: str, listen: str, target: str, token: BenchToken, profi
             *token.cli_options(), *link_options(profile, suite)]
 
 
-def start_service(children: Children, command: list[str], token: BenchToken, log_path: Path
+def start_service(children: Children, command: list[str], token: BenchToken, log_path: Path, tree: Path = REPO
                   ) -> tuple[subprocess.Popen[bytes], int]:
     """Start an `iscl` server command on port 0; returns it and the port its "listening on" line names.
 
-    Its output goes to a file (a pipe nobody reads would fill up and stall it).
+    Its output goes to a file (a pipe nobody reads would fill up and stall it). Another ``tree`` (a
+    checkout of an older revision) runs the command on that tree's iscl_hsm.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    environment = token.environment if tree == REPO else {**token.environment, "PYTHONPATH": str(tree)}
     with log_path.open("wb") as log_file:
-        process = children.popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=token.environment, cwd=REPO)
+        process = children.popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, cwd=tree)
     found: list[int] = []
 
     def listening() -> bool:
@@ -52,21 +54,22 @@ def start_service(children: Children, command: list[str], token: BenchToken, log
 
 class GatewayPair:
     """Both tunnels of one profile and suite, started in front of ``target_port``; ``port`` is where
-    applications connect."""
+    applications connect. ``tree`` is the checkout whose iscl_hsm they run (this one by default)."""
 
     def __init__(self, children: Children, token: BenchToken, profile: Profile, suite: str, target_port: int,
-                 logs: Path) -> None:
+                 logs: Path, tree: Path = REPO) -> None:
         self.children = children
         server = tunnel_command("server", "127.0.0.1:0", f"127.0.0.1:{target_port}", token, profile, suite)
-        server_process, server_port = start_service(children, server, token, logs / "server.log")
+        server_process, server_port = start_service(children, server, token, logs / "server.log", tree)
         client = tunnel_command("client", "127.0.0.1:0", f"127.0.0.1:{server_port}", token, profile, suite)
-        client_process, self.port = start_service(children, client, token, logs / "client.log")
+        client_process, self.port = start_service(children, client, token, logs / "client.log", tree)
         self.processes = [server_process, client_process]
         self.commands = [server, client]
 
     @property
     def pids(self) -> list[int]:
-        return [process.pid for process in self.processes]
+        """Both tunnels' processes: each tunnel's main process and its workers (``--workers``)."""
+        return [pid for process in self.processes for pid in (process.pid, *child_pids(process.pid))]
 
     def stop(self) -> None:
         for process in self.processes:

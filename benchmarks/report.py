@@ -105,8 +105,8 @@ def plot(sections: list[Section], path: Path) -> bool:
 
 
 def _bars(axis: Any, section: Section, figure: str, name: Callable[[str], str], prefix: str = "") -> None:
-    """Horizontal bars of one figure for the measured rows (whose label starts with ``prefix``)."""
-    rows = [row for row in section.rows if "figures" in row and row["label"].startswith(prefix)]
+    """Horizontal bars of one figure for the rows that have it (whose label starts with ``prefix``)."""
+    rows = [row for row in section.rows if figure in row.get("figures", {}) and row["label"].startswith(prefix)]
     axis.barh([name(row["label"]) for row in rows], [row["figures"][figure] for row in rows])
     axis.invert_yaxis()
     axis.tick_params(axis="y", labelsize=7)

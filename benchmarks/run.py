@@ -1,12 +1,12 @@
 """ISCL beside TLS and plain TCP, on one machine in one run: handshakes, record-layer throughput,
 throughput against message size, DICOM C-STORE with DCMTK, and N simultaneous gateway links, for the
-V1.00 and the hardened wire profile side by side.
+V1.00 and the hardened wire profile side by side; the gateway pair beside a stunnel TLS 1.3 pair.
 
 Run: python3 benchmarks/run.py [--quick] [--rounds N] [--profile v1.00|hardened|both] [--out DIR]
      (or: make bench / make bench-quick)
 
 Writes DIR/latest.json (every figure, the machine, versions and commands), DIR/latest.md (the
-tables, headed by the headline figures of each profile) and DIR/latest.png (the plots; needs
+tables, headed by the headline figures of each profile and the gateway beside stunnel) and DIR/latest.png (the plots; needs
 matplotlib: pip install 'iscl-hsm[bench]'). Each figure is the median of --rounds runs, and each
 ratio the median of per-round ratios. docs/performance.md explains what limits each figure.
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import concurrency, dicom_store, headline, latency, report, throughput
+from benchmarks import beside_stunnel, concurrency, dicom_store, headline, latency, report, throughput
 from benchmarks.common import (
     PLACEHOLDERS,
     REPO,
@@ -170,11 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(dicom_store.run(children, token, credentials, workdir, rounds, sizes.small,
                                             sizes.large, profiles))
         if "concurrency" in wanted:
-            sections.append(concurrency.run(children, token, workdir, rounds, counts, sizes.concurrency_bytes,
-                                            profiles))
-    summary = headline.summarize(sections, profiles)
-    if summary is not None:
-        sections.insert(0, summary)
+            sections.append(concurrency.run(children, token, credentials, workdir, rounds, counts,
+                                            sizes.concurrency_bytes, profiles))
+    summaries = [headline.summarize(sections, profiles), beside_stunnel.summarize(sections, profiles)]
+    sections[:0] = [summary for summary in summaries if summary is not None]
     meta["load_after"] = _load()
     meta["seconds"] = round(time.monotonic() - started, 1)
     written = report.write(args.out, meta, sections)

@@ -76,6 +76,7 @@ def make_credentials(folder: Path) -> Credentials:
     for end in ("server", "client"):
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         files[f"{end}_key"] = folder / f"{end}.key"
+        files[f"{end}_key"].touch(mode=0o600)  # stunnel warns of a key others may read
         files[f"{end}_key"].write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
         ))  # fmt: skip

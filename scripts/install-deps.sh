@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 EXTRAS=card,dicom,test
 STAMP=build/deps.stamp   # build/ is git-ignored
-# openssl (the command) is only for `make bench`'s baseline figures; haproxy for the scale-out test;
-# systemd (systemd-analyze) and procps (/bin/kill, the units' ExecReload) for the check of the shipped
-# units (test_systemd_units.py).
-APT_PACKAGES=(softhsm2 opensc pcscd vsmartcard-vpcd libpcsclite-dev swig dcmtk openssl haproxy systemd procps)
+# openssl (the command) and stunnel4 are only for `make bench` (its baseline figures, the TLS tunnel pair);
+# haproxy for the scale-out test; systemd (systemd-analyze) and procps (/bin/kill, the units'
+# ExecReload) for the check of the shipped units (test_systemd_units.py).
+APT_PACKAGES=(softhsm2 opensc pcscd vsmartcard-vpcd libpcsclite-dev swig dcmtk openssl stunnel4 haproxy systemd procps)
 
 # 1. Debian packages: apt-get update and install only when one is missing.
 missing=()

@@ -21,10 +21,12 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ["headline", "handshake", "throughput", "sizes", "dicom", "concurrency"]
+SECTIONS = ["headline", "stunnel", "handshake", "throughput", "sizes", "dicom", "concurrency"]
 PROFILES = ["v1.00", "hardened"]
 SUITES = ("none/md5", "none/des-mac", "des-cbc/md5", "des-cbc/des-mac")
 PLAIN_MD5 = "(the SDK's plain MD5, unkeyed)"
+STUNNEL = "stunnel TLS 1.3 pair (stunnel4, mutual, RSA 2048)"
+FLOOR = "floor of a pair checking MD5 at both ends (DCMTK's own CPU + OpenSSL MD5 twice)"
 HEADLINE = {  # headline row: (section, row label with {profile}, figure)
     "handshake on SoftHSM2 (des-cbc/des-mac), median ms": (
         "handshake", "ISCL {profile}, SoftHSM2 token (des-cbc/des-mac)", "median_ms"),
@@ -132,7 +134,13 @@ def test_references_are_shared_by_both_profiles(quick_run: tuple[Path, subproces
     assert sum("TLS 1.3, mutual" in label for label in labels["handshake"]) == 1
     assert sum("DCMTK TLS" in label for label in labels["dicom"]) == 2
     assert labels["concurrency"] == ["N=16, ISCL gateway v1.00", "N=16, ISCL gateway hardened",
-                                     "N=16, plain TCP (no gateway)"]
+                                     "N=16, stunnel TLS 1.3 pair", "N=16, plain TCP (no gateway)"]
+    assert row_of(sections["concurrency"], "N=16, stunnel TLS 1.3 pair")["all_up_vs_stunnel"] == pytest.approx(1.0)
+    for study in ("small: 20 x 64x64 CT (8 KiB each)", "large: 2 x 1024x1024 CT (2048 KiB each)"):
+        stunnel = row_of(sections["dicom"], f"{study}, {STUNNEL}")
+        assert stunnel["vs_stunnel"] == pytest.approx(1.0)
+        assert set(stunnel) == {"files_s", "mb_s", "vs_direct", "vs_stunnel", "path_ms_mb", "tunnels_ms_mb"}
+        assert set(row_of(sections["dicom"], f"{study}, {FLOOR}")) == {"path_ms_mb"}
     # a ratio to itself is 1 whatever the speed: proves the ratios are taken against the named column
     assert row_of(sections["throughput"], "plain TCP")["vs_tcp"] == pytest.approx(1.0)
     assert row_of(sections["throughput"], "openssl des-cbc")["vs_des"] == pytest.approx(1.0)
@@ -149,7 +157,7 @@ def test_only_v100_none_md5_is_the_plain_md5(quick_run: tuple[Path, subprocess.C
     assert marked == ["ISCL v1.00 none/md5 " + PLAIN_MD5, "ISCL v1.00 none/md5 " + PLAIN_MD5,
                       "small: 20 x 64x64 CT (8 KiB each), ISCL gateway v1.00 none/md5 " + PLAIN_MD5,
                       "large: 2 x 1024x1024 CT (2048 KiB each), ISCL gateway v1.00 none/md5 " + PLAIN_MD5]
-    tunnels = [command for command in sections["dicom"]["commands"] if "tunnel" in command]
+    tunnels = [command for command in sections["dicom"]["commands"] if "iscl_hsm tunnel" in command]
     unkeyed = [command for command in tunnels if "--allow-unkeyed-md5" in command]
     assert len(tunnels) == 16 and len(unkeyed) == 2
     assert all("--profile v1.00 --encryption none --mac md5 --allow-unkeyed-md5" in command for command in unkeyed)
@@ -174,6 +182,39 @@ def test_headline_puts_the_profiles_side_by_side(quick_run: tuple[Path, subproce
     tls = row_of(sections["handshake"], "Python ssl TLS 1.3, mutual (client and server certificates, RSA 2048)")
     assert f"Python ssl TLS 1.3 mutual handshake {tls['median_ms']:.2f} ms" in notes
     assert "## Headline figures, the wire profiles side by side\n\n| | v1.00 | hardened |" in result.stdout
+
+
+def test_the_gateway_beside_stunnel(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """The stunnel summary repeats the DICOM and concurrency rows it names, and its ratios are theirs."""
+    out, result = quick_run
+    sections = sections_of(out)
+    rows = {row["label"]: figures_of(row) for row in sections["stunnel"]["rows"]}
+    assert list(rows) == [
+        "small, hardened none/md5, files/s", "large, hardened none/md5, MB/s",
+        "small, v1.00 des-cbc/des-mac, files/s", "large, v1.00 des-cbc/des-mac, MB/s",
+        "small, hardened des-cbc/des-mac, files/s", "large, hardened des-cbc/des-mac, MB/s",
+        "large, hardened none/md5, CPU ms per MB, whole path", "large, hardened none/md5, CPU ms per MB, the two tunnels",
+        next(label for label in rows if label.startswith("large, floor of an MD5-checking pair, CPU ms per MB")),
+        "large, hardened none/md5, whole path's CPU ÷ the floor",
+        "N=16 links at once, v1.00 des-cbc/des-mac, ms until all are up",
+        "N=16 links at once, hardened des-cbc/des-mac, ms until all are up",
+    ]
+    large = "large: 2 x 1024x1024 CT (2048 KiB each)"
+    gateway = row_of(sections["dicom"], f"{large}, ISCL gateway hardened none/md5")
+    stunnel = row_of(sections["dicom"], f"{large}, {STUNNEL}")
+    assert rows["large, hardened none/md5, MB/s"] == {
+        "gateway": gateway["mb_s"], "stunnel": stunnel["mb_s"], "ratio": gateway["vs_stunnel"], "target": 0.8}
+    des = rows["large, hardened des-cbc/des-mac, MB/s"]
+    engine = row_of(sections["throughput"], "ISCL hardened des-cbc/des-mac")["mb_s"]
+    assert des["vs_engine"] == pytest.approx(des["gateway"] / engine)
+    floor = row_of(sections["dicom"], f"{large}, {FLOOR}")["path_ms_mb"]
+    assert rows["large, hardened none/md5, whole path's CPU ÷ the floor"]["gateway"] == pytest.approx(
+        gateway["path_ms_mb"] / floor)
+    all_up = rows["N=16 links at once, hardened des-cbc/des-mac, ms until all are up"]
+    assert all_up["ratio"] == row_of(sections["concurrency"], "N=16, ISCL gateway hardened")["all_up_vs_stunnel"]
+    assert "## The ISCL gateway beside a stunnel TLS 1.3 pair" in result.stdout
+    assert any(command.startswith("stunnel4 ") or "/stunnel4 " in command
+               for command in sections["dicom"]["commands"])
 
 
 def test_one_profile_alone(tmp_path: Path) -> None:
@@ -245,6 +286,40 @@ def test_a_row_that_could_not_run_says_why() -> None:
     }
 
 
+def test_a_tool_given_a_port_another_process_took_starts_again_on_another() -> None:
+    """storescp and stunnel cannot listen on port 0: they race other programs for a free port."""
+    from benchmarks.common import PORT_TAKEN, on_a_free_port
+
+    ports: list[int] = []
+
+    def taken_once(port: int) -> int:
+        ports.append(port)
+        if len(ports) == 1:
+            raise RuntimeError(f"storescp on 127.0.0.1:{port} ended (1): E: ... {PORT_TAKEN}")
+        return port
+
+    assert on_a_free_port(taken_once) == ports[-1]
+    assert len(ports) == 2
+
+    def always_taken(port: int) -> int:
+        ports.append(port)
+        raise RuntimeError(PORT_TAKEN)
+
+    ports.clear()
+    with pytest.raises(RuntimeError, match=PORT_TAKEN):
+        on_a_free_port(always_taken, attempts=3)
+    assert len(ports) == 3
+
+    def broken(port: int) -> int:
+        ports.append(port)
+        raise RuntimeError("stunnel4 ended (1): Configuration failed")
+
+    ports.clear()
+    with pytest.raises(RuntimeError, match="Configuration failed"):
+        on_a_free_port(broken)
+    assert len(ports) == 1  # any other failure is not retried
+
+
 def run_compare(tmp_path: Path, rev: str, *options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "benchmarks/compare.py", rev, "--rounds", "1", "--seconds", "0.2", "--size", "65536",
@@ -291,6 +366,35 @@ def test_compare_runs_a_revision_from_before_the_profiles(tmp_path: Path) -> Non
     assert result.stdout.rstrip().endswith(
         f"wire profile: old hardened ({before} has no Config.profile: its only wire is the hardened one),"
         " new v1.00")
+
+
+def run_compare_gateway(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "benchmarks/compare_gateway.py", "HEAD", *options], cwd=REPO, capture_output=True,
+        text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)}, check=False,
+    )  # fmt: skip
+
+
+def test_compare_gateway_measures_both_trees_tunnels_beside_stunnel(tmp_path: Path) -> None:
+    """benchmarks/compare_gateway.py: a tunnel pair of each tree and a stunnel pair, both studies."""
+    result = run_compare_gateway(tmp_path, "--rounds", "1", "--small", "3", "--large", "1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.startswith("# hardened none/md5 through a tunnel pair of each tree, beside a stunnel pair;")
+    for study in ("small: 3 x 128x128 CT (32 KiB each)", "large: 1 x 2048x2048 CT (8192 KiB each)"):
+        table = result.stdout.split(f"## {study}\n", 1)[1].split("\n## ", 1)[0]
+        rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+        for name in ("old", "new", "stunnel"):
+            assert all(float(cell) > 0 for cell in rows[name].split("|")[2:5]), rows[name]
+        for ratio in ("new ÷ old", "new ÷ stunnel", "old ÷ stunnel"):
+            assert f"{ratio}, round by round: " in table
+    worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True, check=True)
+    assert str(tmp_path) not in worktrees.stdout
+
+
+def test_compare_gateway_refuses_both_profiles_at_once(tmp_path: Path) -> None:
+    result = run_compare_gateway(tmp_path, "--profile", "both")
+    assert result.returncode == 2
+    assert "--profile: choose v1.00 or hardened" in result.stderr
 
 
 def test_compare_refuses_an_unknown_profile(tmp_path: Path) -> None:

@@ -289,18 +289,5 @@ def failing_module(failing_module_library: Path, tmp_path: Path) -> FailingModul
     return FailingModule(failing_module_library, tmp_path / "break-the-module")
 
 
-# --------------------------------------------------------------------------------------------------
-# Children of a process
-
-
-def children(pid: int) -> list[int]:
-    """The PIDs of ``pid``'s child processes (storescp --fork serves each association in one)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found += [int(child) for child in text]
-    return found
-
-
-__all__ = ["FailingModule", "Feeder", "LinkEnds", "PrivateToken", "assert_one_failure_line", "children", "file_size", "kill",
+__all__ = ["FailingModule", "Feeder", "LinkEnds", "PrivateToken", "assert_one_failure_line", "file_size", "kill",
            "wait_until"]

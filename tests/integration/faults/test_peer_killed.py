@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from benchmarks.common import child_pids
 from iscl_hsm.dicom.gateway import Mode, Tunnel
 from iscl_hsm.dicom.study import StudySpec, write_study
 from iscl_hsm.engine import Config, Profile
@@ -32,7 +33,7 @@ from ..gateway.conftest import TIMEOUT, StoreScp, TunnelCommand, assert_stored_i
 from ..gateway.test_gateway_cli import link_lines as command_link_lines
 from ..gateway.test_gateway_cli import start_pair
 from ..test_cli import child_env, token_args
-from .conftest import LinkEnds, assert_one_failure_line, children, kill, wait_until
+from .conftest import LinkEnds, assert_one_failure_line, kill, wait_until
 
 CROSSED = 1 << 20
 """Bytes that have arrived when one end is killed."""
@@ -144,7 +145,7 @@ def test_an_application_killed_mid_store_leaves_the_other_association_alone(
     if victim == "storescu":
         kill(first)
     else:
-        serving = children(storescp.process.pid)
+        serving = child_pids(storescp.process.pid)
         assert len(serving) == 1, f"storescp serves {len(serving)} associations, not the one being cut"
         os.kill(serving[0], signal.SIGKILL)
     output = first.communicate(timeout=TIMEOUT)[0]

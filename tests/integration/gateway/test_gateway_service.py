@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.common import child_pids
 from iscl_hsm.dicom.study import StudySpec, write_study
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
 from iscl_hsm.keyholder.provision import ensure_token
@@ -32,9 +33,7 @@ Start = Callable[..., TunnelCommand]
 
 
 def workers_of(tunnel: TunnelCommand) -> list[int]:
-    """The pids of a tunnel's worker processes (its children)."""
-    pid = tunnel.process.pid
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return child_pids(tunnel.process.pid)
 
 
 def echo(client: TunnelCommand) -> subprocess.CompletedProcess[str]:
