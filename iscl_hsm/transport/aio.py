@@ -213,10 +213,21 @@ class IsclStream:
         return result, bool(out)
 
     async def _engine(self, work: Callable[[Write], T]) -> T:
-        """``work(write)`` in a worker thread if it may wait on the key holder, else on the event loop."""
-        if self._conn.may_block:
-            return await asyncio.to_thread(work, self._threadsafe_write)
-        return work(self._writer.write)
+        """``work(write)`` in a worker thread if it may wait on the key holder, else on the event loop.
+
+        Cancelled meanwhile (the link being aborted), it still waits for the thread to finish before it
+        lets the cancellation through: the caller holds the link's lock, and the next engine call must
+        not run while this one still does (two at once corrupt the engine's state).
+        """
+        if not self._conn.may_block:
+            return work(self._writer.write)
+        call = asyncio.ensure_future(asyncio.to_thread(work, self._threadsafe_write))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait({call})
+            call.exception()  # (taken: the link is being aborted, so how the call ended no longer matters)
+            raise
 
     def _threadsafe_write(self, data: bytes) -> None:
         """Write from a worker thread: queued on the loop ahead of the thread's own completion."""

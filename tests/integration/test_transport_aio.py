@@ -904,3 +904,45 @@ def test_a_send_waiting_for_the_link_gets_the_failure_that_ended_it(
 
     error = run(main())
     assert error.code is ErrorCode.CONNECTION_LOST, error
+
+
+def test_an_engine_call_in_a_worker_thread_keeps_the_lock_until_it_ends_even_when_cancelled() -> None:
+    """Aborting a link cancels the coroutine that waits for an engine call running in a worker thread;
+    the next engine call must still wait for that thread, or two run at once on one engine."""
+    from iscl_hsm.engine import Role
+    from iscl_hsm.keyholder.memory import MemoryKeyHolder
+
+    class ThreadedConnection(Connection):
+        @property
+        def may_block(self) -> bool:
+            return True  # every call goes to a worker thread, as a key holder's do
+
+    release, order = threading.Event(), []
+
+    def slow() -> None:
+        release.wait(10)
+        order.append("slow done")
+
+    def next_call() -> None:
+        order.append("next call")
+
+    async def scenario() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            left = socket.create_connection(listener.getsockname())
+            right, _ = listener.accept()
+        with left, right:
+            reader, writer = await asyncio.open_connection(sock=left)
+            stream = IsclStream(reader, writer, ThreadedConnection(Role.CLIENT, MemoryKeyHolder({}, {}), Config()))
+            first = asyncio.create_task(stream._locked_step(slow))
+            await asyncio.sleep(0.05)
+            first.cancel()
+            second = asyncio.create_task(stream._locked_step(next_call))
+            await asyncio.sleep(0.05)
+            assert order == [] and not first.done()  # the cancelled call still holds the lock
+            release.set()
+            await asyncio.gather(first, return_exceptions=True)
+            await second
+            writer.close()
+
+    run(scenario())
+    assert order == ["slow done", "next call"]
