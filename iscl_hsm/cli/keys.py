@@ -58,6 +58,7 @@ from ..keys.store import (
     trusted_transport_value,
     verify_so_pin,
 )
+from ..shared import doc_reference
 from .audited import AuditEntry, add_audit_arguments, audited
 from .options import add_key_holder_options, open_key_holder, read_pin
 
@@ -518,7 +519,7 @@ def _use_softhsm_dir(folder: Path, module: str) -> None:
     except OSError as exc:
         raise KeyHolderConfigError(
             f"cannot write the SoftHSM2 configuration in {folder}: {exc.strerror}; run as the service's user,"
-            " on a directory it owns (docs/systemd.md)"
+            f" on a directory it owns ({doc_reference('systemd.md')})"
         ) from None
     use_softhsm_conf(conf, module)
 

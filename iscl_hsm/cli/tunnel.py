@@ -270,10 +270,10 @@ def _add_gateway_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--metrics", metavar="HOST:PORT", type=_address,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics: links open and ended by result"
                        " and error, bytes each way, handshake, message-size and key-holder-call histograms"
-                       " (docs/gateway.md, \"Metrics\"); default: none")
+                       " (`iscl docs gateway`, \"Metrics\"); default: none")
     group.add_argument("--log-format", choices=logs.FORMATS, default="text",
                        help="log lines on stderr as logfmt ('text') or JSON objects ('json'), one per line, with"
-                       " the same keys (default: %(default)s; docs/gateway.md, \"The link line\")")
+                       " the same keys (default: %(default)s; `iscl docs gateway`, \"The link line\")")
 
 
 RESTART_ONLY = ("listen", "workers", "metrics", "log_format")
@@ -310,12 +310,14 @@ def run_tunnel(args: argparse.Namespace) -> int:
                 _serve_metrics(args.metrics)
             supervisor = workers.Supervisor(
                 count, lambda number, worker_ready: main.reporting(lambda: _work(args, sock, worker_ready, number), "tunnel"),
-                listener=sock, on_ready=ready, on_stopping=lambda: _stopping(f"{name}: stopping its {count} workers"),
+                listener=sock, on_ready=ready, on_stopping=lambda: _stopping(name, f"stopping; waiting up to {args.drain_timeout:g} s for the open"
+                                             f" links of {count} workers"),
                 on_reload=lambda: service.reloading(listening),
                 on_exit=metrics.worker_exited, drain_timeout=args.drain_timeout,
             )  # fmt: skip
             status = supervisor.run()
-    log.info("%s: stopped", name, extra=logs.fields(status=status))
+    if supervisor.started:
+        log.info("%s: stopped", name, extra=logs.fields(status=status))
     return status
 
 
@@ -368,9 +370,9 @@ def _settings(args: argparse.Namespace, counts: metrics.NoMetrics) -> TunnelSett
     )  # fmt: skip
 
 
-def _stopping(message: str) -> None:
-    log.info("%s", message)
-    service.stopping(message)
+def _stopping(name: str, status: str) -> None:
+    log.info("%s: %s", name, status)
+    service.stopping(status)
 
 
 def _work(
@@ -404,16 +406,15 @@ async def _serve(
         ready()  # (once the signals are handled: a SIGTERM right after READY=1 drains, it does not kill)
         await stop.wait()
         tunnel.stop_accepting()
-        draining = (f"iscl tunnel {settings.mode.value}: stopping; waiting up to {args.drain_timeout:g} s for"
-                    f" {tunnel.active_links} open link(s)")  # fmt: skip
+        name = f"iscl tunnel {settings.mode.value}"
+        draining = f"stopping; waiting up to {args.drain_timeout:g} s for {tunnel.active_links} open link(s)"
         if status is not None:
-            _stopping(draining)
+            _stopping(name, draining)
         else:
-            log.info("%s", draining)
+            log.info("%s: %s", name, draining)
         await reloader.finish()
         aborted = await tunnel.stop(args.drain_timeout)
-        log.info("iscl tunnel %s: stopped (%d link(s) aborted)", settings.mode.value, aborted,
-                 extra=logs.fields(aborted=aborted))
+        log.info("%s: stopped (%d link(s) aborted)", name, aborted, extra=logs.fields(aborted=aborted))
         return 0
     finally:
         tunnel.settings.key_holder.close()

@@ -42,7 +42,7 @@ def worker_exited(pid: int) -> None:
     if _MULTIPROCESS_VARIABLE in os.environ:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def serve(address: Address) -> Address:
@@ -57,7 +57,7 @@ def serve(address: Address) -> Address:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=folder)
+        multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
     server, _ = start_http_server(address.port, address.host, registry=registry)
     host, port = server.server_address[:2]
     return Address(str(host), int(port))

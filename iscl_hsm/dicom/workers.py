@@ -60,7 +60,7 @@ class Supervisor:
     on_ready: Callable[[], None]
     """Called once, when every worker has called its ``ready()``."""
     on_stopping: Callable[[], None]
-    """Called once, when SIGTERM or SIGINT arrives."""
+    """Called once, when the tunnel stops after it was ready (SIGTERM, SIGINT, a worker that fails)."""
     on_reload: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
     """Entered around passing SIGHUP on (e.g. to tell systemd of the reload)."""
     on_exit: Callable[[int], None] = lambda pid: None
@@ -68,6 +68,13 @@ class Supervisor:
     drain_timeout: float = 30.0
     _children: dict[int, _Child] = field(default_factory=dict)
     _stopping_since: float | None = None
+    _announced: bool = False
+    """Whether ``on_ready`` was called: until then a failure is the start's, reported by the worker."""
+
+    @property
+    def started(self) -> bool:
+        """Whether every worker was ready at some point (``on_ready`` was called)."""
+        return self._announced
 
     def run(self) -> int:
         """Start the workers and supervise them until they have all ended; the exit status."""
@@ -110,7 +117,6 @@ class Supervisor:
 
     def _supervise(self, ready_in: int, wake_in: int, ready_out: int) -> int:
         status = 0
-        announced = False
         with selectors.DefaultSelector() as selector:
             selector.register(ready_in, selectors.EVENT_READ)
             selector.register(wake_in, selectors.EVENT_READ)
@@ -135,8 +141,8 @@ class Supervisor:
                 if self._stopping_since is None and all(c.ready for c in self._children.values()):
                     if len(self._children) < self.count:
                         self._start(len(self._children) + 1, ready_out)  # one at a time, see above
-                    elif not announced:
-                        announced = True
+                    elif not self._announced:
+                        self._announced = True
                         self.on_ready()
         return status
 
@@ -151,7 +157,8 @@ class Supervisor:
         if self._stopping_since is None:
             self._stopping_since = time.monotonic()
             self.listener.close()  # (each worker closes its own copy as it stops)
-            self.on_stopping()
+            if self._announced:
+                self.on_stopping()
         self._signal_all(signal.SIGTERM)
 
     def _reap(self, ready_out: int) -> int | None:
@@ -173,8 +180,9 @@ class Supervisor:
                 continue
             if not child.ready:
                 failed = code if code > 0 else 1
-                log.error("worker %d failed as it started (status %d); stopping the others", child.number, code,
-                          extra=fields(worker=child.number, status=code))  # fmt: skip
+                if self._announced:  # (before that, the worker's own line says why the tunnel did not start)
+                    log.error("worker %d failed as it started (status %d); stopping the others", child.number,
+                              code, extra=fields(worker=child.number, status=code))  # fmt: skip
                 self._stop()
                 continue
             log.warning("worker %d exited with status %d; starting another", child.number, code,

@@ -225,7 +225,8 @@ def test_ready_once_the_port_accepts_and_stopping_on_sigterm(site: Site, manager
         tunnel.proc.send_signal(signal.SIGTERM)
         stopping = manager.next()
         assert stopping["STOPPING"] == "1"
-        assert re.fullmatch(r"stopping; waiting up to 30 s for \d+ open link\(s\)", stopping["STATUS"]), (
+        assert re.fullmatch(r"stopping; waiting up to 30 s for (\d+ open link\(s\)|the open links of \d+ workers)",
+                            stopping["STATUS"]), (
             stopping
         )
         assert tunnel.finish() == 0, tunnel.lines

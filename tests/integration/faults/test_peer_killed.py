@@ -29,7 +29,15 @@ from iscl_hsm.engine import Config, Profile
 from iscl_hsm.keyholder.base import KeyHolder
 
 from ..conftest import Hospitals
-from ..gateway.conftest import TIMEOUT, StoreScp, TunnelCommand, assert_stored_identical, dcmtk, parse_line
+from ..gateway.conftest import (
+    TIMEOUT,
+    StoreScp,
+    TunnelCommand,
+    assert_stored_identical,
+    dcmtk,
+    parse_line,
+    scu,
+)
 from ..gateway.test_gateway_cli import link_lines as command_link_lines
 from ..gateway.test_gateway_cli import start_pair
 from ..test_cli import child_env, token_args
@@ -107,16 +115,21 @@ def test_the_server_tunnel_killed_in_the_middle_of_a_store(
     store = storescu(client.port, files)
     wait_until(lambda: any(storescp.folder.iterdir()), "the first stored image", store)
 
-    kill(server.process)
+    workers = child_pids(server.process.pid)
+    for worker in workers:  # whichever carries the link (the whole tunnel, but for its supervisor)
+        os.kill(worker, signal.SIGKILL)
     output = store.communicate(timeout=TIMEOUT)[0]
 
     assert store.returncode != 0, output
     assert_an_intact_prefix(storescp, files, output)
     assert client.process.poll() is None  # the client tunnel carries on
+    server.wait_output(r"starting another")  # the server tunnel replaces its workers
+    assert scu("echoscu", client.port).returncode == 0  # and serves new links
     status, log = client.stop()
     assert status == 0
-    (line,) = command_link_lines(log)
+    line, echo_line = command_link_lines(log)
     assert line["result"].startswith("aborted: ") and line["result"].endswith("[ISCL 122 CONNECTION_LOST]"), line
+    assert echo_line["result"] == "closed"
 
 
 @pytest.mark.parametrize("victim", ["storescu", "storescp"])
