@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from iscl_hsm.cli.main import EXIT_CONFIG
+from iscl_hsm.shared import doc_reference
 
 from .background import TIMEOUT, Background
 from .test_cli import child_env
@@ -170,7 +171,7 @@ def test_init_token_names_a_state_directory_it_cannot_make(tmp_path: Path) -> No
     assert done.returncode == EXIT_CONFIG
     assert done.stderr == (
         f"iscl: cannot write the SoftHSM2 configuration in {tmp_path / 'iscl' / 'demo'}: Not a directory; run as"
-        " the service's user, on a directory it owns (docs/systemd.md) [ISCL 102 LOCAL_KEY_HOLDER]\n"
+        f" the service's user, on a directory it owns ({doc_reference('systemd.md')}) [ISCL 102 LOCAL_KEY_HOLDER]\n"
     )
 
 
