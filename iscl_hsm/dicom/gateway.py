@@ -158,7 +158,7 @@ class Tunnel:
             self._server = await asyncio.start_server(accept, s.listen.host, s.listen.port, limit=limit,
                                                       backlog=LISTEN_BACKLOG)  # fmt: skip
         else:
-            self._server = await asyncio.start_server(accept, sock=sock, limit=limit)
+            self._server = await asyncio.start_server(accept, sock=sock, limit=limit, backlog=LISTEN_BACKLOG)
         return self.address
 
     def reload(self, settings: TunnelSettings) -> None:
