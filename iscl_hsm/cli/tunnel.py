@@ -291,7 +291,6 @@ def run_tunnel(args: argparse.Namespace) -> int:
     sock = _listen(args.listen)
     bound = Address.of(sock.getsockname())
     name = f"iscl tunnel {args.mode.value}"
-
     listening = f"listening on {bound}, links go to {getattr(args, args.target_option)}"
 
     def ready() -> None:
@@ -308,13 +307,17 @@ def run_tunnel(args: argparse.Namespace) -> int:
             if args.metrics is not None:
                 metrics.use_shared_folder(Path(folder))
                 _serve_metrics(args.metrics)
+            draining = f"stopping; waiting up to {args.drain_timeout:g} s for the open links of {count} workers"
             supervisor = workers.Supervisor(
-                count, lambda number, worker_ready: main.reporting(lambda: _work(args, sock, worker_ready, number), "tunnel"),
-                listener=sock, on_ready=ready, on_stopping=lambda: _stopping(name, f"stopping; waiting up to {args.drain_timeout:g} s for the open"
-                                             f" links of {count} workers"),
+                count,
+                lambda number, worker_ready: main.reporting(lambda: _work(args, sock, worker_ready, number), "tunnel"),
+                listener=sock,
+                on_ready=ready,
+                on_stopping=lambda: _stopping(name, draining),
                 on_reload=lambda: service.reloading(listening),
-                on_exit=metrics.worker_exited, drain_timeout=args.drain_timeout,
-            )  # fmt: skip
+                on_exit=metrics.worker_exited,
+                drain_timeout=args.drain_timeout,
+            )
             status = supervisor.run()
     if supervisor.started:
         log.info("%s: stopped", name, extra=logs.fields(status=status))
