@@ -149,6 +149,39 @@ _FLOORS: dict[bool, Floor] = {False: Floor(), True: HalfDuplex()}
 class Transfer:
     """Message transfer and line disconnection on one authenticated link."""
 
+    __slots__ = (
+        "_close_wanted",
+        "_floor",
+        "_form",
+        "_held",
+        "_incoming_length",
+        "_keys",
+        "_layout",
+        "_opener",
+        "_outbox",
+        "_pending",
+        "_pending_random",
+        "_queue",
+        "_random",
+        "_received",
+        "_recv_chain",
+        "_sealed_ahead",
+        "_sealed_out",
+        "_sealer",
+        "_send_chain",
+        "_sent",
+        "_suite",
+        "block_length",
+        "config",
+        "deferred",
+        "inbound",
+        "outbound",
+        "peer_request",
+        "peer_request_code",
+        "role",
+        "state",
+    )  # one per link: an instance dict would cost 1.6 KB of each
+
     def __init__(
         self,
         role: Role,
