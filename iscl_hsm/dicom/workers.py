@@ -68,6 +68,8 @@ class Supervisor:
     drain_timeout: float = 30.0
     _children: dict[int, _Child] = field(default_factory=dict)
     _stopping_since: float | None = None
+    _waiting: list[int] = field(default_factory=list)
+    """Numbers of the workers to start, the next once every running one is ready."""
     _announced: bool = False
     """Whether ``on_ready`` was called: until then a failure is the start's, reported by the worker."""
 
@@ -85,7 +87,7 @@ class Supervisor:
         previous = {signum: signal.signal(signum, _note) for signum in _handled()}
         old_wakeup = signal.set_wakeup_fd(wake_out)
         try:
-            self._start(1, ready_out)
+            self._waiting = list(range(1, self.count + 1))
             return self._supervise(ready_in, wake_in, ready_out)
         finally:
             signal.set_wakeup_fd(old_wakeup)
@@ -120,7 +122,15 @@ class Supervisor:
         with selectors.DefaultSelector() as selector:
             selector.register(ready_in, selectors.EVENT_READ)
             selector.register(wake_in, selectors.EVENT_READ)
-            while self._children:
+            while True:
+                if self._stopping_since is None and all(c.ready for c in self._children.values()):
+                    if self._waiting:
+                        self._start(self._waiting.pop(0), ready_out)  # one at a time, see above
+                    elif not self._announced:
+                        self._announced = True
+                        self.on_ready()
+                if not self._children:
+                    break
                 timeout = None
                 if self._stopping_since is not None:
                     timeout = max(0.0, self._stopping_since + self.drain_timeout + KILL_GRACE - time.monotonic())
@@ -135,15 +145,9 @@ class Supervisor:
                     else:
                         for signum in _drain(wake_in):
                             self._on_signal(signum)
-                failed = self._reap(ready_out)
+                failed = self._reap()
                 if failed is not None and status == 0:
                     status = failed
-                if self._stopping_since is None and all(c.ready for c in self._children.values()):
-                    if len(self._children) < self.count:
-                        self._start(len(self._children) + 1, ready_out)  # one at a time, see above
-                    elif not self._announced:
-                        self._announced = True
-                        self.on_ready()
         return status
 
     def _on_signal(self, signum: int) -> None:
@@ -161,7 +165,7 @@ class Supervisor:
                 self.on_stopping()
         self._signal_all(signal.SIGTERM)
 
-    def _reap(self, ready_out: int) -> int | None:
+    def _reap(self) -> int | None:
         """Collect the workers that exited; the status to end with if one failed before it was ready."""
         failed = None
         while self._children:
@@ -187,7 +191,7 @@ class Supervisor:
                 continue
             log.warning("worker %d exited with status %d; starting another", child.number, code,
                         extra=fields(worker=child.number, status=code))  # fmt: skip
-            self._start(child.number, ready_out)
+            self._waiting.append(child.number)  # started once the others are ready, one at a time
         return failed
 
     def _signal_all(self, signum: int) -> None:
