@@ -24,7 +24,6 @@ time, and when two requests cross the server's goes first (:class:`HalfDuplex`).
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from enum import Enum
 
@@ -209,7 +208,7 @@ class Transfer:
         self._send_chain, self._recv_chain = profile.chains()
         self._outbox = Outbox(self._layout, out)
         self._random = random
-        self._queue: deque[bytes] = deque()
+        self._queue: list[bytes] = []  # messages waiting their turn (a few: a list is lighter than a deque)
         self._pending: bytes | None = None  # requested, not yet accepted
         self._pending_random: bytes | None = None
         self._sealer: Sealer | None = None
@@ -399,7 +398,7 @@ class Transfer:
         if not self._queue:
             self._maybe_send_close()
             return
-        data = self._pending = self._queue.popleft()
+        data = self._pending = self._queue.pop(0)
         suite = self._suite
         self.outbound = Outbound.AWAIT_ANSWER
         self._outbox.send(

@@ -946,3 +946,27 @@ def test_an_engine_call_in_a_worker_thread_keeps_the_lock_until_it_ends_even_whe
 
     run(scenario())
     assert order == ["slow done", "next call"]
+
+
+def test_the_inbox_hands_messages_in_order_to_one_reader_at_a_time() -> None:
+    from iscl_hsm.transport.aio import _Inbox
+
+    async def scenario() -> None:
+        inbox = _Inbox()
+        reader = asyncio.create_task(inbox.get())
+        await asyncio.sleep(0)
+        with pytest.raises(LocalProtocolError, match="already waiting") as refused:
+            await inbox.get()  # a second reader while the first waits
+        assert refused.value.code is ErrorCode.BAD_STATE
+        inbox.put(b"one")
+        inbox.put(None)
+        assert await reader == b"one"
+        assert await inbox.get() is None
+        cancelled = asyncio.create_task(inbox.get())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        inbox.put(b"two")
+        assert await inbox.get() == b"two"  # a cancelled reader leaves no waiter behind
+
+    run(scenario())
