@@ -79,3 +79,8 @@ class KeyHolderConfigError(KeyHolderError):
     module, token, card or key. Trying again cannot help, a person must act; so every ``iscl`` command
     exits with status 78 (EX_CONFIG), which the systemd units name in RestartPreventExitStatus= so that
     a wrong PIN is never retried until a hardware token locks it."""
+
+
+def error_name(failure: BaseException) -> str:
+    """A failure's kind for logs, metrics and rate limits: its ISCL error name, or its exception type."""
+    return failure.code.name if isinstance(failure, IsclError) else type(failure).__name__

@@ -310,7 +310,7 @@ def run_tunnel(args: argparse.Namespace) -> int:
             draining = f"stopping; waiting up to {args.drain_timeout:g} s for the open links of {count} workers"
             supervisor = workers.Supervisor(
                 count,
-                lambda number, worker_ready: main.reporting(lambda: _work(args, sock, worker_ready, number), "tunnel"),
+                lambda number, worker_ready: main.reporting(lambda: _work(args, sock, worker_ready, number, None), "tunnel"),
                 listener=sock,
                 on_ready=ready,
                 on_stopping=lambda: _stopping(name, draining),
@@ -379,14 +379,14 @@ def _stopping(name: str, status: str) -> None:
 
 
 def _work(
-    args: argparse.Namespace, sock: socket.socket, ready: Callable[[], None], number: int | None, status: str = ""
+    args: argparse.Namespace, sock: socket.socket, ready: Callable[[], None], number: int | None, status: str | None
 ) -> int:
     """One worker: open the keys, serve until SIGTERM or SIGINT, drain; SIGHUP reloads. Worker ``number``
-    of several, or (None) the tunnel's only process, which reports to systemd itself (``status``)."""
+    of several, or (None) the tunnel's only process, which reports to systemd itself (its ``status``)."""
     if number is not None:
         logs.add_fields(worker=number)
     counts = metrics.GatewayMetrics(args.mode.value) if args.metrics is not None else metrics.NoMetrics()
-    return asyncio.run(_serve(args, _settings(args, counts), sock, ready, counts, status if number is None else None))
+    return asyncio.run(_serve(args, _settings(args, counts), sock, ready, counts, status))
 
 
 async def _serve(

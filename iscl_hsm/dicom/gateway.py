@@ -192,9 +192,8 @@ class Tunnel:
     async def _accept_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Client tunnel: a local application connected; open its ISCL link."""
         with self._carrying() as s:
-            if (peer := await self._admit(s, reader, writer)) is None:
+            if (source := await self._admit(s, reader, writer)) is None:
                 return
-            source = Address.of(peer)
             link = self._new_link(s, source, s.target, plain=source, iscl=s.target)
             link.attach_plain(reader, writer)
             await self._run(link, self._open_iscl(s, link))
@@ -204,8 +203,8 @@ class Tunnel:
         with self._carrying() as s:
             if (peer := await self._admit(s, reader, writer)) is None:
                 return
-            stream = await aio.accept_link(reader, writer, key_holder=s.key_holder, config=s.config,
-                                           timeouts=s.timeouts, on_error=self._handshake_failed, peer=peer)  # fmt: skip
+            stream = await aio.accept_link(reader, writer, key_holder=s.key_holder, config=s.config, timeouts=s.timeouts,
+                                           on_error=self._handshake_failed, peer=(peer.host, peer.port))  # fmt: skip
             if stream is None:
                 return
             self._metrics.handshake(stream.handshake_seconds)
@@ -216,7 +215,7 @@ class Tunnel:
 
     async def _admit(
         self, s: TunnelSettings, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[str, int] | None:
+    ) -> Address | None:
         """The peer to name a new connection by (see Admission.peer); None once it is closed: refused
         (logged, rate limited) or the load balancer's health check."""
         try:
@@ -226,8 +225,7 @@ class Tunnel:
             peer = None
         if peer is None:
             writer.close()
-            return None
-        return peer.host, peer.port
+        return peer
 
     @contextlib.contextmanager
     def _carrying(self) -> Iterator[TunnelSettings]:

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..errors import error_name
 from ..keyholder.base import KeyHolder, RecordKey
 from ..transport.common import Address
-from ..transport.relay import LinkRecord, error_name
+from ..transport.relay import LinkRecord
 
 T = TypeVar("T")
 

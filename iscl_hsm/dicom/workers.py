@@ -199,6 +199,7 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
+
 def _handled() -> tuple[signal.Signals, ...]:
     """The signals the supervisor acts on (named here, not at import: Windows has no SIGHUP)."""
     return signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD

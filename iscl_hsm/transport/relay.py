@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..engine import LinkParameters, State
-from ..errors import ErrorCode, IsclError, RemoteProtocolError
+from ..errors import ErrorCode, IsclError, RemoteProtocolError, error_name
 from ..logs import fields
 from ..wire import SESSION_KEYS
 from . import aio
@@ -102,11 +102,6 @@ class LinkRecord:
         else:
             values |= {"result": "aborted", "code": error_name(failure), "error": str(failure)}
         return values
-
-
-def error_name(failure: BaseException) -> str:
-    """A failure's kind for logs and metrics: its ISCL error name, or its exception type."""
-    return failure.code.name if isinstance(failure, IsclError) else type(failure).__name__
 
 
 def reset(writer: asyncio.StreamWriter) -> None:
