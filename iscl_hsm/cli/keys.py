@@ -59,6 +59,7 @@ from ..keys.store import (
     verify_so_pin,
 )
 from ..shared import doc_reference
+from .audit_anchor import verify_in_token
 from .audited import AuditEntry, add_audit_arguments, audited
 from .options import add_key_holder_options, open_key_holder, read_pin
 
@@ -209,14 +210,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     audit_actions = audit.add_subparsers(title="audit actions", metavar="ACTION", required=True)
     p = audit_actions.add_parser(
         "verify",
-        help="check that no line was edited, removed or reordered",
-        description="Recompute the audit log's hash chain. Record the head it prints;"
-        " pass it as --head next time to detect lines cut off the end.",
+        help="check that no line was edited, removed or reordered, and none cut off (with --token)",
+        description="Recompute the audit log's hash chain. With --token, also check the log against the"
+        " token it was written with: every entry anchored there must carry a MAC the token confirms, and"
+        " the token's count of anchored entries and its last one must match the log, so a log cut short,"
+        " emptied, rewritten or taken from another token fails. Without --token, record the head it"
+        " prints and pass it as --head next time to detect lines cut off the end.",
     )
     p.add_argument(
         "--audit-log", metavar="FILE", type=Path, help=f"default: {default_data_dir() / 'audit.log'}"
     )
-    p.add_argument("--head", metavar="HASH", help="a head recorded earlier, which must still be in the log")
+    p.add_argument(
+        "--head",
+        metavar="HASH",
+        help="a head recorded earlier, which must still be in the log: the whole hash or its first 12 or"
+        " more hex digits",
+    )
+    add_key_holder_options(
+        p,
+        record_keys=False,
+        description="The token the log's entries are anchored in (see 'The audit log' in"
+        " `iscl docs security-officer`). Without --token only the chain is checked.",
+        token_help="check the log against this token's audit anchor (needs its user PIN)",
+    )
     p.set_defaults(run=_audit_verify)
 
 
@@ -448,15 +464,14 @@ def _label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _opened(args: argparse.Namespace) -> Iterator[KeyStore]:
-    """The key store of the token the shared options name (open_key_holder), closed afterwards."""
+def _opened(args: argparse.Namespace, entry: AuditEntry) -> Iterator[KeyStore]:
+    """The key store of the token the shared options name (open_key_holder). It stays open until
+    ``entry`` is written, anchored in the token; the entry closes it."""
     holder = open_key_holder(args)
-    try:
-        if not isinstance(holder, Pkcs11KeyHolder):
-            raise KeyHolderError("'iscl keys' manages keys on PKCS#11 tokens only", ErrorCode.BAD_OPTION)
-        yield KeyStore(holder)
-    finally:
+    if not isinstance(holder, Pkcs11KeyHolder):
         holder.close()
+        raise KeyHolderError("'iscl keys' manages keys on PKCS#11 tokens only", ErrorCode.BAD_OPTION)
+    yield entry.anchor_in(KeyStore(holder))
 
 
 def _so_pin(args: argparse.Namespace, console: Console, label: str) -> str:
@@ -525,7 +540,7 @@ def _use_softhsm_dir(folder: Path, module: str) -> None:
 
 
 def _list(args: argparse.Namespace, action: AuditEntry) -> int:
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         infos = store.list_keys()
         action.fields.update(serial=store.serial, detail=f"{len(infos)} key versions")
         if args.json:
@@ -633,49 +648,46 @@ def _create(
     trusted_needed = purpose == "transport"
     so_pin = None
     holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
-    try:
-        store = KeyStore(holder)
-        action.fields["serial"] = store.serial
-        store.ensure_free(purpose, index, mode)  # before custodians type or read anything
-        previous = store.newest(purpose, index)
-        if trusted_needed:
-            holder.close()  # the SO cannot log in while this process is logged in as user
-            so_pin = _so_pin(args, console, label)
-            verify_so_pin(args.pkcs11_module, label, so_pin)  # a wrong SO PIN fails before the ceremony
-        value = None
-        origin = "generated"
-        if source == "generate-components":
-            value, components = split(algorithm, count)
-            _show_components(console, files, store, purpose, index, algorithm, components)
-            origin = "components"
-        elif source == "import-components":
-            value = collect_components(console, files, args.fix_parity, purpose, index, algorithm, count)
-            origin = "components"
-        if value is not None:
-            print(f"key KCV: {kcv_of(algorithm, value).hex().upper()}", flush=True)
-        if trusted_needed:
-            assert so_pin is not None and value is not None
-            with trusted_transport_value(args.pkcs11_module, label, so_pin, value) as temporary:
-                holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
-                store = KeyStore(holder)
-                info = store.create(
-                    purpose, index, algorithm, value, mode=mode, grace=grace, origin=origin, trusted=temporary
-                )
-        else:
+    store = action.anchor_in(KeyStore(holder))  # the entry closes it once written
+    action.fields["serial"] = store.serial
+    store.ensure_free(purpose, index, mode)  # before custodians type or read anything
+    previous = store.newest(purpose, index)
+    if trusted_needed:
+        holder.close()  # the SO cannot log in while this process is logged in as user
+        so_pin = _so_pin(args, console, label)
+        verify_so_pin(args.pkcs11_module, label, so_pin)  # a wrong SO PIN fails before the ceremony
+    value = None
+    origin = "generated"
+    if source == "generate-components":
+        value, components = split(algorithm, count)
+        _show_components(console, files, store, purpose, index, algorithm, components)
+        origin = "components"
+    elif source == "import-components":
+        value = collect_components(console, files, args.fix_parity, purpose, index, algorithm, count)
+        origin = "components"
+    if value is not None:
+        print(f"key KCV: {kcv_of(algorithm, value).hex().upper()}", flush=True)
+    if trusted_needed:
+        assert so_pin is not None and value is not None
+        with trusted_transport_value(args.pkcs11_module, label, so_pin, value) as temporary:
+            holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
+            store = action.anchor_in(KeyStore(holder))
             info = store.create(
-                purpose,
-                index,
-                algorithm,
-                value,
-                exportable=args.exportable,
-                host_readable=args.host_readable,
-                mode=mode,
-                grace=grace,
-                origin=origin,
+                purpose, index, algorithm, value, mode=mode, grace=grace, origin=origin, trusted=temporary
             )
-        del value
-    finally:
-        holder.close()
+    else:
+        info = store.create(
+            purpose,
+            index,
+            algorithm,
+            value,
+            exportable=args.exportable,
+            host_readable=args.host_readable,
+            mode=mode,
+            grace=grace,
+            origin=origin,
+        )
+    del value
     _record_created(action, info, store)
     if source != "generate":
         _add_detail(action, f"{count} components ({source})")
@@ -800,7 +812,7 @@ def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     transport = _transport_index(args.wrap_with)
     if args.out is not None and args.out.exists():
         raise KeyHolderError(f"{args.out} exists already; name a new file", ErrorCode.BAD_OPTION)
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         document = store.export(purpose, index, transport)
         info = store.current(purpose, index)
     _record_key(action, info, store)
@@ -835,7 +847,7 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
     action.fields.update(purpose=document["purpose"], index=document["index"], kcv=document["kcv"])
     grace = parse_duration(args.grace) if args.grace is not None else None
     mode = ROTATE if grace is not None else _mode(args)
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         action.fields["serial"] = store.serial
         info = store.import_wrapped(
             document, mode=mode, grace=grace, exportable=args.exportable, host_readable=args.host_readable
@@ -851,7 +863,7 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
 def _check(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     wanted = parse_kcv(args.kcv)
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         current, matching = store.check(purpose, index, wanted)
     _record_key(action, current, store)
     action.fields["detail"] = f"asked for KCV {wanted.hex().upper()}"
@@ -880,7 +892,7 @@ def _retire(args: argparse.Namespace, action: AuditEntry) -> int:
         if args.purpose is None or args.index is None:
             raise KeyHolderError("give both --purpose and --index, or neither", ErrorCode.BAD_OPTION)
         _purpose_index(args)
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         action.fields["serial"] = store.serial
         removed = store.retire(args.purpose, args.index, now=args.now)
     action.fields["detail"] = (
@@ -897,7 +909,7 @@ def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     console = Console(args)
     action.fields["version"] = args.version  # the one asked for; all when None
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         action.fields["serial"] = store.serial
         targets = [
             i
@@ -925,4 +937,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
     path = args.audit_log or default_data_dir() / "audit.log"
     report = audit_log.verify(path, args.head)
     print(f"audit log {report.path}: {report.entries} entries, chain intact; head {report.head}")
+    if report.head_entry is not None:
+        print(f"the recorded head {args.head} is entry {report.head_entry}")
+    if args.token is not None:
+        print(verify_in_token(report, args))
     return 0
