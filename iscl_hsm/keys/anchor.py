@@ -10,9 +10,10 @@ also anchors its entry in that token:
   non-extractable, non-modifiable, SIGN and VERIFY only. An entry *claims* an anchor in a token when
   it has a ``mac`` and names the token (label and serial).
 * an *anchor* per log file: a private token data object (CKO_DATA, CKA_APPLICATION
-  ``iscl-hsm audit anchor``) whose CKA_VALUE is the JSON ``{"log", "entries", "seq", "hash"}``: the
-  log's full path, how many of its entries are anchored in this token, and the seq and hash of the
-  last one. The key records of :mod:`.store` are kept the same way.
+  ``iscl-hsm audit anchor``, CKA_LABEL ``iscl-audit-anchor-`` and 16 hex digits of the SHA-256 of the
+  log's path) whose CKA_VALUE is the JSON ``{"log", "entries", "seq", "hash"}``: the log's full path,
+  how many of its entries are anchored in this token, and the seq and hash of the last one. The key
+  records of :mod:`.store` are kept the same way.
 
 :meth:`.audit.AuditLog.append` seals the entry (MAC) before writing it and advances the anchor after
 the line is on disk, both under the log's lock, so two processes never interleave. SoftHSM2 keeps a
@@ -29,6 +30,7 @@ before login, `iscl card` commands) and come after the last anchored entry can b
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import exceptions as p11
 
 from iscl_hsm.errors import KeyHolderError
 from iscl_hsm.keys.audit import AuditError, AuditReport
@@ -95,7 +98,10 @@ class TokenAnchor:
 
     def claims(self, entry: dict[str, Any]) -> bool:
         """Does ``entry`` claim an anchor in this token?"""
-        return bool(entry.get("mac")) and (entry.get("token"), entry.get("serial")) == (self.label, self.serial)
+        return bool(entry.get("mac")) and (entry.get("token"), entry.get("serial")) == (
+            self.label,
+            self.serial,
+        )
 
     # -- writing (under the log's lock) ---------------------------------------------------------------
 
@@ -113,7 +119,7 @@ class TokenAnchor:
         name = log_key(path)
         try:
             with self.session("record the entry in its audit anchor") as session:
-                mine = [(obj, state) for obj, state in _anchors(session) if state.log == name]
+                mine = [(obj, state) for obj, state in _anchors(session, name) if state.log == name]
                 current = max((state for _, state in mine), key=lambda s: s.entries, default=None)
                 counted = self._counted(session, current, entry, log)
                 _create_anchor(session, AnchorState(name, counted + 1, int(entry["seq"]), str(entry["hash"])))
@@ -127,7 +133,11 @@ class TokenAnchor:
             ) from None
 
     def _counted(
-        self, session: Any, current: AnchorState | None, entry: dict[str, Any], log: Callable[[], list[dict[str, Any]]]
+        self,
+        session: Any,
+        current: AnchorState | None,
+        entry: dict[str, Any],
+        log: Callable[[], list[dict[str, Any]]],
     ) -> int:
         """Anchored entries before ``entry``: the anchor's count, plus any it missed (an interrupted
         append) that follow its last entry, or all of the log's when there is no anchor yet."""
@@ -144,7 +154,9 @@ class TokenAnchor:
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def first_forged(self, session: Any, claims: list[tuple[int, dict[str, Any]]]) -> tuple[int, dict[str, Any]] | None:
+    def first_forged(
+        self, session: Any, claims: list[tuple[int, dict[str, Any]]]
+    ) -> tuple[int, dict[str, Any]] | None:
         """The first (line, entry) of ``claims`` whose MAC the token's audit MAC key does not confirm."""
         keys = _mac_keys(session)
         return next(((n, e) for n, e in claims if not _authentic(keys, e)), None)
@@ -196,12 +208,21 @@ def _authentic(keys: list[Any], entry: dict[str, Any]) -> bool:
     return any(key.verify(_message(entry), mac, mechanism=MAC_MECHANISM) for key in keys)
 
 
-def _anchors(session: Any) -> list[tuple[Any, AnchorState]]:
+def _anchor_label(log: str) -> str:
+    """One label per log, so that a writer (holding that log's lock) touches only that log's anchor."""
+    return f"iscl-audit-anchor-{hashlib.sha256(log.encode()).hexdigest()[:16]}"
+
+
+def _anchors(session: Any, log: str | None = None) -> list[tuple[Any, AnchorState]]:
+    """The anchors of the log named ``log``, or of every log."""
+    template = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: ANCHOR_APPLICATION}
+    if log is not None:
+        template[Attribute.LABEL] = _anchor_label(log)
     found = []
-    for obj in session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: ANCHOR_APPLICATION}):
+    for obj in session.get_objects(template):
         try:
             found.append((obj, AnchorState(**json.loads(bytes(obj[Attribute.VALUE])))))
-        except (ValueError, TypeError):
+        except (p11.ObjectHandleInvalid, ValueError, TypeError):  # replaced meanwhile by another log's writer
             continue
     return found
 
@@ -213,7 +234,7 @@ def _create_anchor(session: Any, state: AnchorState) -> Any:
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
             Attribute.APPLICATION: ANCHOR_APPLICATION,
-            Attribute.LABEL: "iscl-audit-anchor",
+            Attribute.LABEL: _anchor_label(state.log),
             Attribute.VALUE: json.dumps(asdict(state)).encode(),
         }
     )
