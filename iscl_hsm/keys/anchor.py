@@ -98,9 +98,8 @@ class TokenAnchor:
 
     def claims(self, entry: dict[str, Any]) -> bool:
         """Does ``entry`` claim an anchor in this token?"""
-        return bool(entry.get("mac")) and (entry.get("token"), entry.get("serial")) == (
-            self.label,
-            self.serial,
+        return (
+            bool(entry.get("mac")) and entry.get("token") == self.label and entry.get("serial") == self.serial
         )
 
     # -- writing (under the log's lock) ---------------------------------------------------------------
