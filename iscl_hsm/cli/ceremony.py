@@ -55,7 +55,9 @@ class Console:
         self.terminal = self.stream is None and sys.stdin.isatty()
 
     def _line(self, prompt: str, *, secret: bool) -> str:
-        ended = KeyHolderError(f"the input ended before the answer to {prompt.strip()!r}", ErrorCode.BAD_OPTION)
+        ended = KeyHolderError(
+            f"the input ended before the answer to {prompt.strip()!r}", ErrorCode.BAD_OPTION
+        )
         if self.stream is not None:
             print(prompt, file=sys.stderr, flush=True)
             line = self.stream.readline()
@@ -210,8 +212,10 @@ def _component(
                 last = f" after {attempts} attempts: check the form and start the ceremony again"
                 raise ComponentError(f"{reason}; nothing was stored{last if attempts > 1 else ''}") from None
             attempt += 1
-            print(f"{reason}. Custodian {number}, enter component {number} again (attempt {attempt} of {attempts}).",
-                  flush=True)
+            print(
+                f"{reason}. Custodian {number}, enter component {number} again (attempt {attempt} of {attempts}).",
+                flush=True,
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +270,9 @@ def show_components(
                 f"  component {number} of {count}:  {format_hex(component)}\n"
                 f"  component KCV:        {check}\n"
             )
-            console.pause(f"Custodian {number}: copy the component and its KCV onto your form, then press Enter.")
+            console.pause(
+                f"Custodian {number}: copy the component and its KCV onto your form, then press Enter."
+            )
     print(f"{count} components shown for {name} and wiped from the screen", flush=True)
 
 
