@@ -294,9 +294,10 @@ def add_component_arguments(parser: argparse.ArgumentParser, *, reading: bool | 
             "--form-dir",
             metavar="DIR",
             type=Path,
-            help="instead of showing the components on the screen, write each custodian's component form"
-            " (to print and seal) to a new file in DIR, mode 0600: NAME-component-N-of-K.txt; the other"
-            " site's import-components reads such a form with --component-file",
+            help="components made here: instead of showing each on a screen of its own (wiped afterwards,"
+            " with the scrollback), write each custodian's component form, to print and seal, to a new file"
+            " in DIR, mode 0600 (e.g. DIR/iscl-auth-1-component-1-of-2.txt); the other site's"
+            " import-components reads a form with --component-file",
         )
     if reading is not False:
         parser.add_argument(
