@@ -282,7 +282,7 @@ def _write_forms(
     """One component form per custodian in ``folder`` (see :mod:`iscl_hsm.keys.forms`)."""
     if not folder.is_dir():
         raise KeyHolderError(
-            f"the form directory {folder} does not exist; create it (mkdir -m 700) and run the command again",
+            f"--form-dir {folder} is not a directory; create it (mkdir -m 700 {folder}) and run the command again",
             ErrorCode.BAD_OPTION,
         )
     count = len(components)

@@ -270,7 +270,7 @@ def test_forms_are_never_written_over_and_need_their_directory(
     taken.write_text("an earlier ceremony's form\n")
     cases = [
         (("--form-dir", str(tmp_path)), f"the component form {taken} exists already; name a new file"),
-        (("--form-dir", str(tmp_path / "missing")), "form directory .*missing does not exist; create it"),
+        (("--form-dir", str(tmp_path / "missing")), "--form-dir .*missing is not a directory; create it"),
         (
             (
                 "--form-dir",
