@@ -11,8 +11,10 @@ EXTRAS=card,dicom,test
 STAMP=build/deps.stamp   # build/ is git-ignored
 # openssl (the command) and stunnel4 are only for `make bench` (its baseline figures, the TLS tunnel pair);
 # haproxy for the scale-out test; systemd (systemd-analyze) and procps (/bin/kill, the units'
-# ExecReload) for the check of the shipped units (test_systemd_units.py).
-APT_PACKAGES=(softhsm2 opensc pcscd vsmartcard-vpcd libpcsclite-dev swig dcmtk openssl stunnel4 haproxy systemd procps)
+# ExecReload) for the check of the shipped units (test_systemd_units.py); tmux for the check that no key
+# component stays in a terminal's history (test_keys_secret_components.py).
+APT_PACKAGES=(softhsm2 opensc pcscd vsmartcard-vpcd libpcsclite-dev swig dcmtk openssl stunnel4 haproxy systemd procps
+    tmux)
 
 # 1. Debian packages: apt-get update and install only when one is missing.
 missing=()

@@ -26,7 +26,8 @@ from ..keyholder.base import KEY_INDEXES
 from ..keyholder.pkcs11 import Pkcs11KeyHolder
 from ..keys.components import algorithm_for, kcv_of
 from .audited import AuditEntry, add_audit_arguments, audited
-from .keys import Console, add_component_arguments, collect_components, component_count, read_secret_file
+from .ceremony import Console, collect_components, read_secret_file
+from .keys import add_component_arguments, component_count
 from .options import (
     add_key_holder_options,
     add_reader_arguments,

@@ -3,8 +3,9 @@
 This module parses options, prompts, prints and writes the audit log; the work is done by
 :mod:`iscl_hsm.keys`. Secrets (PINs, components) are read without echo, each typed twice, or from
 files / a file descriptor for scripted use (tests and automation). Components are shown only on a
-terminal (cleared between custodians) or written to files given with --component-file; a key or
-PIN is never printed, logged or written to the audit log.
+terminal's alternate screen, wiped afterwards, or written to new files (custodians' forms with
+--form-dir, --component-file): see :mod:`.ceremony`. A key or PIN is never printed, logged or written
+to the audit log.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import getpass
 import json
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from ..keyholder.pkcs11 import PURPOSES, Pkcs11KeyHolder
@@ -34,12 +34,8 @@ from ..keyholder.provision import (
 from ..keys import audit as audit_log
 from ..keys.components import (
     Algorithm,
-    ComponentError,
     algorithm_for,
-    combine,
-    format_hex,
     kcv_of,
-    parse_component,
     parse_kcv,
     split,
 )
@@ -61,9 +57,9 @@ from ..keys.store import (
 from ..shared import doc_reference
 from .audit_anchor import verify_in_token
 from .audited import AuditEntry, add_audit_arguments, audited
+from .ceremony import Console, collect_components, read_secret_file, show_components
 from .options import add_key_holder_options, open_key_holder, read_pin
 
-CLEAR_SCREEN = "\x1b[2J\x1b[H"
 MUTATING = True
 HOST_READABLE_HELP = (
     "enc keys only, for V1.00 links: a V1.00 link with encryption key id 1..8 uses encryption key N itself"
@@ -309,6 +305,16 @@ def add_component_arguments(parser: argparse.ArgumentParser, *, reading: bool | 
         " from this file descriptor instead of the terminal",
     )
     group.add_argument("--yes", action="store_true", help="confirm every KCV without asking")
+    if reading is not True:
+        parser.add_argument(
+            "--form-dir",
+            metavar="DIR",
+            type=Path,
+            help="components made here: instead of showing each on a screen of its own (wiped afterwards,"
+            " with the scrollback), write each custodian's component form, to print and seal, to a new file"
+            " in DIR, mode 0600 (e.g. DIR/iscl-auth-1-component-1-of-2.txt); the other site's"
+            " import-components reads a form with --component-file",
+        )
     if reading is not False:
         parser.add_argument(
             "--fix-parity",
@@ -346,66 +352,6 @@ def _record_created(entry: AuditEntry, info: KeyInfo, store: KeyStore) -> None:
     _add_detail(entry, f"kind {info.kind}")
 
 
-class Console:
-    """Prompts and screens: a terminal, or (scripted) a file descriptor, never echoing secrets."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.assume_yes = bool(getattr(args, "yes", False))
-        fd = getattr(args, "input_fd", None)
-        self.stream: IO[str] | None = None
-        if fd is not None:
-            try:
-                self.stream = os.fdopen(fd, "r", closefd=False)
-            except OSError as exc:
-                raise KeyHolderError(
-                    f"cannot read --input-fd {fd}: {exc.strerror}", ErrorCode.BAD_OPTION
-                ) from None
-        self.terminal = self.stream is None and sys.stdin.isatty()
-
-    def _line(self, prompt: str, *, secret: bool) -> str:
-        if self.stream is not None:
-            print(prompt, file=sys.stderr, flush=True)
-            line = self.stream.readline()
-            if not line:
-                raise KeyHolderError(
-                    f"the input ended before the answer to {prompt.strip()!r}", ErrorCode.BAD_OPTION
-                )
-            return line.rstrip("\r\n")
-        if not self.terminal:
-            raise KeyHolderError(
-                f"cannot ask {prompt.strip().rstrip(':')!r}: stdin is not a terminal;"
-                " run this at a terminal, or"
-                " for automation give the answers with --input-fd, --component-file, the PIN files or --yes",
-                ErrorCode.BAD_OPTION,
-            )
-        return getpass.getpass(prompt) if secret else input(prompt)
-
-    def secret(self, prompt: str) -> str:
-        return self._line(prompt, secret=True)
-
-    def secret_twice(self, what: str) -> str:
-        first = self.secret(f"{what}: ")
-        if first != self.secret(f"{what} again: "):
-            raise KeyHolderError(
-                f"the two entries of the {what} differ; nothing was changed", ErrorCode.BAD_OPTION
-            )
-        return first
-
-    def confirm(self, question: str) -> bool:
-        if self.assume_yes:
-            print(f"{question} yes (--yes)", flush=True)
-            return True
-        return self._line(f"{question} [y/N] ", secret=False).strip().lower() in ("y", "yes")
-
-    def pause(self, prompt: str) -> None:
-        self._line(f"{prompt} ", secret=False)
-
-    def clear(self) -> None:
-        if sys.stdout.isatty():
-            sys.stdout.write(CLEAR_SCREEN)
-            sys.stdout.flush()
-
-
 # --------------------------------------------------------------------------------------------------
 # Helpers
 
@@ -440,19 +386,6 @@ def parse_duration(text: str) -> datetime.timedelta:
         )
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     return datetime.timedelta(seconds=int(match.group(1)) * unit)
-
-
-def read_secret_file(path: Path, what: str) -> str:
-    try:
-        lines = [line.strip() for line in path.read_text().splitlines()]
-    except OSError as exc:
-        raise KeyHolderError(
-            f"cannot read the {what} file {path}: {exc.strerror}", ErrorCode.BAD_OPTION
-        ) from None
-    text = " ".join(line for line in lines if line and not line.startswith("#"))
-    if not text:
-        raise KeyHolderError(f"the {what} file {path} is empty", ErrorCode.BAD_OPTION)
-    return text
 
 
 def _label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
@@ -643,6 +576,13 @@ def _create(
         raise KeyHolderError(
             f"give --component-file once per component: {count} times, not {len(files)}", ErrorCode.BAD_OPTION
         )
+    form_dir: Path | None = getattr(args, "form_dir", None)
+    if form_dir is not None and (files or source != "generate-components"):
+        raise KeyHolderError(
+            "--form-dir writes the forms of the components generate-components makes; give it without"
+            " --component-file, and only when generating components",
+            ErrorCode.BAD_OPTION,
+        )
     label, pin = _label_and_pin(args)
     action.fields["token"] = label
     trusted_needed = purpose == "transport"
@@ -660,7 +600,7 @@ def _create(
     origin = "generated"
     if source == "generate-components":
         value, components = split(algorithm, count)
-        _show_components(console, files, store, purpose, index, algorithm, components)
+        show_components(console, files, store, purpose, index, algorithm, components, form_dir=form_dir)
         origin = "components"
     elif source == "import-components":
         value = collect_components(console, files, args.fix_parity, purpose, index, algorithm, count)
@@ -706,95 +646,6 @@ def _create(
             " (roll back meanwhile with 'iscl keys delete --version' of the new one); then 'iscl keys retire'"
         )
     return 0
-
-
-def collect_components(
-    console: Console, files: list[Path], fix: bool, purpose: str, index: int, algorithm: Algorithm, count: int
-) -> bytes:
-    values = []
-    for number in range(1, count + 1):
-        console.clear()
-        print(
-            f"Custodian {number} of {count}: component {number} of iscl-{purpose}-{index}"
-            f" ({algorithm.name}, {algorithm.hex_digits} hex digits)",
-            flush=True,
-        )
-        if files:
-            text = read_secret_file(files[number - 1], f"component {number}")
-        else:
-            text = console.secret(f"component {number} (hidden): ")
-            if (
-                "".join(console.secret(f"component {number} again: ").split()).upper()
-                != "".join(text.split()).upper()
-            ):
-                raise ComponentError(
-                    f"the two entries of component {number} differ; nothing was stored, start again"
-                )
-        value, note = parse_component(text, algorithm, number, fix=fix)
-        if note:
-            print(note, flush=True)
-        check = kcv_of(algorithm, value).hex().upper()
-        print(f"component {number} KCV: {check}", flush=True)
-        if not console.confirm(f"Custodian {number}: does KCV {check} match your component form?"):
-            raise ComponentError(
-                f"custodian {number} did not confirm the KCV of component {number}; nothing was stored"
-            )
-        values.append(value)
-        if number < count and not files:
-            console.clear()
-            console.pause(f"Press Enter when custodian {number + 1} is ready.")
-    console.clear()
-    return combine(algorithm, values)
-
-
-def _show_components(
-    console: Console,
-    files: list[Path],
-    store: KeyStore,
-    purpose: str,
-    index: int,
-    algorithm: Algorithm,
-    components: list[bytes],
-) -> None:
-    count = len(components)
-    name = f"iscl-{purpose}-{index}"
-    if files:
-        for path in files:
-            if path.exists():
-                raise KeyHolderError(
-                    f"the component file {path} exists already; name a new file", ErrorCode.BAD_OPTION
-                )
-        for number, (path, component) in enumerate(zip(files, components), 1):
-            check = kcv_of(algorithm, component).hex().upper()
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(
-                    f"# component {number} of {count} of {name} ({algorithm.name}) for token"
-                    f" '{store.token_label}'\n# KCV {check}\n{format_hex(component)}\n"
-                )
-            print(f"component {number} written to {path}, KCV {check}", flush=True)
-        return
-    if not sys.stdout.isatty():
-        raise KeyHolderError(
-            "components are shown only on a terminal (stdout is not one); run this at a terminal, or for"
-            " automation pass --component-file once per component",
-            ErrorCode.BAD_OPTION,
-        )
-    for number, component in enumerate(components, 1):
-        console.clear()
-        console.pause(
-            f"Only custodian {number} of {count} may look at the screen now. Press Enter to show"
-            f" component {number}."
-        )
-        check = kcv_of(algorithm, component).hex().upper()
-        print(
-            f"\n  {name} ({algorithm.name}) on token '{store.token_label}'\n"
-            f"  component {number} of {count}:  {format_hex(component)}\n"
-            f"  component KCV:        {check}\n"
-        )
-        console.pause(f"Custodian {number}: copy the component and its KCV onto your form, then press Enter.")
-        console.clear()
-    print(f"{count} components shown for {name}", flush=True)
 
 
 def _transport_index(text: str) -> int:

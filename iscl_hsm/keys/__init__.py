@@ -5,6 +5,7 @@
   import), built on :mod:`iscl_hsm.keyholder.pkcs11` and :mod:`iscl_hsm.keyholder.provision`.
 * :mod:`.audit` -- the hash-chained audit log.
 * :mod:`.anchor` -- audit entries anchored in the token (a MAC each, a count per log).
+* :mod:`.forms` -- the custodian's component form, to print and seal.
 
 The command line around them is :mod:`iscl_hsm.cli.keys`; the procedure is docs/security-officer.md.
 """

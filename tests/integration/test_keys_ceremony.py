@@ -43,10 +43,9 @@ class Site:
     audit_log: Path
     env: dict[str, str]
 
-    def keys(
-        self, *args: str, check: bool = True, stdin: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        command = [
+    def argv(self, *args: str) -> list[str]:
+        """The command line of ``iscl keys ARGS`` at this site."""
+        return [
             sys.executable,
             "-m",
             "iscl_hsm",
@@ -60,8 +59,18 @@ class Site:
             str(self.audit_log),
             *args[1:],
         ]
+
+    def keys(
+        self, *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            command, env=self.env, input=stdin, capture_output=True, text=True, timeout=120, check=False
+            self.argv(*args),
+            env=self.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         if check:
             assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"

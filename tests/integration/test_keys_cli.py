@@ -23,11 +23,13 @@ from typing import Any
 
 import pytest
 
+from iscl_hsm.cli.ceremony import WIPE
 from iscl_hsm.cli.main import EXIT_CONFIG, EXIT_FAILURE
 from iscl_hsm.keyholder.provision import softhsm_environment
 from iscl_hsm.keys.anchor import MAC_KEY_LABEL
 
 from .conftest import SoftHsm, secret_key_objects
+from .terminal import at_terminal
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -209,6 +211,11 @@ def _components_in(
 def _typed(*components: str, confirm: str = "y") -> str:
     """What the custodians type: each component twice, then the KCV confirmation, then Enter."""
     return "".join(f"{c}\n{c}\n{confirm}\n\n" for c in components)
+
+
+def _mistyped(component: str) -> str:
+    """A custodian typing a component the command refuses (twice), at each of the 3 attempts."""
+    return f"{component}\n{component}\n" * 3
 
 
 # --- init-token ------------------------------------------------------------------------------------
@@ -661,35 +668,39 @@ def test_import_components_typed_twice_and_confirmed(hsm: Hsm) -> None:
     ("components", "typed", "extra", "match"),
     [
         pytest.param(
-            (C1, C2), f"{C1}\n{C2}\n", (), "two entries of component 1 differ", id="typed-twice-differently"
+            (C1, C2),
+            f"{C1}\n{C2}\n" * 3,
+            (),
+            "two entries of component 1 differ; nothing was stored after 3 attempts",
+            id="typed-twice-differently",
         ),
         pytest.param(
-            (C1, C2), _typed(C1, confirm="n"), (), "custodian 1 did not confirm", id="kcv-not-confirmed"
+            (C1, C2), f"{C1}\n{C1}\nn\n" * 3, (), "custodian 1 did not confirm", id="kcv-not-confirmed"
         ),
         pytest.param(
             ("01234567 89ABCDEZ", C2),
-            _typed("01234567 89ABCDEZ"),
+            _mistyped("01234567 89ABCDEZ"),
             (),
             "component 1 is not hexadecimal",
             id="malformed-hex",
         ),
         pytest.param(
             (C1, "0123"),
-            _typed(C1, "0123"),
+            _typed(C1) + _mistyped("0123"),
             (),
             "component 2 has 4 hex digits; a des component has 16",
             id="wrong-length",
         ),
         pytest.param(
             (C1, "FEFEFEFEFEFEFEFE"),
-            _typed(C1, "FEFEFEFEFEFEFEFE"),
+            _typed(C1) + _mistyped("FEFEFEFEFEFEFEFE"),
             (),
             "component 2 is a weak",
             id="weak-component",
         ),
         pytest.param(
             (C1, "01FE01FE01FE01FE"),
-            _typed(C1, "01FE01FE01FE01FE"),
+            _typed(C1) + _mistyped("01FE01FE01FE01FE"),
             (),
             "component 2 is a weak or semi-weak",
             id="semi-weak-component",
@@ -697,7 +708,7 @@ def test_import_components_typed_twice_and_confirmed(hsm: Hsm) -> None:
         pytest.param((C1, C1), _typed(C1, C1), (), "combined key is a weak", id="weak-combined-key"),
         pytest.param(
             (BAD_PARITY, C2),
-            _typed(BAD_PARITY),
+            _mistyped(BAD_PARITY),
             (),
             r"wrong DES parity in byte 1, 2, 3, 4, 5, 6, 7, 8.*--fix-parity",
             id="bad-parity-refused",
@@ -1108,39 +1119,8 @@ def test_every_action_is_in_the_audit_log_and_tampering_is_caught(hsm: Hsm, tmp_
 
 def _at_terminal(hsm: Hsm, args: list[str], dialogue: list[tuple[str, str]]) -> tuple[int, str]:
     """Run ``iscl keys ARGS`` on a pseudo-terminal; for each (prompt, answer) wait for it, then type."""
-    import pty
-    import select
-
     argv = [sys.executable, "-m", "iscl_hsm", "keys", args[0], "--audit-log", str(hsm.audit_log), *args[1:]]
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the pty is its controlling terminal, as at a real console
-        os.execvpe(argv[0], argv, hsm.env)
-    transcript, pending = b"", b""  # everything shown; what was shown since the last answer
-
-    def read_until(text: str | None) -> None:
-        nonlocal transcript, pending
-        deadline = time.monotonic() + 60
-        while text is None or text.encode() not in pending:
-            assert time.monotonic() < deadline, f"no {text!r} on the terminal:\n{transcript!r}"
-            if not select.select([fd], [], [], 1)[0]:
-                continue
-            try:
-                chunk = os.read(fd, 4096).replace(b"\r\n", b"\n")
-            except OSError:  # EIO: the child closed the terminal
-                chunk = b""
-            if not chunk:
-                assert text is None, f"the command ended before {text!r}:\n{transcript!r}"
-                return
-            transcript, pending = transcript + chunk, pending + chunk
-
-    for prompt, answer in dialogue:
-        read_until(prompt)
-        pending = b""
-        os.write(fd, answer.encode() + b"\r")
-    read_until(None)
-    os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), transcript.decode(errors="replace")
+    return at_terminal(argv, hsm.env, dialogue)
 
 
 def test_a_ceremony_at_the_terminal(hsm: Hsm) -> None:
@@ -1159,7 +1139,7 @@ def test_a_ceremony_at_the_terminal(hsm: Hsm) -> None:
     assert status == 0, screen
     components = re.findall(r"component (\d) of 2:  ((?:[0-9A-F]{4} ?){4})", screen)
     assert [n for n, _ in components] == ["1", "2"]
-    assert screen.count("\x1b[2J\x1b[H") >= 4  # the screen is cleared before and after each custodian
+    assert screen.count(WIPE) >= 4  # the screen and its scrollback are wiped before and after each custodian
     key_kcv = re.search(r"key KCV: (\w{6})", screen)
     assert key_kcv
     typed = [c.strip() for _, c in components]
