@@ -15,14 +15,14 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ErrorCode, IsclError, KeyHolderError
+from ..keyholder.pkcs11 import Pkcs11KeyHolder
 from ..keyholder.provision import default_data_dir
+from ..keys.anchor import SealError, TokenAnchor
 from ..keys.audit import AuditLog
-
-if TYPE_CHECKING:
-    from ..keys.store import KeyStore
+from ..keys.store import KeyStore
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser, *, officer_required: bool) -> None:
@@ -59,7 +59,7 @@ class AuditEntry:
             "detail": None,
         }
         self._store: KeyStore | None = None
-        self._holders: list[Any] = []
+        self._holders: list[Pkcs11KeyHolder] = []
         if changes is not None and officer is None:
             raise KeyHolderError(
                 f"'iscl {command}' changes {changes}, so the audit log needs your name: pass --officer NAME"
@@ -84,8 +84,6 @@ class AuditEntry:
     def _append(self, result: str) -> dict[str, Any]:
         if self._store is None or self._store.holder.closed:
             return self.log.append(result=result, **self.fields)
-        from ..keys.anchor import SealError, TokenAnchor
-
         anchor = TokenAnchor(self._store)
         self.fields.update(token=anchor.label, serial=anchor.serial)
         try:
