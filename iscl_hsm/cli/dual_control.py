@@ -166,7 +166,7 @@ def _policy_show(args: argparse.Namespace, entry: AuditEntry) -> int:
             f", witness {policy.witness}" if policy.witness else ""
         )
     print(text)
-    print(f"{count} witnesses registered (`iscl keys witness list`)")
+    print(f"{_witnesses(count)} registered (`iscl keys witness list`)")
     return 0
 
 
@@ -225,18 +225,22 @@ def _witness_list(args: argparse.Namespace, entry: AuditEntry) -> int:
     with _opened(args) as store:
         entry.fields["serial"] = store.serial
         witnesses = DualControl(store).witnesses()
-    entry.add_detail(f"{len(witnesses)} witnesses")
+    entry.add_detail(_witnesses(len(witnesses)))
     if args.json:
         shown = [witness.as_dict() for witness in witnesses]
         print(json.dumps({"token": store.token_label, "serial": store.serial, "witnesses": shown}, indent=2))
         return 0
-    print(f"token '{store.token_label}': {len(witnesses)} witnesses")
+    print(f"token '{store.token_label}': {_witnesses(len(witnesses))}")
     if witnesses:
         print(f"{'NAME':24} {'ADDED':20} ADDED BY")
     for witness in witnesses:
         damaged = "  (damaged record: remove it and add the witness again)" if witness.stored is None else ""
         print(f"{witness.name:24} {witness.added or '-':20} {witness.officer or '-'}{damaged}")
     return 0
+
+
+def _witnesses(count: int) -> str:
+    return f"{count} witness" if count == 1 else f"{count} witnesses"
 
 
 def _witness_remove(args: argparse.Namespace, entry: AuditEntry) -> int:
