@@ -4,6 +4,7 @@
 * :mod:`.store` -- token operations on ISCL keys (list, create, rotate, retire, delete, export,
   import), built on :mod:`iscl_hsm.keyholder.pkcs11` and :mod:`iscl_hsm.keyholder.provision`.
 * :mod:`.audit` -- the hash-chained audit log.
+* :mod:`.policy` -- dual control: the token's policy and its witnesses (passphrase hashes).
 
 The command line around them is :mod:`iscl_hsm.cli.keys`; the procedure is docs/security-officer.md.
 """
