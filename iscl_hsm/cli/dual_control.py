@@ -22,7 +22,7 @@ from ..keys.policy import MIN_PASSPHRASE, DualControl, check_name, same_name
 from ..keys.store import KeyStore, verify_so_pin
 from .audited import AuditEntry
 from .keys import Console, _action, _label_and_pin, _opened, _so_pin
-from .witnessed import check_witness, read_passphrase
+from .witnessed import WITNESSED, check_witness, read_passphrase
 
 
 def add_dual_control_commands(actions: Any) -> None:
@@ -30,9 +30,9 @@ def add_dual_control_commands(actions: Any) -> None:
     policy = actions.add_parser(
         "policy",
         help="dual control: must a second officer witness every ceremony? (show, set)",
-        description="The token's policy. With dual control on, every command that changes keys (and the"
-        " policy itself) needs --witness NAME: a second officer, registered with `iscl keys witness add`,"
-        " who types their own passphrase before anything happens. The policy is kept in the token.",
+        description="The token's policy, kept in the token. With dual control on, these commands need"
+        f" --witness NAME: {', '.join(WITNESSED)}. The witness is a second officer, registered with"
+        " `iscl keys witness add`, who types their own passphrase before anything happens.",
     )
     policy_actions = policy.add_subparsers(title="policy actions", metavar="ACTION", required=True)
     p = _action(
