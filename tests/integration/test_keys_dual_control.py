@@ -470,3 +470,54 @@ def test_a_witness_record_holds_a_salted_slow_hash_never_the_passphrase(officer:
         assert passphrase_matches(record["hash"], passphrase)
         assert not passphrase_matches(record["hash"], passphrase + "!")
     assert stored[0]["salt"] != stored[1]["salt"] and stored[0]["hash"] != stored[1]["hash"]
+
+
+def test_a_damaged_policy_counts_as_on_and_a_damaged_witness_never_passes(officer: Officer) -> None:
+    officer.ok("witness add", "Bob", "--passphrase-file", str(officer.bob), *officer.so())
+    holder = Pkcs11KeyHolder(officer.token.label, officer.token.pin, officer.token.module)
+    try:
+        with holder.session() as session:
+            data = {Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True, Attribute.PRIVATE: True}
+            session.create_object(
+                {**data, Attribute.APPLICATION: POLICY_APPLICATION, Attribute.VALUE: b"{off"}
+            )
+    finally:
+        holder.close()
+    shown = officer.policy()
+    assert (shown["dual_control"], shown["damaged"]) == (True, True)
+    assert "damaged, so it counts as on" in officer.ok("policy show")
+    officer.fails("generate", "--purpose", "auth", "--index", "1", match=REQUIRES)
+    officer.ok("policy set", "dual-control", "off", *officer.so(), *officer.witnessed())  # repairs it
+    [record] = officer.data_objects(POLICY_APPLICATION)
+    assert json.loads(bytes(record[Attribute.VALUE]))["dual_control"] is False
+
+    holder = Pkcs11KeyHolder(officer.token.label, officer.token.pin, officer.token.module)
+    try:
+        with holder.session() as session:
+            [bob] = session.get_objects(
+                {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: WITNESS_APPLICATION}
+            )
+            bob.destroy()
+            session.create_object(
+                {
+                    **data,
+                    Attribute.APPLICATION: WITNESS_APPLICATION,
+                    Attribute.LABEL: "iscl-witness-Bob",
+                    Attribute.VALUE: b'{"name": "Bob", "hash": "none"}',
+                }
+            )
+    finally:
+        holder.close()
+    officer.fails(
+        "generate",
+        "--purpose",
+        "auth",
+        "--index",
+        "1",
+        *officer.witnessed(),
+        match=r"the record of witness 'Bob' on token '[^']+' is damaged; remove it",
+    )
+    assert officer.key_versions() == []
+    assert "damaged record" in officer.ok("witness list")
+    officer.ok("witness remove", "Bob", *officer.so())
+    assert officer.data_objects(WITNESS_APPLICATION) == []
