@@ -44,6 +44,7 @@ class AuditEntry:
         officer = (args.officer or os.environ.get("ISCL_OFFICER") or "").strip() or None
         self.fields: dict[str, Any] = {
             "officer": officer,
+            "witness": getattr(args, "witness", None),  # the second officer (dual control), when named
             "token": subject,
             "serial": None,
             "action": action,
@@ -59,6 +60,10 @@ class AuditEntry:
                 " or set ISCL_OFFICER",
                 ErrorCode.BAD_OPTION,
             )
+
+    def add_detail(self, text: str) -> None:
+        """Append ``text`` to the detail (details are joined with '; ')."""
+        self.fields["detail"] = "; ".join(filter(None, [self.fields["detail"], text]))
 
     def write(self, result: str) -> dict[str, Any]:
         return self.log.append(result=result, **self.fields)

@@ -5,6 +5,7 @@
   import), built on :mod:`iscl_hsm.keyholder.pkcs11` and :mod:`iscl_hsm.keyholder.provision`.
 * :mod:`.audit` -- the hash-chained audit log.
 * :mod:`.forms` -- the custodian's component form, to print and seal.
+* :mod:`.policy` -- dual control: the token's policy and its witnesses (passphrase hashes).
 
 The command line around them is :mod:`iscl_hsm.cli.keys`; the procedure is docs/security-officer.md.
 """

@@ -11,8 +11,9 @@ somewhere else*. Cutting lines off the end, or rewriting the whole file, leaves 
 the officer records the head hash that :func:`verify` reports (in the paper log book, or the
 conformance statement) and passes it as ``head`` to later checks.
 
-The log records what was done, by whom, on which token, to which key (purpose, index, version, KCV)
-and the result; never a key, a component or a PIN.
+The log records what was done, by whom (and the witness, under dual control), on which token, to
+which key (purpose, index, version, KCV) and the result; never a key, a component, a PIN or a
+passphrase.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ GENESIS: Final = "0" * 64
 FIELDS: Final = (
     "time",
     "officer",
+    "witness",
     "token",
     "serial",
     "action",
