@@ -49,6 +49,7 @@ class AuditEntry:
         officer = (args.officer or os.environ.get("ISCL_OFFICER") or "").strip() or None
         self.fields: dict[str, Any] = {
             "officer": officer,
+            "witness": getattr(args, "witness", None),  # the second officer (dual control), when named
             "token": subject,
             "serial": None,
             "action": action,
@@ -73,6 +74,10 @@ class AuditEntry:
         self._holders.append(store.holder)
         return store
 
+    def add_detail(self, text: str) -> None:
+        """Append ``text`` to the detail (details are joined with '; ')."""
+        self.fields["detail"] = "; ".join(filter(None, [self.fields["detail"], text]))
+
     def write(self, result: str) -> dict[str, Any]:
         """Append the entry (anchored in the token of the last store handed over, if still open)."""
         try:
@@ -89,8 +94,8 @@ class AuditEntry:
         try:
             return self.log.append(anchor, result=result, **self.fields)
         except SealError as exc:  # nothing was written: write it unanchored, saying why
-            detail = "; ".join(filter(None, [self.fields["detail"], f"not anchored: {exc.args[0]}"]))
-            return self.log.append(result=result, **{**self.fields, "detail": detail})
+            self.add_detail(f"not anchored: {exc.args[0]}")
+            return self.log.append(result=result, **self.fields)
 
 
 def audited(

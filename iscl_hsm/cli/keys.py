@@ -59,6 +59,7 @@ from .audit_anchor import verify_in_token
 from .audited import AuditEntry, add_audit_arguments, audited
 from .ceremony import Console, collect_components, read_secret_file, show_components
 from .options import add_key_holder_options, open_key_holder, read_pin
+from .witnessed import WITNESSED, add_witness_arguments, check_witness
 
 MUTATING = True
 HOST_READABLE_HELP = (
@@ -231,8 +232,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     p.set_defaults(run=_audit_verify)
 
+    from .dual_control import add_dual_control_commands  # (it builds on this module: imported last)
 
-def _action(actions: Any, name: str, text: str, run: Callable[..., int], *, mutating: bool = MUTATING) -> Any:
+    add_dual_control_commands(actions)
+
+
+def _action(
+    actions: Any,
+    name: str,
+    text: str,
+    run: Callable[..., int],
+    *,
+    mutating: bool = MUTATING,
+    within: str = "",
+) -> Any:
+    """Add action ``name`` (of the group ``within``, e.g. "policy"), run by ``run`` inside its audit entry."""
+    action = f"{within} {name}".strip()
     parser = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
     if name != "init-token":
         add_key_holder_options(parser, record_keys=False)
@@ -249,9 +264,13 @@ def _action(actions: Any, name: str, text: str, run: Callable[..., int], *, muta
             type=Path,
             help="read the new user PIN from FILE (else prompt twice)",
         )
+    if action in WITNESSED:
+        add_witness_arguments(parser)
     add_audit_arguments(parser, officer_required=mutating)
     parser.set_defaults(
-        run=audited(f"keys {name}", name, _token_named(name), run, changes="the token" if mutating else None)
+        run=audited(
+            f"keys {action}", action, _token_named(name), run, changes="the token" if mutating else None
+        )
     )
     return parser
 
@@ -343,7 +362,7 @@ def _record_key(entry: AuditEntry, info: KeyInfo, store: KeyStore | None = None)
 
 def _add_detail(entry: AuditEntry, text: str) -> None:
     """Append ``text`` to the audit entry's detail (details are joined with '; ')."""
-    entry.fields["detail"] = "; ".join(filter(None, [entry.fields["detail"], text]))
+    entry.add_detail(text)
 
 
 def _record_created(entry: AuditEntry, info: KeyInfo, store: KeyStore) -> None:
@@ -407,10 +426,12 @@ def _opened(args: argparse.Namespace, entry: AuditEntry) -> Iterator[KeyStore]:
     yield entry.anchor_in(KeyStore(holder))
 
 
-def _so_pin(args: argparse.Namespace, console: Console, label: str) -> str:
+def _so_pin(
+    args: argparse.Namespace, console: Console, label: str, why: str = "to mark the transport key trusted"
+) -> str:
     if args.so_pin_file is not None:
         return read_secret_file(args.so_pin_file, "SO PIN")
-    return console.secret(f"SO PIN of token '{label}' (to mark the transport key trusted): ")
+    return console.secret(f"SO PIN of token '{label}' ({why}): ")
 
 
 def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
@@ -590,6 +611,7 @@ def _create(
     holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
     store = action.anchor_in(KeyStore(holder))  # the entry closes it once written
     action.fields["serial"] = store.serial
+    check_witness(args, store, action, console.secret)
     store.ensure_free(purpose, index, mode)  # before custodians type or read anything
     previous = store.newest(purpose, index)
     if trusted_needed:
@@ -664,6 +686,7 @@ def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     if args.out is not None and args.out.exists():
         raise KeyHolderError(f"{args.out} exists already; name a new file", ErrorCode.BAD_OPTION)
     with _opened(args, action) as store:
+        check_witness(args, store, action, Console(args).secret)
         document = store.export(purpose, index, transport)
         info = store.current(purpose, index)
     _record_key(action, info, store)
@@ -700,6 +723,7 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
     mode = ROTATE if grace is not None else _mode(args)
     with _opened(args, action) as store:
         action.fields["serial"] = store.serial
+        check_witness(args, store, action, Console(args).secret)
         info = store.import_wrapped(
             document, mode=mode, grace=grace, exportable=args.exportable, host_readable=args.host_readable
         )
@@ -762,6 +786,7 @@ def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
     action.fields["version"] = args.version  # the one asked for; all when None
     with _opened(args, action) as store:
         action.fields["serial"] = store.serial
+        check_witness(args, store, action, console.secret)
         targets = [
             i
             for i in store.list_keys()

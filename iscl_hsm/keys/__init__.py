@@ -6,6 +6,7 @@
 * :mod:`.audit` -- the hash-chained audit log.
 * :mod:`.anchor` -- audit entries anchored in the token (a MAC each, a count per log).
 * :mod:`.forms` -- the custodian's component form, to print and seal.
+* :mod:`.policy` -- dual control: the token's policy and its witnesses (passphrase hashes).
 
 The command line around them is :mod:`iscl_hsm.cli.keys`; the procedure is docs/security-officer.md.
 """

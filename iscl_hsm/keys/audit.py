@@ -14,8 +14,9 @@ the MAC is computed over ``hash``, and a count kept in the token), and, for logs
 the token, the head hash that :func:`verify` reports, recorded in the paper log book and passed
 later as ``head``.
 
-The log records what was done, by whom (officer, OS user, host), on which token, to which key
-(purpose, index, version, KCV) and the result; never a key, a component or a PIN.
+The log records what was done, by whom (officer, OS user, host; and the witness, under dual
+control), on which token, to which key (purpose, index, version, KCV) and the result; never a key,
+a component, a PIN or a passphrase.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ FIELDS: Final = (
     "host",
     "user",
     "officer",
+    "witness",
     "token",
     "serial",
     "action",
