@@ -89,7 +89,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "keys",
         help="key management for security officers: ceremonies, rotation, moving keys, audit",
         description="Create, check, rotate, move and delete the ISCL keys of a PKCS#11 token, with key"
-        " check values and an audit log. The step-by-step ceremony is in `iscl docs security-officer`.",
+        " check values and an audit log. Exportable keys move to another token with export and"
+        " import-wrapped, and are kept with backup and restore, always wrapped under a transport key that"
+        " both tokens hold and bound to it, so that no field of the file can be edited. The step-by-step"
+        " ceremony is in `iscl docs security-officer`.",
     )
     actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
 
@@ -163,6 +166,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--exportable", action="store_true", help="let the key be exported again (trusted wrap only)"
     )
     p.add_argument("--host-readable", action="store_true", help=HOST_READABLE_HELP)
+
+    from .keys_backup import add_backup_commands  # here: it uses this module's helpers
+
+    add_backup_commands(actions)
 
     p = _action(actions, "check", "does this token hold the key with this KCV?", _check, mutating=False)
     _key_arguments(p)

@@ -637,7 +637,10 @@ class KeyStore:
     def why_not_exportable(self, info: KeyInfo) -> str | None:
         """Why ``info`` cannot leave the token wrapped (one sentence), or None when it can."""
         if info.purpose == "transport":
-            return f"{info.name} is a transport key; transport keys come back by a component ceremony only"
+            return (
+                f"{info.name} is a transport key: transport keys never leave a token; a component"
+                " ceremony gives another token the same transport key"
+            )
         if info.host_readable:
             return (
                 f"{info.name} is host-readable (for V1.00 on the host), not exportable; give the other"
