@@ -72,16 +72,17 @@ def _backup(args: argparse.Namespace, action: AuditEntry) -> int:
         made = backup(store, transport)
     wrapping = made.document["wrapping"]
     under = f"{wrapping['transport_label']} (KCV {wrapping['transport_kcv']})"
-    _add_detail(action, f"{len(made.saved)} key versions wrapped under {under}: " + _names(made.saved))
+    count = f"{len(made.saved)} key version" + ("s" if len(made.saved) != 1 else "")
+    _add_detail(action, f"{count} wrapped under {under}: " + _names(made.saved))
     if made.left_out:
         _add_detail(action, "left out " + _names([info for info, _ in made.left_out]))
     write_new_file(args.out, json.dumps(made.document, indent=2) + "\n")
     for info in made.saved:
         print(f"backed up {info.name} ({info.kind_text}), KCV {info.kcv}")
     for info, why in made.left_out:
-        print(f"left out {info.name}, KCV {info.kcv}: {why}")
+        print(f"left out: {why} (KCV {info.kcv})")
     print(
-        f"{len(made.saved)} key versions written to {args.out}, wrapped under {under}; restore them with"
+        f"{count} written to {args.out}, wrapped under {under}; restore with"
         f" 'iscl keys restore {args.out}' into a token that holds the same transport key"
     )
     print(f"note: {NO_TRANSPORT_KEYS}")
@@ -90,19 +91,22 @@ def _backup(args: argparse.Namespace, action: AuditEntry) -> int:
 
 def _restore(args: argparse.Namespace, action: AuditEntry) -> int:
     document = parse_backup(read_text_file(args.file, "backup file"), str(args.file))
-    source = document["source"]
-    _add_detail(
-        action,
-        f"backup of token {source.get('token')} serial {source.get('serial')} made {document.get('made')}",
-    )
+    _add_detail(action, f"from {args.file}")
     with _opened(args) as store:
         action.fields["serial"] = store.serial
         restored = restore(store, document, replace=args.replace)
-    _add_detail(action, ("replaced and " if args.replace else "") + "restored " + _names(restored))
+    source = document["source"]  # verified by now: the file is bound to the transport key
+    _add_detail(
+        action,
+        f"backup of token {source.get('token')} serial {source.get('serial')} made {document.get('made')};"
+        + (" replaced and" if args.replace else "")
+        + " restored "
+        + _names(restored),
+    )
     for info in restored:
         _print_key("restored", info, store)
     for left in document["left_out"]:
-        print(f"not in the backup: {left.get('label')} version {left.get('version')}: {left.get('why')}")
+        print(f"not in the backup: {left.get('why')} (KCV {left.get('kcv')})")
     return 0
 
 

@@ -105,8 +105,11 @@ def test_a_backup_restored_into_a_fresh_token_runs_a_link_with_the_peer(sites: S
     assert sites.backup.stat().st_mode & 0o777 == 0o600
     for name in ("iscl-auth-1 version 1", "iscl-auth-1 version 2", "iscl-enc-1 version 1"):
         assert f"backed up {name} (exportable (trusted wrap only))" in out, out
-    assert "left out iscl-auth-3 version 1" in out and "created non-exportable" in out
-    assert "left out iscl-transport-1 version 1" in out and "transport keys never leave a token" in out
+    assert "left out: iscl-auth-3 version 1 was created non-exportable" in out
+    assert (
+        "left out: iscl-transport-1 version 1 is a transport key: transport keys never leave a token" in out
+    )
+    assert f"3 key versions written to {sites.backup}, wrapped under iscl-transport-1" in out
     assert "note: transport keys are never backed up" in out
     document = json.loads(sites.backup.read_text())
     assert document["format"] == "iscl-hsm key backup 1" and len(document["keys"]) == 3
@@ -119,7 +122,7 @@ def test_a_backup_restored_into_a_fresh_token_runs_a_link_with_the_peer(sites: S
 
     out = c.keys("restore", str(sites.backup)).stdout
     assert f"restored iscl-auth-1 version 2 on token '{c.token.label}': des, exportable" in out, out
-    assert "not in the backup: iscl-auth-3 version 1" in out
+    assert "not in the backup: iscl-auth-3 version 1 was created non-exportable" in out
     assert _summary(c) == [s for s in _summary(a) if s[:2] != ("auth", 3)]
     assert {k["kind"] for k in _keys_on(c) if k["purpose"] != "transport"} == {"exportable"}
 
