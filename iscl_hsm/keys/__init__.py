@@ -3,6 +3,8 @@
 * :mod:`.components` -- key components: parse, check, XOR, key check values (no token needed).
 * :mod:`.store` -- token operations on ISCL keys (list, create, rotate, retire, delete, export,
   import), built on :mod:`iscl_hsm.keyholder.pkcs11` and :mod:`iscl_hsm.keyholder.provision`.
+* :mod:`.binding` -- binds a wrapped-key file's fields to the transport key (HMAC, one-time key).
+* :mod:`.backup` -- every exportable key of a token in one bound file, and restoring it.
 * :mod:`.audit` -- the hash-chained audit log.
 
 The command line around them is :mod:`iscl_hsm.cli.keys`; the procedure is docs/security-officer.md.

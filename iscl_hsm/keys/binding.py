@@ -28,12 +28,29 @@ from pkcs11 import exceptions as p11
 
 from iscl_hsm.errors import ErrorCode, KeyHolderError
 
-__all__ = ["BINDING_MECHANISM", "MAC_LENGTH", "bind", "canonical", "check_binding_fields", "verify"]
+__all__ = [
+    "BINDING_MECHANISM",
+    "MAC_LENGTH",
+    "UNWRAP_FAILURES",
+    "bind",
+    "canonical",
+    "check_binding_fields",
+    "verify",
+]
 
 BINDING_MECHANISM: Final = "CKM_SHA256_HMAC"
 MAC_LENGTH: Final = 32
 _MAC_KEY_BITS: Final = 256
 _WRAP: Final = Mechanism.AES_KEY_WRAP_PAD
+UNWRAP_FAILURES: Final = (
+    p11.GeneralError,
+    p11.EncryptedDataInvalid,
+    p11.EncryptedDataLenRange,
+    p11.WrappedKeyInvalid,
+    p11.WrappedKeyLenRange,
+    p11.FunctionFailed,
+)
+"""How tokens report wrapped bytes that do not unwrap (SoftHSM2: CKR_GENERAL_ERROR)."""
 
 
 def canonical(document: dict[str, Any]) -> bytes:
@@ -95,14 +112,7 @@ def verify(transport: Any, transport_name: str, document: dict[str, Any], altere
             capabilities=MechanismFlag.VERIFY,
             template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: False},
         )
-    except (
-        p11.GeneralError,
-        p11.EncryptedDataInvalid,
-        p11.EncryptedDataLenRange,
-        p11.WrappedKeyInvalid,
-        p11.WrappedKeyLenRange,
-        p11.FunctionFailed,
-    ):
+    except UNWRAP_FAILURES:
         raise KeyHolderError(
             f"{altered}: its MAC key does not unwrap under {transport_name}, so it was changed, or wrapped"
             f" under another transport key with the same KCV; {remedy}",

@@ -85,7 +85,7 @@ from iscl_hsm.keyholder.pkcs11 import (
     pin_error,
 )
 from iscl_hsm.keyholder.provision import store_key
-from iscl_hsm.keys.binding import bind, check_binding_fields, verify
+from iscl_hsm.keys.binding import UNWRAP_FAILURES, bind, check_binding_fields, verify
 from iscl_hsm.keys.components import ALGORITHMS, Algorithm, check_key
 
 __all__ = [
@@ -765,14 +765,7 @@ def checked_unwrap(
                 capabilities=_CAPABILITY[purpose] if store else MechanismFlag.ENCRYPT,
                 template={Attribute.VALUE_LEN: DEFAULT, **template},
             )
-        except (
-            p11.GeneralError,
-            p11.EncryptedDataInvalid,
-            p11.EncryptedDataLenRange,
-            p11.WrappedKeyInvalid,
-            p11.WrappedKeyLenRange,
-            p11.FunctionFailed,
-        ):
+        except UNWRAP_FAILURES:
             raise KeyHolderError(
                 f"{altered}: its wrapped key does not unwrap under {transport_name}, or is not a"
                 f" {document['algorithm']} key; {remedy}",
