@@ -87,7 +87,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "keys",
         help="key management for security officers: ceremonies, rotation, moving keys, audit",
         description="Create, check, rotate, move and delete the ISCL keys of a PKCS#11 token, with key"
-        " check values and an audit log. The step-by-step ceremony is in `iscl docs security-officer`.",
+        " check values and an audit log. Exportable keys move to another token with export and"
+        " import-wrapped, and are kept with backup and restore, always wrapped under a transport key that"
+        " both tokens hold and bound to it, so that no field of the file can be edited. The step-by-step"
+        " ceremony is in `iscl docs security-officer`.",
     )
     actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
 
@@ -161,6 +164,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--exportable", action="store_true", help="let the key be exported again (trusted wrap only)"
     )
     p.add_argument("--host-readable", action="store_true", help=HOST_READABLE_HELP)
+
+    from .keys_backup import add_backup_commands  # here: it uses this module's helpers
+
+    add_backup_commands(actions)
 
     p = _action(actions, "check", "does this token hold the key with this KCV?", _check, mutating=False)
     _key_arguments(p)
@@ -683,8 +690,8 @@ def _transport_index(text: str) -> int:
 def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args, ("auth", "enc"))
     transport = _transport_index(args.wrap_with)
-    if args.out is not None and args.out.exists():
-        raise KeyHolderError(f"{args.out} exists already; name a new file", ErrorCode.BAD_OPTION)
+    if args.out is not None:
+        refuse_existing(args.out)
     with _opened(args, action) as store:
         check_witness(args, store, action, Console(args).secret)
         document = store.export(purpose, index, transport)
@@ -697,9 +704,7 @@ def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     if args.out is None:
         sys.stdout.write(text)
     else:
-        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        write_new_file(args.out, text)
     print(
         f"exported {info.label} version {info.version}, KCV {info.kcv},"
         f" wrapped under iscl-transport-{transport}"
@@ -709,15 +714,37 @@ def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     return 0
 
 
-def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
+def refuse_existing(path: Path) -> None:
+    """Fail before the token is touched when an output file exists (it is never overwritten)."""
+    if path.exists():
+        raise KeyHolderError(f"{path} exists already; name a new file", ErrorCode.BAD_OPTION)
+
+
+def write_new_file(path: Path, text: str) -> None:
+    """Write a new file, mode 0600, refused if it exists (O_EXCL): wrapped keys, backups."""
     try:
-        text = args.file.read_text()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        refuse_existing(path)
+        raise
+    except OSError as exc:
+        raise KeyHolderError(f"cannot write {path}: {exc.strerror}", ErrorCode.BAD_OPTION) from None
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The text of ``what`` (e.g. "wrapped-key file"), or one sentence saying why it cannot be read."""
+    try:
+        return path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyHolderError(
-            f"cannot read the wrapped-key file {args.file}: {getattr(exc, 'strerror', None) or exc}",
-            ErrorCode.BAD_OPTION,
+            f"cannot read the {what} {path}: {getattr(exc, 'strerror', None) or exc}", ErrorCode.BAD_OPTION
         ) from None
-    document = parse_wrapped(text, str(args.file))
+
+
+def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
+    document = parse_wrapped(read_text_file(args.file, "wrapped-key file"), str(args.file))
     action.fields.update(purpose=document["purpose"], index=document["index"], kcv=document["kcv"])
     grace = parse_duration(args.grace) if args.grace is not None else None
     mode = ROTATE if grace is not None else _mode(args)

@@ -26,6 +26,8 @@ WITNESSED: Final = (
     "export",
     "rotate",
     "delete",
+    "backup",
+    "restore",
     "policy set",
     "witness add",
     "witness remove",

@@ -3,6 +3,8 @@
 * :mod:`.components` -- key components: parse, check, XOR, key check values (no token needed).
 * :mod:`.store` -- token operations on ISCL keys (list, create, rotate, retire, delete, export,
   import), built on :mod:`iscl_hsm.keyholder.pkcs11` and :mod:`iscl_hsm.keyholder.provision`.
+* :mod:`.binding` -- binds a wrapped-key file's fields to the transport key (HMAC, one-time key).
+* :mod:`.backup` -- every exportable key of a token in one bound file, and restoring it.
 * :mod:`.audit` -- the hash-chained audit log.
 * :mod:`.anchor` -- audit entries anchored in the token (a MAC each, a count per log).
 * :mod:`.forms` -- the custodian's component form, to print and seal.

@@ -37,10 +37,14 @@ UNWRAP only, made trusted like this, since SoftHSM2 lets the SO create public ob
    CKA_MODIFIABLE false: no later copy can widen its capabilities); the session object is destroyed.
 
 Keys move as AES key wrap with padding (CKM_AES_KEY_WRAP_PAD, RFC 5649) of the exportable key under
-the transport key. The file says which key it is (purpose, index, version, algorithm, KCV) and under
-which transport key (label and KCV), with a SHA-256 checksum against accidental damage; the importing
-token checks the transport key's KCV, unwraps into a temporary session key to check the KCV of what
-came out, and only then unwraps it into the token (non-extractable unless asked otherwise).
+the transport key. The file (format "iscl-hsm wrapped key 2") says which key it is (purpose, index,
+version, algorithm, KCV), under which transport key (label and KCV), from which token and when; every
+field is bound to the transport key by an HMAC under a one-time key wrapped beside it
+(:mod:`iscl_hsm.keys.binding`), so that the same key cannot be installed in another role. The importing
+token checks the transport key's KCV, then the MAC, and only then unwraps the key: into a temporary
+session key to check the KCV of what came out, then into the token (non-extractable unless asked
+otherwise). Version 1 files had an unkeyed checksum only and are refused. :mod:`iscl_hsm.keys.backup`
+puts such documents, each with its key record, into one bound backup file.
 
 Host-readable encryption keys
 -----------------------------
@@ -56,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import re
 import secrets
@@ -82,6 +85,7 @@ from iscl_hsm.keyholder.pkcs11 import (
     pin_error,
 )
 from iscl_hsm.keyholder.provision import store_key
+from iscl_hsm.keys.binding import UNWRAP_FAILURES, bind, check_binding_fields, verify
 from iscl_hsm.keys.components import ALGORITHMS, Algorithm, check_key
 
 __all__ = [
@@ -98,7 +102,10 @@ __all__ = [
     "KeyInfo",
     "KeyStore",
     "check_kind",
+    "check_wrapped_fields",
+    "checked_unwrap",
     "parse_wrapped",
+    "stored_template",
     "trusted_transport_value",
     "verify_so_pin",
 ]
@@ -106,7 +113,10 @@ __all__ = [
 NEW, REPLACE, ROTATE = "new", "replace", "rotate"
 """How a key is stored at an index: only if free; replacing every version; or as a new version."""
 RECORD_APPLICATION: Final = "iscl-hsm key record"
-WRAPPED_FORMAT: Final = "iscl-hsm wrapped key 1"
+WRAPPED_FORMAT: Final = "iscl-hsm wrapped key 2"
+UNBOUND_FORMAT: Final = "iscl-hsm wrapped key 1"
+"""Files of releases whose metadata had an unkeyed checksum only: refused."""
+EXPORT_AGAIN: Final = "ask the other site to export it again"
 WRAP_MECHANISM: Final = Mechanism.AES_KEY_WRAP_PAD
 _LABEL: Final = re.compile(r"^iscl-(auth|enc|transport)-([1-8])$")
 _KEY_TYPES: Final = {"des": KeyType._DES, "des2": KeyType.DES2, "des3": KeyType.DES3}
@@ -607,7 +617,7 @@ class KeyStore:
         return self._object(session, "transport", transport_index, info.version), info
 
     def export(self, purpose: str, index: int, transport_index: int) -> dict[str, Any]:
-        """The wrapped-key document of the current version of an exportable key."""
+        """The bound wrapped-key document of the current version of an exportable key."""
         label = _check_purpose_index(purpose, index)
         if purpose == "transport":
             raise KeyHolderError("transport keys are never exported", ErrorCode.BAD_OPTION)
@@ -619,35 +629,50 @@ class KeyStore:
                     f"key {label} is not on token '{self.token_label}'", ErrorCode.KEY_NOT_FOUND
                 )
             info = infos[-1]
-            if info.host_readable:
-                raise KeyHolderError(
-                    f"{info.name} is host-readable (for V1.00 on the host), not exportable; give the other"
-                    " site the same key by a component ceremony (generate-components here, import-components"
-                    " there)",
-                    ErrorCode.BAD_OPTION,
-                )
-            if not info.extractable:
-                raise KeyHolderError(
-                    f"{info.name} was created non-exportable, so it cannot leave token"
-                    f" '{self.token_label}'; run a component ceremony with the other site instead, or create"
-                    " the key again with --exportable",
-                    ErrorCode.BAD_OPTION,
-                )
-            key = self._object(session, purpose, index, info.version)
-            transport, transport_info = self._transport(session, transport_index)
-            try:
-                wrapped = bytes(transport.wrap_key(key, mechanism=WRAP_MECHANISM))
-            except (p11.KeyNotWrappable, p11.KeyUnextractable):
-                raise KeyHolderError(
-                    f"{transport_info.label} on token '{self.token_label}' may not wrap {info.name}: the"
-                    " transport key is not marked trusted by the security officer; create it again with the"
-                    " SO PIN",
-                    ErrorCode.BAD_OPTION,
-                ) from None
+            refusal = self.why_not_exportable(info)
+            if refusal is not None:
+                raise KeyHolderError(refusal, ErrorCode.BAD_OPTION)
+            return self._wrapped_document(session, info, *self._transport(session, transport_index))
+
+    def why_not_exportable(self, info: KeyInfo) -> str | None:
+        """Why ``info`` cannot leave the token wrapped (one sentence), or None when it can."""
+        if info.purpose == "transport":
+            return (
+                f"{info.name} is a transport key: transport keys never leave a token; a component"
+                " ceremony gives another token the same transport key"
+            )
+        if info.host_readable:
+            return (
+                f"{info.name} is host-readable (for V1.00 on the host), not exportable; give the other"
+                " site the same key by a component ceremony (generate-components here, import-components"
+                " there)"
+            )
+        if not info.extractable:
+            return (
+                f"{info.name} was created non-exportable, so it cannot leave token"
+                f" '{self.token_label}'; run a component ceremony with the other site instead, or create"
+                " the key again with --exportable"
+            )
+        return None
+
+    def _wrapped_document(
+        self, session: Any, info: KeyInfo, transport: Any, transport_info: KeyInfo, **extra: Any
+    ) -> dict[str, Any]:
+        """``info`` wrapped under ``transport``, with its fields (and ``extra``) bound to it."""
+        key = self._object(session, info.purpose, info.index, info.version)
+        try:
+            wrapped = bytes(transport.wrap_key(key, mechanism=WRAP_MECHANISM))
+        except (p11.KeyNotWrappable, p11.KeyUnextractable):
+            raise KeyHolderError(
+                f"{transport_info.label} on token '{self.token_label}' may not wrap {info.name}: the"
+                " transport key is not marked trusted by the security officer; create it again with the"
+                " SO PIN",
+                ErrorCode.BAD_OPTION,
+            ) from None
         document: dict[str, Any] = {
             "format": WRAPPED_FORMAT,
-            "purpose": purpose,
-            "index": index,
+            "purpose": info.purpose,
+            "index": info.index,
             "version": info.version,
             "algorithm": info.algorithm,
             "kcv": info.kcv,
@@ -659,9 +684,9 @@ class KeyStore:
             "source": {"token": self.token_label, "serial": self.serial},
             "exported": _utc(),
             "wrapped": wrapped.hex(),
+            **extra,
         }
-        document["checksum"] = _checksum(document)
-        return document
+        return bind(session, transport, document)
 
     def import_wrapped(
         self,
@@ -676,89 +701,108 @@ class KeyStore:
 
         The key is stored non-extractable, or of the kind ``exportable`` / ``host_readable`` ask for.
         """
-        purpose, index, algorithm = (
-            document["purpose"],
-            int(document["index"]),
-            ALGORITHMS[document["algorithm"]],
-        )
+        purpose, index = document["purpose"], int(document["index"])
         label = _check_purpose_index(purpose, index)
         check_kind(purpose, exportable=exportable, host_readable=host_readable)
-        expected = bytes.fromhex(document["kcv"])
-        transport_label = document["wrapping"]["transport_label"]
-        match = _LABEL.match(transport_label)
-        if match is None or match.group(1) != "transport":
-            raise KeyHolderError(f"the file names {transport_label!r}, which is not a transport key label")
-        key_type = _KEY_TYPES[algorithm.name]
-        wrapped = bytes.fromhex(document["wrapped"])
         with self._session(f"import {label}") as session:
-            transport, transport_info = self._transport(session, int(match.group(2)))
-            if transport_info.kcv != document["wrapping"]["transport_kcv"].upper():
-                raise KeyHolderError(
-                    f"wrong transport key: the file was wrapped under a transport key with KCV"
-                    f" {document['wrapping']['transport_kcv'].upper()}, but {transport_info.label} on token"
-                    f" '{self.token_label}' has KCV {transport_info.kcv}; both sites must hold the same"
-                    " transport key",
-                    ErrorCode.BAD_OPTION,
-                )
-
-            def unwrap(store: bool, capability: MechanismFlag, template: dict[Attribute, Any]) -> Any:
-                try:
-                    return transport.unwrap_key(
-                        ObjectClass.SECRET_KEY,
-                        key_type,
-                        wrapped,
-                        mechanism=WRAP_MECHANISM,
-                        store=store,
-                        capabilities=capability,
-                        template={Attribute.VALUE_LEN: DEFAULT, **template},
-                    )
-                except (
-                    p11.GeneralError,
-                    p11.EncryptedDataInvalid,
-                    p11.EncryptedDataLenRange,
-                    p11.WrappedKeyInvalid,
-                    p11.WrappedKeyLenRange,
-                    p11.FunctionFailed,
-                ):
-                    raise KeyHolderError(
-                        f"the wrapped key in the file could not be unwrapped with {transport_info.label}"
-                        f" (KCV {transport_info.kcv}): the file is corrupted, or was wrapped under another"
-                        " transport key with the same KCV; ask the other site to export it again",
-                        ErrorCode.BAD_OPTION,
-                    ) from None
-
-            probe = unwrap(
-                False, MechanismFlag.ENCRYPT, {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+            transport, transport_info = self._wrapping_transport(session, document["wrapping"], "the file")
+            unwrap = checked_unwrap(
+                transport, transport_info, document, "the file was altered after export", EXPORT_AGAIN
             )
-            try:
-                got = bytes(probe.encrypt(bytes(8), mechanism=_ECB[key_type]))[:3]
-            finally:
-                with contextlib.suppress(p11.PKCS11Error):
-                    probe.destroy()
-            if got != expected:
-                raise KeyHolderError(
-                    f"the key unwrapped from the file has KCV {got.hex().upper()}, not the"
-                    f" {expected.hex().upper()} the file states: the file was altered; ask the other site to"
-                    " export it again",
-                    ErrorCode.BAD_OPTION,
-                )
             versions = [v for _, _, v, _ in self._objects(session, purpose, index)]
             version = self._next_version(label, versions, mode, preferred=int(document["version"]))
-            # SoftHSM2 applies the template in order, and nothing may follow CKA_MODIFIABLE false.
-            template = key_policy(purpose, exportable=exportable, host_readable=host_readable)
-            modifiable = template.pop(Attribute.MODIFIABLE)
-            template.update(
-                {
-                    Attribute.LABEL: label,
-                    Attribute.ID: key_id(purpose, index, version),
-                    Attribute.MODIFIABLE: modifiable,
-                }
-            )
 
             def make() -> tuple[Any, bytes | None]:
-                return unwrap(True, _CAPABILITY[purpose], template), expected
+                template = stored_template(purpose, index, version, exportable, host_readable)
+                return unwrap(True, template), bytes.fromhex(document["kcv"])
 
             return self._install(session, purpose, index, version, make, mode, grace, "wrapped")
+
+    def _wrapping_transport(self, session: Any, wrapping: dict[str, Any], what: str) -> tuple[Any, KeyInfo]:
+        """The transport key ``wrapping`` names, if this token holds it with the KCV it states."""
+        transport_label = wrapping["transport_label"]
+        match = _LABEL.match(transport_label)
+        if match is None or match.group(1) != "transport":
+            raise KeyHolderError(f"{what} names {transport_label!r}, which is not a transport key label")
+        transport, transport_info = self._transport(session, int(match.group(2)))
+        if transport_info.kcv != wrapping["transport_kcv"].upper():
+            raise KeyHolderError(
+                f"wrong transport key: {what} was wrapped under a transport key with KCV"
+                f" {wrapping['transport_kcv'].upper()}, but {transport_info.label} on token"
+                f" '{self.token_label}' has KCV {transport_info.kcv}; both tokens must hold the same"
+                " transport key",
+                ErrorCode.BAD_OPTION,
+            )
+        return transport, transport_info
+
+
+def checked_unwrap(
+    transport: Any,
+    transport_info: KeyInfo,
+    document: dict[str, Any],
+    altered: str,
+    remedy: str,
+) -> Callable[[bool, dict[Attribute, Any]], Any]:
+    """Check ``document``'s MAC, then the KCV of the key it wraps; return how to unwrap that key.
+
+    ``unwrap(store, template)`` makes a session key (store False) or a token key. Nothing is
+    stored here, so a caller can check every document before installing any.
+    """
+    transport_name = f"{transport_info.label} (KCV {transport_info.kcv})"
+    verify(transport, transport_name, document, altered, remedy)
+    purpose = document["purpose"]
+    key_type = _KEY_TYPES[ALGORITHMS[document["algorithm"]].name]
+    wrapped = bytes.fromhex(document["wrapped"])
+
+    def unwrap(store: bool, template: dict[Attribute, Any]) -> Any:
+        try:
+            return transport.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                key_type,
+                wrapped,
+                mechanism=WRAP_MECHANISM,
+                store=store,
+                capabilities=_CAPABILITY[purpose] if store else MechanismFlag.ENCRYPT,
+                template={Attribute.VALUE_LEN: DEFAULT, **template},
+            )
+        except UNWRAP_FAILURES:
+            raise KeyHolderError(
+                f"{altered}: its wrapped key does not unwrap under {transport_name}, or is not a"
+                f" {document['algorithm']} key; {remedy}",
+                ErrorCode.BAD_OPTION,
+            ) from None
+
+    probe = unwrap(False, {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
+    try:
+        got = bytes(probe.encrypt(bytes(8), mechanism=_ECB[key_type]))[:3]
+    finally:
+        with contextlib.suppress(p11.PKCS11Error):
+            probe.destroy()
+    expected = bytes.fromhex(document["kcv"])
+    if got != expected:
+        raise KeyHolderError(
+            f"{altered}: the key unwrapped from it has KCV {got.hex().upper()}, not the"
+            f" {expected.hex().upper()} it states; {remedy}",
+            ErrorCode.BAD_OPTION,
+        )
+    return unwrap
+
+
+def stored_template(
+    purpose: str, index: int, version: int, exportable: bool = False, host_readable: bool = False
+) -> dict[Attribute, Any]:
+    """The template of an unwrapped key stored as ``purpose`` key ``index`` version ``version``."""
+    # SoftHSM2 applies the template in order, and nothing may follow CKA_MODIFIABLE false.
+    template = key_policy(purpose, exportable=exportable, host_readable=host_readable)
+    modifiable = template.pop(Attribute.MODIFIABLE)
+    template.update(
+        {
+            Attribute.LABEL: key_label(purpose, index),
+            Attribute.ID: key_id(purpose, index, version),
+            Attribute.MODIFIABLE: modifiable,
+        }
+    )
+    return template
 
 
 def _create_record(session: Any, record: dict[str, Any]) -> Any:
@@ -895,9 +939,27 @@ def trusted_transport_value(module: str, token_label: str, so_pin: str, value: b
             public.close()
 
 
-def _checksum(document: dict[str, Any]) -> str:
-    body = {k: v for k, v in document.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def check_wrapped_fields(document: Any) -> bool:
+    """Whether a version 2 wrapped-key document has every field, well formed (not whether its MAC verifies)."""
+    try:
+        wrapping = document["wrapping"]
+        return (
+            document["format"] == WRAPPED_FORMAT
+            and document["purpose"] in ("auth", "enc")
+            and isinstance(document["index"], int)
+            and document["index"] in KEY_INDEXES
+            and isinstance(document["version"], int)
+            and 1 <= document["version"] <= 255
+            and document["algorithm"] in _KEY_TYPES
+            and len(bytes.fromhex(document["kcv"])) == 3
+            and len(bytes.fromhex(wrapping["transport_kcv"])) == 3
+            and isinstance(wrapping["transport_label"], str)
+            and isinstance(document["source"], dict)
+            and len(bytes.fromhex(document["wrapped"])) >= 16
+            and check_binding_fields(document)
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def parse_wrapped(text: str, name: str) -> dict[str, Any]:
@@ -906,30 +968,17 @@ def parse_wrapped(text: str, name: str) -> dict[str, Any]:
     try:
         document = json.loads(text)
     except ValueError:
+        raise KeyHolderError(f"{corrupted} (it is not JSON); {EXPORT_AGAIN}", ErrorCode.BAD_OPTION) from None
+    if isinstance(document, dict) and document.get("format") == UNBOUND_FORMAT:
         raise KeyHolderError(
-            f"{corrupted} (it is not JSON); ask the other site to export it again", ErrorCode.BAD_OPTION
-        ) from None
-    if not isinstance(document, dict) or document.get("format") != WRAPPED_FORMAT:
-        raise KeyHolderError(f"{name} is not a wrapped-key file of iscl keys export", ErrorCode.BAD_OPTION)
-    if document.get("checksum") != _checksum(document):
-        raise KeyHolderError(
-            f"{corrupted} (its checksum does not match); ask the other site to export it again",
+            f"{name} was written by an older iscl-hsm whose files are not bound to the transport key (its"
+            f" fields could be edited unnoticed); {EXPORT_AGAIN} with this version",
             ErrorCode.BAD_OPTION,
         )
-    try:
-        wrapping = document["wrapping"]
-        ok = (
-            document["purpose"] in ("auth", "enc")
-            and int(document["index"]) in KEY_INDEXES
-            and 1 <= int(document["version"]) <= 255
-            and document["algorithm"] in _KEY_TYPES
-            and len(bytes.fromhex(document["kcv"])) == 3
-            and len(bytes.fromhex(wrapping["transport_kcv"])) == 3
-            and isinstance(wrapping["transport_label"], str)
-            and len(bytes.fromhex(document["wrapped"])) >= 16
+    if not isinstance(document, dict) or document.get("format") != WRAPPED_FORMAT:
+        raise KeyHolderError(f"{name} is not a wrapped-key file of iscl keys export", ErrorCode.BAD_OPTION)
+    if not check_wrapped_fields(document):
+        raise KeyHolderError(
+            f"{corrupted} (a field is missing or malformed); {EXPORT_AGAIN}", ErrorCode.BAD_OPTION
         )
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise KeyHolderError(f"{corrupted} (a field is missing or malformed)", ErrorCode.BAD_OPTION)
     return document

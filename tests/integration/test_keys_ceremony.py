@@ -109,9 +109,10 @@ def _ceremony(
     count: int = 2,
     corrupt: int | None = None,
     a_options: tuple[str, ...] = (),
+    b_options: tuple[str, ...] = (),
 ) -> tuple[str, str]:
-    """generate-components on A (with ``a_options``), import-components on B (component ``corrupt``
-    changed); both KCVs."""
+    """generate-components on A (with ``a_options``), import-components on B (with ``b_options``,
+    component ``corrupt`` changed); both KCVs."""
     files = [folder / f"{purpose}-{index}-component-{n}" for n in range(1, count + 1)]
     done = a.keys(
         "generate-components",
@@ -148,6 +149,7 @@ def _ceremony(
         *[arg for f in files for arg in ("--component-file", str(f))],
         "--input-fd",
         "0",
+        *b_options,
         stdin="y\n" * count,
     )
     seen = re.findall(r"component \d KCV: ([0-9A-F]{6})", done.stdout)
@@ -155,6 +157,30 @@ def _ceremony(
     for number in range(count):  # every custodian at B sees the KCV A's custodian wrote down
         assert (seen[number] == component_kcvs[number]) is (corrupt != number + 1)
     return kcv_a, _kcv(done.stdout)
+
+
+def so_pin_file(site: Site, folder: Path) -> Path:
+    """A file holding the SO PIN of ``site``'s token (needed to mark a transport key trusted)."""
+    path = folder / f"{site.token.label}.so-pin"
+    if not path.exists():
+        path.write_text(site.token.so_pin + "\n")
+        path.chmod(0o600)
+    return path
+
+
+def transport_ceremony(a: Site, b: Site, index: int, folder: Path) -> str:
+    """Give A and B the same trusted transport key ``index`` (2 components, the SO PIN at each); its KCV."""
+    kcv_a, kcv_b = _ceremony(
+        a,
+        b,
+        "transport",
+        index,
+        folder,
+        a_options=("--so-pin-file", str(so_pin_file(a, folder))),
+        b_options=("--so-pin-file", str(so_pin_file(b, folder))),
+    )
+    assert kcv_a == kcv_b
+    return kcv_a
 
 
 def _handshake(a: Site, b: Site, config: Config) -> ConnectionPair:

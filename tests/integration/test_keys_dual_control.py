@@ -282,7 +282,7 @@ def test_under_dual_control_a_ceremony_needs_the_right_witness_first(officer: Of
     assert entries[-1]["kcv"] and entries[-1]["officer"] == "Alice"
 
 
-def test_export_and_delete_under_dual_control(officer: Officer) -> None:
+def test_export_backup_restore_and_delete_under_dual_control(officer: Officer) -> None:
     files = [str(officer.folder / f"transport-{n}") for n in (1, 2)]
     officer.ok(
         "generate-components",
@@ -304,6 +304,15 @@ def test_export_and_delete_under_dual_control(officer: Officer) -> None:
     assert not out.exists()
     officer.ok(*export, *officer.witnessed())
     assert json.loads(out.read_text())["purpose"] == "auth"
+
+    saved = officer.folder / "backup.json"
+    backup = ("backup", "--wrap-with", "1", "--out", str(saved))
+    officer.fails(*backup, match=REQUIRES)
+    assert not saved.exists()
+    officer.ok(*backup, *officer.witnessed())
+    restore = ("restore", str(saved), "--replace")
+    officer.fails(*restore, match=REQUIRES)
+    officer.ok(*restore, *officer.witnessed())
 
     delete = ("delete", "--purpose", "auth", "--index", "1", "--input-fd", "0")
     officer.fails(*delete, match=REQUIRES, stdin="y\n")
