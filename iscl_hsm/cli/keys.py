@@ -210,7 +210,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--input-fd", metavar="FD", type=int, help="read the confirmation from this descriptor")
 
-    audit = actions.add_parser("audit", help="the audit log", description="Check the audit log's hash chain.")
+    audit = actions.add_parser(
+        "audit",
+        help="the audit log",
+        description="Check the audit log: its hash chain, and with --token the entries anchored in the token.",
+    )
     audit_actions = audit.add_subparsers(title="audit actions", metavar="ACTION", required=True)
     p = audit_actions.add_parser(
         "verify",
