@@ -43,6 +43,10 @@ class ErrorCode(IntEnum):
     TRUNCATED = 126  # a disconnection, or the peer's request to disconnect, in the middle of a message
     BAD_DISCONNECTION = 127  # hardened: a disconnection whose MAC or message counts do not verify
     TIMED_OUT = 128  # the peer sent nothing within the timeout for what this end was waiting for
+    KCV_MISMATCH = 129  # a key's check value is not the one expected (`iscl keys check`, a wrapped key)
+    AUDIT_LOG = 130  # the audit log cannot be written, or its hash chain is broken
+    KEY_EXPIRED = 131  # the key version is past its not-after (`iscl keys ... --not-after`)
+    NOT_CONFIRMED = 132  # the security officer or a custodian did not confirm; nothing was changed
 
 
 class IsclError(Exception):

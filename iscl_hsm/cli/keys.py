@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import ErrorCode, KeyHolderConfigError, KeyHolderError
+from ..keyholder.key_records import utc_text
 from ..keyholder.pkcs11 import PURPOSES, Pkcs11KeyHolder
 from ..keyholder.provision import (
     DEMO_LABEL,
@@ -43,6 +44,7 @@ from ..keys.components import (
     parse_kcv,
     split,
 )
+from ..keys.lifetime import NOT_AFTER_HELP, expiry_flag, parse_duration, parse_not_after
 from ..keys.store import (
     EXPORTABLE,
     HOST_READABLE,
@@ -78,6 +80,9 @@ _KIND_LEGEND = {
     LOOSELY_EXTRACTABLE: "off the ISCL policy: any wrapping key can take it out; create it again",
 }
 """What ``iscl keys list`` says below its table about the kinds other than non-extractable."""
+_EXPIRED_ADVICE = "links with it fail; rotate it at both sites (iscl keys rotate)"
+_EXPIRING_ADVICE = "rotate it at both sites before then (iscl keys rotate)"
+"""What ``iscl keys list`` says below its table about a current version that expired, or soon will."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +168,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--exportable", action="store_true", help="let the key be exported again (trusted wrap only)"
     )
     p.add_argument("--host-readable", action="store_true", help=HOST_READABLE_HELP)
+    p.add_argument("--not-after", metavar="DATE|DURATION", help=NOT_AFTER_HELP)
 
     p = _action(actions, "check", "does this token hold the key with this KCV?", _check, mutating=False)
     _key_arguments(p)
@@ -260,6 +266,7 @@ def _creation_arguments(parser: argparse.ArgumentParser, *, replace: bool = True
         help="the key may later be exported, wrapped under a trusted transport key only",
     )
     parser.add_argument("--host-readable", action="store_true", help=HOST_READABLE_HELP)
+    parser.add_argument("--not-after", metavar="DATE|DURATION", help=NOT_AFTER_HELP)
     if replace:
         parser.add_argument("--replace", action="store_true", help="replace a key already at that index")
     parser.add_argument(
@@ -415,17 +422,6 @@ def component_count(count: int | None) -> int:
     return count
 
 
-def parse_duration(text: str) -> datetime.timedelta:
-    """'0', '45s', '30m', '12h' or '7d'."""
-    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text or "")
-    if match is None or (match.group(2) == "" and int(match.group(1)) != 0):
-        raise KeyHolderError(
-            f"grace period {text!r} is not a duration like 30m, 12h or 7d (or 0)", ErrorCode.BAD_OPTION
-        )
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return datetime.timedelta(seconds=int(match.group(1)) * unit)
-
-
 def read_secret_file(path: Path, what: str) -> str:
     try:
         lines = [line.strip() for line in path.read_text().splitlines()]
@@ -471,9 +467,20 @@ def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
         kind += ", trusted" if info.trusted else ", NOT trusted"
     print(
         f"{prefix} {info.label} version {info.version} on token '{store.token_label}': {info.algorithm},"
-        f" {kind}, KCV {info.kcv}",
+        f" {kind}, KCV {info.kcv}" + (f", not after {info.not_after}" if info.not_after else ""),
         flush=True,
     )
+    if expiry_flag(info.not_after) == "EXPIRED":
+        print(f"warning: {info.name} has expired already: links refuse it", flush=True)
+
+
+def _not_after(args: argparse.Namespace, action: AuditEntry) -> datetime.datetime | None:
+    """--not-after, checked before anything is typed; the audit entry's detail names it."""
+    if args.not_after is None:
+        return None
+    moment = parse_not_after(args.not_after)
+    _add_detail(action, f"not after {utc_text(moment)}")
+    return moment
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,18 +553,29 @@ def _list(args: argparse.Namespace, action: AuditEntry) -> int:
                 f"{'PURPOSE':9} {'INDEX':5} {'VERSION':7} {'ALGORITHM':9} {'KCV':6}  {'CREATED':20}"
                 f" {'KIND':15} STATE"
             )
+        warnings = []
         for info in infos:
             state = "current" if info.current else "previous"
-            if info.retire_after:
+            if info.retire_after and not info.current:
                 state += f", retire after {info.retire_after}"
             if info.purpose == "transport":
                 state += ", trusted" if info.trusted else ", not trusted"
+            flag = expiry_flag(info.not_after)
+            if flag == "EXPIRED":
+                state += f", EXPIRED {info.not_after}"
+            elif info.not_after:
+                state += f", not after {info.not_after}" + (f" ({flag})" if flag else "")
+            if flag and info.current:
+                advice = _EXPIRED_ADVICE if flag == "EXPIRED" else _EXPIRING_ADVICE
+                warnings.append(f"warning: {info.name} {flag.lower()} ({info.not_after}): {advice}")
             print(
                 f"{info.purpose:9} {info.index:<5} {info.version:<7} {info.algorithm:9} {info.kcv or '-':6}"
                 f"  {info.created or '-':20} {info.kind:15} {state}"
             )
         for kind in sorted({info.kind for info in infos} & set(_KIND_LEGEND)):
             print(f"{KINDS[kind]}: {_KIND_LEGEND[kind]}")
+        for warning in warnings:
+            print(warning)
     return 0
 
 
@@ -621,6 +639,7 @@ def _create(
 ) -> int:
     """Every way of putting a key on the token: check first, then collect, then store at once."""
     check_kind(purpose, exportable=args.exportable, host_readable=args.host_readable)
+    not_after = _not_after(args, action)
     console = Console(args)
     count = component_count(args.components) if source != "generate" else 0
     files: list[Path] = getattr(args, "component_file", [])
@@ -659,7 +678,15 @@ def _create(
                 holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
                 store = KeyStore(holder)
                 info = store.create(
-                    purpose, index, algorithm, value, mode=mode, grace=grace, origin=origin, trusted=temporary
+                    purpose,
+                    index,
+                    algorithm,
+                    value,
+                    mode=mode,
+                    grace=grace,
+                    origin=origin,
+                    trusted=temporary,
+                    not_after=not_after,
                 )
         else:
             info = store.create(
@@ -672,6 +699,7 @@ def _create(
                 mode=mode,
                 grace=grace,
                 origin=origin,
+                not_after=not_after,
             )
         del value
     finally:
@@ -835,10 +863,16 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
     action.fields.update(purpose=document["purpose"], index=document["index"], kcv=document["kcv"])
     grace = parse_duration(args.grace) if args.grace is not None else None
     mode = ROTATE if grace is not None else _mode(args)
+    not_after = _not_after(args, action)
     with _opened(args) as store:
         action.fields["serial"] = store.serial
         info = store.import_wrapped(
-            document, mode=mode, grace=grace, exportable=args.exportable, host_readable=args.host_readable
+            document,
+            mode=mode,
+            grace=grace,
+            exportable=args.exportable,
+            host_readable=args.host_readable,
+            not_after=not_after,
         )
     _add_detail(
         action, f"from token {document['source'].get('token')} serial {document['source'].get('serial')}"
