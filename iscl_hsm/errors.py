@@ -47,6 +47,7 @@ class ErrorCode(IntEnum):
     AUDIT_LOG = 130  # the audit log cannot be written, or its hash chain is broken
     KEY_EXPIRED = 131  # the key version is past its not-after (`iscl keys ... --not-after`)
     NOT_CONFIRMED = 132  # the security officer or a custodian did not confirm; nothing was changed
+    BAD_KEY_FILE = 133  # a wrapped-key file is damaged, or its key does not unwrap
 
 
 class IsclError(Exception):
@@ -80,9 +81,10 @@ class KeyHolderError(IsclError):
 
 class KeyHolderConfigError(KeyHolderError):
     """The key holder is not as the options say: a wrong or locked PIN, an unreadable PIN file, no such
-    module, token, card or key. Trying again cannot help, a person must act; so every ``iscl`` command
-    exits with status 78 (EX_CONFIG), which the systemd units name in RestartPreventExitStatus= so that
-    a wrong PIN is never retried until a hardware token locks it."""
+    module, token, card or key. Trying again cannot help, a person must act; so the ``iscl`` commands
+    exit with status 78 (EX_CONFIG), which the systemd units name in RestartPreventExitStatus= so that
+    a wrong PIN is never retried until a hardware token locks it (``iscl keys``: 3, or 1 for a missing
+    or expired key; see :mod:`iscl_hsm.cli.status`)."""
 
 
 def error_name(failure: BaseException) -> str:

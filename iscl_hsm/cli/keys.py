@@ -24,14 +24,7 @@ from typing import IO, Any
 from ..errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from ..keyholder.key_records import utc_text
 from ..keyholder.pkcs11 import PURPOSES, Pkcs11KeyHolder
-from ..keyholder.provision import (
-    DEMO_LABEL,
-    default_data_dir,
-    ensure_demo_token,
-    init_token,
-    softhsm_environment,
-    use_softhsm_conf,
-)
+from ..keyholder.provision import default_data_dir, init_token, softhsm_environment, use_softhsm_conf
 from ..keys import audit as audit_log
 from ..keys.components import (
     Algorithm,
@@ -62,7 +55,7 @@ from ..keys.store import (
 )
 from ..shared import doc_reference
 from .audited import AuditEntry, add_audit_arguments, audited
-from .options import add_key_holder_options, open_key_holder, read_pin
+from .options import add_key_holder_options, read_pin
 
 CLEAR_SCREEN = "\x1b[2J\x1b[H"
 MUTATING = True
@@ -94,7 +87,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "keys",
         help="key management for security officers: ceremonies, rotation, moving keys, audit",
         description="Create, check, rotate, move and delete the ISCL keys of a PKCS#11 token, with key"
-        " check values and an audit log. The step-by-step ceremony is in `iscl docs security-officer`.",
+        " check values and an audit log. Every action but init-token and audit names its token: --token"
+        " LABEL or ISCL_TOKEN. Exit status: 0 done; 1 a check failed (a KCV, the audit log, a key file),"
+        " a confirmation was refused, or the key is missing or expired; 2 the command as typed cannot"
+        " be carried out; 3 the token cannot be used (not found, wrong or locked PIN, no module). The"
+        " step-by-step ceremony is in `iscl docs security-officer`.",
     )
     actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
 
@@ -108,14 +105,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         action="store_true",
         help="erase and initialise again a token of that label (needs its SO PIN)",
     )
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--softhsm-conf",
+        metavar="FILE",
+        type=Path,
+        help="create the token in the SoftHSM2 configuration FILE: used as it is if it exists, else"
+        " written (its tokens in the directory 'tokens' beside it); the other commands then need"
+        " SOFTHSM2_CONF=FILE, which the command prints (default: the configuration SOFTHSM2_CONF names)",
+    )
+    where.add_argument(
         "--softhsm-dir",
         metavar="DIR",
         type=Path,
-        help="first write the SoftHSM2 configuration DIR/softhsm2.conf (tokens in DIR/tokens), e.g. a"
-        " service's state directory /var/lib/iscl/INSTANCE, and create the token there; the other"
-        " commands and the service then need SOFTHSM2_CONF=DIR/softhsm2.conf (default: the"
-        " configuration SOFTHSM2_CONF names)",
+        help="the same with FILE DIR/softhsm2.conf, written afresh, e.g. in a service's state directory"
+        " /var/lib/iscl/INSTANCE (the units set SOFTHSM2_CONF to it)",
     )
     p.add_argument(
         "--input-fd",
@@ -229,7 +233,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _action(actions: Any, name: str, text: str, run: Callable[..., int], *, mutating: bool = MUTATING) -> Any:
     parser = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
     if name != "init-token":
-        add_key_holder_options(parser, record_keys=False)
+        add_key_holder_options(
+            parser,
+            record_keys=False,
+            description="The token whose keys the command manages; there is no default token.",
+            token_help="label of the token (required, or set ISCL_TOKEN; `iscl keys init-token` makes one)",
+        )
     else:
         group = parser.add_argument_group("token")
         from ..keyholder.pkcs11 import DEFAULT_MODULE
@@ -316,7 +325,12 @@ def _token_named(name: str) -> Callable[[argparse.Namespace], str | None]:
     """The token as a `keys` command's options name it (init-token names the one it creates)."""
     if name == "init-token":
         return lambda args: getattr(args, "label", None)
-    return lambda args: args.token or DEMO_LABEL
+    return _given_token
+
+
+def _given_token(args: argparse.Namespace) -> str | None:
+    """--token, else $ISCL_TOKEN, else None: `iscl keys` never picks a token by itself."""
+    return args.token or os.environ.get("ISCL_TOKEN", "").strip() or None
 
 
 def _record_key(entry: AuditEntry, info: KeyInfo, store: KeyStore | None = None) -> None:
@@ -378,7 +392,7 @@ class Console:
         first = self.secret(f"{what}: ")
         if first != self.secret(f"{what} again: "):
             raise KeyHolderError(
-                f"the two entries of the {what} differ; nothing was changed", ErrorCode.BAD_OPTION
+                f"the two entries of the {what} differ; nothing was changed", ErrorCode.NOT_CONFIRMED
             )
         return first
 
@@ -436,20 +450,24 @@ def read_secret_file(path: Path, what: str) -> str:
 
 
 def _label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
-    """Token label and user PIN as the shared options give them (the demo token by default)."""
-    if args.token is None:
-        label, pin_path = ensure_demo_token()
-        return label, read_pin(args.pin_file or pin_path, f"token '{label}'")
-    return args.token, read_pin(args.pin_file, f"token '{args.token}'")
+    """Token label (required: a key ceremony on a token picked by default would go unnoticed) and
+    user PIN, as the shared options give them."""
+    label = _given_token(args)
+    if label is None:
+        raise KeyHolderError(
+            "name the token: pass --token LABEL or set ISCL_TOKEN (`iscl keys init-token --label LABEL`"
+            " makes a token)",
+            ErrorCode.BAD_OPTION,
+        )
+    return label, read_pin(args.pin_file, f"token '{label}'")
 
 
 @contextlib.contextmanager
 def _opened(args: argparse.Namespace) -> Iterator[KeyStore]:
-    """The key store of the token the shared options name (open_key_holder), closed afterwards."""
-    holder = open_key_holder(args)
+    """The key store of the token the shared options name, closed afterwards."""
+    label, pin = _label_and_pin(args)
+    holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
     try:
-        if not isinstance(holder, Pkcs11KeyHolder):
-            raise KeyHolderError("'iscl keys' manages keys on PKCS#11 tokens only", ErrorCode.BAD_OPTION)
         yield KeyStore(holder)
     finally:
         holder.close()
@@ -488,8 +506,7 @@ def _not_after(args: argparse.Namespace, action: AuditEntry) -> datetime.datetim
 
 
 def _init_token(args: argparse.Namespace, action: AuditEntry) -> int:
-    if args.softhsm_dir is not None:  # before the PINs are asked for: a bad directory fails at once
-        _use_softhsm_dir(args.softhsm_dir, args.pkcs11_module)
+    conf = _use_softhsm_conf(args)  # before the PINs are asked for: a bad directory fails at once
     console = Console(args)
     if args.so_pin_file is not None:
         so_pin = read_secret_file(args.so_pin_file, "SO PIN")
@@ -512,23 +529,34 @@ def _init_token(args: argparse.Namespace, action: AuditEntry) -> int:
         f"token '{args.label}' initialised"
         + (f", serial {action.fields['serial']}" if action.fields["serial"] else "")
     )
-    if args.softhsm_dir is not None:
-        conf = os.environ["SOFTHSM2_CONF"]
+    if conf is not None:
         print(f"SoftHSM2 configuration {conf}: the other commands need SOFTHSM2_CONF={conf}"
               " (the units set it)")
     return 0
 
 
-def _use_softhsm_dir(folder: Path, module: str) -> None:
-    """Write ``folder``'s SoftHSM2 configuration (tokens in folder/tokens) and point this process at it."""
+def _use_softhsm_conf(args: argparse.Namespace) -> str | None:
+    """--softhsm-conf FILE (used if it exists, else written) or --softhsm-dir DIR (DIR/softhsm2.conf,
+    written afresh), made this process's SOFTHSM2_CONF; None without either."""
+    if args.softhsm_conf is not None:
+        conf = args.softhsm_conf.absolute()
+        if conf.is_file():
+            use_softhsm_conf(str(conf), args.pkcs11_module)
+            return str(conf)
+        folder, name = conf.parent, conf.name
+    elif args.softhsm_dir is not None:
+        folder, name = args.softhsm_dir, "softhsm2.conf"
+    else:
+        return None
     try:
-        conf = softhsm_environment(folder)["SOFTHSM2_CONF"]
+        written = softhsm_environment(folder, name)["SOFTHSM2_CONF"]
     except OSError as exc:
         raise KeyHolderConfigError(
             f"cannot write the SoftHSM2 configuration in {folder}: {exc.strerror}; run as the service's user,"
             f" on a directory it owns ({doc_reference('systemd.md')})"
         ) from None
-    use_softhsm_conf(conf, module)
+    use_softhsm_conf(written, args.pkcs11_module)
+    return written
 
 
 def _list(args: argparse.Namespace, action: AuditEntry) -> int:
@@ -744,7 +772,8 @@ def collect_components(
                 != "".join(text.split()).upper()
             ):
                 raise ComponentError(
-                    f"the two entries of component {number} differ; nothing was stored, start again"
+                    f"the two entries of component {number} differ; nothing was stored, start again",
+                    ErrorCode.NOT_CONFIRMED,
                 )
         value, note = parse_component(text, algorithm, number, fix=fix)
         if note:
@@ -753,7 +782,8 @@ def collect_components(
         print(f"component {number} KCV: {check}", flush=True)
         if not console.confirm(f"Custodian {number}: does KCV {check} match your component form?"):
             raise ComponentError(
-                f"custodian {number} did not confirm the KCV of component {number}; nothing was stored"
+                f"custodian {number} did not confirm the KCV of component {number}; nothing was stored",
+                ErrorCode.NOT_CONFIRMED,
             )
         values.append(value)
         if number < count and not files:
@@ -900,12 +930,12 @@ def _check(args: argparse.Namespace, action: AuditEntry) -> int:
             f"KCV {wanted.hex().upper()} is that of {matching.name}, which is no longer current on token"
             f" '{store.token_label}' (current: version {current.version}, KCV {current.kcv}); the other site"
             " has not rotated yet, or this one rotated too early",
-            ErrorCode.KEY_NOT_FOUND,
+            ErrorCode.KCV_MISMATCH,
         )
     raise KeyHolderError(
         f"no match: token '{store.token_label}' holds {current.label} version {current.version} with KCV"
         f" {current.kcv}, not {wanted.hex().upper()}; the two sites hold different keys",
-        ErrorCode.KEY_NOT_FOUND,
+        ErrorCode.KCV_MISMATCH,
     )
 
 
@@ -945,7 +975,7 @@ def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
             if not console.confirm(
                 f"Destroy {targets[0].label} {which} on token '{store.token_label}'? This cannot be undone."
             ):
-                raise KeyHolderError("not confirmed; nothing was deleted", ErrorCode.BAD_OPTION)
+                raise KeyHolderError("not confirmed; nothing was deleted", ErrorCode.NOT_CONFIRMED)
         removed = store.delete(purpose, index, args.version)
     if len(removed) == 1:
         _record_key(action, removed[0], store)

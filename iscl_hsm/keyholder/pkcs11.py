@@ -440,7 +440,7 @@ def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
         present = ", ".join(f"'{name}'" for name in labels) if labels else "none"
         raise KeyHolderConfigError(
             f"PKCS#11 token '{label}' not found in module {module} (tokens present: {present}); check the"
-            " label, or create the token (softhsm/setup-token.sh). Tokens created after this process loaded"
+            " label, or create the token (iscl keys init-token). Tokens created after this process loaded"
             " the module are seen only after a restart"
         ) from None
     except p11.MultipleTokensReturned:
@@ -1004,13 +1004,12 @@ class Pkcs11KeyHolder(KeyHolder):
                 raise KeyHolderConfigError(
                     f"{what} on {self.description} has CKA_ID {', '.join(other_ids)} instead of"
                     f" {prefix.hex()}<version>; the security officer must recreate it under the ISCL key"
-                    " convention (python3 -m iscl_hsm.keyholder.provision)",
+                    " convention (iscl keys, `iscl docs security-officer`)",
                     ErrorCode.KEY_NOT_FOUND,
                 )
             raise KeyHolderConfigError(
-                f"{what} is not on {self.description}; the security officer must create it"
-                " (softhsm/setup-token.sh or python3 -m iscl_hsm.keyholder.provision), or choose a key id"
-                " that exists",
+                f"{what} is not on {self.description}; the security officer must create it (iscl keys,"
+                " `iscl docs security-officer`), or choose a key id that exists",
                 ErrorCode.KEY_NOT_FOUND,
             )
         candidates.sort(key=lambda pair: pair[0])

@@ -723,7 +723,7 @@ class KeyStore:
                     f" {document['wrapping']['transport_kcv'].upper()}, but {transport_info.label} on token"
                     f" '{self.token_label}' has KCV {transport_info.kcv}; both sites must hold the same"
                     " transport key",
-                    ErrorCode.BAD_OPTION,
+                    ErrorCode.KCV_MISMATCH,
                 )
 
             def unwrap(store: bool, capability: MechanismFlag, template: dict[Attribute, Any]) -> Any:
@@ -749,7 +749,7 @@ class KeyStore:
                         f"the wrapped key in the file could not be unwrapped with {transport_info.label}"
                         f" (KCV {transport_info.kcv}): the file is corrupted, or was wrapped under another"
                         " transport key with the same KCV; ask the other site to export it again",
-                        ErrorCode.BAD_OPTION,
+                        ErrorCode.BAD_KEY_FILE,
                     ) from None
 
             probe = unwrap(
@@ -765,7 +765,7 @@ class KeyStore:
                     f"the key unwrapped from the file has KCV {got.hex().upper()}, not the"
                     f" {expected.hex().upper()} the file states: the file was altered; ask the other site to"
                     " export it again",
-                    ErrorCode.BAD_OPTION,
+                    ErrorCode.KCV_MISMATCH,
                 )
             versions = [v for _, _, v, _ in self._objects(session, purpose, index)]
             version = self._next_version(label, versions, mode, preferred=int(document["version"]))
@@ -932,14 +932,14 @@ def parse_wrapped(text: str, name: str) -> dict[str, Any]:
         document = json.loads(text)
     except ValueError:
         raise KeyHolderError(
-            f"{corrupted} (it is not JSON); ask the other site to export it again", ErrorCode.BAD_OPTION
+            f"{corrupted} (it is not JSON); ask the other site to export it again", ErrorCode.BAD_KEY_FILE
         ) from None
     if not isinstance(document, dict) or document.get("format") != WRAPPED_FORMAT:
         raise KeyHolderError(f"{name} is not a wrapped-key file of iscl keys export", ErrorCode.BAD_OPTION)
     if document.get("checksum") != _checksum(document):
         raise KeyHolderError(
             f"{corrupted} (its checksum does not match); ask the other site to export it again",
-            ErrorCode.BAD_OPTION,
+            ErrorCode.BAD_KEY_FILE,
         )
     try:
         wrapping = document["wrapping"]
@@ -956,5 +956,5 @@ def parse_wrapped(text: str, name: str) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:
-        raise KeyHolderError(f"{corrupted} (a field is missing or malformed)", ErrorCode.BAD_OPTION)
+        raise KeyHolderError(f"{corrupted} (a field is missing or malformed)", ErrorCode.BAD_KEY_FILE)
     return document
