@@ -207,13 +207,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = _action(actions, "retire", "remove previous versions whose grace period has passed", _retire)
     p.add_argument("--purpose", help="auth, enc or transport (default: every key)")
     p.add_argument("--index", type=int, help="key index 1..8 (with --purpose)")
-    p.add_argument("--now", action="store_true", help="remove every previous version, grace period or not")
+    p.add_argument(
+        "--now",
+        action="store_true",
+        help="remove every previous version, grace period or not (asks for confirmation first)",
+    )
+    _confirmation_arguments(p)
 
     p = _action(actions, "delete", "destroy a key (every version, or one)", _delete)
     _key_arguments(p)
     p.add_argument("--version", type=int, help="only this version")
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--input-fd", metavar="FD", type=int, help="read the confirmation from this descriptor")
+    _confirmation_arguments(p)
 
     audit = actions.add_parser("audit", help="the audit log", description="Check the audit log's hash chain.")
     audit_actions = audit.add_subparsers(title="audit actions", metavar="ACTION", required=True)
@@ -257,6 +261,11 @@ def _action(actions: Any, name: str, text: str, run: Callable[..., int], *, muta
         run=audited(f"keys {name}", name, _token_named(name), run, changes="the token" if mutating else None)
     )
     return parser
+
+
+def _confirmation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    parser.add_argument("--input-fd", metavar="FD", type=int, help="read the confirmation from this descriptor")
 
 
 def _key_arguments(parser: argparse.ArgumentParser) -> None:
@@ -944,8 +953,16 @@ def _retire(args: argparse.Namespace, action: AuditEntry) -> int:
         if args.purpose is None or args.index is None:
             raise KeyHolderError("give both --purpose and --index, or neither", ErrorCode.BAD_OPTION)
         _purpose_index(args)
+    console = Console(args)
     with _opened(args) as store:
         action.fields["serial"] = store.serial
+        if args.now:
+            previous = [
+                i
+                for i in store.list_keys()
+                if not i.current and args.purpose in (None, i.purpose) and args.index in (None, i.index)
+            ]
+            _confirm_destroying(console, store, previous, " now, whatever their grace periods")
         removed = store.retire(args.purpose, args.index, now=args.now)
     action.fields["detail"] = (
         ("removed " + ", ".join(f"{i.name} KCV {i.kcv}" for i in removed)) if removed else "nothing due"
@@ -970,12 +987,7 @@ def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
             and i.index == index
             and (args.version is None or i.version == args.version)
         ]
-        if targets:
-            which = ", ".join(f"version {i.version} (KCV {i.kcv})" for i in targets)
-            if not console.confirm(
-                f"Destroy {targets[0].label} {which} on token '{store.token_label}'? This cannot be undone."
-            ):
-                raise KeyHolderError("not confirmed; nothing was deleted", ErrorCode.NOT_CONFIRMED)
+        _confirm_destroying(console, store, targets)
         removed = store.delete(purpose, index, args.version)
     if len(removed) == 1:
         _record_key(action, removed[0], store)
@@ -983,6 +995,15 @@ def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
     for info in removed:
         print(f"deleted {info.name} (KCV {info.kcv})")
     return 0
+
+
+def _confirm_destroying(console: Console, store: KeyStore, targets: list[KeyInfo], when: str = "") -> None:
+    """Ask before key versions are destroyed (--yes answers for the officer); nothing to destroy, no question."""
+    if not targets:
+        return
+    which = ", ".join(f"{i.name} (KCV {i.kcv})" for i in targets)
+    if not console.confirm(f"Destroy {which} on token '{store.token_label}'{when}? This cannot be undone."):
+        raise KeyHolderError("not confirmed; nothing was destroyed", ErrorCode.NOT_CONFIRMED)
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

@@ -556,7 +556,7 @@ def test_a_pre_v100_enc_key_is_made_again_for_v100_from_the_same_components(hsm:
         (2, old["kcv"], "host-readable", True),
     ]
     assert _encryption_key_as_v100_sees_it(hsm, token, 1) == "DesKey"
-    assert "retired iscl-enc-1 version 1" in hsm.ok(*hsm.on(token, "retire", "--now"))
+    assert "retired iscl-enc-1 version 1" in hsm.ok(*hsm.on(token, "retire", "--now", "--yes"))
 
 
 # --- bad input and faults --------------------------------------------------------------------------
@@ -997,7 +997,7 @@ def test_rotation_with_a_grace_period_then_retire(hsm: Hsm, pair: tuple[Token, T
     ] == [(2, third)]
     # retire --now ignores the grace period.
     hsm.ok(*hsm.on(c, "rotate", "--purpose", "auth", "--index", "3", "--grace", "30d"))
-    assert "retired iscl-auth-3 version 2" in hsm.ok(*hsm.on(c, "retire", "--now"))
+    assert "retired iscl-auth-3 version 2" in hsm.ok(*hsm.on(c, "retire", "--now", "--yes"))
 
 
 def test_rotation_by_components_at_both_sites(hsm: Hsm, pair: tuple[Token, Token]) -> None:

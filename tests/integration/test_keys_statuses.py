@@ -101,7 +101,7 @@ def test_keys_exit_statuses(site: Site, tmp_path: Path) -> None:
         (EXIT_FAILURE, ("check", "--purpose", "auth", "--index", "1", "--kcv", "000000"),
          r"different keys \[ISCL 129 KCV_MISMATCH\]", None),
         (EXIT_FAILURE, ("delete", "--purpose", "auth", "--index", "1", "--input-fd", "0"),
-         r"not confirmed; nothing was deleted \[ISCL 132 NOT_CONFIRMED\]", None),
+         r"not confirmed; nothing was destroyed \[ISCL 132 NOT_CONFIRMED\]", None),
         (EXIT_FAILURE, ("delete", "--purpose", "auth", "--index", "3", "--yes"), "KEY_NOT_FOUND", None),
         (EXIT_USAGE, ("generate", "--purpose", "auth", "--index", "9"), r"outside 1\.\.8 \[ISCL 100", None),
         (EXIT_USAGE, ("generate", "--purpose", "mac", "--index", "2"), "unknown key purpose 'mac'", None),
@@ -123,6 +123,19 @@ def test_keys_exit_statuses(site: Site, tmp_path: Path) -> None:
             sentence = _one_sentence(done) if not match.startswith("the following") else done.stderr
             assert re.search(match, sentence), (args, sentence)
     assert len(json.loads(site.keys("list", "--json").stdout)["keys"]) == 3  # nothing changed
+
+
+def test_retire_now_asks_first_and_a_refusal_keeps_the_previous_version(site: Site) -> None:
+    done = site.keys("retire", "--now", "--input-fd", "0", stdin="n\n", check=False)
+    assert done.returncode == EXIT_FAILURE and "NOT_CONFIRMED" in done.stderr, done.stderr
+    assert "Destroy iscl-enc-1 version 1 (KCV" in done.stderr and "whatever their grace periods" in done.stderr
+    assert len(json.loads(site.keys("list", "--json").stdout)["keys"]) == 3
+    refused = site.keys("retire", "--now", check=False)  # no terminal, no answer
+    assert refused.returncode == EXIT_USAGE and "--yes" in refused.stderr
+    assert "no previous key version is due" in site.keys("retire", "--input-fd", "0", stdin="").stdout  # no question
+    done = site.keys("retire", "--now", "--input-fd", "0", stdin="y\n")
+    assert "retired iscl-enc-1 version 1" in done.stdout
+    assert [k["version"] for k in json.loads(site.keys("list", "--json").stdout)["keys"]] == [1, 2]
 
 
 def test_audit_verify_reports_tampering_with_status_1_and_its_own_code(site: Site, tmp_path: Path) -> None:
