@@ -89,7 +89,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         description="Create, check, rotate, move and delete the ISCL keys of a PKCS#11 token, with key"
         " check values and an audit log. Every action but init-token and audit names its token: --token"
         " LABEL or ISCL_TOKEN. Exit status: 0 done; 1 a check failed (a KCV, the audit log, a key file),"
-        " a confirmation was refused, or the key is missing or expired; 2 the command as typed cannot"
+        " a confirmation was refused, or the key is not there; 2 the command as typed cannot"
         " be carried out; 3 the token cannot be used (not found, wrong or locked PIN, no module). The"
         " step-by-step ceremony is in `iscl docs security-officer`.",
     )

@@ -72,6 +72,7 @@ from pkcs11.constants import DEFAULT
 
 from iscl_hsm.errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES
+from iscl_hsm.keyholder.key_records import RECORD_APPLICATION, parse_utc, utc_text
 from iscl_hsm.keyholder.pkcs11 import (
     PURPOSES,
     Pkcs11KeyHolder,
@@ -82,7 +83,6 @@ from iscl_hsm.keyholder.pkcs11 import (
     key_policy,
     pin_error,
 )
-from iscl_hsm.keyholder.key_records import RECORD_APPLICATION, parse_utc, utc_text
 from iscl_hsm.keyholder.provision import store_key
 from iscl_hsm.keys.components import ALGORITHMS, Algorithm, check_key
 

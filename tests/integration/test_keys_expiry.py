@@ -117,7 +117,9 @@ def test_a_bad_not_after_is_a_usage_error_and_stores_nothing(sites: tuple[Site, 
     a, _ = sites
     done = a.keys("generate", "--purpose", "enc", "--index", "8", "--not-after", text, check=False)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("iscl: --not-after") and "2027-12-31" in done.stderr and "365d" in done.stderr
+    assert (
+        done.stderr.startswith("iscl: --not-after") and "2027-12-31" in done.stderr and "365d" in done.stderr
+    )
     assert "Traceback" not in done.stderr
     assert ("enc", 8, 1) not in _keys(a)
 

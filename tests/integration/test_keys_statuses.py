@@ -22,7 +22,9 @@ from iscl_hsm.cli.status import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_US
 from .conftest import SoftHsm
 from .test_keys_ceremony import REPO, Site
 
-NO_TOKEN = "iscl: name the token: pass --token LABEL or set ISCL_TOKEN (`iscl keys init-token --label LABEL` makes"
+NO_TOKEN = (
+    "iscl: name the token: pass --token LABEL or set ISCL_TOKEN (`iscl keys init-token --label LABEL` makes"
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +130,15 @@ def test_keys_exit_statuses(site: Site, tmp_path: Path) -> None:
 def test_retire_now_asks_first_and_a_refusal_keeps_the_previous_version(site: Site) -> None:
     done = site.keys("retire", "--now", "--input-fd", "0", stdin="n\n", check=False)
     assert done.returncode == EXIT_FAILURE and "NOT_CONFIRMED" in done.stderr, done.stderr
-    assert "Destroy iscl-enc-1 version 1 (KCV" in done.stderr and "whatever their grace periods" in done.stderr
+    assert (
+        "Destroy iscl-enc-1 version 1 (KCV" in done.stderr and "whatever their grace periods" in done.stderr
+    )
     assert len(json.loads(site.keys("list", "--json").stdout)["keys"]) == 3
     refused = site.keys("retire", "--now", check=False)  # no terminal, no answer
     assert refused.returncode == EXIT_USAGE and "--yes" in refused.stderr
-    assert "no previous key version is due" in site.keys("retire", "--input-fd", "0", stdin="").stdout  # no question
+    assert (
+        "no previous key version is due" in site.keys("retire", "--input-fd", "0", stdin="").stdout
+    )  # no question
     done = site.keys("retire", "--now", "--input-fd", "0", stdin="y\n")
     assert "retired iscl-enc-1 version 1" in done.stdout
     assert [k["version"] for k in json.loads(site.keys("list", "--json").stdout)["keys"]] == [1, 2]
