@@ -43,6 +43,11 @@ class ErrorCode(IntEnum):
     TRUNCATED = 126  # a disconnection, or the peer's request to disconnect, in the middle of a message
     BAD_DISCONNECTION = 127  # hardened: a disconnection whose MAC or message counts do not verify
     TIMED_OUT = 128  # the peer sent nothing within the timeout for what this end was waiting for
+    KCV_MISMATCH = 129  # a key's check value is not the one expected (`iscl keys check`, a wrapped key)
+    AUDIT_LOG = 130  # the audit log cannot be written, or its hash chain is broken
+    KEY_EXPIRED = 131  # the key version is past its not-after (`iscl keys ... --not-after`)
+    NOT_CONFIRMED = 132  # the security officer or a custodian did not confirm; nothing was changed
+    BAD_KEY_FILE = 133  # a wrapped-key file is damaged, or its key does not unwrap
 
 
 class IsclError(Exception):
@@ -76,9 +81,10 @@ class KeyHolderError(IsclError):
 
 class KeyHolderConfigError(KeyHolderError):
     """The key holder is not as the options say: a wrong or locked PIN, an unreadable PIN file, no such
-    module, token, card or key. Trying again cannot help, a person must act; so every ``iscl`` command
-    exits with status 78 (EX_CONFIG), which the systemd units name in RestartPreventExitStatus= so that
-    a wrong PIN is never retried until a hardware token locks it."""
+    module, token, card or key. Trying again cannot help, a person must act; so the ``iscl`` commands
+    exit with status 78 (EX_CONFIG), which the systemd units name in RestartPreventExitStatus= so that
+    a wrong PIN is never retried until a hardware token locks it (``iscl keys``: 3, or 1 for a missing
+    or expired key; see :mod:`iscl_hsm.cli.status`)."""
 
 
 def error_name(failure: BaseException) -> str:

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-
-from ..errors import ErrorCode, KeyHolderError
-from ..keyholder.pkcs11 import Pkcs11KeyHolder
 from ..keys.anchor import TokenAnchor, verify_anchored
 from ..keys.audit import AuditReport
 from ..keys.store import KeyStore
-from .options import open_key_holder
 
 
-def verify_in_token(report: AuditReport, args: argparse.Namespace) -> str:
-    """Check ``report``'s log against the token the options name; return what to print."""
-    holder = open_key_holder(args)
-    try:
-        if not isinstance(holder, Pkcs11KeyHolder):
-            raise KeyHolderError("audit logs are anchored in PKCS#11 tokens only", ErrorCode.BAD_OPTION)
-        anchor = TokenAnchor(KeyStore(holder))
-        checked = verify_anchored(report, anchor)
-    finally:
-        holder.close()
+def verify_in_token(report: AuditReport, store: KeyStore) -> str:
+    """Check ``report``'s log against the token of ``store``; return what to print."""
+    anchor = TokenAnchor(store)
+    checked = verify_anchored(report, anchor)
     text = (
         f"{anchor.description}: {checked.anchored} entries anchored in it, up to entry {checked.last}, as its"
         " anchor records"

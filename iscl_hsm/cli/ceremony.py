@@ -83,7 +83,7 @@ class Console:
         first = self.secret(f"{what}: ")
         if first != self.secret(f"{what} again: "):
             raise KeyHolderError(
-                f"the two entries of the {what} differ; nothing was changed", ErrorCode.BAD_OPTION
+                f"the two entries of the {what} differ; nothing was changed", ErrorCode.NOT_CONFIRMED
             )
         return first
 
@@ -187,7 +187,7 @@ def _typed_twice(console: Console, number: int) -> str:
     text = console.secret(f"component {number} (hidden): ")
     again = console.secret(f"component {number} again: ")
     if "".join(again.split()).upper() != "".join(text.split()).upper():
-        raise ComponentError(f"the two entries of component {number} differ")
+        raise ComponentError(f"the two entries of component {number} differ", ErrorCode.NOT_CONFIRMED)
     return text
 
 
@@ -204,13 +204,17 @@ def _component(
             check = kcv_of(algorithm, value).hex().upper()
             print(f"component {number} KCV: {check}", flush=True)
             if not console.confirm(f"Custodian {number}: does KCV {check} match your component form?"):
-                raise ComponentError(f"custodian {number} did not confirm the KCV of component {number}")
+                raise ComponentError(
+                    f"custodian {number} did not confirm the KCV of component {number}", ErrorCode.NOT_CONFIRMED
+                )
             return value
         except ComponentError as exc:
             reason = exc.args[0]  # the sentence, without str()'s error code
             if attempt == attempts:
                 last = f" after {attempts} attempts: check the form and start the ceremony again"
-                raise ComponentError(f"{reason}; nothing was stored{last if attempts > 1 else ''}") from None
+                raise ComponentError(
+                    f"{reason}; nothing was stored{last if attempts > 1 else ''}", exc.code
+                ) from None
             attempt += 1
             print(
                 f"{reason}. Custodian {number}, enter component {number} again (attempt {attempt} of {attempts}).",

@@ -22,15 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ErrorCode, KeyHolderConfigError, KeyHolderError
+from ..keyholder.key_records import utc_text
 from ..keyholder.pkcs11 import PURPOSES, Pkcs11KeyHolder
-from ..keyholder.provision import (
-    DEMO_LABEL,
-    default_data_dir,
-    ensure_demo_token,
-    init_token,
-    softhsm_environment,
-    use_softhsm_conf,
-)
+from ..keyholder.provision import default_data_dir, init_token, softhsm_environment, use_softhsm_conf
 from ..keys import audit as audit_log
 from ..keys.components import (
     Algorithm,
@@ -39,6 +33,7 @@ from ..keys.components import (
     parse_kcv,
     split,
 )
+from ..keys.lifetime import NOT_AFTER_HELP, expiry_flag, parse_duration, parse_not_after
 from ..keys.store import (
     EXPORTABLE,
     HOST_READABLE,
@@ -58,7 +53,7 @@ from ..shared import doc_reference
 from .audit_anchor import verify_in_token
 from .audited import AuditEntry, add_audit_arguments, audited
 from .ceremony import Console, collect_components, read_secret_file, show_components
-from .options import add_key_holder_options, open_key_holder, read_pin
+from .options import add_key_holder_options, read_pin
 from .witnessed import WITNESSED, add_witness_arguments, check_witness
 
 MUTATING = True
@@ -76,6 +71,9 @@ _KIND_LEGEND = {
     LOOSELY_EXTRACTABLE: "off the ISCL policy: any wrapping key can take it out; create it again",
 }
 """What ``iscl keys list`` says below its table about the kinds other than non-extractable."""
+_EXPIRED_ADVICE = "links with it fail; rotate it at both sites (iscl keys rotate)"
+_EXPIRING_ADVICE = "rotate it at both sites before then (iscl keys rotate)"
+"""What ``iscl keys list`` says below its table about a current version that expired, or soon will."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,8 +87,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         description="Create, check, rotate, move and delete the ISCL keys of a PKCS#11 token, with key"
         " check values and an audit log. Exportable keys move to another token with export and"
         " import-wrapped, and are kept with backup and restore, always wrapped under a transport key that"
-        " both tokens hold and bound to it, so that no field of the file can be edited. The step-by-step"
-        " ceremony is in `iscl docs security-officer`.",
+        " both tokens hold and bound to it, so that no field of the file can be edited. Every action but"
+        " init-token and audit names its token: --token LABEL or ISCL_TOKEN. Exit status: 0 done; 1 a"
+        " check failed (a KCV, the audit log, a key file), a confirmation was refused, or the key is not"
+        " there; 2 the command as typed cannot be carried out; 3 the token cannot be used (not found,"
+        " wrong or locked PIN, no module). The step-by-step ceremony is in `iscl docs security-officer`.",
     )
     actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
 
@@ -104,14 +105,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         action="store_true",
         help="erase and initialise again a token of that label (needs its SO PIN)",
     )
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--softhsm-conf",
+        metavar="FILE",
+        type=Path,
+        help="create the token in the SoftHSM2 configuration FILE: used as it is if it exists, else"
+        " written (its tokens in the directory 'tokens' beside it); the other commands then need"
+        " SOFTHSM2_CONF=FILE, which the command prints (default: the configuration SOFTHSM2_CONF names)",
+    )
+    where.add_argument(
         "--softhsm-dir",
         metavar="DIR",
         type=Path,
-        help="first write the SoftHSM2 configuration DIR/softhsm2.conf (tokens in DIR/tokens), e.g. a"
-        " service's state directory /var/lib/iscl/INSTANCE, and create the token there; the other"
-        " commands and the service then need SOFTHSM2_CONF=DIR/softhsm2.conf (default: the"
-        " configuration SOFTHSM2_CONF names)",
+        help="the same with FILE DIR/softhsm2.conf, written afresh, e.g. in a service's state directory"
+        " /var/lib/iscl/INSTANCE (the units set SOFTHSM2_CONF to it)",
     )
     p.add_argument(
         "--input-fd",
@@ -164,6 +172,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--exportable", action="store_true", help="let the key be exported again (trusted wrap only)"
     )
     p.add_argument("--host-readable", action="store_true", help=HOST_READABLE_HELP)
+    p.add_argument("--not-after", metavar="DATE|DURATION", help=NOT_AFTER_HELP)
 
     from .keys_backup import add_backup_commands  # here: it uses this module's helpers
 
@@ -202,13 +211,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = _action(actions, "retire", "remove previous versions whose grace period has passed", _retire)
     p.add_argument("--purpose", help="auth, enc or transport (default: every key)")
     p.add_argument("--index", type=int, help="key index 1..8 (with --purpose)")
-    p.add_argument("--now", action="store_true", help="remove every previous version, grace period or not")
+    p.add_argument(
+        "--now",
+        action="store_true",
+        help="remove every previous version, grace period or not (asks for confirmation first)",
+    )
+    _confirmation_arguments(p)
 
     p = _action(actions, "delete", "destroy a key (every version, or one)", _delete)
     _key_arguments(p)
     p.add_argument("--version", type=int, help="only this version")
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--input-fd", metavar="FD", type=int, help="read the confirmation from this descriptor")
+    _confirmation_arguments(p)
 
     audit = actions.add_parser(
         "audit",
@@ -238,8 +251,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         p,
         record_keys=False,
         description="The token the log's entries are anchored in (see 'The audit log' in"
-        " `iscl docs security-officer`). Without --token only the chain is checked.",
-        token_help="check the log against this token's audit anchor (needs its user PIN)",
+        " `iscl docs security-officer`). Without --token or $ISCL_TOKEN only the chain is checked.",
+        token_help="check the log against this token's audit anchor (else $ISCL_TOKEN; needs its user PIN)",
     )
     p.set_defaults(run=_audit_verify)
 
@@ -261,7 +274,12 @@ def _action(
     action = f"{within} {name}".strip()
     parser = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
     if name != "init-token":
-        add_key_holder_options(parser, record_keys=False)
+        add_key_holder_options(
+            parser,
+            record_keys=False,
+            description="The token whose keys the command manages; there is no default token.",
+            token_help="label of the token (required, or set ISCL_TOKEN; `iscl keys init-token` makes one)",
+        )
     else:
         group = parser.add_argument_group("token")
         from ..keyholder.pkcs11 import DEFAULT_MODULE
@@ -286,6 +304,11 @@ def _action(
     return parser
 
 
+def _confirmation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    parser.add_argument("--input-fd", metavar="FD", type=int, help="read the confirmation from this descriptor")
+
+
 def _key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--purpose", required=True, help="auth, enc or transport")
     parser.add_argument("--index", type=int, required=True, help="key index 1..8")
@@ -302,6 +325,7 @@ def _creation_arguments(parser: argparse.ArgumentParser, *, replace: bool = True
         help="the key may later be exported, wrapped under a trusted transport key only",
     )
     parser.add_argument("--host-readable", action="store_true", help=HOST_READABLE_HELP)
+    parser.add_argument("--not-after", metavar="DATE|DURATION", help=NOT_AFTER_HELP)
     if replace:
         parser.add_argument("--replace", action="store_true", help="replace a key already at that index")
     parser.add_argument(
@@ -361,7 +385,12 @@ def _token_named(name: str) -> Callable[[argparse.Namespace], str | None]:
     """The token as a `keys` command's options name it (init-token names the one it creates)."""
     if name == "init-token":
         return lambda args: getattr(args, "label", None)
-    return lambda args: args.token or DEMO_LABEL
+    return _given_token
+
+
+def _given_token(args: argparse.Namespace) -> str | None:
+    """--token, else $ISCL_TOKEN, else None: `iscl keys` never picks a token by itself."""
+    return args.token or os.environ.get("ISCL_TOKEN", "").strip() or None
 
 
 def _record_key(entry: AuditEntry, info: KeyInfo, store: KeyStore | None = None) -> None:
@@ -407,34 +436,27 @@ def component_count(count: int | None) -> int:
     return count
 
 
-def parse_duration(text: str) -> datetime.timedelta:
-    """'0', '45s', '30m', '12h' or '7d'."""
-    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text or "")
-    if match is None or (match.group(2) == "" and int(match.group(1)) != 0):
-        raise KeyHolderError(
-            f"grace period {text!r} is not a duration like 30m, 12h or 7d (or 0)", ErrorCode.BAD_OPTION
-        )
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return datetime.timedelta(seconds=int(match.group(1)) * unit)
 
 
 def _label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
-    """Token label and user PIN as the shared options give them (the demo token by default)."""
-    if args.token is None:
-        label, pin_path = ensure_demo_token()
-        return label, read_pin(args.pin_file or pin_path, f"token '{label}'")
-    return args.token, read_pin(args.pin_file, f"token '{args.token}'")
+    """Token label (required: a key ceremony on a token picked by default would go unnoticed) and
+    user PIN, as the shared options give them."""
+    label = _given_token(args)
+    if label is None:
+        raise KeyHolderError(
+            "name the token: pass --token LABEL or set ISCL_TOKEN (`iscl keys init-token --label LABEL`"
+            " makes a token)",
+            ErrorCode.BAD_OPTION,
+        )
+    return label, read_pin(args.pin_file, f"token '{label}'")
 
 
 @contextlib.contextmanager
 def _opened(args: argparse.Namespace, entry: AuditEntry) -> Iterator[KeyStore]:
-    """The key store of the token the shared options name (open_key_holder). It stays open until
-    ``entry`` is written, anchored in the token; the entry closes it."""
-    holder = open_key_holder(args)
-    if not isinstance(holder, Pkcs11KeyHolder):
-        holder.close()
-        raise KeyHolderError("'iscl keys' manages keys on PKCS#11 tokens only", ErrorCode.BAD_OPTION)
-    yield entry.anchor_in(KeyStore(holder))
+    """The key store of the token the shared options name. It stays open until ``entry`` is written,
+    anchored in the token; the entry closes it."""
+    label, pin = _label_and_pin(args)
+    yield entry.anchor_in(KeyStore(Pkcs11KeyHolder(label, pin, args.pkcs11_module)))
 
 
 def _so_pin(
@@ -451,9 +473,20 @@ def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
         kind += ", trusted" if info.trusted else ", NOT trusted"
     print(
         f"{prefix} {info.label} version {info.version} on token '{store.token_label}': {info.algorithm},"
-        f" {kind}, KCV {info.kcv}",
+        f" {kind}, KCV {info.kcv}" + (f", not after {info.not_after}" if info.not_after else ""),
         flush=True,
     )
+    if expiry_flag(info.not_after) == "EXPIRED":
+        print(f"warning: {info.name} has expired already: links refuse it", flush=True)
+
+
+def _not_after(args: argparse.Namespace, action: AuditEntry) -> datetime.datetime | None:
+    """--not-after, checked before anything is typed; the audit entry's detail names it."""
+    if args.not_after is None:
+        return None
+    moment = parse_not_after(args.not_after)
+    _add_detail(action, f"not after {utc_text(moment)}")
+    return moment
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,8 +494,7 @@ def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
 
 
 def _init_token(args: argparse.Namespace, action: AuditEntry) -> int:
-    if args.softhsm_dir is not None:  # before the PINs are asked for: a bad directory fails at once
-        _use_softhsm_dir(args.softhsm_dir, args.pkcs11_module)
+    conf = _use_softhsm_conf(args)  # before the PINs are asked for: a bad directory fails at once
     console = Console(args)
     if args.so_pin_file is not None:
         so_pin = read_secret_file(args.so_pin_file, "SO PIN")
@@ -485,23 +517,34 @@ def _init_token(args: argparse.Namespace, action: AuditEntry) -> int:
         f"token '{args.label}' initialised"
         + (f", serial {action.fields['serial']}" if action.fields["serial"] else "")
     )
-    if args.softhsm_dir is not None:
-        conf = os.environ["SOFTHSM2_CONF"]
+    if conf is not None:
         print(f"SoftHSM2 configuration {conf}: the other commands need SOFTHSM2_CONF={conf}"
               " (the units set it)")
     return 0
 
 
-def _use_softhsm_dir(folder: Path, module: str) -> None:
-    """Write ``folder``'s SoftHSM2 configuration (tokens in folder/tokens) and point this process at it."""
+def _use_softhsm_conf(args: argparse.Namespace) -> str | None:
+    """--softhsm-conf FILE (used if it exists, else written) or --softhsm-dir DIR (DIR/softhsm2.conf,
+    written afresh), made this process's SOFTHSM2_CONF; None without either."""
+    if args.softhsm_conf is not None:
+        conf = args.softhsm_conf.absolute()
+        if conf.is_file():
+            use_softhsm_conf(str(conf), args.pkcs11_module)
+            return str(conf)
+        folder, name = conf.parent, conf.name
+    elif args.softhsm_dir is not None:
+        folder, name = args.softhsm_dir, "softhsm2.conf"
+    else:
+        return None
     try:
-        conf = softhsm_environment(folder)["SOFTHSM2_CONF"]
+        written = softhsm_environment(folder, name)["SOFTHSM2_CONF"]
     except OSError as exc:
         raise KeyHolderConfigError(
             f"cannot write the SoftHSM2 configuration in {folder}: {exc.strerror}; run as the service's user,"
             f" on a directory it owns ({doc_reference('systemd.md')})"
         ) from None
-    use_softhsm_conf(conf, module)
+    use_softhsm_conf(written, args.pkcs11_module)
+    return written
 
 
 def _list(args: argparse.Namespace, action: AuditEntry) -> int:
@@ -526,18 +569,29 @@ def _list(args: argparse.Namespace, action: AuditEntry) -> int:
                 f"{'PURPOSE':9} {'INDEX':5} {'VERSION':7} {'ALGORITHM':9} {'KCV':6}  {'CREATED':20}"
                 f" {'KIND':15} STATE"
             )
+        warnings = []
         for info in infos:
             state = "current" if info.current else "previous"
-            if info.retire_after:
+            if info.retire_after and not info.current:
                 state += f", retire after {info.retire_after}"
             if info.purpose == "transport":
                 state += ", trusted" if info.trusted else ", not trusted"
+            flag = expiry_flag(info.not_after)
+            if flag == "EXPIRED":
+                state += f", EXPIRED {info.not_after}"
+            elif info.not_after:
+                state += f", not after {info.not_after}" + (f" ({flag})" if flag else "")
+            if flag and info.current:
+                advice = _EXPIRED_ADVICE if flag == "EXPIRED" else _EXPIRING_ADVICE
+                warnings.append(f"warning: {info.name} {flag.lower()} ({info.not_after}): {advice}")
             print(
                 f"{info.purpose:9} {info.index:<5} {info.version:<7} {info.algorithm:9} {info.kcv or '-':6}"
                 f"  {info.created or '-':20} {info.kind:15} {state}"
             )
         for kind in sorted({info.kind for info in infos} & set(_KIND_LEGEND)):
             print(f"{KINDS[kind]}: {_KIND_LEGEND[kind]}")
+        for warning in warnings:
+            print(warning)
     return 0
 
 
@@ -601,6 +655,7 @@ def _create(
 ) -> int:
     """Every way of putting a key on the token: check first, then collect, then store at once."""
     check_kind(purpose, exportable=args.exportable, host_readable=args.host_readable)
+    not_after = _not_after(args, action)
     console = Console(args)
     count = component_count(args.components) if source != "generate" else 0
     files: list[Path] = getattr(args, "component_file", [])
@@ -646,7 +701,7 @@ def _create(
             holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
             store = action.anchor_in(KeyStore(holder))
             info = store.create(
-                purpose, index, algorithm, value, mode=mode, grace=grace, origin=origin, trusted=temporary
+                purpose, index, algorithm, value, mode=mode, grace=grace, origin=origin, trusted=temporary, not_after=not_after
             )
     else:
         info = store.create(
@@ -659,6 +714,7 @@ def _create(
             mode=mode,
             grace=grace,
             origin=origin,
+            not_after=not_after,
         )
     del value
     _record_created(action, info, store)
@@ -752,11 +808,17 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
     action.fields.update(purpose=document["purpose"], index=document["index"], kcv=document["kcv"])
     grace = parse_duration(args.grace) if args.grace is not None else None
     mode = ROTATE if grace is not None else _mode(args)
+    not_after = _not_after(args, action)
     with _opened(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, Console(args).secret)
         info = store.import_wrapped(
-            document, mode=mode, grace=grace, exportable=args.exportable, host_readable=args.host_readable
+            document,
+            mode=mode,
+            grace=grace,
+            exportable=args.exportable,
+            host_readable=args.host_readable,
+            not_after=not_after,
         )
     _add_detail(
         action, f"from token {document['source'].get('token')} serial {document['source'].get('serial')}"
@@ -784,12 +846,12 @@ def _check(args: argparse.Namespace, action: AuditEntry) -> int:
             f"KCV {wanted.hex().upper()} is that of {matching.name}, which is no longer current on token"
             f" '{store.token_label}' (current: version {current.version}, KCV {current.kcv}); the other site"
             " has not rotated yet, or this one rotated too early",
-            ErrorCode.KEY_NOT_FOUND,
+            ErrorCode.KCV_MISMATCH,
         )
     raise KeyHolderError(
         f"no match: token '{store.token_label}' holds {current.label} version {current.version} with KCV"
         f" {current.kcv}, not {wanted.hex().upper()}; the two sites hold different keys",
-        ErrorCode.KEY_NOT_FOUND,
+        ErrorCode.KCV_MISMATCH,
     )
 
 
@@ -798,8 +860,16 @@ def _retire(args: argparse.Namespace, action: AuditEntry) -> int:
         if args.purpose is None or args.index is None:
             raise KeyHolderError("give both --purpose and --index, or neither", ErrorCode.BAD_OPTION)
         _purpose_index(args)
+    console = Console(args)
     with _opened(args, action) as store:
         action.fields["serial"] = store.serial
+        if args.now:
+            previous = [
+                i
+                for i in store.list_keys()
+                if not i.current and args.purpose in (None, i.purpose) and args.index in (None, i.index)
+            ]
+            _confirm_destroying(console, store, previous, " now, whatever their grace periods")
         removed = store.retire(args.purpose, args.index, now=args.now)
     action.fields["detail"] = (
         ("removed " + ", ".join(f"{i.name} KCV {i.kcv}" for i in removed)) if removed else "nothing due"
@@ -825,12 +895,7 @@ def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
             and i.index == index
             and (args.version is None or i.version == args.version)
         ]
-        if targets:
-            which = ", ".join(f"version {i.version} (KCV {i.kcv})" for i in targets)
-            if not console.confirm(
-                f"Destroy {targets[0].label} {which} on token '{store.token_label}'? This cannot be undone."
-            ):
-                raise KeyHolderError("not confirmed; nothing was deleted", ErrorCode.BAD_OPTION)
+        _confirm_destroying(console, store, targets)
         removed = store.delete(purpose, index, args.version)
     if len(removed) == 1:
         _record_key(action, removed[0], store)
@@ -840,12 +905,23 @@ def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
     return 0
 
 
+def _confirm_destroying(console: Console, store: KeyStore, targets: list[KeyInfo], when: str = "") -> None:
+    """Ask before key versions are destroyed (--yes answers for the officer); nothing to destroy, no question."""
+    if not targets:
+        return
+    which = ", ".join(f"{i.name} (KCV {i.kcv})" for i in targets)
+    if not console.confirm(f"Destroy {which} on token '{store.token_label}'{when}? This cannot be undone."):
+        raise KeyHolderError("not confirmed; nothing was destroyed", ErrorCode.NOT_CONFIRMED)
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     path = args.audit_log or default_data_dir() / "audit.log"
     report = audit_log.verify(path, args.head)
     print(f"audit log {report.path}: {report.entries} entries, chain intact; head {report.head}")
     if report.head_entry is not None:
         print(f"the recorded head {args.head} is entry {report.head_entry}")
-    if args.token is not None:
-        print(verify_in_token(report, args))
+    if _given_token(args) is not None:
+        label, pin = _label_and_pin(args)
+        with Pkcs11KeyHolder(label, pin, args.pkcs11_module) as holder:
+            print(verify_in_token(report, KeyStore(holder)))
     return 0

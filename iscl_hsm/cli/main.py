@@ -9,15 +9,13 @@ from collections.abc import Callable
 
 from .. import __version__, logs
 from ..allocator import keep_bulk_buffers
-from ..errors import IsclError, KeyHolderConfigError
+from ..errors import IsclError
 from ..shared import doc_reference
 from . import card, demo, dicom, docs, keys, link, tunnel
 from .extras import MissingExtraError
+from .status import EXIT_CONFIG, EXIT_FAILURE, exit_status
 
-EXIT_FAILURE = 1
-EXIT_CONFIG = 78
-"""sysexits.h's EX_CONFIG: a wrong or locked PIN, no such token, card or key (KeyHolderConfigError).
-Running the command again cannot help, so the systemd units do not restart on it."""
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "build_parser", "main", "reporting"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +58,7 @@ def reporting(run: Callable[[], int], command: str) -> int:
         return EXIT_FAILURE
     except IsclError as exc:
         print(f"iscl: {exc}", file=sys.stderr)
-        return EXIT_CONFIG if isinstance(exc, KeyHolderConfigError) else EXIT_FAILURE
+        return exit_status(command, exc)
     except OSError as exc:  # connection refused, address in use, connection reset, ...
         print(f"iscl: {exc}", file=sys.stderr)
         return EXIT_FAILURE

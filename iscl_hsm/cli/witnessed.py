@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from ..errors import ErrorCode, KeyHolderConfigError, KeyHolderError
+from ..errors import ErrorCode, KeyHolderError
 from ..keys.policy import DualControl, same_name
 from ..keys.store import KeyStore
 from .audited import AuditEntry
@@ -109,7 +109,7 @@ def check_witness(
         args.witness_passphrase_file, lambda: ask(f"passphrase of witness '{witness.name}' (hidden): ")
     )
     if not controls.verify(witness, passphrase):
-        raise KeyHolderConfigError(
+        raise KeyHolderError(
             f"wrong passphrase for witness '{witness.name}'; nothing was changed",
             ErrorCode.AUTHENTICATION_FAILED,
         )

@@ -358,13 +358,7 @@ class Handshake:
                 ),
             )
         if not same(expected, p3.finished):
-            raise self._refused_auth(
-                *refusal,
-                RemoteProtocolError(
-                    ErrorCode.AUTHENTICATION_FAILED,
-                    "the server's handshake MAC does not match: the handshake was altered in transit",
-                ),
-            )
+            raise self._refused_auth(*refusal, _handshake_mac_mismatch("server", self._pair_id))
         finished = keys.proof(CLIENT_LABEL, self._transcript.digest())
         self._outbox.send(MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, wire.Completion(0, finished).encode())
         return [self._ready(keys)]
@@ -381,10 +375,7 @@ class Handshake:
             )
         expected = keys.proof(CLIENT_LABEL, self._transcript.digest(before_last_received=True))
         if not same(expected, done.finished):
-            raise RemoteProtocolError(
-                ErrorCode.AUTHENTICATION_FAILED,
-                "the client's handshake MAC does not match: the handshake was altered in transit",
-            )
+            raise _handshake_mac_mismatch("client", self._pair_id)
         return [self._ready(keys)]
 
     def _work_ahead(self) -> None:
@@ -409,6 +400,18 @@ class Handshake:
         )
         self.result = Handoff(parameters, keys)
         return LinkReady(parameters)
+
+
+def _handshake_mac_mismatch(peer: str, pair_id: int) -> RemoteProtocolError:
+    """The handshake MAC (hardened) failed. Its key derives from encryption key N of the key pair, so
+    different enc-N keys at the two sites look exactly like an altered handshake; the first is the
+    likely cause (a key ceremony gone wrong), so it comes first."""
+    return RemoteProtocolError(
+        ErrorCode.AUTHENTICATION_FAILED,
+        f"the {peer}'s handshake MAC does not match: the two sites hold different encryption keys"
+        f" iscl-enc-{pair_id} (compare their KCVs with `iscl keys check`), or the handshake was altered"
+        " in transit",
+    )
 
 
 _PROFILE_SHAPED = frozenset(

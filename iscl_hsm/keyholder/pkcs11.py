@@ -73,6 +73,7 @@ from pkcs11.constants import DEFAULT
 
 from iscl_hsm.errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES, Buffer, KeyHolder, RecordKey
+from iscl_hsm.keyholder.key_records import Expiry, read_expiry
 
 from ..crypto.des import DesKey, enable_legacy_in_default_context, fix_parity, self_test_once
 from ..shared import doc_reference
@@ -439,7 +440,7 @@ def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
         present = ", ".join(f"'{name}'" for name in labels) if labels else "none"
         raise KeyHolderConfigError(
             f"PKCS#11 token '{label}' not found in module {module} (tokens present: {present}); check the"
-            " label, or create the token (softhsm/setup-token.sh). Tokens created after this process loaded"
+            " label, or create the token (iscl keys init-token). Tokens created after this process loaded"
             " the module are seen only after a restart"
         ) from None
     except p11.MultipleTokensReturned:
@@ -698,9 +699,10 @@ class Pkcs11KeyHolder(KeyHolder):
         self._challenges: dict[int, collections.OrderedDict[bytes, bytes | None]] = {}
         """Outstanding challenges per key id, with the response expected to each once worked out."""
         self._direct_keys: dict[int, RecordKey] = {}  # V1.00's encryption keys, once fetched
-        self._keys: dict[tuple[str, int], tuple[Any, KeyType, dict[Attribute, Any]]] = {}
+        self._keys: dict[tuple[str, int], tuple[Any, KeyType, dict[Attribute, Any], Expiry | None]] = {}
         """Key objects by (purpose, index), looked up once per holder: a holder opened after a key was
-        rotated or imported (a tunnel's reload) finds the new one, while older holders keep theirs."""
+        rotated or imported (a tunnel's reload) finds the new one, while older holders keep theirs. With
+        each, the version's not-after from its key record, checked at every use (:meth:`_usable`)."""
         self._closed = False
         registry_key = (os.path.realpath(module), token_label)
         with _registry_lock:
@@ -782,11 +784,13 @@ class Pkcs11KeyHolder(KeyHolder):
     def encryption_key(self, enc_key_id: int) -> RecordKey:
         """Encryption key N itself, for V1.00: read once (host-readable key and ``record_keys="host"``),
         else used inside the token, which its ENCRYPT and DECRYPT capabilities must allow."""
+        key, key_type, attributes, expiry = self._key("enc", enc_key_id)
+        if expiry is not None:
+            expiry.check(self.description)
         with self._challenge_lock:
             cached = self._direct_keys.get(enc_key_id)
         if cached is not None:
             return cached
-        key, key_type, attributes = self._key("enc", enc_key_id)
         name = f"encryption key {enc_key_id} ({key_label('enc', enc_key_id)}) on {self.description}"
         if key_type is not KeyType._DES:
             raise KeyHolderConfigError(
@@ -956,8 +960,9 @@ class Pkcs11KeyHolder(KeyHolder):
             f"encrypt with {key_label('auth', key_id)}",
         )
 
-    def _key(self, purpose: str, index: int) -> tuple[Any, KeyType, dict[Attribute, Any]]:
-        """(key object, key type, attributes) of ``purpose`` key ``index``, looked up once and then cached."""
+    def _key(self, purpose: str, index: int) -> tuple[Any, KeyType, dict[Attribute, Any], Expiry | None]:
+        """(key object, key type, attributes, not-after) of ``purpose`` key ``index``, looked up once and
+        then cached."""
         _check_index(index)
         cached = self._keys.get((purpose, index))
         if cached is not None:
@@ -969,8 +974,11 @@ class Pkcs11KeyHolder(KeyHolder):
         return found
 
     def _usable(self, purpose: str, index: int) -> tuple[Any, KeyType]:
-        """The key and its type, if it has the capability the handshake or a derivation needs of it."""
-        key, key_type, attributes = self._key(purpose, index)
+        """The key and its type, if it has the capability the handshake or a derivation needs of it and
+        has not expired (the clock is read here, at each use, so a link cannot open with an expired key)."""
+        key, key_type, attributes, expiry = self._key(purpose, index)
+        if expiry is not None:
+            expiry.check(self.description)
         needed = _NEEDED_CAPABILITY[purpose]
         if not attributes.get(needed):
             raise KeyHolderConfigError(
@@ -981,7 +989,9 @@ class Pkcs11KeyHolder(KeyHolder):
             )
         return key, key_type
 
-    def _lookup(self, session: Any, purpose: str, index: int) -> tuple[Any, KeyType, dict[Attribute, Any]]:
+    def _lookup(
+        self, session: Any, purpose: str, index: int
+    ) -> tuple[Any, KeyType, dict[Attribute, Any], Expiry | None]:
         label = key_label(purpose, index)
         what = f"{_PURPOSE_NAMES[purpose]} {index} (label '{label}')"
         prefix = key_id(purpose, index)[:2]
@@ -998,13 +1008,12 @@ class Pkcs11KeyHolder(KeyHolder):
                 raise KeyHolderConfigError(
                     f"{what} on {self.description} has CKA_ID {', '.join(other_ids)} instead of"
                     f" {prefix.hex()}<version>; the security officer must recreate it under the ISCL key"
-                    " convention (python3 -m iscl_hsm.keyholder.provision)",
+                    " convention (iscl keys, `iscl docs security-officer`)",
                     ErrorCode.KEY_NOT_FOUND,
                 )
             raise KeyHolderConfigError(
-                f"{what} is not on {self.description}; the security officer must create it"
-                " (softhsm/setup-token.sh or python3 -m iscl_hsm.keyholder.provision), or choose a key id"
-                " that exists",
+                f"{what} is not on {self.description}; the security officer must create it (iscl keys,"
+                " `iscl docs security-officer`), or choose a key id that exists",
                 ErrorCode.KEY_NOT_FOUND,
             )
         candidates.sort(key=lambda pair: pair[0])
@@ -1014,7 +1023,7 @@ class Pkcs11KeyHolder(KeyHolder):
                 " officer must destroy one of them",
                 ErrorCode.KEY_NOT_FOUND,
             )
-        obj = candidates[-1][1]
+        version, obj = candidates[-1]
         attributes = obj.get_attributes(
             [Attribute.KEY_TYPE, Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.WRAP_WITH_TRUSTED,
              *_ALL_CAPABILITY_ATTRIBUTES]
@@ -1043,4 +1052,4 @@ class Pkcs11KeyHolder(KeyHolder):
                 bool(sensitive),
                 bool(extractable),
             )
-        return obj, KeyType(key_type), attributes
+        return obj, KeyType(key_type), attributes, read_expiry(session, label, version, what)

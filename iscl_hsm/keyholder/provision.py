@@ -7,7 +7,7 @@ Nothing here prints, logs or returns a key value or a PIN: keys are shown by lab
 value (KCV: first 3 bytes of the key's encryption of a zero block).
 
 Run ``python3 -m iscl_hsm.keyholder.provision --help`` (or softhsm/setup-token.sh) to create a token
-with the 16 keys of a site.
+with 16 keys for demos and tests; security officers make a site's keys with ``iscl keys``.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def default_data_dir() -> Path:
     return Path(base) / "iscl-hsm"
 
 
-def softhsm_environment(data_dir: Path) -> dict[str, str]:
-    """Write <data_dir>/softhsm2.conf (tokens in <data_dir>/tokens) and return the variables to use.
+def softhsm_environment(data_dir: Path, conf_name: str = "softhsm2.conf") -> dict[str, str]:
+    """Write <data_dir>/<conf_name> (tokens in <data_dir>/tokens) and return the variables to use.
 
     Returns SOFTHSM2_CONF (must be in the environment before a process loads libsofthsm2.so) and
     OPENSSL_CONF (enables single DES for command-line tools such as softhsm2-util and pkcs11-tool;
@@ -94,7 +94,7 @@ def softhsm_environment(data_dir: Path) -> dict[str, str]:
     tokendir.mkdir(mode=0o700, exist_ok=True)
     templates = _softhsm_dir()
     text = (templates / "softhsm2.conf.in").read_text().replace("@TOKENDIR@", str(tokendir))
-    conf = data_dir / "softhsm2.conf"
+    conf = data_dir / conf_name
     if not conf.is_file() or conf.read_text() != text:
         temporary = conf.with_name(conf.name + ".tmp")
         temporary.write_text(text)
@@ -179,8 +179,9 @@ def init_token(
     exists = label in softhsm_token_labels(env)
     if exists and not replace:
         raise KeyHolderError(
-            f"a SoftHSM2 token labelled '{label}' already exists; choose another label or delete that token"
-            " (softhsm2-util --delete-token --token LABEL)"
+            f"a SoftHSM2 token labelled '{label}' already exists; choose another label, or erase that token"
+            " and initialise it again with its SO PIN (iscl keys init-token --replace)",
+            ErrorCode.BAD_OPTION,
         )
     args = [
         "--init-token",
@@ -485,7 +486,8 @@ def _read_key_file(path: Path) -> dict[tuple[str, int], bytes]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python3 -m iscl_hsm.keyholder.provision",
-        description="Create a SoftHSM2 token holding the ISCL keys iscl-auth-1..8 and iscl-enc-1..8.",
+        description="Create a SoftHSM2 token holding the ISCL keys iscl-auth-1..8 and iscl-enc-1..8, for"
+        " demos and tests. A site's keys are made with `iscl keys` (`iscl docs security-officer`).",
     )
     parser.add_argument(
         "--data-dir", type=Path, default=None, help=f"SoftHSM2 data (default {default_data_dir()})"

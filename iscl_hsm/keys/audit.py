@@ -64,7 +64,7 @@ class AuditError(KeyHolderError):
     """The audit log cannot be written, or its chain is broken (the message names the line)."""
 
     def __init__(self, message: str, line: int | None = None) -> None:
-        super().__init__(message, ErrorCode.LOCAL_KEY_HOLDER)
+        super().__init__(message, ErrorCode.AUDIT_LOG)
         self.line = line
 
 

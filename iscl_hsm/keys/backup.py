@@ -90,7 +90,7 @@ def parse_backup(text: str, name: str) -> dict[str, Any]:
     try:
         document = json.loads(text)
     except ValueError:
-        raise KeyHolderError(f"{corrupted} (it is not JSON); {_ANOTHER_COPY}", ErrorCode.BAD_OPTION) from None
+        raise KeyHolderError(f"{corrupted} (it is not JSON); {_ANOTHER_COPY}", ErrorCode.BAD_KEY_FILE) from None
     if not isinstance(document, dict) or document.get("format") != BACKUP_FORMAT:
         raise KeyHolderError(f"{name} is not a backup file of iscl keys backup", ErrorCode.BAD_OPTION)
     try:
@@ -112,7 +112,7 @@ def parse_backup(text: str, name: str) -> dict[str, Any]:
         ok = False
     if not ok:
         raise KeyHolderError(
-            f"{corrupted} (a field is missing or malformed); {_ANOTHER_COPY}", ErrorCode.BAD_OPTION
+            f"{corrupted} (a field is missing or malformed); {_ANOTHER_COPY}", ErrorCode.BAD_KEY_FILE
         )
     return document
 

@@ -116,7 +116,7 @@ def verify(transport: Any, transport_name: str, document: dict[str, Any], altere
         raise KeyHolderError(
             f"{altered}: its MAC key does not unwrap under {transport_name}, so it was changed, or wrapped"
             f" under another transport key with the same KCV; {remedy}",
-            ErrorCode.BAD_OPTION,
+            ErrorCode.BAD_KEY_FILE,
         ) from None
     try:
         valid = mac_key.verify(
@@ -129,5 +129,5 @@ def verify(transport: Any, transport_name: str, document: dict[str, Any], altere
         raise KeyHolderError(
             f"{altered}: its fields do not match the MAC made under {transport_name} when it was written;"
             f" {remedy}",
-            ErrorCode.BAD_OPTION,
+            ErrorCode.BAD_KEY_FILE,
         )

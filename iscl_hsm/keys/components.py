@@ -77,10 +77,11 @@ DEFAULT_ALGORITHM: Final = {"auth": "des", "enc": "des", "transport": "aes256"}
 
 
 class ComponentError(KeyHolderError):
-    """A component or a combined key was refused (the message says which and why)."""
+    """A component or a combined key was refused (the message says which and why); NOT_CONFIRMED when
+    a custodian did not confirm it."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, ErrorCode.BAD_OPTION)
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_OPTION) -> None:
+        super().__init__(message, code)
 
 
 def algorithm_for(purpose: str, name: str | None) -> Algorithm:

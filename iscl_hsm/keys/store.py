@@ -19,8 +19,9 @@ ISCL keys are created CKA_MODIFIABLE false, so nothing can be added to them late
 does not return CKA_START_DATE through python-pkcs11. What a key's attributes cannot hold lives in
 one *key record* per key version: a private token data object (CKO_DATA) with CKA_APPLICATION
 "iscl-hsm key record", CKA_LABEL the key's label, and as CKA_VALUE a JSON object: purpose, index,
-version, created (UTC), kcv, origin (generated, components, wrapped) and retire_after (UTC, set by a
-rotation). The KCV is kept there because a token sets no CKA_CHECK_VALUE on unwrapped keys.
+version, created (UTC), kcv, origin (generated, components, wrapped), retire_after (UTC, set by a
+rotation) and not_after (UTC or null: from then on the key holder refuses the version, see
+:mod:`iscl_hsm.keyholder.key_records`). The KCV is kept there because a token sets no CKA_CHECK_VALUE on unwrapped keys.
 
 Exportable keys and trusted transport keys
 ------------------------------------------
@@ -74,6 +75,7 @@ from pkcs11.constants import DEFAULT
 
 from iscl_hsm.errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES
+from iscl_hsm.keyholder.key_records import RECORD_APPLICATION, parse_utc, utc_text
 from iscl_hsm.keyholder.pkcs11 import (
     PURPOSES,
     Pkcs11KeyHolder,
@@ -112,7 +114,6 @@ __all__ = [
 
 NEW, REPLACE, ROTATE = "new", "replace", "rotate"
 """How a key is stored at an index: only if free; replacing every version; or as a new version."""
-RECORD_APPLICATION: Final = "iscl-hsm key record"
 WRAPPED_FORMAT: Final = "iscl-hsm wrapped key 2"
 UNBOUND_FORMAT: Final = "iscl-hsm wrapped key 1"
 """Files of releases whose metadata had an unkeyed checksum only: refused."""
@@ -146,12 +147,7 @@ KINDS: Final = {
 
 
 def _utc(moment: datetime.datetime | None = None) -> str:
-    moment = moment or datetime.datetime.now(datetime.UTC)
-    return moment.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _parse_utc(text: str) -> datetime.datetime:
-    return datetime.datetime.fromisoformat(text)
+    return utc_text(moment or datetime.datetime.now(datetime.UTC))
 
 
 def _check_purpose_index(purpose: str, index: int) -> str:
@@ -195,6 +191,8 @@ class KeyInfo:
     trusted: bool = False
     kind: str = NON_EXTRACTABLE
     """One of KINDS: non-extractable, exportable (trusted wrap only), host-readable (V1.00 on the host)."""
+    not_after: str | None = None
+    """UTC; from then on the key holder refuses this version (None: no expiry)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "host_readable": self.host_readable}
@@ -324,6 +322,7 @@ class KeyStore:
             label=key_label(purpose, index),
             trusted=bool(attributes.get(Attribute.TRUSTED)),
             kind=_kind_of(attributes),
+            not_after=record.get("not_after"),
         )
 
     def _infos(self, session: Any, purpose: str | None = None, index: int | None = None) -> list[KeyInfo]:
@@ -411,6 +410,7 @@ class KeyStore:
         grace: datetime.timedelta | None = None,
         origin: str = "generated",
         trusted: str | None = None,
+        not_after: datetime.datetime | None = None,
     ) -> KeyInfo:
         """Store a key at ``purpose``/``index``: ``value`` None generates it inside the token.
 
@@ -419,7 +419,8 @@ class KeyStore:
         A transport key needs ``trusted``: the label of the session object made by
         :func:`trusted_transport_value` (its value was given there). ``mode`` is NEW (the index must
         be free), REPLACE (older versions are destroyed once the new one is stored) or ROTATE (they
-        stay until ``grace`` has passed). Returns the new current version.
+        stay until ``grace`` has passed). ``not_after`` ends the new version's use. Returns the new
+        current version.
         """
         label = _check_purpose_index(purpose, index)
         check_kind(purpose, exportable=exportable, host_readable=host_readable)
@@ -453,7 +454,7 @@ class KeyStore:
                 )
                 return self._object(session, purpose, index, version), check
 
-            return self._install(session, purpose, index, version, make, mode, grace, origin)
+            return self._install(session, purpose, index, version, make, mode, grace, origin, not_after)
 
     def _object(self, session: Any, purpose: str, index: int, version: int) -> Any:
         for p, i, v, obj in self._objects(session, purpose, index):
@@ -471,6 +472,7 @@ class KeyStore:
         mode: str,
         grace: datetime.timedelta | None,
         origin: str,
+        not_after: datetime.datetime | None,
     ) -> KeyInfo:
         """Create the key with ``make`` and its record; mark or destroy older versions; all or nothing."""
         if mode == ROTATE and (grace is None or grace < datetime.timedelta(0)):
@@ -490,6 +492,7 @@ class KeyStore:
                 "kcv": check.hex().upper(),
                 "origin": origin,
                 "retire_after": None,
+                "not_after": None if not_after is None else _utc(not_after),
             }
             created.append(_create_record(session, record))
             older = [(v, o) for p, i, v, o in self._objects(session, purpose, index) if v != version]
@@ -570,7 +573,7 @@ class KeyStore:
             for info in self._infos(session, purpose, index):
                 if info.current:
                     continue
-                due = info.retire_after is not None and _parse_utc(info.retire_after) <= moment
+                due = info.retire_after is not None and parse_utc(info.retire_after) <= moment
                 if now or due:
                     self._destroy_version(
                         session,
@@ -600,7 +603,28 @@ class KeyStore:
             objects = {v: o for _, _, v, o in self._objects(session, purpose, index)}
             for info in infos:
                 self._destroy_version(session, records, purpose, index, info.version, objects[info.version])
+            left = [v for _, _, v, _ in self._objects(session, purpose, index)]
+            if left:
+                self._clear_retirement(session, records, purpose, index, max(left))
         return infos
+
+    def _clear_retirement(
+        self,
+        session: Any,
+        records: dict[tuple[str, int, int], tuple[Any, dict[str, Any]]],
+        purpose: str,
+        index: int,
+        version: int,
+    ) -> None:
+        """A roll-back made ``version`` current again: its rotation's retire_after no longer applies
+        (left in place, a later rotation would keep the old, earlier date)."""
+        record_obj, record = records.get((purpose, index, version), (None, None))
+        if record_obj is None or record is None or not record.get("retire_after"):
+            return
+        # A data object's CKA_VALUE cannot change: write a new record, then drop the old one.
+        _create_record(session, {**record, "retire_after": None})
+        with contextlib.suppress(p11.PKCS11Error):
+            record_obj.destroy()
 
     # -- moving keys between tokens -----------------------------------------------------------------
 
@@ -696,6 +720,7 @@ class KeyStore:
         grace: datetime.timedelta | None = None,
         exportable: bool = False,
         host_readable: bool = False,
+        not_after: datetime.datetime | None = None,
     ) -> KeyInfo:
         """Unwrap a document from :meth:`export` (checked by :func:`parse_wrapped`) into the token.
 
@@ -716,7 +741,7 @@ class KeyStore:
                 template = stored_template(purpose, index, version, exportable, host_readable)
                 return unwrap(True, template), bytes.fromhex(document["kcv"])
 
-            return self._install(session, purpose, index, version, make, mode, grace, "wrapped")
+            return self._install(session, purpose, index, version, make, mode, grace, "wrapped", not_after)
 
     def _wrapping_transport(self, session: Any, wrapping: dict[str, Any], what: str) -> tuple[Any, KeyInfo]:
         """The transport key ``wrapping`` names, if this token holds it with the KCV it states."""
@@ -731,7 +756,7 @@ class KeyStore:
                 f" {wrapping['transport_kcv'].upper()}, but {transport_info.label} on token"
                 f" '{self.token_label}' has KCV {transport_info.kcv}; both tokens must hold the same"
                 " transport key",
-                ErrorCode.BAD_OPTION,
+                ErrorCode.KCV_MISMATCH,
             )
         return transport, transport_info
 
@@ -769,7 +794,7 @@ def checked_unwrap(
             raise KeyHolderError(
                 f"{altered}: its wrapped key does not unwrap under {transport_name}, or is not a"
                 f" {document['algorithm']} key; {remedy}",
-                ErrorCode.BAD_OPTION,
+                ErrorCode.BAD_KEY_FILE,
             ) from None
 
     probe = unwrap(False, {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
@@ -783,7 +808,7 @@ def checked_unwrap(
         raise KeyHolderError(
             f"{altered}: the key unwrapped from it has KCV {got.hex().upper()}, not the"
             f" {expected.hex().upper()} it states; {remedy}",
-            ErrorCode.BAD_OPTION,
+            ErrorCode.BAD_KEY_FILE,
         )
     return unwrap
 
@@ -968,17 +993,17 @@ def parse_wrapped(text: str, name: str) -> dict[str, Any]:
     try:
         document = json.loads(text)
     except ValueError:
-        raise KeyHolderError(f"{corrupted} (it is not JSON); {EXPORT_AGAIN}", ErrorCode.BAD_OPTION) from None
+        raise KeyHolderError(f"{corrupted} (it is not JSON); {EXPORT_AGAIN}", ErrorCode.BAD_KEY_FILE) from None
     if isinstance(document, dict) and document.get("format") == UNBOUND_FORMAT:
         raise KeyHolderError(
             f"{name} was written by an older iscl-hsm whose files are not bound to the transport key (its"
             f" fields could be edited unnoticed); {EXPORT_AGAIN} with this version",
-            ErrorCode.BAD_OPTION,
+            ErrorCode.BAD_KEY_FILE,
         )
     if not isinstance(document, dict) or document.get("format") != WRAPPED_FORMAT:
         raise KeyHolderError(f"{name} is not a wrapped-key file of iscl keys export", ErrorCode.BAD_OPTION)
     if not check_wrapped_fields(document):
         raise KeyHolderError(
-            f"{corrupted} (a field is missing or malformed); {EXPORT_AGAIN}", ErrorCode.BAD_OPTION
+            f"{corrupted} (a field is missing or malformed); {EXPORT_AGAIN}", ErrorCode.BAD_KEY_FILE
         )
     return document

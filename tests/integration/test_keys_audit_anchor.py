@@ -21,6 +21,7 @@ import pytest
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 
+from iscl_hsm.cli.status import EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
 from iscl_hsm.keys.anchor import MAC_KEY_LABEL, TokenAnchor
 from iscl_hsm.keys.audit import AuditLog, entry_hash
@@ -29,7 +30,6 @@ from iscl_hsm.keys.store import KeyStore
 from .conftest import SoftHsm, SoftHsmToken, pkcs11_tool
 
 REPO = Path(__file__).resolve().parents[2]
-EXIT_CONFIG = 78
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Desk:
         assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
-    def verify_fails(self, log: Path, match: str, status: int = 1, **kwargs: Any) -> str:
+    def verify_fails(self, log: Path, match: str, status: int = EXIT_FAILURE, **kwargs: Any) -> str:
         """``audit verify --token`` fails with exit ``status`` and one sentence matching ``match``."""
         done = self.keys("audit", "verify", log=log, **kwargs)
         assert done.returncode == status, f"verify did not fail:\n{done.stdout}\n{done.stderr}"
@@ -121,10 +121,10 @@ def test_an_untampered_log_verifies_against_its_token(desks: tuple[Desk, Desk], 
     bad_pin.write_text("not-the-pin\n")
     a.ok("generate", "--purpose", "enc", "--index", "2", log=log)
     a.ok("list", log=log)
-    assert a.keys("generate", "--purpose", "enc", "--index", "2", log=log).returncode == 1  # in use: anchored
+    assert a.keys("generate", "--purpose", "enc", "--index", "2", log=log).returncode == EXIT_USAGE  # in use
     a.ok("rotate", "--purpose", "enc", "--index", "2", "--grace", "1d", log=log)
     # A wrong PIN never logs in, so its entry is not anchored.
-    assert a.keys("list", log=log, pin_file=bad_pin).returncode == EXIT_CONFIG
+    assert a.keys("list", log=log, pin_file=bad_pin).returncode == EXIT_UNAVAILABLE
     a.ok("check", "--purpose", "enc", "--index", "2", "--kcv", _entries(log)[3]["kcv"], log=log)
     a.ok("policy", "show", log=log)
     a.ok("witness", "list", log=log)
@@ -155,7 +155,7 @@ def test_an_untampered_log_verifies_against_its_token(desks: tuple[Desk, Desk], 
     )
     assert "not anchored" not in out
     # An unanchored entry after the last anchored one could be cut off unseen: verify counts them.
-    assert a.keys("list", log=log, pin_file=bad_pin).returncode == EXIT_CONFIG
+    assert a.keys("list", log=log, pin_file=bad_pin).returncode == EXIT_UNAVAILABLE
     out = a.ok("audit", "verify", log=log)
     assert (
         "7 entries anchored in it, up to entry 8, as its anchor records; 1 later entry is not anchored" in out
@@ -268,11 +268,11 @@ def test_a_recorded_head_may_be_its_first_12_digits(desks: tuple[Desk, Desk], tm
     assert done.returncode == 0, done.stderr
     assert f"the recorded head {entries[1]['hash'][:12].upper()} is entry 2" in done.stdout
     done = verify(entries[1]["hash"][:11])
-    assert done.returncode == 1 and "at least its first 12 hex digits" in done.stderr
+    assert done.returncode == EXIT_USAGE and "at least its first 12 hex digits" in done.stderr
     assert "Traceback" not in done.stderr
     _write(log, entries[:1])
     done = verify(entries[2]["hash"][:12])
-    assert done.returncode == 1 and "does not contain the recorded head" in done.stderr
+    assert done.returncode == EXIT_FAILURE and "does not contain the recorded head" in done.stderr
 
 
 def test_verify_with_a_wrong_pin_or_a_missing_token_is_one_sentence(
@@ -283,8 +283,10 @@ def test_verify_with_a_wrong_pin_or_a_missing_token_is_one_sentence(
     _anchored_log(a, log, commands=1)
     bad_pin = tmp_path / "bad.pin"
     bad_pin.write_text("not-the-pin\n")
-    a.verify_fails(log, r"wrong PIN for PKCS#11 token", status=EXIT_CONFIG, pin_file=bad_pin)
-    a.verify_fails(log, r"PKCS#11 token 'no-such-token' not found", status=EXIT_CONFIG, token="no-such-token")
+    a.verify_fails(log, r"wrong PIN for PKCS#11 token", status=EXIT_UNAVAILABLE, pin_file=bad_pin)
+    a.verify_fails(
+        log, r"PKCS#11 token 'no-such-token' not found", status=EXIT_UNAVAILABLE, token="no-such-token"
+    )
 
 
 def test_concurrent_commands_keep_log_and_anchor_consistent(softhsm: SoftHsm, tmp_path: Path) -> None:

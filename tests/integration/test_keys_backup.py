@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from iscl_hsm.cli.status import EXIT_USAGE
 from iscl_hsm.engine import Config
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
 from iscl_hsm.keys.binding import bind
@@ -117,7 +118,7 @@ def test_a_backup_restored_into_a_fresh_token_runs_a_link_with_the_peer(sites: S
     records = {(e["purpose"], e["index"], e["version"]): e["record"] for e in document["keys"]}
     assert records[("auth", 1, 1)]["retire_after"] and records[("auth", 1, 2)]["origin"] == "generated"
     done = a.keys("backup", "--wrap-with", "1", "--out", str(sites.backup), check=False)
-    assert done.returncode == 1 and "exists already; name a new file" in done.stderr
+    assert done.returncode == EXIT_USAGE and "exists already; name a new file" in done.stderr
     assert json.loads(sites.backup.read_text()) == document  # never overwritten
 
     out = c.keys("restore", str(sites.backup)).stdout
@@ -135,7 +136,7 @@ def test_a_backup_restored_into_a_fresh_token_runs_a_link_with_the_peer(sites: S
 
     # Once more: the keys are on C now, so only --replace restores, and to the same state.
     done = c.keys("restore", str(sites.backup), check=False)
-    assert done.returncode == 1 and "already holds iscl-auth-1, iscl-enc-1" in done.stderr, done.stderr
+    assert done.returncode == EXIT_USAGE and "already holds iscl-auth-1, iscl-enc-1" in done.stderr, done.stderr
     assert "pass --replace" in done.stderr
     before = _summary(c)
     c.keys("restore", str(sites.backup), "--replace")
@@ -213,6 +214,6 @@ def test_bad_backups_and_tokens_install_nothing(sites: Sites) -> None:
     # A token whose keys cannot leave it (B imported them non-extractable).
     out = folder / "nothing.backup"
     done = b.keys("backup", "--wrap-with", "1", "--out", str(out), check=False)
-    assert done.returncode == 1 and not out.exists(), done.stderr
+    assert done.returncode == EXIT_USAGE and not out.exists(), done.stderr
     assert "holds no key that can leave it" in done.stderr and "create keys with --exportable" in done.stderr
     assert "keep the component forms" in done.stderr

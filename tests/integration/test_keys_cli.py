@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from iscl_hsm.cli.ceremony import WIPE
-from iscl_hsm.cli.main import EXIT_CONFIG, EXIT_FAILURE
+from iscl_hsm.cli.status import EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE
 from iscl_hsm.keyholder.provision import softhsm_environment
 from iscl_hsm.keys.anchor import MAC_KEY_LABEL
 
@@ -77,9 +77,10 @@ class Hsm:
         assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
-    def fails(self, *args: str, match: str, status: int = EXIT_FAILURE, **kwargs: Any) -> str:
-        """The command fails with exit ``status`` (EXIT_CONFIG: a PIN, token or module that is not as the
-        options say) and one sentence on stderr matching ``match``."""
+    def fails(self, *args: str, match: str, status: int = EXIT_USAGE, **kwargs: Any) -> str:
+        """The command fails with exit ``status`` (EXIT_USAGE: the command as typed cannot be carried out;
+        EXIT_FAILURE: a check failed or was not confirmed; EXIT_UNAVAILABLE: a PIN, token or module that
+        is not as the options say) and one sentence on stderr matching ``match``."""
         done = self.run(*args, **kwargs)
         assert done.returncode == status, f"{args} did not fail with {status}:\n{done.stdout}\n{done.stderr}"
         lines = [line for line in done.stderr.splitlines() if line.startswith("iscl")]  # the rest: prompts
@@ -247,7 +248,7 @@ def test_init_token_refuses_an_existing_label_and_replaces_it_with_the_so_pin(hs
         "--pin-file",
         str(token.pin_file),
         match="wrong SO PIN",
-        status=EXIT_CONFIG,
+        status=EXIT_UNAVAILABLE,
     )
     assert "wrong-so-pin" not in message
     assert len(hsm.keys_of(token)) == 1
@@ -266,7 +267,10 @@ def test_init_token_refuses_an_existing_label_and_replaces_it_with_the_so_pin(hs
 
 def test_init_token_prompts_each_pin_twice(hsm: Hsm) -> None:
     label = f"typed-{secrets.token_hex(3)}"
-    hsm.fails("init-token", "--label", label, "--input-fd", "0", stdin="so-pin-1\nso-pin-2\n", match="differ")
+    hsm.fails(
+        "init-token", "--label", label, "--input-fd", "0", stdin="so-pin-1\nso-pin-2\n", match="differ",
+        status=EXIT_FAILURE,
+    )  # fmt: skip
     hsm.fails("init-token", "--label", label, match="stdin is not a terminal", stdin="")
     hsm.ok(
         "init-token", "--label", label, "--input-fd", "0", stdin="so-pin-1\nso-pin-1\nuser-pin\nuser-pin\n"
@@ -297,7 +301,8 @@ def test_generate_list_check_and_delete(hsm: Hsm) -> None:
     )
     hsm.fails(
         *hsm.on(token, "check", "--purpose", "auth", "--index", "1", "--kcv", "000000"),
-        match="different keys",
+        match="different keys.*KCV_MISMATCH",
+        status=EXIT_FAILURE,
     )
     hsm.fails(
         *hsm.on(token, "check", "--purpose", "auth", "--index", "1", "--kcv", "XYZ"), match="not hexadecimal"
@@ -305,7 +310,7 @@ def test_generate_list_check_and_delete(hsm: Hsm) -> None:
     hsm.fails(
         *hsm.on(token, "check", "--purpose", "auth", "--index", "4", "--kcv", kcv1),
         match="not on token",
-        status=EXIT_CONFIG,
+        status=EXIT_FAILURE,
     )
 
     hsm.fails(
@@ -320,12 +325,13 @@ def test_generate_list_check_and_delete(hsm: Hsm) -> None:
     hsm.fails(
         *hsm.on(token, "delete", "--purpose", "auth", "--index", "1", "--input-fd", "0"),
         stdin="n\n",
-        match="not confirmed",
+        match="not confirmed.*NOT_CONFIRMED",
+        status=EXIT_FAILURE,
     )
     hsm.fails(
         *hsm.on(token, "delete", "--purpose", "auth", "--index", "1", "--version", "7", "--yes"),
         match="version 7 is not on token",
-        status=EXIT_CONFIG,
+        status=EXIT_FAILURE,
     )
     out = hsm.ok(
         *hsm.on(token, "delete", "--purpose", "auth", "--index", "1", "--input-fd", "0"), stdin="y\n"
@@ -559,7 +565,7 @@ def test_a_pre_v100_enc_key_is_made_again_for_v100_from_the_same_components(hsm:
         (2, old["kcv"], "host-readable", True),
     ]
     assert _encryption_key_as_v100_sees_it(hsm, token, 1) == "DesKey"
-    assert "retired iscl-enc-1 version 1" in hsm.ok(*hsm.on(token, "retire", "--now"))
+    assert "retired iscl-enc-1 version 1" in hsm.ok(*hsm.on(token, "retire", "--now", "--yes"))
 
 
 # --- bad input and faults --------------------------------------------------------------------------
@@ -579,22 +585,22 @@ def test_bad_purpose_index_pin_token_module_and_officer(hsm: Hsm, tmp_path: Path
     wrong = tmp_path / "wrong.pin"
     wrong.write_text("not-the-pin\n")
     wrong_pin = ("list", "--token", token.label, "--pin-file", str(wrong))
-    first = hsm.fails(*wrong_pin, match=f"wrong PIN for .*'{token.label}'", status=EXIT_CONFIG)
+    first = hsm.fails(*wrong_pin, match=f"wrong PIN for .*'{token.label}'", status=EXIT_UNAVAILABLE)
     assert "not-the-pin" not in first and "tries" in first
-    second = hsm.fails(*wrong_pin, match="wrong PIN", status=EXIT_CONFIG)
+    second = hsm.fails(*wrong_pin, match="wrong PIN", status=EXIT_UNAVAILABLE)
     assert "few tries are left" in second  # SoftHSM2 sets CKF_USER_PIN_COUNT_LOW after a failure
     hsm.fails(
         "list", "--token", "no-such-token", "--pin-file", str(wrong), match="'no-such-token' not found",
-        status=EXIT_CONFIG,
+        status=EXIT_UNAVAILABLE,
     )
     hsm.fails(
         "list", "--token", token.label[:-1], "--pin-file", str(token.pin_file), match="not found",
-        status=EXIT_CONFIG,
+        status=EXIT_UNAVAILABLE,
     )  # no prefix match
     hsm.fails(
         *hsm.on(token, "list", "--pkcs11-module", "/nonexistent/libpkcs11.so"),
         match="/nonexistent/libpkcs11.so could not be loaded: no such file",
-        status=EXIT_CONFIG,
+        status=EXIT_UNAVAILABLE,
     )
     env = {k: v for k, v in hsm.env.items() if k != "ISCL_OFFICER"}
     hsm.fails(
@@ -664,6 +670,10 @@ def test_import_components_typed_twice_and_confirmed(hsm: Hsm) -> None:
         assert component.replace(" ", "") not in log and component.replace(" ", "").lower() not in log
 
 
+UNCONFIRMED = ("two entries of component 1 differ", "custodian 1 did not confirm")
+"""Refusals that are not usage errors: the custodian did not confirm (exit 1, 132 NOT_CONFIRMED)."""
+
+
 @pytest.mark.parametrize(
     ("components", "typed", "extra", "match"),
     [
@@ -671,12 +681,10 @@ def test_import_components_typed_twice_and_confirmed(hsm: Hsm) -> None:
             (C1, C2),
             f"{C1}\n{C2}\n" * 3,
             (),
-            "two entries of component 1 differ; nothing was stored after 3 attempts",
+            UNCONFIRMED[0] + "; nothing was stored after 3 attempts",
             id="typed-twice-differently",
         ),
-        pytest.param(
-            (C1, C2), f"{C1}\n{C1}\nn\n" * 3, (), "custodian 1 did not confirm", id="kcv-not-confirmed"
-        ),
+        pytest.param((C1, C2), f"{C1}\n{C1}\nn\n" * 3, (), UNCONFIRMED[1], id="kcv-not-confirmed"),
         pytest.param(
             ("01234567 89ABCDEZ", C2),
             _mistyped("01234567 89ABCDEZ"),
@@ -734,7 +742,8 @@ def test_bad_components_are_refused_and_nothing_is_stored(
 ) -> None:
     token = component_token
     args = _components_in(hsm, token, "auth", 3, *components, extra=extra)  # a later --input-fd wins
-    message = hsm.fails(*args, stdin=typed, match=match)
+    status = EXIT_FAILURE if match.startswith(UNCONFIRMED) else EXIT_USAGE
+    message = hsm.fails(*args, stdin=typed, match=match, status=status)
     for component in components:
         assert component.replace(" ", "") not in message
     assert hsm.keys_of(token) == []
@@ -797,7 +806,7 @@ def test_a_transport_key_needs_the_right_so_pin(hsm: Hsm, tmp_path: Path) -> Non
         *args,
         stdin=_typed((C1 * 4).replace(" ", ""), (C2 * 4).replace(" ", "")),
         match="wrong SO PIN",
-        status=EXIT_CONFIG,
+        status=EXIT_UNAVAILABLE,
     )
     assert "wrong-so-pin" not in message
     assert hsm.keys_of(token) == []
@@ -818,7 +827,7 @@ def test_a_transport_key_needs_the_right_so_pin(hsm: Hsm, tmp_path: Path) -> Non
             *[a for f in files for a in ("--component-file", f)],
         )
     )
-    assert done.returncode == EXIT_CONFIG and "wrong SO PIN" in done.stderr and "component" not in done.stdout
+    assert done.returncode == EXIT_UNAVAILABLE and "wrong SO PIN" in done.stderr and "component" not in done.stdout
     assert not any(Path(f).exists() for f in files)
 
 
@@ -886,7 +895,7 @@ def test_a_non_exportable_key_is_not_exported(hsm: Hsm, pair: tuple[Token, Token
     hsm.fails(
         *hsm.on(c, "export", "--purpose", "enc", "--index", "7", "--wrap-with", "iscl-transport-2"),
         match="iscl-transport-2 is not on token",
-        status=EXIT_CONFIG,
+        status=EXIT_FAILURE,
     )
     hsm.fails(
         *hsm.on(c, "export", "--purpose", "auth", "--index", "7", "--wrap-with", "aes"),
@@ -913,7 +922,11 @@ def test_corrupted_files_and_a_wrong_transport_key(
     for name, (text, match) in cases.items():
         path = tmp_path / f"{name}.json"
         path.write_text(text)
-        hsm.fails("import-wrapped", str(path), "--token", d.label, "--pin-file", str(d.pin_file), match=match)
+        status = EXIT_USAGE if name == "other-format" else EXIT_FAILURE  # a wrong file named, or a bad one
+        hsm.fails(
+            "import-wrapped", str(path), "--token", d.label, "--pin-file", str(d.pin_file), match=match,
+            status=status,
+        )  # fmt: skip
     hsm.fails(
         "import-wrapped",
         str(tmp_path / "absent.json"),
@@ -938,6 +951,7 @@ def test_corrupted_files_and_a_wrong_transport_key(
         "--pin-file",
         str(e.pin_file),
         match="wrong transport key: the file was wrapped under a transport key with KCV",
+        status=EXIT_FAILURE,
     )
     assert [k["purpose"] for k in hsm.keys_of(e)] == ["transport"]
     hsm.ok(
@@ -954,7 +968,7 @@ def test_rotation_with_a_grace_period_then_retire(hsm: Hsm, pair: tuple[Token, T
     hsm.fails(
         *hsm.on(c, "rotate", "--purpose", "auth", "--index", "4", "--grace", "7d"),
         match="nothing to rotate",
-        status=EXIT_CONFIG,
+        status=EXIT_FAILURE,
     )
     hsm.fails(
         *hsm.on(c, "rotate", "--purpose", "auth", "--index", "3", "--grace", "soon"), match="not a duration"
@@ -966,7 +980,9 @@ def test_rotation_with_a_grace_period_then_retire(hsm: Hsm, pair: tuple[Token, T
     assert [(k["version"], k["current"], k["kcv"]) for k in keys] == [(1, False, first), (2, True, second)]
     assert keys[0]["retire_after"] and keys[1]["retire_after"] is None
     hsm.fails(
-        *hsm.on(c, "check", "--purpose", "auth", "--index", "3", "--kcv", first), match="no longer current"
+        *hsm.on(c, "check", "--purpose", "auth", "--index", "3", "--kcv", first),
+        match="no longer current.*KCV_MISMATCH",
+        status=EXIT_FAILURE,
     )
     assert "no previous key version is due" in hsm.ok(*hsm.on(c, "retire"))
     # Roll back: deleting the new version makes the previous one current again.
@@ -985,7 +1001,7 @@ def test_rotation_with_a_grace_period_then_retire(hsm: Hsm, pair: tuple[Token, T
     ] == [(2, third)]
     # retire --now ignores the grace period.
     hsm.ok(*hsm.on(c, "rotate", "--purpose", "auth", "--index", "3", "--grace", "30d"))
-    assert "retired iscl-auth-3 version 2" in hsm.ok(*hsm.on(c, "retire", "--now"))
+    assert "retired iscl-auth-3 version 2" in hsm.ok(*hsm.on(c, "retire", "--now", "--yes"))
 
 
 def test_rotation_by_components_at_both_sites(hsm: Hsm, pair: tuple[Token, Token]) -> None:
@@ -1077,7 +1093,7 @@ def test_every_action_is_in_the_audit_log_and_tampering_is_caught(hsm: Hsm, tmp_
 
     assert run(*hsm.on(token, "generate", "--purpose", "auth", "--index", "1")).returncode == 0
     assert run(*hsm.on(token, "list")).returncode == 0
-    assert run(*hsm.on(token, "generate", "--purpose", "auth", "--index", "1")).returncode == 1  # in use
+    assert run(*hsm.on(token, "generate", "--purpose", "auth", "--index", "1")).returncode == 2  # in use
     assert run(*hsm.on(token, "delete", "--purpose", "auth", "--index", "1", "--yes")).returncode == 0
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(e["action"], e["result"][:6]) for e in entries] == [

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from pkcs11 import Attribute, ObjectClass
 
-from iscl_hsm.cli.main import EXIT_CONFIG, EXIT_FAILURE
+from iscl_hsm.cli.status import EXIT_FAILURE, EXIT_UNAVAILABLE, EXIT_USAGE
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
 from iscl_hsm.keys.policy import POLICY_APPLICATION, WITNESS_APPLICATION, passphrase_matches
 
@@ -85,7 +85,7 @@ class Officer:
         assert done.returncode == 0, f"{action} {args} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
-    def fails(self, action: str, *args: str, match: str, status: int = EXIT_FAILURE, **kwargs: Any) -> str:
+    def fails(self, action: str, *args: str, match: str, status: int = EXIT_USAGE, **kwargs: Any) -> str:
         """The command fails with ``status`` and one sentence ``iscl: ...`` (after any prompts) matching ``match``."""
         done = self.run(action, *args, **kwargs)
         assert done.returncode == status, (
@@ -171,7 +171,7 @@ def test_the_policy_needs_the_so_pin_a_witness_to_exist_and_lives_in_the_token(o
         "--so-pin-file",
         str(wrong),
         match="wrong SO PIN",
-        status=EXIT_CONFIG,
+        status=EXIT_UNAVAILABLE,
     )
     assert "not-the-so-pin" not in message
     officer.fails("policy set", "dual-control", "on", match="stdin is not a terminal")  # no SO PIN at all
@@ -209,7 +209,7 @@ def test_under_dual_control_a_ceremony_needs_the_right_witness_first(officer: Of
         *generate,
         *officer.witnessed("Bob", wrong),
         match=r"^iscl: wrong passphrase for witness 'Bob'; nothing was changed",
-        status=EXIT_CONFIG,
+        status=EXIT_FAILURE,
     )
     assert "something else" not in message
     officer.fails(
@@ -230,7 +230,7 @@ def test_under_dual_control_a_ceremony_needs_the_right_witness_first(officer: Of
         *components,
         *officer.witnessed("Bob", wrong),
         match="wrong passphrase",
-        status=EXIT_CONFIG,
+        status=EXIT_FAILURE,
     )
     assert not any(f.exists() for f in files)
     officer.fails(
@@ -322,7 +322,7 @@ def test_export_backup_restore_and_delete_under_dual_control(officer: Officer) -
         "--witness",
         "Bob",
         match="wrong passphrase",
-        status=EXIT_CONFIG,
+        status=EXIT_FAILURE,
         stdin="bob says nothing\ny\n",
     )
     assert ("auth", 1, 1) in officer.key_versions()
@@ -352,7 +352,7 @@ def test_switching_dual_control_off_needs_a_witness_and_the_so_pin(officer: Offi
         str(wrong),
         *officer.witnessed(),
         match="wrong SO PIN",
-        status=EXIT_CONFIG,
+        status=EXIT_UNAVAILABLE,
     )
     assert officer.policy()["dual_control"] is True
     officer.ok("policy set", "dual-control", "off", *officer.so(), *officer.witnessed())
@@ -371,7 +371,7 @@ def test_switching_dual_control_off_needs_a_witness_and_the_so_pin(officer: Offi
         "3",
         *officer.witnessed("Bob", wrong),
         match="wrong passphrase",
-        status=EXIT_CONFIG,
+        status=EXIT_FAILURE,
     )
     entries = [e for e in officer.audit() if e["action"] == "generate"]
     assert [(e["witness"], e["result"].split(":")[0]) for e in entries] == [
@@ -393,7 +393,7 @@ def test_witnesses_are_added_and_removed_with_the_so_pin(officer: Officer) -> No
         "--so-pin-file",
         str(wrong),
         match="wrong SO PIN",
-        status=EXIT_CONFIG,
+        status=EXIT_UNAVAILABLE,
     )
     short = officer.file("short", "1234567")
     officer.fails(*add, "--passphrase-file", str(short), *officer.so(), match="at least 8 characters")
@@ -401,7 +401,8 @@ def test_witnesses_are_added_and_removed_with_the_so_pin(officer: Officer) -> No
         *add, "--passphrase-file", str(officer.pin_file), *officer.so(), match="not a PIN of the token"
     )
     officer.fails(
-        *add, "--input-fd", "0", *officer.so(), stdin="one passphrase\nanother one\n", match="differ"
+        *add, "--input-fd", "0", *officer.so(), stdin="one passphrase\nanother one\n", match="differ",
+        status=EXIT_FAILURE,
     )
     officer.fails("witness add", "Bob/2", *officer.so(), match="is not a name of 1 to 64 letters")
     assert json.loads(officer.ok("witness list", "--json"))["witnesses"] == []
@@ -525,6 +526,7 @@ def test_a_damaged_policy_counts_as_on_and_a_damaged_witness_never_passes(office
         "1",
         *officer.witnessed(),
         match=r"the record of witness 'Bob' on token '[^']+' is damaged; remove it",
+        status=EXIT_FAILURE,
     )
     assert officer.key_versions() == []
     assert "damaged record" in officer.ok("witness list")

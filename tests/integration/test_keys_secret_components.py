@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from iscl_hsm.cli.ceremony import ALTERNATE_SCREEN, NORMAL_SCREEN, WIPE
+from iscl_hsm.cli.status import EXIT_FAILURE, EXIT_USAGE
 from iscl_hsm.keys.components import ALGORITHMS, combine, kcv_of, parse_component
 
 from . import test_keys_ceremony
@@ -285,7 +286,7 @@ def test_forms_are_never_written_over_and_need_their_directory(
     ]
     for options, message in cases:
         done = a.keys(*generate, *options, check=False)
-        assert done.returncode == 1 and re.search(message, done.stderr), done.stderr
+        assert done.returncode == EXIT_USAGE and re.search(message, done.stderr), done.stderr
         assert "Traceback" not in done.stderr
     assert sorted(tmp_path.iterdir()) == [taken] and taken.read_text() == "an earlier ceremony's form\n"
     assert _key_at(a, "auth", 7) == []
@@ -367,10 +368,10 @@ def test_three_mistakes_end_of_input_or_a_bad_component_file_store_nothing(
     _, b = sites
     three = f"{C1}\n{C2}\n" + "0123 4567 89AB CDEG\n" * 2 + f"{C1}\n{C1}\nn\n"
     done = _import_at_b(b, three + CORRECT)  # the correct entries come too late
-    assert done.returncode == 1, done.stdout
+    assert done.returncode == EXIT_FAILURE, done.stdout
     assert done.stderr.strip().endswith(
         "iscl: custodian 1 did not confirm the KCV of component 1; nothing was stored after 3 attempts: check the"
-        " form and start the ceremony again [ISCL 100 BAD_OPTION]"
+        " form and start the ceremony again [ISCL 132 NOT_CONFIRMED]"
     )
     assert "(attempt 2 of 3)" in done.stdout and "(attempt 3 of 3)" in done.stdout
     _absent([C1, C2], done.stdout, done.stderr)
@@ -379,7 +380,7 @@ def test_three_mistakes_end_of_input_or_a_bad_component_file_store_nothing(
 
     done = _import_at_b(b, f"{C1}\n{C2}\n")  # one mistake, then the input ends (as Ctrl-D at a terminal)
     assert (
-        done.returncode == 1 and "the input ended before the answer to 'component 1 (hidden):'" in done.stderr
+        done.returncode == EXIT_USAGE and "the input ended before the answer to 'component 1 (hidden):'" in done.stderr
     )
     assert _key_at(b, "auth", 5) == []
 
@@ -403,7 +404,7 @@ def test_three_mistakes_end_of_input_or_a_bad_component_file_store_nothing(
         stdin="y\n" * 6,
         check=False,
     )
-    assert done.returncode == 1 and "component 1 is not hexadecimal" in done.stderr, done.stderr
+    assert done.returncode == EXIT_USAGE and "component 1 is not hexadecimal" in done.stderr, done.stderr
     assert done.stderr.strip().endswith("(spaces are ignored); nothing was stored [ISCL 100 BAD_OPTION]")
     assert "again" not in done.stdout  # no one to ask: a file is not retried
     assert _key_at(b, "auth", 5) == []

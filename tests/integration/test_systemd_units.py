@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from iscl_hsm.cli.main import EXIT_CONFIG
+from iscl_hsm.cli.status import EXIT_UNAVAILABLE
 from iscl_hsm.shared import doc_reference
 
 from .background import TIMEOUT, Background
@@ -168,7 +169,7 @@ def test_init_token_names_a_state_directory_it_cannot_make(tmp_path: Path) -> No
         "init-token", "--label", "nowhere", "--softhsm-dir", tmp_path / "iscl" / "demo", "--pin-file", pin_file,
         "--so-pin-file", pin_file, env=child_env(), audit_log=tmp_path / "audit.log",
     )  # fmt: skip
-    assert done.returncode == EXIT_CONFIG
+    assert done.returncode == EXIT_UNAVAILABLE  # `iscl keys` statuses; the tunnel's stay 78
     assert done.stderr == (
         f"iscl: cannot write the SoftHSM2 configuration in {tmp_path / 'iscl' / 'demo'}: Not a directory; run as"
         f" the service's user, on a directory it owns ({doc_reference('systemd.md')}) [ISCL 102 LOCAL_KEY_HOLDER]\n"

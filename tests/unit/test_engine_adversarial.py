@@ -132,6 +132,10 @@ def test_same_auth_key_different_enc_key_fails_the_handshake_mac(profile: Profil
     p.server.initiate()
     p.pump(raise_errors=False)
     expect_error(p, Role.CLIENT, ErrorCode.AUTHENTICATION_FAILED)
+    assert str(p.errors[Role.CLIENT]).startswith(
+        "the server's handshake MAC does not match: the two sites hold different encryption keys iscl-enc-1"
+        " (compare their KCVs with `iscl keys check`), or the handshake was altered in transit"
+    )
     assert p.sent_by(Role.CLIENT, MessageId.MUTUAL_AUTH_COMPLETION_NOTIF) == []
     # The client tells the server nothing; the server learns it when the socket closes.
     assert Role.SERVER not in p.errors
@@ -428,6 +432,9 @@ def test_tampered_completion_mac(profile: Profile) -> None:
     p.server.initiate()
     p.pump(raise_errors=False)
     expect_error(p, Role.SERVER, ErrorCode.AUTHENTICATION_FAILED)
+    assert "the client's handshake MAC does not match: the two sites hold different encryption keys" in str(
+        p.errors[Role.SERVER]
+    )  # the likely cause first, then the altered handshake (the two ends cannot tell them apart)
     assert not any(isinstance(e, LinkReady) for e in p.events[Role.SERVER])
 
 

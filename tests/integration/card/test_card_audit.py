@@ -101,5 +101,5 @@ def test_an_edited_card_entry_breaks_the_chain(pins: dict[str, Path], tmp_path: 
     assert verified.returncode == 1
     assert one_line(verified.stderr) == (
         f"iscl: line 1 of the audit log {tmp_path / 'ceremony.log'} (entry 1) was edited: its hash does not"
-        " match its content [ISCL 102 LOCAL_KEY_HOLDER]"
+        " match its content [ISCL 130 AUDIT_LOG]"
     )
