@@ -2,7 +2,9 @@
 
 A command runs inside :func:`audited`, which writes exactly one entry when it ends: ``ok``,
 ``failed: why`` or ``refused: why``. Commands that change a token or a card need an officer's name.
-Entries never hold a PIN or a key value; key check values (KCVs) are fine.
+Entries never hold a PIN or a key value; key check values (KCVs) are fine. A command that opened a
+token hands its key store to the entry (:meth:`AuditEntry.anchor_in`), which anchors the entry in
+that token (:mod:`iscl_hsm.keys.anchor`) and closes the store's key holder once the entry is written.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ErrorCode, IsclError, KeyHolderError
+from ..keyholder.pkcs11 import Pkcs11KeyHolder
 from ..keyholder.provision import default_data_dir
+from ..keys.anchor import SealError, TokenAnchor
 from ..keys.audit import AuditLog
+from ..keys.store import KeyStore
 
 
 def add_audit_arguments(parser: argparse.ArgumentParser, *, officer_required: bool) -> None:
@@ -54,6 +59,8 @@ class AuditEntry:
             "kcv": None,
             "detail": None,
         }
+        self._store: KeyStore | None = None
+        self._holders: list[Pkcs11KeyHolder] = []
         if changes is not None and officer is None:
             raise KeyHolderError(
                 f"'iscl {command}' changes {changes}, so the audit log needs your name: pass --officer NAME"
@@ -61,12 +68,34 @@ class AuditEntry:
                 ErrorCode.BAD_OPTION,
             )
 
+    def anchor_in(self, store: KeyStore) -> KeyStore:
+        """Anchor this entry in ``store``'s token; its key holder stays open until the entry is written."""
+        self._store = store
+        self._holders.append(store.holder)
+        return store
+
     def add_detail(self, text: str) -> None:
         """Append ``text`` to the detail (details are joined with '; ')."""
         self.fields["detail"] = "; ".join(filter(None, [self.fields["detail"], text]))
 
     def write(self, result: str) -> dict[str, Any]:
-        return self.log.append(result=result, **self.fields)
+        """Append the entry (anchored in the token of the last store handed over, if still open)."""
+        try:
+            return self._append(result)
+        finally:
+            for holder in self._holders:
+                holder.close()
+
+    def _append(self, result: str) -> dict[str, Any]:
+        if self._store is None or self._store.holder.closed:
+            return self.log.append(result=result, **self.fields)
+        anchor = TokenAnchor(self._store)
+        self.fields.update(token=anchor.label, serial=anchor.serial)
+        try:
+            return self.log.append(anchor, result=result, **self.fields)
+        except SealError as exc:  # nothing was written: write it unanchored, saying why
+            self.add_detail(f"not anchored: {exc.args[0]}")
+            return self.log.append(result=result, **self.fields)
 
 
 def audited(

@@ -123,6 +123,12 @@ def _controls(label: str, pin: str, module: str) -> Iterator[DualControl]:
         holder.close()
 
 
+def _changing(label: str, pin: str, module: str, entry: AuditEntry) -> DualControl:
+    """The dual-control objects for the change itself: the token stays open until ``entry`` is
+    written, anchored in it (iscl_hsm.keys.anchor); the entry closes it."""
+    return DualControl(entry.anchor_in(KeyStore(Pkcs11KeyHolder(label, pin, module))))
+
+
 def _authorise(
     args: argparse.Namespace,
     entry: AuditEntry,
@@ -147,7 +153,7 @@ def _authorise(
 
 
 def _policy_show(args: argparse.Namespace, entry: AuditEntry) -> int:
-    with _opened(args) as store:
+    with _opened(args, entry) as store:
         entry.fields["serial"] = store.serial
         controls = DualControl(store)
         policy, count = controls.policy(), len(controls.witnesses())
@@ -185,8 +191,8 @@ def _policy_set(args: argparse.Namespace, entry: AuditEntry) -> int:
             )
 
     label, pin, _ = _authorise(args, entry, Console(args), "to change the dual-control policy", check)
-    with _controls(label, pin, args.pkcs11_module) as controls:
-        controls.set_policy(on, officer=officer, witness=entry.fields["witness"])
+    controls = _changing(label, pin, args.pkcs11_module, entry)
+    controls.set_policy(on, officer=officer, witness=entry.fields["witness"])
     print(
         f"token '{label}': dual control {args.value}"
         + (": every ceremony command now needs --witness NAME" if on else "")
@@ -216,14 +222,14 @@ def _witness_add(args: argparse.Namespace, entry: AuditEntry) -> int:
             "a witness's passphrase must be their own secret, not a PIN of the token; nothing was changed",
             ErrorCode.BAD_OPTION,
         )
-    with _controls(label, pin, args.pkcs11_module) as controls:
-        witness = controls.add_witness(name, passphrase, officer=entry.fields["officer"])
+    controls = _changing(label, pin, args.pkcs11_module, entry)
+    witness = controls.add_witness(name, passphrase, officer=entry.fields["officer"])
     print(f"witness '{witness.name}' registered on token '{label}'")
     return 0
 
 
 def _witness_list(args: argparse.Namespace, entry: AuditEntry) -> int:
-    with _opened(args) as store:
+    with _opened(args, entry) as store:
         entry.fields["serial"] = store.serial
         witnesses = DualControl(store).witnesses()
     entry.add_detail(_witnesses(len(witnesses)))
@@ -261,7 +267,7 @@ def _witness_remove(args: argparse.Namespace, entry: AuditEntry) -> int:
             )
 
     label, pin, _ = _authorise(args, entry, Console(args), "to remove a witness", check)
-    with _controls(label, pin, args.pkcs11_module) as controls:
-        removed = controls.remove_witness(name)
+    controls = _changing(label, pin, args.pkcs11_module, entry)
+    removed = controls.remove_witness(name)
     print(f"witness '{removed.name}' removed from token '{label}'")
     return 0

@@ -50,6 +50,7 @@ from ..keys.store import (
     verify_so_pin,
 )
 from ..shared import doc_reference
+from .audit_anchor import verify_in_token
 from .audited import AuditEntry, add_audit_arguments, audited
 from .ceremony import Console, collect_components, read_secret_file, show_components
 from .options import add_key_holder_options, read_pin
@@ -222,18 +223,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--version", type=int, help="only this version")
     _confirmation_arguments(p)
 
-    audit = actions.add_parser("audit", help="the audit log", description="Check the audit log's hash chain.")
+    audit = actions.add_parser(
+        "audit",
+        help="the audit log",
+        description="Check the audit log: its hash chain, and with --token the entries anchored in the token.",
+    )
     audit_actions = audit.add_subparsers(title="audit actions", metavar="ACTION", required=True)
     p = audit_actions.add_parser(
         "verify",
-        help="check that no line was edited, removed or reordered",
-        description="Recompute the audit log's hash chain. Record the head it prints;"
-        " pass it as --head next time to detect lines cut off the end.",
+        help="check that no line was edited, removed or reordered, and none cut off (with --token)",
+        description="Recompute the audit log's hash chain. With --token, also check the log against the"
+        " token it was written with: every entry anchored there must carry a MAC the token confirms, and"
+        " the token's count of anchored entries and its last one must match the log, so a log cut short,"
+        " emptied, rewritten or taken from another token fails. Without --token, record the head it"
+        " prints and pass it as --head next time to detect lines cut off the end.",
     )
     p.add_argument(
         "--audit-log", metavar="FILE", type=Path, help=f"default: {default_data_dir() / 'audit.log'}"
     )
-    p.add_argument("--head", metavar="HASH", help="a head recorded earlier, which must still be in the log")
+    p.add_argument(
+        "--head",
+        metavar="HASH",
+        help="a head recorded earlier, which must still be in the log: the whole hash or its first 12 or"
+        " more hex digits",
+    )
+    add_key_holder_options(
+        p,
+        record_keys=False,
+        description="The token the log's entries are anchored in (see 'The audit log' in"
+        " `iscl docs security-officer`). Without --token or $ISCL_TOKEN only the chain is checked.",
+        token_help="check the log against this token's audit anchor (else $ISCL_TOKEN; needs its user PIN)",
+    )
     p.set_defaults(run=_audit_verify)
 
     from .dual_control import add_dual_control_commands  # (it builds on this module: imported last)
@@ -432,14 +452,11 @@ def _label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _opened(args: argparse.Namespace) -> Iterator[KeyStore]:
-    """The key store of the token the shared options name, closed afterwards."""
+def _opened(args: argparse.Namespace, entry: AuditEntry) -> Iterator[KeyStore]:
+    """The key store of the token the shared options name. It stays open until ``entry`` is written,
+    anchored in the token; the entry closes it."""
     label, pin = _label_and_pin(args)
-    holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
-    try:
-        yield KeyStore(holder)
-    finally:
-        holder.close()
+    yield entry.anchor_in(KeyStore(Pkcs11KeyHolder(label, pin, args.pkcs11_module)))
 
 
 def _so_pin(
@@ -531,7 +548,7 @@ def _use_softhsm_conf(args: argparse.Namespace) -> str | None:
 
 
 def _list(args: argparse.Namespace, action: AuditEntry) -> int:
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         infos = store.list_keys()
         action.fields.update(serial=store.serial, detail=f"{len(infos)} key versions")
         if args.json:
@@ -658,59 +675,48 @@ def _create(
     trusted_needed = purpose == "transport"
     so_pin = None
     holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
-    try:
-        store = KeyStore(holder)
-        action.fields["serial"] = store.serial
-        check_witness(args, store, action, console.secret)
-        store.ensure_free(purpose, index, mode)  # before custodians type or read anything
-        previous = store.newest(purpose, index)
-        if trusted_needed:
-            holder.close()  # the SO cannot log in while this process is logged in as user
-            so_pin = _so_pin(args, console, label)
-            verify_so_pin(args.pkcs11_module, label, so_pin)  # a wrong SO PIN fails before the ceremony
-        value = None
-        origin = "generated"
-        if source == "generate-components":
-            value, components = split(algorithm, count)
-            show_components(console, files, store, purpose, index, algorithm, components, form_dir=form_dir)
-            origin = "components"
-        elif source == "import-components":
-            value = collect_components(console, files, args.fix_parity, purpose, index, algorithm, count)
-            origin = "components"
-        if value is not None:
-            print(f"key KCV: {kcv_of(algorithm, value).hex().upper()}", flush=True)
-        if trusted_needed:
-            assert so_pin is not None and value is not None
-            with trusted_transport_value(args.pkcs11_module, label, so_pin, value) as temporary:
-                holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
-                store = KeyStore(holder)
-                info = store.create(
-                    purpose,
-                    index,
-                    algorithm,
-                    value,
-                    mode=mode,
-                    grace=grace,
-                    origin=origin,
-                    trusted=temporary,
-                    not_after=not_after,
-                )
-        else:
+    store = action.anchor_in(KeyStore(holder))  # the entry closes it once written
+    action.fields["serial"] = store.serial
+    check_witness(args, store, action, console.secret)
+    store.ensure_free(purpose, index, mode)  # before custodians type or read anything
+    previous = store.newest(purpose, index)
+    if trusted_needed:
+        holder.close()  # the SO cannot log in while this process is logged in as user
+        so_pin = _so_pin(args, console, label)
+        verify_so_pin(args.pkcs11_module, label, so_pin)  # a wrong SO PIN fails before the ceremony
+    value = None
+    origin = "generated"
+    if source == "generate-components":
+        value, components = split(algorithm, count)
+        show_components(console, files, store, purpose, index, algorithm, components, form_dir=form_dir)
+        origin = "components"
+    elif source == "import-components":
+        value = collect_components(console, files, args.fix_parity, purpose, index, algorithm, count)
+        origin = "components"
+    if value is not None:
+        print(f"key KCV: {kcv_of(algorithm, value).hex().upper()}", flush=True)
+    if trusted_needed:
+        assert so_pin is not None and value is not None
+        with trusted_transport_value(args.pkcs11_module, label, so_pin, value) as temporary:
+            holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
+            store = action.anchor_in(KeyStore(holder))
             info = store.create(
-                purpose,
-                index,
-                algorithm,
-                value,
-                exportable=args.exportable,
-                host_readable=args.host_readable,
-                mode=mode,
-                grace=grace,
-                origin=origin,
-                not_after=not_after,
+                purpose, index, algorithm, value, mode=mode, grace=grace, origin=origin, trusted=temporary, not_after=not_after
             )
-        del value
-    finally:
-        holder.close()
+    else:
+        info = store.create(
+            purpose,
+            index,
+            algorithm,
+            value,
+            exportable=args.exportable,
+            host_readable=args.host_readable,
+            mode=mode,
+            grace=grace,
+            origin=origin,
+            not_after=not_after,
+        )
+    del value
     _record_created(action, info, store)
     if source != "generate":
         _add_detail(action, f"{count} components ({source})")
@@ -746,7 +752,7 @@ def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     transport = _transport_index(args.wrap_with)
     if args.out is not None:
         refuse_existing(args.out)
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         check_witness(args, store, action, Console(args).secret)
         document = store.export(purpose, index, transport)
         info = store.current(purpose, index)
@@ -803,7 +809,7 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
     grace = parse_duration(args.grace) if args.grace is not None else None
     mode = ROTATE if grace is not None else _mode(args)
     not_after = _not_after(args, action)
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, Console(args).secret)
         info = store.import_wrapped(
@@ -825,7 +831,7 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
 def _check(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     wanted = parse_kcv(args.kcv)
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         current, matching = store.check(purpose, index, wanted)
     _record_key(action, current, store)
     action.fields["detail"] = f"asked for KCV {wanted.hex().upper()}"
@@ -855,7 +861,7 @@ def _retire(args: argparse.Namespace, action: AuditEntry) -> int:
             raise KeyHolderError("give both --purpose and --index, or neither", ErrorCode.BAD_OPTION)
         _purpose_index(args)
     console = Console(args)
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         action.fields["serial"] = store.serial
         if args.now:
             previous = [
@@ -879,7 +885,7 @@ def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     console = Console(args)
     action.fields["version"] = args.version  # the one asked for; all when None
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, console.secret)
         targets = [
@@ -912,4 +918,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
     path = args.audit_log or default_data_dir() / "audit.log"
     report = audit_log.verify(path, args.head)
     print(f"audit log {report.path}: {report.entries} entries, chain intact; head {report.head}")
+    if report.head_entry is not None:
+        print(f"the recorded head {args.head} is entry {report.head_entry}")
+    if _given_token(args) is not None:
+        label, pin = _label_and_pin(args)
+        with Pkcs11KeyHolder(label, pin, args.pkcs11_module) as holder:
+            print(verify_in_token(report, KeyStore(holder)))
     return 0

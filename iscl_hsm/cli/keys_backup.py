@@ -69,7 +69,7 @@ def add_backup_commands(actions: Any) -> None:
 def _backup(args: argparse.Namespace, action: AuditEntry) -> int:
     transport = _transport_index(args.wrap_with)
     refuse_existing(args.out)
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, Console(args).secret)
         made = backup(store, transport)
@@ -95,7 +95,7 @@ def _backup(args: argparse.Namespace, action: AuditEntry) -> int:
 def _restore(args: argparse.Namespace, action: AuditEntry) -> int:
     document = parse_backup(read_text_file(args.file, "backup file"), str(args.file))
     _add_detail(action, f"from {args.file}")
-    with _opened(args) as store:
+    with _opened(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, Console(args).secret)
         restored = restore(store, document, replace=args.replace)

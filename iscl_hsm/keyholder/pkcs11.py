@@ -732,6 +732,10 @@ class Pkcs11KeyHolder(KeyHolder):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # -- the KeyHolder interface --------------------------------------------------------------------
 
     def get_challenge(self, key_id: int) -> bytes:

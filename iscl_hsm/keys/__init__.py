@@ -6,6 +6,7 @@
 * :mod:`.binding` -- binds a wrapped-key file's fields to the transport key (HMAC, one-time key).
 * :mod:`.backup` -- every exportable key of a token in one bound file, and restoring it.
 * :mod:`.audit` -- the hash-chained audit log.
+* :mod:`.anchor` -- audit entries anchored in the token (a MAC each, a count per log).
 * :mod:`.forms` -- the custodian's component form, to print and seal.
 * :mod:`.policy` -- dual control: the token's policy and its witnesses (passphrase hashes).
 
