@@ -28,9 +28,9 @@ from .terminal import at_terminal
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "security-officer.md"
-SECTION = re.compile(r"^## 3\. .*?(?=^## 4\. )", re.S | re.M)
-SUBSECTION = re.compile(r"^### (3\.\d) ", re.M)
-SH_BLOCK = re.compile(r"^```sh\n(.*?)^```$", re.S | re.M)
+SECTION = re.compile(r"^## 3\. .*?(?=^## 4\. )", re.DOTALL | re.MULTILINE)
+SUBSECTION = re.compile(r"^### (3\.\d) ", re.MULTILINE)
+SH_BLOCK = re.compile(r"^```sh\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 
 
 def guide_commands() -> dict[str, list[str]]:
@@ -140,9 +140,9 @@ def _import_components(site: Hospital, command: str, components: list[str]) -> s
 
 
 def _key_kcv(shown: str) -> str:
-    found = re.findall(r"key KCV: ([0-9A-F]{6})$", shown, re.M)
+    found = re.findall(r"key KCV: ([0-9A-F]{6})$", shown, re.MULTILINE)
     assert len(found) == 1, shown
-    stored = re.search(r"^stored iscl-\w+-1 version 1 on token '[^']+': .*KCV (\w{6})$", shown, re.M)
+    stored = re.search(r"^stored iscl-\w+-1 version 1 on token '[^']+': .*KCV (\w{6})$", shown, re.MULTILINE)
     assert stored and stored.group(1) == found[0], shown
     return found[0]
 
