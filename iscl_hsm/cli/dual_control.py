@@ -22,7 +22,7 @@ from ..keys.policy import MIN_PASSPHRASE, DualControl, check_name, same_name
 from ..keys.store import KeyStore, verify_so_pin
 from .audited import AuditEntry
 from .ceremony import Console
-from .keys import _action, _label_and_pin, _opened, _so_pin
+from .keys import add_action, ask_so_pin, label_and_pin, opened_store
 from .witnessed import WITNESSED, check_witness, read_passphrase
 
 
@@ -36,7 +36,7 @@ def add_dual_control_commands(actions: Any) -> None:
         " `iscl keys witness add`, who types their own passphrase before anything happens.",
     )
     policy_actions = policy.add_subparsers(title="policy actions", metavar="ACTION", required=True)
-    p = _action(
+    p = add_action(
         policy_actions,
         "show",
         "show whether the token requires dual control",
@@ -45,7 +45,7 @@ def add_dual_control_commands(actions: Any) -> None:
         within="policy",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = _action(
+    p = add_action(
         policy_actions,
         "set",
         "switch dual control on or off: needs the SO PIN, and a witness while it is on",
@@ -65,7 +65,7 @@ def add_dual_control_commands(actions: Any) -> None:
         " salted hash of it (scrypt), never the passphrase. Adding or removing a witness needs the SO PIN.",
     )
     witness_actions = witness.add_subparsers(title="witness actions", metavar="ACTION", required=True)
-    p = _action(
+    p = add_action(
         witness_actions,
         "add",
         "register a second officer as a witness (needs the SO PIN)",
@@ -81,7 +81,7 @@ def add_dual_control_commands(actions: Any) -> None:
         " from FILE; else the witness types it twice, without echo",
     )
     _officer_arguments(p)
-    p = _action(
+    p = add_action(
         witness_actions,
         "list",
         "list the registered witnesses",
@@ -90,7 +90,7 @@ def add_dual_control_commands(actions: Any) -> None:
         within="witness",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = _action(
+    p = add_action(
         witness_actions, "remove", "remove a witness (needs the SO PIN)", _witness_remove, within="witness"
     )
     p.add_argument("name", help="the witness to remove")
@@ -140,20 +140,20 @@ def _authorise(
 
     Returns (token label, user PIN, SO PIN), to open the token again for the change.
     """
-    label, pin = _label_and_pin(args)
+    label, pin = label_and_pin(args)
     entry.fields["token"] = label
     with _controls(label, pin, args.pkcs11_module) as controls:
         entry.fields["serial"] = controls.store.serial
         check_witness(args, controls.store, entry, console.secret)
         check(controls)
     # Closed: the SO cannot log in while this process is logged in as user.
-    so_pin = _so_pin(args, console, label, why)
+    so_pin = ask_so_pin(args, console, label, why)
     verify_so_pin(args.pkcs11_module, label, so_pin)
     return label, pin, so_pin
 
 
 def _policy_show(args: argparse.Namespace, entry: AuditEntry) -> int:
-    with _opened(args, entry) as store:
+    with opened_store(args, entry) as store:
         entry.fields["serial"] = store.serial
         controls = DualControl(store)
         policy, count = controls.policy(), len(controls.witnesses())
@@ -229,7 +229,7 @@ def _witness_add(args: argparse.Namespace, entry: AuditEntry) -> int:
 
 
 def _witness_list(args: argparse.Namespace, entry: AuditEntry) -> int:
-    with _opened(args, entry) as store:
+    with opened_store(args, entry) as store:
         entry.fields["serial"] = store.serial
         witnesses = DualControl(store).witnesses()
     entry.add_detail(_witnesses(len(witnesses)))

@@ -95,7 +95,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     actions = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
 
-    p = _action(actions, "init-token", "initialise a SoftHSM2 token (SO PIN and user PIN)", _init_token)
+    p = add_action(actions, "init-token", "initialise a SoftHSM2 token (SO PIN and user PIN)", _init_token)
     p.add_argument("--label", required=True, help="label of the new token (1..32 bytes)")
     p.add_argument(
         "--so-pin-file", metavar="FILE", type=Path, help="read the new SO PIN from FILE (else prompt twice)"
@@ -128,21 +128,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="tests and automation: read the PINs, each twice, line by line from this descriptor",
     )
 
-    p = _action(actions, "list", "list the keys (never their values)", _list, mutating=False)
+    p = add_action(actions, "list", "list the keys (never their values)", _list, mutating=False)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = _action(actions, "generate", "generate a key inside the token", _generate)
+    p = add_action(actions, "generate", "generate a key inside the token", _generate)
     _key_arguments(p)
     _creation_arguments(p)
 
-    p = _action(
+    p = add_action(
         actions, "import-components", "enter a key as 2 or 3 custodian components", _import_components
     )
     _key_arguments(p)
     _creation_arguments(p)
     add_component_arguments(p, reading=True)
 
-    p = _action(
+    p = add_action(
         actions,
         "generate-components",
         "make a random key, show its components, store it",
@@ -152,7 +152,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     _creation_arguments(p)
     add_component_arguments(p, reading=False)
 
-    p = _action(actions, "export", "wrap an exportable key under a transport key, for another token", _export)
+    p = add_action(actions, "export", "wrap an exportable key under a transport key, for another token", _export)
     _key_arguments(p)
     p.add_argument(
         "--wrap-with",
@@ -162,7 +162,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     p.add_argument("--out", metavar="FILE", type=Path, help="write the wrapped key here (default: stdout)")
 
-    p = _action(actions, "import-wrapped", "unwrap a key exported by another token", _import_wrapped)
+    p = add_action(actions, "import-wrapped", "unwrap a key exported by another token", _import_wrapped)
     p.add_argument("file", type=Path, help="the file written by 'iscl keys export'")
     p.add_argument("--replace", action="store_true", help="replace a key already at that index")
     p.add_argument(
@@ -178,11 +178,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     add_backup_commands(actions)
 
-    p = _action(actions, "check", "does this token hold the key with this KCV?", _check, mutating=False)
+    p = add_action(actions, "check", "does this token hold the key with this KCV?", _check, mutating=False)
     _key_arguments(p)
     p.add_argument("--kcv", required=True, help="the key check value the other site reports (6 hex digits)")
 
-    p = _action(actions, "rotate", "make a new version current; keep the old one for a grace period", _rotate)
+    p = add_action(actions, "rotate", "make a new version current; keep the old one for a grace period", _rotate)
     _key_arguments(p)
     _creation_arguments(p, replace=False)
     p.add_argument(
@@ -208,7 +208,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     add_component_arguments(p, reading=None)
 
-    p = _action(actions, "retire", "remove previous versions whose grace period has passed", _retire)
+    p = add_action(actions, "retire", "remove previous versions whose grace period has passed", _retire)
     p.add_argument("--purpose", help="auth, enc or transport (default: every key)")
     p.add_argument("--index", type=int, help="key index 1..8 (with --purpose)")
     p.add_argument(
@@ -218,7 +218,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     _confirmation_arguments(p)
 
-    p = _action(actions, "delete", "destroy a key (every version, or one)", _delete)
+    p = add_action(actions, "delete", "destroy a key (every version, or one)", _delete)
     _key_arguments(p)
     p.add_argument("--version", type=int, help="only this version")
     _confirmation_arguments(p)
@@ -261,7 +261,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     add_dual_control_commands(actions)
 
 
-def _action(
+def add_action(
     actions: Any,
     name: str,
     text: str,
@@ -400,15 +400,10 @@ def _record_key(entry: AuditEntry, info: KeyInfo, store: KeyStore | None = None)
         entry.fields["serial"] = store.serial
 
 
-def _add_detail(entry: AuditEntry, text: str) -> None:
-    """Append ``text`` to the audit entry's detail (details are joined with '; ')."""
-    entry.add_detail(text)
-
-
 def _record_created(entry: AuditEntry, info: KeyInfo, store: KeyStore) -> None:
     """The key a command created, with its kind (who can read or move its value) in the detail."""
     _record_key(entry, info, store)
-    _add_detail(entry, f"kind {info.kind}")
+    entry.add_detail(f"kind {info.kind}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +433,7 @@ def component_count(count: int | None) -> int:
 
 
 
-def _label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
+def label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
     """Token label (required: a key ceremony on a token picked by default would go unnoticed) and
     user PIN, as the shared options give them."""
     label = _given_token(args)
@@ -452,14 +447,14 @@ def _label_and_pin(args: argparse.Namespace) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _opened(args: argparse.Namespace, entry: AuditEntry) -> Iterator[KeyStore]:
+def opened_store(args: argparse.Namespace, entry: AuditEntry) -> Iterator[KeyStore]:
     """The key store of the token the shared options name. It stays open until ``entry`` is written,
     anchored in the token; the entry closes it."""
-    label, pin = _label_and_pin(args)
+    label, pin = label_and_pin(args)
     yield entry.anchor_in(KeyStore(Pkcs11KeyHolder(label, pin, args.pkcs11_module)))
 
 
-def _so_pin(
+def ask_so_pin(
     args: argparse.Namespace, console: Console, label: str, why: str = "to mark the transport key trusted"
 ) -> str:
     if args.so_pin_file is not None:
@@ -467,7 +462,7 @@ def _so_pin(
     return console.secret(f"SO PIN of token '{label}' ({why}): ")
 
 
-def _print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
+def print_key(prefix: str, info: KeyInfo, store: KeyStore) -> None:
     kind = info.kind_text
     if info.purpose == "transport":
         kind += ", trusted" if info.trusted else ", NOT trusted"
@@ -485,7 +480,7 @@ def _not_after(args: argparse.Namespace, action: AuditEntry) -> datetime.datetim
     if args.not_after is None:
         return None
     moment = parse_not_after(args.not_after)
-    _add_detail(action, f"not after {utc_text(moment)}")
+    action.add_detail(f"not after {utc_text(moment)}")
     return moment
 
 
@@ -548,7 +543,7 @@ def _use_softhsm_conf(args: argparse.Namespace) -> str | None:
 
 
 def _list(args: argparse.Namespace, action: AuditEntry) -> int:
-    with _opened(args, action) as store:
+    with opened_store(args, action) as store:
         infos = store.list_keys()
         action.fields.update(serial=store.serial, detail=f"{len(infos)} key versions")
         if args.json:
@@ -639,7 +634,7 @@ def _rotate(args: argparse.Namespace, action: AuditEntry) -> int:
         )
     else:
         source = "generate"
-    _add_detail(action, f"grace {args.grace}")
+    action.add_detail(f"grace {args.grace}")
     return _create(args, action, purpose, index, algorithm, ROTATE, grace, source)
 
 
@@ -670,7 +665,7 @@ def _create(
             " --component-file, and only when generating components",
             ErrorCode.BAD_OPTION,
         )
-    label, pin = _label_and_pin(args)
+    label, pin = label_and_pin(args)
     action.fields["token"] = label
     trusted_needed = purpose == "transport"
     so_pin = None
@@ -682,7 +677,7 @@ def _create(
     previous = store.newest(purpose, index)
     if trusted_needed:
         holder.close()  # the SO cannot log in while this process is logged in as user
-        so_pin = _so_pin(args, console, label)
+        so_pin = ask_so_pin(args, console, label)
         verify_so_pin(args.pkcs11_module, label, so_pin)  # a wrong SO PIN fails before the ceremony
     value = None
     origin = "generated"
@@ -719,8 +714,8 @@ def _create(
     del value
     _record_created(action, info, store)
     if source != "generate":
-        _add_detail(action, f"{count} components ({source})")
-    _print_key("stored", info, store)
+        action.add_detail(f"{count} components ({source})")
+    print_key("stored", info, store)
     if previous is not None and previous.kind != info.kind:
         print(
             f"note: {previous.name} was {previous.kind_text}; {info.name} is {info.kind_text}"
@@ -737,7 +732,7 @@ def _create(
     return 0
 
 
-def _transport_index(text: str) -> int:
+def transport_index(text: str) -> int:
     match = re.fullmatch(r"(?:iscl-transport-)?([1-8])", text.strip())
     if match is None:
         raise KeyHolderError(
@@ -749,10 +744,10 @@ def _transport_index(text: str) -> int:
 
 def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args, ("auth", "enc"))
-    transport = _transport_index(args.wrap_with)
+    transport = transport_index(args.wrap_with)
     if args.out is not None:
         refuse_existing(args.out)
-    with _opened(args, action) as store:
+    with opened_store(args, action) as store:
         check_witness(args, store, action, Console(args).secret)
         document = store.export(purpose, index, transport)
         info = store.current(purpose, index)
@@ -809,7 +804,7 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
     grace = parse_duration(args.grace) if args.grace is not None else None
     mode = ROTATE if grace is not None else _mode(args)
     not_after = _not_after(args, action)
-    with _opened(args, action) as store:
+    with opened_store(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, Console(args).secret)
         info = store.import_wrapped(
@@ -820,18 +815,17 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
             host_readable=args.host_readable,
             not_after=not_after,
         )
-    _add_detail(
-        action, f"from token {document['source'].get('token')} serial {document['source'].get('serial')}"
+    action.add_detail(f"from token {document['source'].get('token')} serial {document['source'].get('serial')}"
     )
     _record_created(action, info, store)
-    _print_key("imported", info, store)
+    print_key("imported", info, store)
     return 0
 
 
 def _check(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     wanted = parse_kcv(args.kcv)
-    with _opened(args, action) as store:
+    with opened_store(args, action) as store:
         current, matching = store.check(purpose, index, wanted)
     _record_key(action, current, store)
     action.fields["detail"] = f"asked for KCV {wanted.hex().upper()}"
@@ -861,7 +855,7 @@ def _retire(args: argparse.Namespace, action: AuditEntry) -> int:
             raise KeyHolderError("give both --purpose and --index, or neither", ErrorCode.BAD_OPTION)
         _purpose_index(args)
     console = Console(args)
-    with _opened(args, action) as store:
+    with opened_store(args, action) as store:
         action.fields["serial"] = store.serial
         if args.now:
             previous = [
@@ -885,7 +879,7 @@ def _delete(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args)
     console = Console(args)
     action.fields["version"] = args.version  # the one asked for; all when None
-    with _opened(args, action) as store:
+    with opened_store(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, console.secret)
         targets = [
@@ -921,7 +915,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     if report.head_entry is not None:
         print(f"the recorded head {args.head} is entry {report.head_entry}")
     if _given_token(args) is not None:
-        label, pin = _label_and_pin(args)
+        label, pin = label_and_pin(args)
         with Pkcs11KeyHolder(label, pin, args.pkcs11_module) as holder:
             print(verify_in_token(report, KeyStore(holder)))
     return 0

@@ -16,13 +16,12 @@ from ..keys.store import KeyInfo
 from .audited import AuditEntry
 from .ceremony import Console
 from .keys import (
-    _action,
-    _add_detail,
-    _opened,
-    _print_key,
-    _transport_index,
+    add_action,
+    opened_store,
+    print_key,
     read_text_file,
     refuse_existing,
+    transport_index,
     write_new_file,
 )
 from .witnessed import check_witness
@@ -35,7 +34,7 @@ NO_TRANSPORT_KEYS = (
 
 def add_backup_commands(actions: Any) -> None:
     """The backup and restore actions of `iscl keys`."""
-    p = _action(
+    p = add_action(
         actions,
         "backup",
         "wrap every key that can leave the token under a transport key, into one file",
@@ -51,7 +50,7 @@ def add_backup_commands(actions: Any) -> None:
     p.add_argument(
         "--out", metavar="FILE", type=Path, required=True, help="the backup file to write (new, mode 0600)"
     )
-    p = _action(
+    p = add_action(
         actions,
         "restore",
         "install every key of a backup, with its versions and records, into a token holding its transport key",
@@ -67,18 +66,18 @@ def add_backup_commands(actions: Any) -> None:
 
 
 def _backup(args: argparse.Namespace, action: AuditEntry) -> int:
-    transport = _transport_index(args.wrap_with)
+    transport = transport_index(args.wrap_with)
     refuse_existing(args.out)
-    with _opened(args, action) as store:
+    with opened_store(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, Console(args).secret)
         made = backup(store, transport)
     wrapping = made.document["wrapping"]
     under = f"{wrapping['transport_label']} (KCV {wrapping['transport_kcv']})"
     count = f"{len(made.saved)} key version" + ("s" if len(made.saved) != 1 else "")
-    _add_detail(action, f"{count} wrapped under {under}: " + _names(made.saved))
+    action.add_detail(f"{count} wrapped under {under}: " + _names(made.saved))
     if made.left_out:
-        _add_detail(action, "left out " + _names([info for info, _ in made.left_out]))
+        action.add_detail("left out " + _names([info for info, _ in made.left_out]))
     write_new_file(args.out, json.dumps(made.document, indent=2) + "\n")
     for info in made.saved:
         print(f"backed up {info.name} ({info.kind_text}), KCV {info.kcv}")
@@ -94,21 +93,20 @@ def _backup(args: argparse.Namespace, action: AuditEntry) -> int:
 
 def _restore(args: argparse.Namespace, action: AuditEntry) -> int:
     document = parse_backup(read_text_file(args.file, "backup file"), str(args.file))
-    _add_detail(action, f"from {args.file}")
-    with _opened(args, action) as store:
+    action.add_detail(f"from {args.file}")
+    with opened_store(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, Console(args).secret)
         restored = restore(store, document, replace=args.replace)
     source = document["source"]  # verified by now: the file is bound to the transport key
-    _add_detail(
-        action,
+    action.add_detail(
         f"backup of token {source.get('token')} serial {source.get('serial')} made {document.get('made')};"
         + (" replaced and" if args.replace else "")
         + " restored "
         + _names(restored),
     )
     for info in restored:
-        _print_key("restored", info, store)
+        print_key("restored", info, store)
     for left in document["left_out"]:
         print(f"not in the backup: {left.get('why')} (KCV {left.get('kcv')})")
     return 0
