@@ -28,7 +28,7 @@ from iscl_hsm.keys.store import KeyStore
 from tests.helpers import exchange
 
 from .conftest import SoftHsm
-from .test_keys_ceremony import REPO, Site, _close, _handshake, so_pin_file, transport_ceremony
+from .test_keys_ceremony import Site, _close, _handshake, make_sites, so_pin_file, transport_ceremony
 
 
 @dataclass
@@ -72,16 +72,7 @@ def _transport_from_forms(site: Site, folder: Path) -> None:
 @pytest.fixture(scope="module")
 def sites(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     folder = tmp_path_factory.mktemp("backup")
-    env = {**softhsm.tool_env(), "PYTHONPATH": str(REPO), "ISCL_OFFICER": "Backup Test"}
-    env.pop("ISCL_PIN", None)
-    made = []
-    for name in ("a", "b", "c", "d"):
-        token = softhsm.take()
-        pin_file = folder / f"{name}.pin"
-        pin_file.write_text(token.pin + "\n")
-        pin_file.chmod(0o600)
-        made.append(Site(token, pin_file, folder / f"{name}-audit.log", env))
-    a, b, c, d = made
+    a, b, c, d = make_sites(softhsm, folder, "Backup Test", "abcd")
     transport_ceremony(a, b, 1, folder)
     _transport_from_forms(c, folder)
     other = [folder / f"other-transport-{n}" for n in (1, 2)]

@@ -24,24 +24,16 @@ from iscl_hsm.engine import Config
 from tests.helpers import exchange
 
 from .conftest import SoftHsm
-from .test_keys_ceremony import REPO, Site, _close, _handshake, transport_ceremony
+from .test_keys_ceremony import Site, _close, _handshake, make_sites, transport_ceremony
 
 
 @pytest.fixture(scope="module")
 def linked(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, Site, Path]]:
     """Sites A and B holding the same trusted transport key 1, and a folder for their files."""
     folder = tmp_path_factory.mktemp("bound-export")
-    env = {**softhsm.tool_env(), "PYTHONPATH": str(REPO), "ISCL_OFFICER": "Bound Export Test"}
-    env.pop("ISCL_PIN", None)
-    sites = []
-    for name in ("a", "b"):
-        token = softhsm.take()
-        pin_file = folder / f"{name}.pin"
-        pin_file.write_text(token.pin + "\n")
-        pin_file.chmod(0o600)
-        sites.append(Site(token, pin_file, folder / f"{name}-audit.log", env))
-    transport_ceremony(sites[0], sites[1], 1, folder)
-    yield sites[0], sites[1], folder
+    a, b = make_sites(softhsm, folder, "Bound Export Test")
+    transport_ceremony(a, b, 1, folder)
+    yield a, b, folder
 
 
 def _export(site: Site, purpose: str, index: int, out: Path) -> dict[str, Any]:

@@ -81,17 +81,22 @@ class Site:
 def sites(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, Site]]:
     if shutil.which("pkcs11-tool") is None:
         pytest.fail("OpenSC's pkcs11-tool is not installed: apt-get install opensc")
-    folder = tmp_path_factory.mktemp("ceremony")
-    env = {**softhsm.tool_env(), "PYTHONPATH": str(REPO), "ISCL_OFFICER": "Ceremony Test"}
+    a, b = make_sites(softhsm, tmp_path_factory.mktemp("ceremony"), "Ceremony Test")
+    yield a, b
+
+
+def make_sites(softhsm: SoftHsm, folder: Path, officer: str, names: str = "ab") -> list[Site]:
+    """A site per letter of ``names`` on a fresh pool token, its PIN file (0600) and audit log in ``folder``."""
+    env = {**softhsm.tool_env(), "PYTHONPATH": str(REPO), "ISCL_OFFICER": officer}
     env.pop("ISCL_PIN", None)
     made = []
-    for name in ("a", "b"):
+    for name in names:
         token = softhsm.take()
         pin_file = folder / f"{name}.pin"
         pin_file.write_text(token.pin + "\n")
         pin_file.chmod(0o600)
         made.append(Site(token, pin_file, folder / f"{name}-audit.log", env))
-    yield made[0], made[1]
+    return made
 
 
 def _kcv(output: str, what: str = "key KCV") -> str:

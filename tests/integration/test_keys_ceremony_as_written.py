@@ -144,7 +144,7 @@ def _key_kcv(shown: str) -> str:
     assert len(found) == 1, shown
     stored = re.search(r"^stored iscl-\w+-1 version 1 on token '[^']+': .*KCV (\w{6})$", shown, re.MULTILINE)
     assert stored and stored.group(1) == found[0], shown
-    return found[0]
+    return str(found[0])
 
 
 def _link(sites: tuple[Hospital, Hospital], commands: list[str]) -> None:

@@ -19,24 +19,15 @@ from iscl_hsm.engine import Config, Profile, Role
 from iscl_hsm.errors import ErrorCode
 
 from .conftest import SoftHsm
-from .test_keys_ceremony import REPO, Site, _ceremony, _close, _handshake
+from .test_keys_ceremony import Site, _ceremony, _close, _handshake, make_sites
 
 EXPIRED = "2020-01-01"
 
 
 @pytest.fixture(scope="module")
 def sites(softhsm: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Site, Site]]:
-    folder = tmp_path_factory.mktemp("expiry")
-    env = {**softhsm.tool_env(), "PYTHONPATH": str(REPO), "ISCL_OFFICER": "Expiry Test"}
-    env.pop("ISCL_PIN", None)
-    made = []
-    for name in ("a", "b"):
-        token = softhsm.take()
-        pin_file = folder / f"{name}.pin"
-        pin_file.write_text(token.pin + "\n")
-        pin_file.chmod(0o600)
-        made.append(Site(token, pin_file, folder / f"{name}-audit.log", env))
-    yield made[0], made[1]
+    a, b = make_sites(softhsm, tmp_path_factory.mktemp("expiry"), "Expiry Test")
+    yield a, b
 
 
 def _keys(site: Site) -> dict[tuple[str, int, int], dict[str, object]]:
