@@ -21,8 +21,9 @@ from iscl_hsm.errors import ErrorCode, KeyHolderConfigError
 RECORD_APPLICATION: Final = "iscl-hsm key record"
 
 
-def utc_text(moment: datetime.datetime) -> str:
-    """``moment`` as the records write it: 2027-12-31T23:59:59Z."""
+def utc_text(moment: datetime.datetime | None = None) -> str:
+    """``moment`` (default: now) as the records and the audit log write it: 2027-12-31T23:59:59Z."""
+    moment = moment or datetime.datetime.now(datetime.UTC)
     return moment.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 

@@ -93,7 +93,7 @@ class TokenAnchor:
     @contextmanager
     def session(self, what: str) -> Iterator[Any]:
         """The store's logged-in session; token errors become one sentence about ``what``."""
-        with self.store._session(what) as session:
+        with self.store.session(what) as session:
             yield session
 
     def claims(self, entry: dict[str, Any]) -> bool:

@@ -21,7 +21,6 @@ a component, a PIN or a passphrase.
 
 from __future__ import annotations
 
-import datetime
 import getpass
 import hashlib
 import json
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.keyholder.key_records import utc_text
 from iscl_hsm.locking import lock_exclusive
 
 __all__ = ["GENESIS", "Anchor", "AuditError", "AuditLog", "AuditReport", "entry_hash", "verify"]
@@ -78,10 +78,6 @@ def entry_hash(entry: dict[str, Any]) -> str:
     return hashlib.sha256(str(entry.get("prev", "")).encode("ascii") + b"\n" + _canonical(body)).hexdigest()
 
 
-def now_utc() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def os_user() -> str:
     """Who runs this process, as the OS knows them (getpass finds no name without a passwd entry)."""
     try:
@@ -121,7 +117,7 @@ class AuditLog:
         if unknown:
             raise ValueError(f"unknown audit fields: {', '.join(sorted(unknown))}")
         entry: dict[str, Any] = {name: fields.get(name) for name in FIELDS}
-        entry["time"] = entry["time"] or now_utc()
+        entry["time"] = entry["time"] or utc_text()
         entry["host"] = entry["host"] or socket.gethostname()
         entry["user"] = entry["user"] or os_user()
         try:

@@ -16,21 +16,21 @@ part of the same package.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from typing import Any, Final
 
 from pkcs11 import exceptions as p11
 
 from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.keyholder.key_records import utc_text
 from iscl_hsm.keys.binding import bind, check_binding_fields, verify
 from iscl_hsm.keys.store import (
     KeyInfo,
     KeyStore,
-    _create_record,
-    _utc,
     check_wrapped_fields,
     checked_unwrap,
+    create_record,
+    json_document,
     stored_template,
 )
 
@@ -51,17 +51,17 @@ class Backup:
 
 def backup(store: KeyStore, transport_index: int) -> Backup:
     """Wrap every key version of ``store`` that can leave it under transport key ``transport_index``."""
-    with store._session("back up its keys") as session:
-        transport, transport_info = store._transport(session, transport_index)
-        records = store._records(session)
+    with store.session("back up its keys") as session:
+        transport, transport_info = store.transport_key(session, transport_index)
+        records = store.records(session)
         entries, saved, left_out = [], [], []
-        for info in store._infos(session):
+        for info in store.infos(session):
             why = store.why_not_exportable(info)
             if why is not None:
                 left_out.append((info, why))
                 continue
             record = records.get((info.purpose, info.index, info.version), (None, None))[1] or {}
-            entries.append(store._wrapped_document(session, info, transport, transport_info, record=record))
+            entries.append(store.wrapped_document(session, info, transport, transport_info, record=record))
             saved.append(info)
         if not entries:
             raise KeyHolderError(
@@ -74,7 +74,7 @@ def backup(store: KeyStore, transport_index: int) -> Backup:
         document = {
             "format": BACKUP_FORMAT,
             "source": {"token": store.token_label, "serial": store.serial},
-            "made": _utc(),
+            "made": utc_text(),
             "wrapping": entries[0]["wrapping"],
             "left_out": [
                 {"label": i.label, "version": i.version, "kcv": i.kcv, "why": w} for i, w in left_out
@@ -87,10 +87,7 @@ def backup(store: KeyStore, transport_index: int) -> Backup:
 def parse_backup(text: str, name: str) -> dict[str, Any]:
     """Read and check the fields of a backup document (not yet its MACs); ``name`` is the file."""
     corrupted = f"the backup file {name} is corrupted"
-    try:
-        document = json.loads(text)
-    except ValueError:
-        raise KeyHolderError(f"{corrupted} (it is not JSON); {_ANOTHER_COPY}", ErrorCode.BAD_KEY_FILE) from None
+    document = json_document(text, corrupted, _ANOTHER_COPY)
     if not isinstance(document, dict) or document.get("format") != BACKUP_FORMAT:
         raise KeyHolderError(f"{name} is not a backup file of iscl keys backup", ErrorCode.BAD_OPTION)
     try:
@@ -128,8 +125,8 @@ def restore(store: KeyStore, document: dict[str, Any], *, replace: bool = False)
     token that holds any of those indexes is refused.
     """
     entries: list[dict[str, Any]] = document["keys"]
-    with store._session("restore its keys") as session:
-        transport, transport_info = store._wrapping_transport(session, document["wrapping"], "the backup")
+    with store.session("restore its keys") as session:
+        transport, transport_info = store.wrapping_transport(session, document["wrapping"], "the backup")
         transport_name = f"{transport_info.label} (KCV {transport_info.kcv})"
         verify(transport, transport_name, document, "the backup was altered after it was made", _ANOTHER_COPY)
         unwraps = [
@@ -143,7 +140,7 @@ def restore(store: KeyStore, document: dict[str, Any], *, replace: bool = False)
             for number, entry in enumerate(entries, 1)
         ]
         indexes = {(entry["purpose"], entry["index"]) for entry in entries}
-        existing = [(p, i, v, o) for p, i, v, o in store._objects(session) if (p, i) in indexes]
+        existing = [(p, i, v, o) for p, i, v, o in store.objects(session) if (p, i) in indexes]
         if existing and not replace:
             held = sorted({f"iscl-{p}-{i}" for p, i, _, _ in existing})
             raise KeyHolderError(
@@ -152,20 +149,20 @@ def restore(store: KeyStore, document: dict[str, Any], *, replace: bool = False)
                 " or restore into another token",
                 ErrorCode.BAD_OPTION,
             )
-        records = store._records(session)  # the old records, before new ones of the same versions exist
+        records = store.records(session)  # the old records, before new ones of the same versions exist
         created: list[Any] = []
         try:
             for entry, unwrap in zip(entries, unwraps, strict=True):
                 purpose, index, version = entry["purpose"], entry["index"], entry["version"]
                 created.append(unwrap(True, stored_template(purpose, index, version, exportable=True)))
                 record = {**entry["record"], "purpose": purpose, "index": index, "version": version}
-                created.append(_create_record(session, {**record, "kcv": entry["kcv"]}))
+                created.append(create_record(session, {**record, "kcv": entry["kcv"]}))
         except BaseException:
             for leftover in reversed(created):
                 with contextlib.suppress(p11.PKCS11Error):
                     leftover.destroy()
             raise
         for purpose, index, version, obj in existing:
-            store._destroy_version(session, records, purpose, index, version, obj)
+            store.destroy_version(session, records, purpose, index, version, obj)
         restored = {(entry["purpose"], entry["index"], entry["version"]) for entry in entries}
-        return [i for i in store._infos(session) if (i.purpose, i.index, i.version) in restored]
+        return [i for i in store.infos(session) if (i.purpose, i.index, i.version) in restored]

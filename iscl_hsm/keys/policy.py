@@ -33,7 +33,6 @@ with the log sees a change made outside ``iscl keys``.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import hmac
 import json
@@ -46,6 +45,7 @@ from typing import Any, Final
 from pkcs11 import Attribute, ObjectClass
 
 from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.keyholder.key_records import utc_text
 from iscl_hsm.keys.store import KeyStore
 
 __all__ = [
@@ -70,10 +70,6 @@ SCRYPT: Final = {"n": 2**17, "r": 8, "p": 1}
 _MAXMEM: Final = 512 * 1024 * 1024
 """What a stored hash may ask for: room to raise SCRYPT later, a bound for a forged record."""
 _NAME: Final = re.compile(r"\w(?:[\w .@'-]{0,62}[\w.])?")
-
-
-def _utc() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def same_name(a: str, b: str) -> bool:
@@ -189,7 +185,7 @@ class DualControl:
 
     def policy(self) -> Policy:
         """The token's policy, read fail-closed (see the module text)."""
-        with self.store._session("read its dual-control policy") as session:
+        with self.store.session("read its dual-control policy") as session:
             found = [record for _, record in self._data(session, POLICY_APPLICATION)]
         records = [record for record in found if record is not None]
         if len(records) < len(found):
@@ -202,9 +198,9 @@ class DualControl:
 
     def set_policy(self, dual_control: bool, *, officer: str | None, witness: str | None) -> Policy:
         """Store the new setting, then destroy the older ones (all of them: a damaged one too)."""
-        policy = Policy(dual_control, _utc(), officer, witness)
+        policy = Policy(dual_control, utc_text(), officer, witness)
         record = {"dual_control": dual_control, "set": policy.set, "officer": officer, "witness": witness}
-        with self.store._session("change its dual-control policy") as session:
+        with self.store.session("change its dual-control policy") as session:
             older = [obj for obj, _ in self._data(session, POLICY_APPLICATION)]
             self._create(session, POLICY_APPLICATION, POLICY_LABEL, record)
             for obj in older:
@@ -231,7 +227,7 @@ class DualControl:
 
     def witnesses(self) -> list[Witness]:
         """The registered witnesses, by name."""
-        with self.store._session("list its witnesses") as session:
+        with self.store.session("list its witnesses") as session:
             return [witness for _, witness in self._witnesses(session)]
 
     def find(self, name: str) -> Witness | None:
@@ -242,21 +238,21 @@ class DualControl:
         """Register ``name`` with the hash of ``passphrase``; refuse a name already registered."""
         name = check_name(name)
         stored = hash_passphrase(passphrase)
-        with self.store._session(f"register witness '{name}'") as session:
+        with self.store.session(f"register witness '{name}'") as session:
             if any(same_name(w.name, name) for _, w in self._witnesses(session)):
                 raise KeyHolderError(
                     f"witness '{name}' is already registered on token '{self.store.token_label}';"
                     " remove it first to give them a new passphrase",
                     ErrorCode.BAD_OPTION,
                 )
-            witness = Witness(name, _utc(), officer, stored)
+            witness = Witness(name, utc_text(), officer, stored)
             record = {"name": name, "added": witness.added, "officer": officer, "hash": stored}
             self._create(session, WITNESS_APPLICATION, WITNESS_PREFIX + name, record)
         return witness
 
     def remove_witness(self, name: str) -> Witness:
         """Destroy the record of witness ``name``."""
-        with self.store._session(f"remove witness '{name}'") as session:
+        with self.store.session(f"remove witness '{name}'") as session:
             for obj, witness in self._witnesses(session):
                 if same_name(witness.name, name):
                     obj.destroy()

@@ -112,6 +112,8 @@ __all__ = [
     "verify_so_pin",
 ]
 
+Records = dict[tuple[str, int, int], tuple[Any, dict[str, Any]]]
+"""Key records by (purpose, index, version): the token object and its JSON value."""
 NEW, REPLACE, ROTATE = "new", "replace", "rotate"
 """How a key is stored at an index: only if free; replacing every version; or as a new version."""
 WRAPPED_FORMAT: Final = "iscl-hsm wrapped key 2"
@@ -144,10 +146,6 @@ KINDS: Final = {
     LOOSELY_EXTRACTABLE: "extractable under any wrapping key (off the ISCL policy)",
 }
 """A key's kind (what can read or move its value) and how ``iscl keys`` describes it."""
-
-
-def _utc(moment: datetime.datetime | None = None) -> str:
-    return utc_text(moment or datetime.datetime.now(datetime.UTC))
 
 
 def _check_purpose_index(purpose: str, index: int) -> str:
@@ -240,7 +238,7 @@ class KeyStore:
         return self._serial
 
     @contextmanager
-    def _session(self, what: str) -> Iterator[Any]:
+    def session(self, what: str) -> Iterator[Any]:
         """The logged-in session, token errors translated into one sentence about ``what``."""
         try:
             with self.holder.session() as session:
@@ -250,7 +248,7 @@ class KeyStore:
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def _objects(
+    def objects(
         self, session: Any, purpose: str | None = None, index: int | None = None
     ) -> list[tuple[str, int, int, Any]]:
         """(purpose, index, version, object) of the ISCL keys on the token, by the convention."""
@@ -272,7 +270,7 @@ class KeyStore:
         found.sort(key=lambda item: (list(PURPOSES).index(item[0]), item[1], item[2]))
         return found
 
-    def _records(self, session: Any) -> dict[tuple[str, int, int], tuple[Any, dict[str, Any]]]:
+    def records(self, session: Any) -> Records:
         records = {}
         for obj in session.get_objects(
             {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: RECORD_APPLICATION}
@@ -325,9 +323,9 @@ class KeyStore:
             not_after=record.get("not_after"),
         )
 
-    def _infos(self, session: Any, purpose: str | None = None, index: int | None = None) -> list[KeyInfo]:
-        objects = self._objects(session, purpose, index)
-        records = self._records(session)
+    def infos(self, session: Any, purpose: str | None = None, index: int | None = None) -> list[KeyInfo]:
+        objects = self.objects(session, purpose, index)
+        records = self.records(session)
         newest: dict[tuple[str, int], int] = {}
         for p, i, v, _ in objects:
             newest[(p, i)] = max(v, newest.get((p, i), 0))
@@ -338,14 +336,14 @@ class KeyStore:
 
     def list_keys(self) -> list[KeyInfo]:
         """Every ISCL key version on the token, by purpose, index and version."""
-        with self._session("list its keys") as session:
-            return self._infos(session)
+        with self.session("list its keys") as session:
+            return self.infos(session)
 
     def newest(self, purpose: str, index: int) -> KeyInfo | None:
         """The version of ``purpose`` key ``index`` the key holder uses, or None when there is none."""
         label = _check_purpose_index(purpose, index)
-        with self._session(f"look up {label}") as session:
-            infos = self._infos(session, purpose, index)
+        with self.session(f"look up {label}") as session:
+            infos = self.infos(session, purpose, index)
         return infos[-1] if infos else None
 
     def current(self, purpose: str, index: int) -> KeyInfo:
@@ -363,8 +361,8 @@ class KeyStore:
     def check(self, purpose: str, index: int, kcv: bytes) -> tuple[KeyInfo, KeyInfo | None]:
         """(current version, the version whose KCV is ``kcv`` or None)."""
         current = self.current(purpose, index)
-        with self._session(f"look up {current.label}") as session:
-            infos = self._infos(session, purpose, index)
+        with self.session(f"look up {current.label}") as session:
+            infos = self.infos(session, purpose, index)
         matching = [info for info in infos if info.kcv == kcv.hex().upper()]
         return current, (matching[-1] if matching else None)
 
@@ -393,8 +391,8 @@ class KeyStore:
     def ensure_free(self, purpose: str, index: int, mode: str) -> None:
         """Fail now (before custodians type anything) if storing at ``index`` in ``mode`` must fail."""
         label = _check_purpose_index(purpose, index)
-        with self._session(f"look up {label}") as session:
-            versions = [v for _, _, v, _ in self._objects(session, purpose, index)]
+        with self.session(f"look up {label}") as session:
+            versions = [v for _, _, v, _ in self.objects(session, purpose, index)]
         self._next_version(label, versions, mode)
 
     def create(
@@ -434,8 +432,8 @@ class KeyStore:
                 " generate-components or import-components and the SO PIN",
                 ErrorCode.BAD_OPTION,
             )
-        with self._session(f"store {label}") as session:
-            versions = [v for _, _, v, _ in self._objects(session, purpose, index)]
+        with self.session(f"store {label}") as session:
+            versions = [v for _, _, v, _ in self.objects(session, purpose, index)]
             version = self._next_version(label, versions, mode)
 
             def make() -> tuple[Any, bytes | None]:
@@ -457,7 +455,7 @@ class KeyStore:
             return self._install(session, purpose, index, version, make, mode, grace, origin, not_after)
 
     def _object(self, session: Any, purpose: str, index: int, version: int) -> Any:
-        for p, i, v, obj in self._objects(session, purpose, index):
+        for p, i, v, obj in self.objects(session, purpose, index):
             if v == version:
                 return obj
         raise KeyHolderError(f"{key_label(purpose, index)} version {version} vanished from the token")
@@ -488,23 +486,23 @@ class KeyStore:
                 "purpose": purpose,
                 "index": index,
                 "version": version,
-                "created": _utc(),
+                "created": utc_text(),
                 "kcv": check.hex().upper(),
                 "origin": origin,
                 "retire_after": None,
-                "not_after": None if not_after is None else _utc(not_after),
+                "not_after": None if not_after is None else utc_text(not_after),
             }
-            created.append(_create_record(session, record))
-            older = [(v, o) for p, i, v, o in self._objects(session, purpose, index) if v != version]
-            records = self._records(session)
+            created.append(create_record(session, record))
+            older = [(v, o) for p, i, v, o in self.objects(session, purpose, index) if v != version]
+            records = self.records(session)
             if mode == ROTATE:
                 assert grace is not None
-                until = _utc(datetime.datetime.now(datetime.UTC) + grace)
+                until = utc_text(datetime.datetime.now(datetime.UTC) + grace)
                 for v, _ in older:
                     record_obj, old = records.get((purpose, index, v), (None, None))
                     if record_obj is None or old is None:
                         created.append(
-                            _create_record(
+                            create_record(
                                 session,
                                 {
                                     "purpose": purpose,
@@ -519,7 +517,7 @@ class KeyStore:
                         )
                     elif not old.get("retire_after") or old["retire_after"] > until:
                         # A data object's CKA_VALUE cannot change: write a new record, drop the old one.
-                        created.append(_create_record(session, {**old, "retire_after": until}))
+                        created.append(create_record(session, {**old, "retire_after": until}))
                         superseded.append(record_obj)
         except BaseException:
             for leftover in reversed(created):
@@ -531,13 +529,13 @@ class KeyStore:
                 record_obj.destroy()
         if mode == REPLACE:
             for v, o in older:
-                self._destroy_version(session, records, purpose, index, v, o)
-        return self._infos(session, purpose, index)[-1]
+                self.destroy_version(session, records, purpose, index, v, o)
+        return self.infos(session, purpose, index)[-1]
 
-    def _destroy_version(
+    def destroy_version(
         self,
         session: Any,
-        records: dict[tuple[str, int, int], tuple[Any, dict[str, Any]]],
+        records: Records,
         purpose: str,
         index: int,
         version: int,
@@ -567,15 +565,15 @@ class KeyStore:
             _check_purpose_index(purpose, index)
         moment = at or datetime.datetime.now(datetime.UTC)
         removed = []
-        with self._session("retire old key versions") as session:
-            records = self._records(session)
-            objects = {(p, i, v): o for p, i, v, o in self._objects(session, purpose, index)}
-            for info in self._infos(session, purpose, index):
+        with self.session("retire old key versions") as session:
+            records = self.records(session)
+            objects = {(p, i, v): o for p, i, v, o in self.objects(session, purpose, index)}
+            for info in self.infos(session, purpose, index):
                 if info.current:
                     continue
                 due = info.retire_after is not None and parse_utc(info.retire_after) <= moment
                 if now or due:
-                    self._destroy_version(
+                    self.destroy_version(
                         session,
                         records,
                         info.purpose,
@@ -589,9 +587,9 @@ class KeyStore:
     def delete(self, purpose: str, index: int, version: int | None = None) -> list[KeyInfo]:
         """Destroy ``version`` of the key (every version when None); return what was destroyed."""
         label = _check_purpose_index(purpose, index)
-        with self._session(f"delete {label}") as session:
+        with self.session(f"delete {label}") as session:
             infos = [
-                i for i in self._infos(session, purpose, index) if version is None or i.version == version
+                i for i in self.infos(session, purpose, index) if version is None or i.version == version
             ]
             if not infos:
                 which = f"{label} version {version}" if version is not None else label
@@ -599,11 +597,11 @@ class KeyStore:
                     f"key {which} is not on token '{self.token_label}'; check with 'iscl keys list'",
                     ErrorCode.KEY_NOT_FOUND,
                 )
-            records = self._records(session)
-            objects = {v: o for _, _, v, o in self._objects(session, purpose, index)}
+            records = self.records(session)
+            objects = {v: o for _, _, v, o in self.objects(session, purpose, index)}
             for info in infos:
-                self._destroy_version(session, records, purpose, index, info.version, objects[info.version])
-            left = [v for _, _, v, _ in self._objects(session, purpose, index)]
+                self.destroy_version(session, records, purpose, index, info.version, objects[info.version])
+            left = [v for _, _, v, _ in self.objects(session, purpose, index)]
             if left:
                 self._clear_retirement(session, records, purpose, index, max(left))
         return infos
@@ -611,7 +609,7 @@ class KeyStore:
     def _clear_retirement(
         self,
         session: Any,
-        records: dict[tuple[str, int, int], tuple[Any, dict[str, Any]]],
+        records: Records,
         purpose: str,
         index: int,
         version: int,
@@ -622,14 +620,14 @@ class KeyStore:
         if record_obj is None or record is None or not record.get("retire_after"):
             return
         # A data object's CKA_VALUE cannot change: write a new record, then drop the old one.
-        _create_record(session, {**record, "retire_after": None})
+        create_record(session, {**record, "retire_after": None})
         with contextlib.suppress(p11.PKCS11Error):
             record_obj.destroy()
 
     # -- moving keys between tokens -----------------------------------------------------------------
 
-    def _transport(self, session: Any, transport_index: int) -> tuple[Any, KeyInfo]:
-        infos = self._infos(session, "transport", transport_index)
+    def transport_key(self, session: Any, transport_index: int) -> tuple[Any, KeyInfo]:
+        infos = self.infos(session, "transport", transport_index)
         if not infos:
             raise KeyHolderConfigError(
                 f"transport key {key_label('transport', transport_index)} is not on token"
@@ -646,8 +644,8 @@ class KeyStore:
         if purpose == "transport":
             raise KeyHolderError("transport keys are never exported", ErrorCode.BAD_OPTION)
         _check_purpose_index("transport", transport_index)
-        with self._session(f"export {label}") as session:
-            infos = self._infos(session, purpose, index)
+        with self.session(f"export {label}") as session:
+            infos = self.infos(session, purpose, index)
             if not infos:
                 raise KeyHolderConfigError(
                     f"key {label} is not on token '{self.token_label}'", ErrorCode.KEY_NOT_FOUND
@@ -656,7 +654,7 @@ class KeyStore:
             refusal = self.why_not_exportable(info)
             if refusal is not None:
                 raise KeyHolderError(refusal, ErrorCode.BAD_OPTION)
-            return self._wrapped_document(session, info, *self._transport(session, transport_index))
+            return self.wrapped_document(session, info, *self.transport_key(session, transport_index))
 
     def why_not_exportable(self, info: KeyInfo) -> str | None:
         """Why ``info`` cannot leave the token wrapped (one sentence), or None when it can."""
@@ -679,7 +677,7 @@ class KeyStore:
             )
         return None
 
-    def _wrapped_document(
+    def wrapped_document(
         self, session: Any, info: KeyInfo, transport: Any, transport_info: KeyInfo, **extra: Any
     ) -> dict[str, Any]:
         """``info`` wrapped under ``transport``, with its fields (and ``extra``) bound to it."""
@@ -706,7 +704,7 @@ class KeyStore:
                 "transport_kcv": transport_info.kcv,
             },
             "source": {"token": self.token_label, "serial": self.serial},
-            "exported": _utc(),
+            "exported": utc_text(),
             "wrapped": wrapped.hex(),
             **extra,
         }
@@ -729,12 +727,12 @@ class KeyStore:
         purpose, index = document["purpose"], int(document["index"])
         label = _check_purpose_index(purpose, index)
         check_kind(purpose, exportable=exportable, host_readable=host_readable)
-        with self._session(f"import {label}") as session:
-            transport, transport_info = self._wrapping_transport(session, document["wrapping"], "the file")
+        with self.session(f"import {label}") as session:
+            transport, transport_info = self.wrapping_transport(session, document["wrapping"], "the file")
             unwrap = checked_unwrap(
                 transport, transport_info, document, "the file was altered after export", EXPORT_AGAIN
             )
-            versions = [v for _, _, v, _ in self._objects(session, purpose, index)]
+            versions = [v for _, _, v, _ in self.objects(session, purpose, index)]
             version = self._next_version(label, versions, mode, preferred=int(document["version"]))
 
             def make() -> tuple[Any, bytes | None]:
@@ -743,13 +741,13 @@ class KeyStore:
 
             return self._install(session, purpose, index, version, make, mode, grace, "wrapped", not_after)
 
-    def _wrapping_transport(self, session: Any, wrapping: dict[str, Any], what: str) -> tuple[Any, KeyInfo]:
+    def wrapping_transport(self, session: Any, wrapping: dict[str, Any], what: str) -> tuple[Any, KeyInfo]:
         """The transport key ``wrapping`` names, if this token holds it with the KCV it states."""
         transport_label = wrapping["transport_label"]
         match = _LABEL.match(transport_label)
         if match is None or match.group(1) != "transport":
             raise KeyHolderError(f"{what} names {transport_label!r}, which is not a transport key label")
-        transport, transport_info = self._transport(session, int(match.group(2)))
+        transport, transport_info = self.transport_key(session, int(match.group(2)))
         if transport_info.kcv != wrapping["transport_kcv"].upper():
             raise KeyHolderError(
                 f"wrong transport key: {what} was wrapped under a transport key with KCV"
@@ -830,7 +828,7 @@ def stored_template(
     return template
 
 
-def _create_record(session: Any, record: dict[str, Any]) -> Any:
+def create_record(session: Any, record: dict[str, Any]) -> Any:
     return session.create_object(
         {
             Attribute.CLASS: ObjectClass.DATA,
@@ -987,13 +985,19 @@ def check_wrapped_fields(document: Any) -> bool:
         return False
 
 
+def json_document(text: str, corrupted: str, remedy: str) -> Any:
+    """The JSON value of a key file's ``text``; a file that is not JSON is ``corrupted``, and ``remedy`` says
+    what to do."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise KeyHolderError(f"{corrupted} (it is not JSON); {remedy}", ErrorCode.BAD_KEY_FILE) from None
+
+
 def parse_wrapped(text: str, name: str) -> dict[str, Any]:
     """Read and check a wrapped-key document; ``name`` (the file) appears in the error sentence."""
     corrupted = f"the wrapped-key file {name} is corrupted"
-    try:
-        document = json.loads(text)
-    except ValueError:
-        raise KeyHolderError(f"{corrupted} (it is not JSON); {EXPORT_AGAIN}", ErrorCode.BAD_KEY_FILE) from None
+    document = json_document(text, corrupted, EXPORT_AGAIN)
     if isinstance(document, dict) and document.get("format") == UNBOUND_FORMAT:
         raise KeyHolderError(
             f"{name} was written by an older iscl-hsm whose files are not bound to the transport key (its"

@@ -148,7 +148,7 @@ def _resealed(site: Site, document: dict[str, Any], entry: int | None = None) ->
     try:
         store = KeyStore(holder)
         with holder.session() as session:
-            transport = store._transport(session, 1)[0]
+            transport = store.transport_key(session, 1)[0]
 
             def seal(part: dict[str, Any]) -> dict[str, Any]:
                 return bind(
