@@ -61,6 +61,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -430,6 +431,25 @@ def pin_error(exc: p11.PKCS11Error, description: str, lib: Any, label: str, *, s
     return None
 
 
+LOGIN_RETRY_DELAYS: Final = (0.05, 0.2, 0.5)
+"""Seconds to wait before each new try of a login that failed with CKR_GENERAL_ERROR. SoftHSM2 2.6
+rewrites its token files at every login and object change, and a process that logs in while another
+writes them now and then gets CKR_GENERAL_ERROR (SoftHSMv2 issue #573); every `iscl keys` command
+writes the token (its audit anchor), so a service starting during a ceremony would otherwise fail."""
+
+
+def log_in(token: Any, pin: str, delays: Sequence[float] = LOGIN_RETRY_DELAYS) -> Any:
+    """``token.open(user_pin=pin, rw=True)``, tried again after each of ``delays`` while it fails with
+    CKR_GENERAL_ERROR; any other refusal (a wrong PIN above all) is raised at once, never retried."""
+    for delay in delays:
+        try:
+            return token.open(user_pin=pin, rw=True)
+        except p11.GeneralError:
+            log.debug("login failed with CKR_GENERAL_ERROR; trying again in %.2f s", delay)
+            time.sleep(delay)
+    return token.open(user_pin=pin, rw=True)
+
+
 def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
     """Find the token by exact label, log in once, run the DES self-test; caller holds _registry_lock."""
     lib = _load_module(module)
@@ -454,7 +474,7 @@ def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
         ) from exc
     description = f"PKCS#11 token '{label}' (module {module})"
     try:
-        session = token.open(user_pin=pin, rw=True)
+        session = log_in(token, pin)
     except p11.UserAlreadyLoggedIn:
         # Someone else in this process logged in to the token (not through this module's cache).
         session = _translate(lambda: token.open(rw=True), description, "open a session")

@@ -292,9 +292,11 @@ def test_verify_with_a_wrong_pin_or_a_missing_token_is_one_sentence(
 def test_concurrent_commands_keep_log_and_anchor_consistent(softhsm: SoftHsm, tmp_path: Path) -> None:
     """Five commands at once on a fresh token (which makes its MAC key on first use), on two logs.
 
-    SoftHSM2 2.6 may refuse a login (GeneralError) while another process writes the token (SoftHSMv2
-    issue #573); such a command fails with one sentence and its entry is not anchored. Either way the
-    log and the token's anchor must agree.
+    SoftHSM2 2.6 rewrites the token's files at every login and change: a process that loads the module
+    meanwhile may not see the token at all, and a login may fail with GeneralError (SoftHSMv2 issue
+    #573; the key holder tries such a login again, see keyholder/pkcs11.py `log_in`). A command that
+    still fails says so in one sentence, and its entry is not anchored. Either way the log and the
+    token's anchor must agree.
     """
     desk = _desk(softhsm, tmp_path, "c")
     shared, other = tmp_path / "shared.log", tmp_path / "other.log"
