@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .errors import IsclError
+from .errors import error_name
 
 WINDOW = 60.0
 """Seconds during which further failures of the same peer are counted rather than shown."""
@@ -49,6 +49,5 @@ class RepeatFilter:
 
 
 def failure_key(host: str, error: BaseException) -> str:
-    """The key of a failure: the peer's host and the error's kind (its ISCL code, or its type)."""
-    kind = int(error.code) if isinstance(error, IsclError) else type(error).__name__
-    return f"{host} {kind}"
+    """The key of a failure: the peer's host and the error's kind (its ISCL error name, or its type)."""
+    return f"{host} {error_name(error)}"

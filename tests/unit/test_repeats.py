@@ -43,6 +43,6 @@ def test_peers_quiet_for_a_window_are_forgotten() -> None:
     assert len(repeats._shown) == 1  # only the peer just seen is remembered
 
 
-def test_a_failure_key_names_the_host_and_the_code() -> None:
-    assert failure_key("10.0.0.1", IsclError(ErrorCode.BAD_MAC, "x")) == "10.0.0.1 113"
+def test_a_failure_key_names_the_host_and_the_error() -> None:
+    assert failure_key("10.0.0.1", IsclError(ErrorCode.BAD_MAC, "x")) == "10.0.0.1 BAD_MAC"
     assert failure_key("10.0.0.1", ConnectionResetError()) == "10.0.0.1 ConnectionResetError"
