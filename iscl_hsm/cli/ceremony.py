@@ -116,25 +116,37 @@ def _control(sequence: str) -> None:
         sys.stdout.flush()
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """The text of ``what`` (e.g. "wrapped-key file"), or one sentence saying why it cannot be read."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyHolderError(
+            f"cannot read the {what} {path}: {getattr(exc, 'strerror', None) or exc}", ErrorCode.BAD_OPTION
+        ) from None
+
+
 def read_secret_file(path: Path, what: str) -> str:
     """A PIN or component from ``path``: its lines joined by spaces, ``#`` lines and blank lines left out."""
-    try:
-        lines = [line.strip() for line in path.read_text().splitlines()]
-    except OSError as exc:
-        raise KeyHolderError(
-            f"cannot read the {what} file {path}: {exc.strerror}", ErrorCode.BAD_OPTION
-        ) from None
+    lines = [line.strip() for line in read_text_file(path, f"{what} file").splitlines()]
     text = " ".join(line for line in lines if line and not line.startswith("#"))
     if not text:
         raise KeyHolderError(f"the {what} file {path} is empty", ErrorCode.BAD_OPTION)
     return text
 
 
+def refuse_existing(path: Path, what: str) -> None:
+    """Fail (before the token is touched, say) when an output file exists: it is never overwritten."""
+    if path.exists():
+        raise KeyHolderError(f"the {what} {path} exists already; name a new file", ErrorCode.BAD_OPTION)
+
+
 def write_new_files(contents: dict[Path, str], what: str) -> None:
-    """Write each secret file new (O_EXCL, mode 0600): all of them, or none (an existing one is refused)."""
+    """Write each secret file new (O_EXCL, mode 0600): all of them, or none (an existing one is refused).
+
+    Components and forms, wrapped keys and backups."""
     for path in contents:
-        if path.exists():
-            raise KeyHolderError(f"the {what} {path} exists already; name a new file", ErrorCode.BAD_OPTION)
+        refuse_existing(path, what)
     written: list[Path] = []
     for path, text in contents.items():
         try:

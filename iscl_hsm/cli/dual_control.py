@@ -22,7 +22,7 @@ from ..keys.policy import MIN_PASSPHRASE, DualControl, check_name, same_name
 from ..keys.store import KeyStore, verify_so_pin
 from .audited import AuditEntry
 from .ceremony import Console
-from .keys import add_action, ask_so_pin, label_and_pin, opened_store
+from .keys import add_action, anchored_store, ask_so_pin, label_and_pin, opened_store
 from .witnessed import WITNESSED, check_witness, read_passphrase
 
 
@@ -126,7 +126,7 @@ def _controls(label: str, pin: str, module: str) -> Iterator[DualControl]:
 def _changing(label: str, pin: str, module: str, entry: AuditEntry) -> DualControl:
     """The dual-control objects for the change itself: the token stays open until ``entry`` is
     written, anchored in it (iscl_hsm.keys.anchor); the entry closes it."""
-    return DualControl(entry.anchor_in(KeyStore(Pkcs11KeyHolder(label, pin, module))))
+    return DualControl(anchored_store(entry, label, pin, module))
 
 
 def _authorise(

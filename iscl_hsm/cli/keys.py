@@ -52,11 +52,20 @@ from ..keys.store import (
 from ..shared import doc_reference
 from .audit_anchor import verify_in_token
 from .audited import AuditEntry, add_audit_arguments, audited
-from .ceremony import Console, collect_components, read_secret_file, show_components
+from .ceremony import (
+    Console,
+    collect_components,
+    read_secret_file,
+    read_text_file,
+    refuse_existing,
+    show_components,
+    write_new_files,
+)
 from .options import add_key_holder_options, read_pin
 from .witnessed import WITNESSED, add_witness_arguments, check_witness
 
 MUTATING = True
+WRAPPED_KEY_FILE = "wrapped-key file"
 HOST_READABLE_HELP = (
     "enc keys only, for V1.00 links: a V1.00 link with encryption key id 1..8 uses encryption key N itself"
     " as the DES key of every message. A host-readable key is read by the host once per process, so that"
@@ -451,7 +460,12 @@ def opened_store(args: argparse.Namespace, entry: AuditEntry) -> Iterator[KeySto
     """The key store of the token the shared options name. It stays open until ``entry`` is written,
     anchored in the token; the entry closes it."""
     label, pin = label_and_pin(args)
-    yield entry.anchor_in(KeyStore(Pkcs11KeyHolder(label, pin, args.pkcs11_module)))
+    yield anchored_store(entry, label, pin, args.pkcs11_module)
+
+
+def anchored_store(entry: AuditEntry, label: str, pin: str, module: str) -> KeyStore:
+    """The key store of token ``label``, handed to ``entry``, which closes it once written (anchored)."""
+    return entry.anchor_in(KeyStore(Pkcs11KeyHolder(label, pin, module)))
 
 
 def ask_so_pin(
@@ -669,14 +683,13 @@ def _create(
     action.fields["token"] = label
     trusted_needed = purpose == "transport"
     so_pin = None
-    holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
-    store = action.anchor_in(KeyStore(holder))  # the entry closes it once written
+    store = anchored_store(action, label, pin, args.pkcs11_module)
     action.fields["serial"] = store.serial
     check_witness(args, store, action, console.secret)
     store.ensure_free(purpose, index, mode)  # before custodians type or read anything
     previous = store.newest(purpose, index)
     if trusted_needed:
-        holder.close()  # the SO cannot log in while this process is logged in as user
+        store.holder.close()  # the SO cannot log in while this process is logged in as user
         so_pin = ask_so_pin(args, console, label)
         verify_so_pin(args.pkcs11_module, label, so_pin)  # a wrong SO PIN fails before the ceremony
     value = None
@@ -693,10 +706,17 @@ def _create(
     if trusted_needed:
         assert so_pin is not None and value is not None
         with trusted_transport_value(args.pkcs11_module, label, so_pin, value) as temporary:
-            holder = Pkcs11KeyHolder(label, pin, args.pkcs11_module)
-            store = action.anchor_in(KeyStore(holder))
+            store = anchored_store(action, label, pin, args.pkcs11_module)
             info = store.create(
-                purpose, index, algorithm, value, mode=mode, grace=grace, origin=origin, trusted=temporary, not_after=not_after
+                purpose,
+                index,
+                algorithm,
+                value,
+                mode=mode,
+                grace=grace,
+                origin=origin,
+                trusted=temporary,
+                not_after=not_after,
             )
     else:
         info = store.create(
@@ -746,7 +766,7 @@ def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     purpose, index = _purpose_index(args, ("auth", "enc"))
     transport = transport_index(args.wrap_with)
     if args.out is not None:
-        refuse_existing(args.out)
+        refuse_existing(args.out, WRAPPED_KEY_FILE)
     with opened_store(args, action) as store:
         check_witness(args, store, action, Console(args).secret)
         document = store.export(purpose, index, transport)
@@ -759,7 +779,7 @@ def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     if args.out is None:
         sys.stdout.write(text)
     else:
-        write_new_file(args.out, text)
+        write_new_files({args.out: text}, WRAPPED_KEY_FILE)
     print(
         f"exported {info.label} version {info.version}, KCV {info.kcv},"
         f" wrapped under iscl-transport-{transport}"
@@ -769,37 +789,8 @@ def _export(args: argparse.Namespace, action: AuditEntry) -> int:
     return 0
 
 
-def refuse_existing(path: Path) -> None:
-    """Fail before the token is touched when an output file exists (it is never overwritten)."""
-    if path.exists():
-        raise KeyHolderError(f"{path} exists already; name a new file", ErrorCode.BAD_OPTION)
-
-
-def write_new_file(path: Path, text: str) -> None:
-    """Write a new file, mode 0600, refused if it exists (O_EXCL): wrapped keys, backups."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        refuse_existing(path)
-        raise
-    except OSError as exc:
-        raise KeyHolderError(f"cannot write {path}: {exc.strerror}", ErrorCode.BAD_OPTION) from None
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-
-
-def read_text_file(path: Path, what: str) -> str:
-    """The text of ``what`` (e.g. "wrapped-key file"), or one sentence saying why it cannot be read."""
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyHolderError(
-            f"cannot read the {what} {path}: {getattr(exc, 'strerror', None) or exc}", ErrorCode.BAD_OPTION
-        ) from None
-
-
 def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
-    document = parse_wrapped(read_text_file(args.file, "wrapped-key file"), str(args.file))
+    document = parse_wrapped(read_text_file(args.file, WRAPPED_KEY_FILE), str(args.file))
     action.fields.update(purpose=document["purpose"], index=document["index"], kcv=document["kcv"])
     grace = parse_duration(args.grace) if args.grace is not None else None
     mode = ROTATE if grace is not None else _mode(args)

@@ -14,18 +14,16 @@ from typing import Any
 from ..keys.backup import backup, parse_backup, restore
 from ..keys.store import KeyInfo
 from .audited import AuditEntry
-from .ceremony import Console
+from .ceremony import Console, read_text_file, refuse_existing, write_new_files
 from .keys import (
     add_action,
     opened_store,
     print_key,
-    read_text_file,
-    refuse_existing,
     transport_index,
-    write_new_file,
 )
 from .witnessed import check_witness
 
+BACKUP_FILE = "backup file"
 NO_TRANSPORT_KEYS = (
     "transport keys are never backed up: give a new token its transport key by a component ceremony"
     " (import-components --purpose transport, from the custodians' forms) before restoring into it"
@@ -67,7 +65,7 @@ def add_backup_commands(actions: Any) -> None:
 
 def _backup(args: argparse.Namespace, action: AuditEntry) -> int:
     transport = transport_index(args.wrap_with)
-    refuse_existing(args.out)
+    refuse_existing(args.out, BACKUP_FILE)
     with opened_store(args, action) as store:
         action.fields["serial"] = store.serial
         check_witness(args, store, action, Console(args).secret)
@@ -78,7 +76,7 @@ def _backup(args: argparse.Namespace, action: AuditEntry) -> int:
     action.add_detail(f"{count} wrapped under {under}: " + _names(made.saved))
     if made.left_out:
         action.add_detail("left out " + _names([info for info, _ in made.left_out]))
-    write_new_file(args.out, json.dumps(made.document, indent=2) + "\n")
+    write_new_files({args.out: json.dumps(made.document, indent=2) + "\n"}, BACKUP_FILE)
     for info in made.saved:
         print(f"backed up {info.name} ({info.kind_text}), KCV {info.kcv}")
     for info, why in made.left_out:
@@ -92,7 +90,7 @@ def _backup(args: argparse.Namespace, action: AuditEntry) -> int:
 
 
 def _restore(args: argparse.Namespace, action: AuditEntry) -> int:
-    document = parse_backup(read_text_file(args.file, "backup file"), str(args.file))
+    document = parse_backup(read_text_file(args.file, BACKUP_FILE), str(args.file))
     action.add_detail(f"from {args.file}")
     with opened_store(args, action) as store:
         action.fields["serial"] = store.serial

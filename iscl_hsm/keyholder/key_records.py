@@ -10,13 +10,11 @@ in the sans-I/O engine.
 from __future__ import annotations
 
 import datetime
-import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pkcs11 import Attribute, ObjectClass
-
 from iscl_hsm.errors import ErrorCode, KeyHolderConfigError
+from iscl_hsm.keyholder.data_objects import data_objects
 
 RECORD_APPLICATION: Final = "iscl-hsm key record"
 
@@ -53,11 +51,10 @@ class Expiry:
 
 def read_expiry(session: Any, label: str, version: int, what: str) -> Expiry | None:
     """The not-after of ``label`` version ``version`` from its key record, None when it has none."""
-    for obj in session.get_objects(
-        {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: RECORD_APPLICATION, Attribute.LABEL: label}
-    ):
+    for _, record in data_objects(session, RECORD_APPLICATION, label):
+        if record is None:
+            continue
         try:
-            record = json.loads(bytes(obj[Attribute.VALUE]))
             if int(record["version"]) != version:
                 continue
             not_after = record.get("not_after")

@@ -722,7 +722,7 @@ class Pkcs11KeyHolder(KeyHolder):
         self._keys: dict[tuple[str, int], tuple[Any, KeyType, dict[Attribute, Any], Expiry | None]] = {}
         """Key objects by (purpose, index), looked up once per holder: a holder opened after a key was
         rotated or imported (a tunnel's reload) finds the new one, while older holders keep theirs. With
-        each, the version's not-after from its key record, checked at every use (:meth:`_usable`)."""
+        each, the version's not-after from its key record, checked at every use (:meth:`_key`)."""
         self._closed = False
         registry_key = (os.path.realpath(module), token_label)
         with _registry_lock:
@@ -804,9 +804,7 @@ class Pkcs11KeyHolder(KeyHolder):
     def encryption_key(self, enc_key_id: int) -> RecordKey:
         """Encryption key N itself, for V1.00: read once (host-readable key and ``record_keys="host"``),
         else used inside the token, which its ENCRYPT and DECRYPT capabilities must allow."""
-        key, key_type, attributes, expiry = self._key("enc", enc_key_id)
-        if expiry is not None:
-            expiry.check(self.description)
+        key, key_type, attributes = self._key("enc", enc_key_id)  # (before the cache: it may have expired)
         with self._challenge_lock:
             cached = self._direct_keys.get(enc_key_id)
         if cached is not None:
@@ -980,25 +978,25 @@ class Pkcs11KeyHolder(KeyHolder):
             f"encrypt with {key_label('auth', key_id)}",
         )
 
-    def _key(self, purpose: str, index: int) -> tuple[Any, KeyType, dict[Attribute, Any], Expiry | None]:
-        """(key object, key type, attributes, not-after) of ``purpose`` key ``index``, looked up once and
-        then cached."""
+    def _key(self, purpose: str, index: int) -> tuple[Any, KeyType, dict[Attribute, Any]]:
+        """(key object, key type, attributes) of ``purpose`` key ``index``, looked up once and then cached,
+        if it has not expired: the clock is read here, at each use, so a link cannot open with an
+        expired key."""
         _check_index(index)
-        cached = self._keys.get((purpose, index))
-        if cached is not None:
-            return cached
-        found = self._run(
-            lambda session: self._lookup(session, purpose, index), f"look up {key_label(purpose, index)}"
-        )
-        self._keys[(purpose, index)] = found
-        return found
-
-    def _usable(self, purpose: str, index: int) -> tuple[Any, KeyType]:
-        """The key and its type, if it has the capability the handshake or a derivation needs of it and
-        has not expired (the clock is read here, at each use, so a link cannot open with an expired key)."""
-        key, key_type, attributes, expiry = self._key(purpose, index)
+        found = self._keys.get((purpose, index))
+        if found is None:
+            found = self._keys[(purpose, index)] = self._run(
+                lambda session: self._lookup(session, purpose, index), f"look up {key_label(purpose, index)}"
+            )
+        key, key_type, attributes, expiry = found
         if expiry is not None:
             expiry.check(self.description)
+        return key, key_type, attributes
+
+    def _usable(self, purpose: str, index: int) -> tuple[Any, KeyType]:
+        """The key and its type, if it has the capability the handshake or a derivation needs of it (and
+        has not expired, see :meth:`_key`)."""
+        key, key_type, attributes = self._key(purpose, index)
         needed = _NEEDED_CAPABILITY[purpose]
         if not attributes.get(needed):
             raise KeyHolderConfigError(

@@ -31,17 +31,15 @@ before login, `iscl card` commands) and come after the last anchored entry can b
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-from pkcs11 import exceptions as p11
 
 from iscl_hsm.errors import KeyHolderError
+from iscl_hsm.keyholder.data_objects import create_data_object, data_objects
 from iscl_hsm.keys.audit import AuditError, AuditReport
 from iscl_hsm.keys.store import KeyStore
 
@@ -90,12 +88,6 @@ class TokenAnchor:
         self.serial = store.serial
         self.description = f"token '{self.label}' (serial {self.serial})"
 
-    @contextmanager
-    def session(self, what: str) -> Iterator[Any]:
-        """The store's logged-in session; token errors become one sentence about ``what``."""
-        with self.store.session(what) as session:
-            yield session
-
     def claims(self, entry: dict[str, Any]) -> bool:
         """Does ``entry`` claim an anchor in this token?"""
         return (
@@ -107,7 +99,7 @@ class TokenAnchor:
     def seal(self, entry: dict[str, Any]) -> str:
         """The MAC of ``entry`` (over its hash) under the audit MAC key, made on first use."""
         try:
-            with self.session("compute the audit entry's MAC") as session:
+            with self.store.session("compute the audit entry's MAC") as session:
                 keys = _mac_keys(session) or [_generate_mac_key(session)]
                 return bytes(keys[0].sign(_message(entry), mechanism=MAC_MECHANISM)).hex()
         except KeyHolderError as exc:
@@ -117,7 +109,7 @@ class TokenAnchor:
         """Make ``entry`` (written to the log at ``path``) the last anchored entry of that log."""
         name = log_key(path)
         try:
-            with self.session("record the entry in its audit anchor") as session:
+            with self.store.session("record the entry in its audit anchor") as session:
                 mine = [(obj, state) for obj, state in _anchors(session, name) if state.log == name]
                 current = max((state for _, state in mine), key=lambda s: s.entries, default=None)
                 counted = self._counted(session, current, entry, log)
@@ -214,29 +206,17 @@ def _anchor_label(log: str) -> str:
 
 def _anchors(session: Any, log: str | None = None) -> list[tuple[Any, AnchorState]]:
     """The anchors of the log named ``log``, or of every log."""
-    template = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: ANCHOR_APPLICATION}
-    if log is not None:
-        template[Attribute.LABEL] = _anchor_label(log)
     found = []
-    for obj in session.get_objects(template):
+    for obj, value in data_objects(session, ANCHOR_APPLICATION, None if log is None else _anchor_label(log)):
         try:
-            found.append((obj, AnchorState(**json.loads(bytes(obj[Attribute.VALUE])))))
-        except (p11.ObjectHandleInvalid, ValueError, TypeError):  # replaced meanwhile by another log's writer
+            found.append((obj, AnchorState(**(value or {}))))
+        except TypeError:  # unreadable, or not an anchor's fields
             continue
     return found
 
 
 def _create_anchor(session: Any, state: AnchorState) -> Any:
-    return session.create_object(
-        {
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.APPLICATION: ANCHOR_APPLICATION,
-            Attribute.LABEL: _anchor_label(state.log),
-            Attribute.VALUE: json.dumps(asdict(state)).encode(),
-        }
-    )
+    return create_data_object(session, ANCHOR_APPLICATION, _anchor_label(state.log), asdict(state))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +246,7 @@ def verify_anchored(report: AuditReport, anchor: TokenAnchor) -> AnchoredReport:
     """
     path, token = report.path, anchor.description
     claims = [(n, e) for n, e in enumerate(report.chain, 1) if anchor.claims(e)]
-    with anchor.session("verify the audit log against its anchor") as session:
+    with anchor.store.session("verify the audit log against its anchor") as session:
         forged = anchor.first_forged(session, claims)
         states = anchor.states(session)
     if forged is not None:

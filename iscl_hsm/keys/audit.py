@@ -189,11 +189,14 @@ class AuditReport:
     """A verified log: how many entries, the head hash to write down, and the entries themselves."""
 
     path: Path
-    entries: int
     head: str
     head_entry: int | None = None
     """The entry (seq) a recorded head given to :func:`verify` matched."""
     chain: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def entries(self) -> int:
+        return len(self.chain)
 
 
 def _recorded_head(head: str) -> str:
@@ -276,4 +279,4 @@ def verify(path: Path, head: str | None = None) -> AuditReport:
             " give more of its digits",
             ErrorCode.BAD_OPTION,
         )
-    return AuditReport(path, len(lines), previous_hash, matched[0] if matched else None, tuple(chain))
+    return AuditReport(path, previous_hash, matched[0] if matched else None, tuple(chain))

@@ -35,16 +35,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute
 
 from iscl_hsm.errors import ErrorCode, KeyHolderError
+from iscl_hsm.keyholder.data_objects import create_data_object, data_objects
 from iscl_hsm.keyholder.key_records import utc_text
 from iscl_hsm.keys.store import KeyStore
 
@@ -154,39 +154,12 @@ class DualControl:
     def __init__(self, store: KeyStore) -> None:
         self.store = store
 
-    @staticmethod
-    def _data(session: Any, application: str) -> list[tuple[Any, dict[str, Any] | None]]:
-        """(object, its JSON or None when unreadable) of the data objects of ``application``."""
-        found = []
-        for obj in session.get_objects(
-            {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: application}
-        ):
-            try:
-                record = json.loads(bytes(obj[Attribute.VALUE]))
-            except ValueError:
-                record = None
-            found.append((obj, record if isinstance(record, dict) else None))
-        return found
-
-    @staticmethod
-    def _create(session: Any, application: str, label: str, record: dict[str, Any]) -> Any:
-        return session.create_object(
-            {
-                Attribute.CLASS: ObjectClass.DATA,
-                Attribute.TOKEN: True,
-                Attribute.PRIVATE: True,
-                Attribute.APPLICATION: application,
-                Attribute.LABEL: label,
-                Attribute.VALUE: json.dumps(record).encode(),
-            }
-        )
-
     # -- the policy ---------------------------------------------------------------------------------
 
     def policy(self) -> Policy:
         """The token's policy, read fail-closed (see the module text)."""
         with self.store.session("read its dual-control policy") as session:
-            found = [record for _, record in self._data(session, POLICY_APPLICATION)]
+            found = [record for _, record in data_objects(session, POLICY_APPLICATION)]
         records = [record for record in found if record is not None]
         if len(records) < len(found):
             return Policy(True, damaged=True)
@@ -201,8 +174,8 @@ class DualControl:
         policy = Policy(dual_control, utc_text(), officer, witness)
         record = {"dual_control": dual_control, "set": policy.set, "officer": officer, "witness": witness}
         with self.store.session("change its dual-control policy") as session:
-            older = [obj for obj, _ in self._data(session, POLICY_APPLICATION)]
-            self._create(session, POLICY_APPLICATION, POLICY_LABEL, record)
+            older = [obj for obj, _ in data_objects(session, POLICY_APPLICATION)]
+            create_data_object(session, POLICY_APPLICATION, POLICY_LABEL, record)
             for obj in older:
                 obj.destroy()
         return policy
@@ -211,7 +184,7 @@ class DualControl:
 
     def _witnesses(self, session: Any) -> list[tuple[Any, Witness]]:
         found = []
-        for obj, record in self._data(session, WITNESS_APPLICATION):
+        for obj, record in data_objects(session, WITNESS_APPLICATION):
             label = str(obj[Attribute.LABEL] or "")
             if (
                 record is not None
@@ -247,7 +220,7 @@ class DualControl:
                 )
             witness = Witness(name, utc_text(), officer, stored)
             record = {"name": name, "added": witness.added, "officer": officer, "hash": stored}
-            self._create(session, WITNESS_APPLICATION, WITNESS_PREFIX + name, record)
+            create_data_object(session, WITNESS_APPLICATION, WITNESS_PREFIX + name, record)
         return witness
 
     def remove_witness(self, name: str) -> Witness:

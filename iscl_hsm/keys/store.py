@@ -75,6 +75,7 @@ from pkcs11.constants import DEFAULT
 
 from iscl_hsm.errors import ErrorCode, KeyHolderConfigError, KeyHolderError
 from iscl_hsm.keyholder.base import KEY_INDEXES
+from iscl_hsm.keyholder.data_objects import create_data_object, data_objects
 from iscl_hsm.keyholder.key_records import RECORD_APPLICATION, parse_utc, utc_text
 from iscl_hsm.keyholder.pkcs11 import (
     PURPOSES,
@@ -272,11 +273,10 @@ class KeyStore:
 
     def records(self, session: Any) -> Records:
         records = {}
-        for obj in session.get_objects(
-            {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: RECORD_APPLICATION}
-        ):
+        for obj, record in data_objects(session, RECORD_APPLICATION):
+            if record is None:
+                continue
             try:
-                record = json.loads(bytes(obj[Attribute.VALUE]))
                 records[(record["purpose"], int(record["index"]), int(record["version"]))] = (obj, record)
             except (ValueError, KeyError, TypeError):
                 continue
@@ -829,16 +829,7 @@ def stored_template(
 
 
 def create_record(session: Any, record: dict[str, Any]) -> Any:
-    return session.create_object(
-        {
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.APPLICATION: RECORD_APPLICATION,
-            Attribute.LABEL: key_label(record["purpose"], record["index"]),
-            Attribute.VALUE: json.dumps(record).encode(),
-        }
-    )
+    return create_data_object(session, RECORD_APPLICATION, key_label(record["purpose"], record["index"]), record)
 
 
 def _copy_trusted(session: Any, temporary: str, purpose: str, index: int, version: int) -> Any:
