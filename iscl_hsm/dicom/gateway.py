@@ -259,12 +259,10 @@ class Tunnel:
 
     async def _open_iscl(self, s: TunnelSettings, link: Link) -> None:
         try:
-            stream = await asyncio.wait_for(
-                aio.open_connection(
+            async with asyncio.timeout(s.connect_timeout):  # (not wait_for: see aio._handshake_within)
+                stream = await aio.open_connection(
                     s.target.host, s.target.port, key_holder=s.key_holder, config=s.config, timeouts=s.timeouts
-                ),
-                s.connect_timeout,
-            )
+                )
         except (IsclError, OSError) as exc:
             raise _connect_error(exc, s.target, s.connect_timeout, "ISCL server") from None
         self._metrics.handshake(stream.handshake_seconds)
@@ -272,10 +270,8 @@ class Tunnel:
 
     async def _open_plain(self, s: TunnelSettings, link: Link) -> None:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(s.target.host, s.target.port, limit=2 * s.chunk_size),
-                s.connect_timeout,
-            )
+            async with asyncio.timeout(s.connect_timeout):
+                reader, writer = await asyncio.open_connection(s.target.host, s.target.port, limit=2 * s.chunk_size)
         except OSError as exc:
             raise _connect_error(exc, s.target, s.connect_timeout, "forward target") from None
         link.attach_plain(reader, writer)

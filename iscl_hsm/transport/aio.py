@@ -555,10 +555,13 @@ async def accept_link(
 
 
 async def _handshake_within(stream: IsclStream) -> LinkParameters:
+    """The handshake, bounded by ``asyncio.timeout``: Python 3.11's ``wait_for`` would drop a
+    cancellation (SIGTERM) that arrives in the loop turn in which the handshake completes."""
     timeout = stream.timeouts.handshake
     started = time.monotonic()
     try:
-        parameters = await asyncio.wait_for(stream.handshake(), timeout)
+        async with asyncio.timeout(timeout):
+            parameters = await stream.handshake()
     except TimeoutError:
         raise RemoteProtocolError(
             ErrorCode.TIMED_OUT,

@@ -261,7 +261,8 @@ class Link:
         """What the plain side sends within :data:`COALESCE_WAIT`, up to ``limit`` bytes (b"" if nothing)."""
         assert self._reader is not None
         try:
-            return await asyncio.wait_for(self._plain_io(self._reader.read(limit)), COALESCE_WAIT)
+            async with asyncio.timeout(COALESCE_WAIT):  # (not wait_for: see aio._handshake_within)
+                return await self._plain_io(self._reader.read(limit))
         except TimeoutError:
             return b""
 
