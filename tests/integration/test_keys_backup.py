@@ -6,7 +6,7 @@ only the transport key, from the custodians' component forms, as a replacement t
 backup restored into C gives the same versions, KCVs and records, and C runs a link with B. A token
 with another transport key, an edited backup (even one re-sealed by someone holding the transport
 key), a token whose keys are in use, and a token with nothing exportable are refused, and nothing
-is installed.
+is installed; a restore interrupted half-way leaves the token as it was.
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ import pytest
 
 from iscl_hsm.cli.status import EXIT_USAGE
 from iscl_hsm.engine import Config
+from iscl_hsm.keyholder.data_objects import data_objects
+from iscl_hsm.keyholder.key_records import RECORD_APPLICATION
 from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder
+from iscl_hsm.keys import backup as backup_module
+from iscl_hsm.keys.backup import parse_backup, restore
 from iscl_hsm.keys.binding import bind
-from iscl_hsm.keys.store import KeyStore
+from iscl_hsm.keys.store import KeyStore, create_record
 from tests.helpers import exchange
 
 from .conftest import SoftHsm
@@ -208,3 +212,44 @@ def test_bad_backups_and_tokens_install_nothing(sites: Sites) -> None:
     assert done.returncode == EXIT_USAGE and not out.exists(), done.stderr
     assert "holds no key that can leave it" in done.stderr and "create keys with --exportable" in done.stderr
     assert "keep the component forms" in done.stderr
+
+
+def _token_objects(site: Site) -> tuple[list[tuple[str, int, int]], int]:
+    """The ISCL key objects on ``site``'s token, and how many key records (duplicates counted)."""
+    holder = Pkcs11KeyHolder(site.token.label, site.token.pin)
+    try:
+        with holder.session() as session:
+            keys = sorted((p, i, v) for p, i, v, _ in KeyStore(holder).objects(session))
+            return keys, len(list(data_objects(session, RECORD_APPLICATION)))
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("records_made", [0, 2])
+def test_a_restore_interrupted_half_way_leaves_the_token_as_it_was(
+    sites: Sites, monkeypatch: pytest.MonkeyPatch, records_made: int
+) -> None:
+    """Ctrl-C while the keys go in (after the first key, or after two keys and their records): every
+    object the restore made is destroyed again, and what the token held before is still there."""
+    a, c = sites.a, sites.c
+    path = sites.folder / f"interrupted-{records_made}.backup"
+    a.keys("backup", "--wrap-with", "1", "--out", str(path))
+    document = parse_backup(path.read_text(), str(path))
+    before = _token_objects(c), _keys_on(c)
+    made: list[dict[str, Any]] = []
+
+    def interrupted(session: Any, record: dict[str, Any]) -> Any:
+        if len(made) == records_made:
+            raise KeyboardInterrupt
+        made.append(record)
+        return create_record(session, record)
+
+    monkeypatch.setattr(backup_module, "create_record", interrupted)
+    holder = Pkcs11KeyHolder(c.token.label, c.token.pin)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            restore(KeyStore(holder), document, replace=True)
+    finally:
+        holder.close()
+    assert len(made) == records_made
+    assert (_token_objects(c), _keys_on(c)) == before
