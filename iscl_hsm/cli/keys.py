@@ -848,6 +848,8 @@ def _retire(args: argparse.Namespace, action: AuditEntry) -> int:
     console = Console(args)
     with opened_store(args, action) as store:
         action.fields["serial"] = store.serial
+        if args.now or args.witness:  # (the end of a grace period was approved with its rotation)
+            check_witness(args, store, action, console.secret)
         if args.now:
             previous = [
                 i

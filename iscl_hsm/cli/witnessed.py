@@ -26,6 +26,7 @@ WITNESSED: Final = (
     "export",
     "rotate",
     "delete",
+    "retire",
     "backup",
     "restore",
     "policy set",
@@ -34,7 +35,9 @@ WITNESSED: Final = (
 )
 """The `iscl keys` actions (as the audit log names them) that a witness approves under dual control.
 
-The one list: an action named here gets the witness options, and must call :func:`check_witness`."""
+The one list: an action named here gets the witness options, and must call :func:`check_witness`;
+`retire` only with ``--now`` (or a named witness), since the end of a grace period was approved with
+the rotation that set it."""
 
 
 def add_witness_arguments(parser: argparse.ArgumentParser) -> None:

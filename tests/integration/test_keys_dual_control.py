@@ -340,6 +340,25 @@ def test_export_backup_restore_and_delete_under_dual_control(officer: Officer) -
     ]
 
 
+def test_retiring_early_needs_a_witness_and_retiring_when_due_does_not(officer: Officer) -> None:
+    """The end of a grace period was approved with its rotation; cutting it short (--now) is not."""
+    officer.ok("generate", "--purpose", "enc", "--index", "2")
+    officer.dual_control()
+    officer.ok("rotate", "--purpose", "enc", "--index", "2", "--grace", "7d", *officer.witnessed())
+    assert "no previous key version is due" in officer.ok("retire")  # nothing due yet; no witness needed
+    early = ("retire", "--now", "--yes")
+    officer.fails(*early, match=REQUIRES)
+    officer.fails(*early, *officer.witnessed(passphrase=officer.file("guess", "bob says nothing")),
+                  match="wrong passphrase for witness 'Bob'; nothing was changed", status=EXIT_FAILURE)  # fmt: skip
+    assert officer.key_versions() == [("enc", 2, 1), ("enc", 2, 2)]
+    assert "retired iscl-enc-2 version 1" in officer.ok(*early, *officer.witnessed())
+    assert officer.key_versions() == [("enc", 2, 2)]
+    entries = [e for e in officer.audit() if e["action"] == "retire"]
+    assert [(e["witness"], e["result"].split(":")[0]) for e in entries] == [
+        (None, "ok"), (None, "failed"), ("Bob", "failed"), ("Bob", "ok"),
+    ]  # fmt: skip
+
+
 def test_switching_dual_control_off_needs_a_witness_and_the_so_pin(officer: Officer) -> None:
     officer.dual_control()
     officer.fails("policy set", "dual-control", "off", *officer.so(), match=REQUIRES)

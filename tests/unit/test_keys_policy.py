@@ -84,6 +84,6 @@ def test_exactly_the_witnessed_actions_take_a_witness() -> None:
         options = {option for action in parser._actions for option in action.option_strings}
         assert ("--witness" in options) is (name in WITNESSED), name
         assert ("--witness-passphrase-file" in options) is (name in WITNESSED), name
-    assert {"list", "check", "retire", "policy show", "witness list", "init-token"} <= set(actions) - set(
+    assert {"list", "check", "policy show", "witness list", "init-token"} <= set(actions) - set(
         WITNESSED
     )
