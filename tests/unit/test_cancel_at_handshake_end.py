@@ -4,8 +4,11 @@ left ``iscl client`` running after SIGTERM."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 
+import iscl_hsm
 from iscl_hsm.transport import aio
 from iscl_hsm.transport.common import Timeouts
 
@@ -45,3 +48,15 @@ async def link_cancelled_as_its_handshake_ends() -> bool:
 
 def test_a_cancel_in_the_turn_the_handshake_ends_still_cancels() -> None:
     assert asyncio.run(link_cancelled_as_its_handshake_ends())
+
+
+def test_no_module_bounds_its_waits_with_wait_for() -> None:
+    """The rule of docs/architecture.md: asyncio.timeout, never asyncio.wait_for (see above)."""
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in Path(iscl_hsm.__file__).parent.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Attribute) and node.attr == "wait_for"
+        or isinstance(node, ast.alias) and node.name == "wait_for"
+    ]
+    assert not found, f"asyncio.wait_for can drop a cancellation; use asyncio.timeout: {found}"
