@@ -91,6 +91,7 @@ __all__ = [
     "key_id",
     "key_label",
     "key_policy",
+    "find_token",
     "pin_error",
     "pin_tries_hint",
     "refresh_token_list",
@@ -319,13 +320,22 @@ def refresh_token_list(module: str = DEFAULT_MODULE) -> None:
         lib = pkcs11._loaded.get(canonical)
         if lib is None:
             return
-        if any(entry_module == canonical for entry_module, _ in _sessions):
+        if not _rescan(lib, canonical):
             raise KeyHolderError(
                 f"PKCS#11 module {module} cannot rescan its tokens while key holders of this process are"
                 " open on it; close them first, or create tokens before opening any key holder"
             )
-        lib.reinitialize()
-        _stale_modules.discard(canonical)
+
+
+def _rescan(lib: Any, canonical: str) -> bool:
+    """Re-initialise ``lib`` (at path ``canonical``) so that it scans its tokens again; False, and
+    nothing done, while a key holder of this process has a session on it, which that would end.
+    The caller holds _registry_lock."""
+    if any(entry_module == canonical for entry_module, _ in _sessions):
+        return False
+    lib.reinitialize()
+    _stale_modules.discard(canonical)
+    return True
 
 
 class _TokenSession:
@@ -432,36 +442,61 @@ def pin_error(exc: p11.PKCS11Error, description: str, lib: Any, label: str, *, s
 
 
 LOGIN_RETRY_DELAYS: Final = (0.05, 0.2, 0.5)
-"""Seconds to wait before each new try of a login that failed with CKR_GENERAL_ERROR. SoftHSM2 2.6
-rewrites its token files at every login and object change, and a process that logs in while another
-writes them now and then gets CKR_GENERAL_ERROR (SoftHSMv2 issue #573); every `iscl keys` command
+"""Seconds to wait before each new try of a login that failed with CKR_GENERAL_ERROR or
+CKR_USER_PIN_NOT_INITIALIZED. SoftHSM2 2.6 rewrites its token files at every login and object change,
+and a process that logs in while another writes them now and then gets one of those (SoftHSMv2 issue
+#573); every `iscl keys` command
 writes the token (its audit anchor), so a service starting during a ceremony would otherwise fail."""
 
 
 def log_in(token: Any, pin: str, delays: Sequence[float] = LOGIN_RETRY_DELAYS) -> Any:
     """``token.open(user_pin=pin, rw=True)``, tried again after each of ``delays`` while it fails with
-    CKR_GENERAL_ERROR; any other refusal (a wrong PIN above all) is raised at once, never retried."""
+    CKR_GENERAL_ERROR or CKR_USER_PIN_NOT_INITIALIZED (both what SoftHSM2 answers from token files
+    half rewritten); any other refusal (a wrong PIN above all) is raised at once, never retried."""
     for delay in delays:
         try:
             return token.open(user_pin=pin, rw=True)
-        except p11.GeneralError:
-            log.debug("login failed with CKR_GENERAL_ERROR; trying again in %.2f s", delay)
+        except (p11.GeneralError, p11.UserPinNotInitialized) as exc:
+            log.debug("login failed with %s; trying again in %.2f s", type(exc).__name__, delay)
             time.sleep(delay)
     return token.open(user_pin=pin, rw=True)
+
+
+RESCAN_DELAYS: Final = (0.05, 0.15, 0.3)
+"""Seconds to wait before each new scan for a token that was not found or could not be listed.
+SoftHSM2 scans its tokens once, when the module is initialised, and misses (or fails to list) a
+token whose files another process is rewriting at that moment (every login rewrites them: see
+LOGIN_RETRY_DELAYS)."""
+
+
+def find_token(lib: Any, label: str, delays: Sequence[float] = RESCAN_DELAYS) -> Any:
+    """The token labelled ``label``; one not found, or a listing that fails with CKR_GENERAL_ERROR, is
+    tried again after each of ``delays`` in a fresh scan of the module's tokens, unless a key holder
+    of this process has the module open (a rescan would end its session). The caller holds
+    _registry_lock."""
+    for delay in delays:
+        try:
+            return lib.get_token(token_label=label)
+        except (p11.NoSuchToken, p11.GeneralError) as exc:
+            log.debug("token '%s' not in the module's scan (%s); scanning again in %.2f s", label,
+                      type(exc).__name__, delay)  # fmt: skip
+            time.sleep(delay)
+            if not _rescan(lib, os.path.realpath(lib.so)):
+                raise
+    return lib.get_token(token_label=label)
 
 
 def _open_token_session(module: str, label: str, pin: str) -> _TokenSession:
     """Find the token by exact label, log in once, run the DES self-test; caller holds _registry_lock."""
     lib = _load_module(module)
     try:
-        token = lib.get_token(token_label=label)
+        token = find_token(lib, label)
     except p11.NoSuchToken:
         labels = _token_labels(lib)
         present = ", ".join(f"'{name}'" for name in labels) if labels else "none"
         raise KeyHolderConfigError(
             f"PKCS#11 token '{label}' not found in module {module} (tokens present: {present}); check the"
-            " label, or create the token (iscl keys init-token). Tokens created after this process loaded"
-            " the module are seen only after a restart"
+            " label, or create the token (iscl keys init-token)"
         ) from None
     except p11.MultipleTokensReturned:
         raise KeyHolderConfigError(

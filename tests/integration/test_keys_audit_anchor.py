@@ -293,10 +293,10 @@ def test_concurrent_commands_keep_log_and_anchor_consistent(softhsm: SoftHsm, tm
     """Five commands at once on a fresh token (which makes its MAC key on first use), on two logs.
 
     SoftHSM2 2.6 rewrites the token's files at every login and change: a process that loads the module
-    meanwhile may not see the token at all, and a login may fail with GeneralError (SoftHSMv2 issue
-    #573; the key holder tries such a login again, see keyholder/pkcs11.py `log_in`). A command that
-    still fails says so in one sentence, and its entry is not anchored. Either way the log and the
-    token's anchor must agree.
+    meanwhile may not see the token, and a login may fail (SoftHSMv2 issue #573; the key holder scans
+    and logs in again, see keyholder/pkcs11.py `find_token` and `log_in`). A command that still fails
+    (the anchor's update, about 1 in 200) says so in one sentence, and its entry is not anchored.
+    Either way the log and the token's anchor must agree.
     """
     desk = _desk(softhsm, tmp_path, "c")
     shared, other = tmp_path / "shared.log", tmp_path / "other.log"

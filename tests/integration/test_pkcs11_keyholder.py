@@ -687,6 +687,27 @@ def test_a_key_id_outside_1_to_8_is_refused(holder: Pkcs11KeyHolder) -> None:
             holder.get_challenge(bad)
 
 
+def test_a_token_the_modules_scan_missed_is_found_in_a_fresh_scan(softhsm: SoftHsm) -> None:
+    """SoftHSM2 scans its tokens once, when loaded. A token it did not see then (created since, or
+    being rewritten by another process's login at that moment) is looked for again in a fresh scan
+    while no key holder of the process has the module open. In a child process: this one's own
+    key holders would keep it from rescanning."""
+    first = softhsm.take()
+    late = SoftHsmToken(f"iscl-late-{secrets.token_hex(4)}", secrets.token_hex(8), secrets.token_hex(8))
+    init = ["softhsm2-util", "--init-token", "--free", "--label", late.label, "--so-pin", late.so_pin,
+            "--pin", late.pin]  # fmt: skip
+    code = (
+        "import subprocess\n"
+        "from iscl_hsm.keyholder.pkcs11 import Pkcs11KeyHolder\n"
+        f"Pkcs11KeyHolder({first.label!r}, {first.pin!r}).close()  # loaded: the module has scanned\n"
+        f"subprocess.run({init!r}, check=True, capture_output=True)\n"
+        f"with Pkcs11KeyHolder({late.label!r}, {late.pin!r}):\n"
+        "    print('opened')\n"
+    )
+    done = _python(code, softhsm.tool_env())
+    assert done.returncode == 0 and done.stdout == "opened\n", done.stderr
+
+
 def test_an_unknown_token_label_is_named_and_not_matched_by_prefix(keyed: SoftHsmToken) -> None:
     prefix = keyed.label[:-1]
     with pytest.raises(KeyHolderError) as caught:
