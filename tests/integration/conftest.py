@@ -39,7 +39,7 @@ from iscl_hsm.wire import SESSION_KEYS, Encryption, Mac
 
 from .proxy import FrameProxy, Handler, Link, Seen
 
-TOKEN_POOL_SIZE = 35
+TOKEN_POOL_SIZE = 40
 """Tokens made up front; raise it when tests need more (each costs about 40 ms)."""
 
 
