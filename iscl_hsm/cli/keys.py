@@ -806,8 +806,8 @@ def _import_wrapped(args: argparse.Namespace, action: AuditEntry) -> int:
             host_readable=args.host_readable,
             not_after=not_after,
         )
-    action.add_detail(f"from token {document['source'].get('token')} serial {document['source'].get('serial')}"
-    )
+    source = document["source"]
+    action.add_detail(f"from token {source.get('token')} serial {source.get('serial')}")
     _record_created(action, info, store)
     print_key("imported", info, store)
     return 0

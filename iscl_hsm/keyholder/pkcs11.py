@@ -87,11 +87,11 @@ __all__ = [
     "PURPOSES",
     "Pkcs11KeyHolder",
     "TokenDesKey",
+    "find_token",
     "is_module_loaded",
     "key_id",
     "key_label",
     "key_policy",
-    "find_token",
     "pin_error",
     "pin_tries_hint",
     "refresh_token_list",
@@ -445,8 +445,8 @@ LOGIN_RETRY_DELAYS: Final = (0.05, 0.2, 0.5)
 """Seconds to wait before each new try of a login that failed with CKR_GENERAL_ERROR or
 CKR_USER_PIN_NOT_INITIALIZED. SoftHSM2 2.6 rewrites its token files at every login and object change,
 and a process that logs in while another writes them now and then gets one of those (SoftHSMv2 issue
-#573); every `iscl keys` command
-writes the token (its audit anchor), so a service starting during a ceremony would otherwise fail."""
+#573); every `iscl keys` command writes the token (its audit anchor), so a service starting during a
+ceremony would otherwise fail."""
 
 
 def log_in(token: Any, pin: str, delays: Sequence[float] = LOGIN_RETRY_DELAYS) -> Any:

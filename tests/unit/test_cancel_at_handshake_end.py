@@ -12,7 +12,6 @@ import iscl_hsm
 from iscl_hsm.transport import aio
 from iscl_hsm.transport.common import Timeouts
 
-
 SAFETY_NET = 10.0
 """Seconds to wait for the cancelled link to end: a guard against a hang, never a timing assertion."""
 
